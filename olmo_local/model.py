@@ -1,0 +1,327 @@
+"""The Olmo Hybrid model: one definition for CPU and GPU, training and inference (spec §4–§5).
+
+Layers operate on [B, T, d]. With a DecodeState (batch 1) they read and update the KV cache, the conv
+state and the recurrent state; without one they run a fresh causal forward (training, reference).
+Projections are fused at load time (GDN q|k|v|z, GDN a|b, attention q|k|v, MLP gate|up); each is a
+"linear" module with ``forward(x)`` so quantized formats replace them without touching this file.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from olmo_local.config import OlmoHybridConfig
+from olmo_local.kernels.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from olmo_local.kernels.short_conv import causal_conv1d_silu
+
+if TYPE_CHECKING:
+    from olmo_local.state import DecodeState
+
+GDN_ONORM_EPS = 1e-5  # hard-coded in FLA / HF, not rms_norm_eps (pitfall P4)
+
+
+class DenseLinear(nn.Module):
+    """x @ W.T with an unquantized weight [N, K]."""
+
+    def __init__(self, weight: torch.Tensor, trainable: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=trainable)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.data
+
+    @classmethod
+    def cat_rows(cls, mods: list["DenseLinear"]) -> "DenseLinear":
+        return cls(torch.cat([m.weight.data for m in mods], 0))
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Olmo order: normalise in fp32, multiply by the weight in fp32, then cast (spec §4.2)."""
+    xf = x.float() if x.dtype != torch.float64 else x
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (w.to(y.dtype) * y).to(x.dtype)
+
+
+def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, w: torch.Tensor, eps: float = GDN_ONORM_EPS) -> torch.Tensor:
+    """Per-head norm-then-gate (spec §5.6): o, z [..., dv]; result in z.dtype."""
+    cd = torch.float64 if o.dtype == torch.float64 else torch.float32
+    of = o.to(cd)
+    y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * w.to(cd) * F.silu(z.to(cd))).to(z.dtype)
+
+
+def l2_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+class MLP(nn.Module):
+    def __init__(self, gate_up: nn.Module, down: nn.Module) -> None:
+        super().__init__()
+        self.gate_up, self.down = gate_up, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Norm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float, trainable: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=trainable)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class AttentionLayer(nn.Module):
+    """Post-norm ("reordered norm") attention block, full-width q/k norm, NoPE or RoPE (spec §4.3)."""
+
+    def __init__(self, cfg: OlmoHybridConfig, idx: int, qkv: nn.Module, o: nn.Module, q_norm: Norm,
+                 k_norm: Norm, post_attn_norm: Norm, post_ff_norm: Norm, mlp: MLP) -> None:
+        super().__init__()
+        self.idx = idx  # index among attention layers (KV-cache slot)
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qkv, self.o, self.mlp = qkv, o, mlp
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.post_attn_norm, self.post_ff_norm = post_attn_norm, post_ff_norm
+
+    def forward(self, x: torch.Tensor, state: DecodeState | None, rope: tuple | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, KV, hd = self.n_heads, self.n_kv, self.hd
+        q, k, v = self.qkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
+        q = self.q_norm(q).view(B, T, H, hd).transpose(1, 2)
+        k = self.k_norm(k).view(B, T, KV, hd).transpose(1, 2)
+        v = v.view(B, T, KV, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if state is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != KV)
+        else:
+            pos = state.pos
+            k_all, v_all = state.write_kv(self.idx, k[0], v[0])       # [KV, pos+T, hd]
+            if T == 1:
+                mask = None
+            else:  # query i sits at pos+i and sees keys 0..pos+i
+                kpos = torch.arange(pos + T, device=x.device)
+                qpos = torch.arange(pos, pos + T, device=x.device)
+                mask = kpos[None, :] <= qpos[:, None]
+            a = F.scaled_dot_product_attention(q, k_all[None].to(q.dtype), v_all[None].to(q.dtype),
+                                               attn_mask=mask, enable_gqa=H != KV)
+        a = self.o(a.transpose(1, 2).reshape(B, T, H * hd))
+        x = x + self.post_attn_norm(a)
+        return x + self.post_ff_norm(self.mlp(x))
+
+
+class GDNLayer(nn.Module):
+    """Pre-norm Gated DeltaNet block (spec §4.5, §5)."""
+
+    def __init__(self, cfg: OlmoHybridConfig, idx: int, in_norm: Norm, qkvz: nn.Module, ab: nn.Module,
+                 conv_w: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, o_norm_w: torch.Tensor,
+                 o: nn.Module, post_norm: Norm, mlp: MLP, trainable: bool = False) -> None:
+        super().__init__()
+        self.idx = idx  # index among GDN layers (state slot)
+        self.hk, self.hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.key_dim, self.value_dim, self.conv_dim = cfg.key_dim, cfg.value_dim, cfg.conv_dim
+        self.beta_scale = 2.0 if cfg.linear_allow_neg_eigval else 1.0
+        self.in_norm, self.qkvz, self.ab, self.o, self.post_norm, self.mlp = in_norm, qkvz, ab, o, post_norm, mlp
+        self.conv_w = nn.Parameter(conv_w, requires_grad=trainable)       # [conv_dim, K]
+        self.A_log = nn.Parameter(A_log.float(), requires_grad=trainable)  # fp32 (pitfall P5)
+        self.dt_bias = nn.Parameter(dt_bias.float(), requires_grad=trainable)
+        self.o_norm_w = nn.Parameter(o_norm_w, requires_grad=trainable)
+
+    def mix(self, u: torch.Tensor, state: DecodeState | None) -> torch.Tensor:
+        B, T, _ = u.shape
+        qkv, z = self.qkvz(u).split([self.conv_dim, self.value_dim], dim=-1)
+        a, b = self.ab(u).float().split([self.hv, self.hv], dim=-1)
+        conv_state = None if state is None else state.conv_state[self.idx].unsqueeze(0)
+        qkv, new_conv = causal_conv1d_silu(qkv, self.conv_w, conv_state)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(B, T, self.hk, self.dk)
+        k = k.reshape(B, T, self.hk, self.dk)
+        v = v.reshape(B, T, self.hv, self.dv)
+        if self.hv != self.hk:
+            q = q.repeat_interleave(self.hv // self.hk, dim=2)
+            k = k.repeat_interleave(self.hv // self.hk, dim=2)
+        cd = torch.float64 if u.dtype == torch.float64 else torch.float32
+        q = l2_norm(q.to(cd)) * self.dk ** -0.5
+        k = l2_norm(k.to(cd))
+        beta = torch.sigmoid(b.to(cd)) * self.beta_scale
+        g = -self.A_log.to(cd).exp() * F.softplus(a.to(cd) + self.dt_bias.to(cd))
+        if state is None:
+            o, _ = chunk_gated_delta_rule(q, k, v, g, beta)
+        else:
+            rec = state.rec_state[self.idx].unsqueeze(0)
+            if T == 1:
+                o = recurrent_gated_delta_rule(q, k, v, g, beta, rec)
+            else:
+                o, S = chunk_gated_delta_rule(q, k, v, g, beta, rec)
+                rec.copy_(S)
+            state.conv_state[self.idx].copy_(new_conv[0])
+        y = gated_rms_norm(o, z.reshape(B, T, self.hv, self.dv), self.o_norm_w)
+        return self.o(y.reshape(B, T, self.value_dim))
+
+    def forward(self, x: torch.Tensor, state: DecodeState | None, rope: tuple | None = None) -> torch.Tensor:
+        x = x + self.mix(self.in_norm(x), state)
+        return x + self.mlp(self.post_norm(x))
+
+
+def rope_tables(theta: float, head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    f = positions.float()[:, None] * inv[None]
+    emb = torch.cat([f, f], -1)
+    return emb.cos(), emb.sin()  # fp32, like HF (not downcast)
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    cos, sin = rope
+    h = x.shape[-1] // 2
+    rot = torch.cat([-x[..., h:], x[..., :h]], -1)
+    return (x * cos + rot * sin).to(x.dtype)
+
+
+class OlmoHybridModel(nn.Module):
+    """The whole network. Build a random one with ``OlmoHybridModel(config)`` (training, synthetic
+    benchmarks) or load one with ``olmo_local.checkpoint.load_model``."""
+
+    def __init__(self, config: OlmoHybridConfig, layers: list[nn.Module] | None = None,
+                 embed: nn.Module | None = None, norm: Norm | None = None, lm_head: nn.Module | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = config
+        if layers is None:  # fresh, trainable parameters (values set by init_weights_)
+            layers, embed, norm, lm_head = _fresh_modules(config, device, dtype)
+        self.embed = embed
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = lm_head  # None when tied to the embedding
+
+    # ---- properties used by state/bench/generation ---------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        return F.linear(h, self.embed.weight)
+
+    def forward(self, tokens: torch.Tensor, state: DecodeState | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with ``last_only``). With a state (B = 1) the
+        tokens continue the sequence held in the state, which is advanced."""
+        B, T = tokens.shape
+        if state is not None:
+            if B != 1:
+                raise ValueError("a DecodeState holds one sequence (batch 1)")
+            state.check_room(T)
+        x = self.embed(tokens)
+        rope = None
+        if self.config.rope_theta is not None:
+            start = 0 if state is None else state.pos
+            rope = rope_tables(self.config.rope_theta, self.config.head_dim,
+                               torch.arange(start, start + T, device=tokens.device))
+        for layer in self.layers:
+            x = layer(x, state, rope)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.head(self.norm(x))
+        if state is not None:
+            state.advance(tokens[0])
+        return logits
+
+    # ---- training support ---------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights_(self, seed: int = 0, std: float = 0.02) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        cfg = self.config
+        for name, p in self.named_parameters():
+            if name.endswith("A_log"):
+                val = torch.empty(p.shape).uniform_(1.0, 16.0, generator=gen).log()
+            elif name.endswith("dt_bias"):
+                dt = torch.exp(torch.rand(p.shape, generator=gen) * (math.log(0.1) - math.log(0.001))
+                               + math.log(0.001)).clamp(min=1e-4)
+                val = dt + torch.log(-torch.expm1(-dt))
+            elif name.endswith("conv_w"):
+                bound = 1.0 / math.sqrt(cfg.linear_conv_kernel_dim)
+                val = torch.empty(p.shape).uniform_(-bound, bound, generator=gen)
+            elif p.dim() == 1 or name.endswith("o_norm_w"):
+                val = torch.ones(p.shape)
+            else:
+                val = torch.randn(p.shape, generator=gen) * std
+            p.copy_(val.to(p.dtype))
+
+    def hf_state_dict(self, split_conv: bool = True) -> dict[str, torch.Tensor]:
+        """The weights under transformers' tensor names (dense models only)."""
+        from olmo_local.checkpoint import to_hf_tensors
+        return to_hf_tensors(self, split_conv=split_conv)
+
+
+def _fresh_modules(cfg: OlmoHybridConfig, device, dtype):
+    def lin(n: int, k: int) -> DenseLinear:
+        return DenseLinear(torch.empty(n, k, device=device, dtype=dtype), trainable=True)
+
+    def norm(n: int, eps: float = cfg.rms_norm_eps) -> Norm:
+        return Norm(torch.ones(n, device=device, dtype=dtype), eps, trainable=True)
+
+    d, inter = cfg.hidden_size, cfg.intermediate_size
+    layers: list[nn.Module] = []
+    a_i = g_i = 0
+    for t in cfg.layer_types:
+        mlp = MLP(lin(2 * inter, d), lin(d, inter))
+        if t == "full_attention":
+            H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+            layers.append(AttentionLayer(cfg, a_i, lin((H + 2 * KV) * hd, d), lin(d, H * hd), norm(H * hd),
+                                         norm(KV * hd), norm(d), norm(d), mlp))
+            a_i += 1
+        else:
+            hv = cfg.linear_num_value_heads
+            f32 = dict(device=device, dtype=torch.float32)
+            layers.append(GDNLayer(cfg, g_i, norm(d), lin(cfg.conv_dim + cfg.value_dim, d), lin(2 * hv, d),
+                                   torch.empty(cfg.conv_dim, cfg.linear_conv_kernel_dim, device=device,
+                                               dtype=dtype),
+                                   torch.empty(hv, **f32), torch.empty(hv, **f32),
+                                   torch.ones(cfg.linear_value_head_dim, device=device, dtype=dtype),
+                                   lin(d, cfg.value_dim), norm(d), mlp, trainable=True))
+            g_i += 1
+    embed = Embedding(torch.empty(cfg.vocab_size, d, device=device, dtype=dtype), trainable=True)
+    lm_head = None if cfg.tie_word_embeddings else lin(cfg.vocab_size, d)
+    return layers, embed, norm(d), lm_head
+
+
+class Embedding(nn.Module):
+    def __init__(self, weight: torch.Tensor, trainable: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=trainable)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weight)

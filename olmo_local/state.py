@@ -1,0 +1,119 @@
+"""DecodeState: every buffer a decode step touches, preallocated (docs/contracts.md).
+
+The KV cache of the attention layers is sized to ``max_ctx`` up front; the GDN conv and recurrent
+states are fixed-size. ``snapshot()``/``restore()`` capture a position cheaply (conv + recurrent state
+and the KV length; cache rows past the length are simply overwritten later), so regenerate / undo /
+branch / prompt reuse never re-prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from olmo_local.config import OlmoHybridConfig
+from olmo_local.errors import OlmoError
+
+
+@dataclass
+class Snapshot:
+    pos: int
+    tokens: list[int]
+    conv_state: torch.Tensor
+    rec_state: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return (self.conv_state.numel() * self.conv_state.element_size()
+                + self.rec_state.numel() * self.rec_state.element_size())
+
+
+class DecodeState:
+    def __init__(self, config: OlmoHybridConfig, max_ctx: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        if max_ctx <= 0:
+            raise OlmoError(f"context size must be positive, got {max_ctx}")
+        self.config, self.max_ctx = config, max_ctx
+        self.device, self.dtype = torch.device(device), dtype
+        nA, nG = len(config.attn_layers), len(config.gdn_layers)
+        kv = (nA, config.num_key_value_heads, max_ctx, config.head_dim)
+        self.k_cache = torch.zeros(kv, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(kv, device=device, dtype=dtype)
+        self.conv_state = torch.zeros(nG, config.conv_dim, config.linear_conv_kernel_dim - 1,
+                                      device=device, dtype=dtype)
+        self.rec_state = torch.zeros(nG, config.linear_num_value_heads, config.linear_key_head_dim,
+                                     config.linear_value_head_dim, device=device, dtype=torch.float32)
+        self.pos = 0
+        self.pos_t = torch.zeros(1, device=device, dtype=torch.int32)
+        self.tokens: list[int] = []
+
+    # ---- bookkeeping ---------------------------------------------------------------------
+    @staticmethod
+    def bytes_per_token(config: OlmoHybridConfig, dtype: torch.dtype = torch.bfloat16) -> int:
+        esize = torch.tensor([], dtype=dtype).element_size()
+        return 2 * len(config.attn_layers) * config.num_key_value_heads * config.head_dim * esize
+
+    @staticmethod
+    def fixed_bytes(config: OlmoHybridConfig, dtype: torch.dtype = torch.bfloat16) -> int:
+        esize = torch.tensor([], dtype=dtype).element_size()
+        nG = len(config.gdn_layers)
+        conv = nG * config.conv_dim * (config.linear_conv_kernel_dim - 1) * esize
+        rec = nG * config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim * 4
+        return conv + rec
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache, self.conv_state,
+                                                          self.rec_state))
+
+    @property
+    def room(self) -> int:
+        return self.max_ctx - self.pos
+
+    def check_room(self, n: int) -> None:
+        if self.pos + n > self.max_ctx:
+            raise OlmoError(f"context full: {self.pos} + {n} tokens exceed the context of {self.max_ctx} "
+                            "(start a new conversation or raise --ctx)")
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        self.tokens.extend(int(t) for t in tokens.tolist())
+        self.pos += tokens.numel()
+        self.pos_t.fill_(self.pos)
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [KV, T, hd] at the current position; return the valid cache [KV, pos+T, hd]."""
+        T = k.shape[1]
+        end = self.pos + T
+        self.k_cache[layer, :, self.pos:end] = k
+        self.v_cache[layer, :, self.pos:end] = v
+        return self.k_cache[layer, :, :end], self.v_cache[layer, :, :end]
+
+    # ---- snapshots -----------------------------------------------------------------------
+    def reset(self) -> None:
+        self.conv_state.zero_()
+        self.rec_state.zero_()
+        self.pos = 0
+        self.pos_t.zero_()
+        self.tokens = []
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.pos, list(self.tokens), self.conv_state.clone(), self.rec_state.clone())
+
+    def restore(self, snap: Snapshot) -> None:
+        if snap.pos > self.max_ctx:
+            raise OlmoError("snapshot does not fit this context size")
+        self.conv_state.copy_(snap.conv_state)
+        self.rec_state.copy_(snap.rec_state)
+        self.pos = snap.pos
+        self.pos_t.fill_(snap.pos)
+        self.tokens = list(snap.tokens)
+
+    def common_prefix(self, tokens: list[int]) -> int:
+        """Length of the longest common prefix of ``tokens`` and what the state has consumed."""
+        n = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != b:
+                break
+            n += 1
+        return n
