@@ -1,0 +1,320 @@
+"""Linear modules over stored (quantized) weights; each replaces a dense ``x @ W.T`` (no bias).
+
+All share one interface: ``in_features``, ``out_features``, ``forward(x)`` for x ``[..., K]`` in any
+float dtype (returns x.dtype), ``nbytes`` (bytes of stored weights), ``dequantize(dtype) -> [N, K]``
+and the classmethod ``cat_rows(mods)`` that stacks modules of one format along the output dim
+(fusing q|k|v|g or gate|up at load time). Weights are buffers, so ``.to(device)`` moves them.
+
+The torch forward never keeps a dequantized copy: it dequantizes row chunks into temporaries per
+call (bounded by ``_FWD_CHUNK_ELEMS``). q8 with bf16 activations on CPU uses torch's int8
+weight-only op ``torch._weight_int8pack_mm`` for small batches (decode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from olmo_local.errors import OlmoError
+
+from .formats import dequantize_q4, dequantize_q8, unpack_q4
+
+_FWD_CHUNK_ELEMS = 1 << 24  # weight elements dequantized at once in a forward (64 MB in fp32)
+_INT8PACK_MAX_M = 128  # torch._weight_int8pack_mm beats dequantize + GEMM up to about this many rows
+_HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
+
+
+def _chunked_matmul(x: torch.Tensor, n: int, k: int, deq: Callable[[int, int, torch.dtype], torch.Tensor]):
+    """x [..., K] @ W.T where deq(r0, r1, dtype) returns rows r0:r1 of W; output in x.dtype."""
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    rows = max(1, _FWD_CHUNK_ELEMS // k)
+    if rows >= n:
+        return (x2 @ deq(0, n, x.dtype).T).reshape(*lead, n)
+    out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        torch.matmul(x2, deq(r0, r1, x.dtype).T, out=out[:, r0:r1])
+    return out.reshape(*lead, n)
+
+
+class _QLinearBase(nn.Module):
+    in_features: int
+    out_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    @staticmethod
+    def _check_cat(mods: Sequence[nn.Module], cls: type) -> None:
+        if not mods:
+            raise ValueError("cat_rows needs at least one module")
+        for m in mods:
+            if type(m) is not cls:
+                raise OlmoError(f"cannot fuse {type(m).__name__} with {cls.__name__}: mixed weight formats")
+            if m.in_features != mods[0].in_features:
+                raise OlmoError(
+                    f"cannot fuse linears with different in_features ({m.in_features} vs {mods[0].in_features})"
+                )
+
+
+# --------------------------------------------------------------------------------------------- #
+
+
+class DenseLinear(_QLinearBase):
+    """Unquantized weight [N, K] (any float dtype); forward casts it to x.dtype if needed."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return nn.functional.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype)
+
+    @classmethod
+    def cat_rows(cls, mods: Sequence[DenseLinear]) -> DenseLinear:
+        cls._check_cat(mods, cls)
+        return cls(torch.cat([m.weight for m in mods], 0))
+
+
+class Q4Linear(_QLinearBase):
+    """q4 (contracts.md): qweight uint8 [N, K/2], scales/mins fp16 [N, K/G]; 4 + 32/G bits per weight."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int | None = None):
+        super().__init__()
+        self.out_features = qweight.shape[0]
+        self.in_features = 2 * qweight.shape[1]
+        self.group_size = group_size or self.in_features // scales.shape[1]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
+
+    def _deq_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_q4(self.qweight[r0:r1], self.scales[r0:r1], self.mins[r0:r1], self.group_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _chunked_matmul(x, self.out_features, self.in_features, self._deq_rows)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self._deq_rows(0, self.out_features, dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+    @classmethod
+    def cat_rows(cls, mods: Sequence[Q4Linear]) -> Q4Linear:
+        cls._check_cat(mods, cls)
+        if any(m.group_size != mods[0].group_size for m in mods):
+            raise OlmoError("cannot fuse q4 linears with different group sizes")
+        return cls(
+            torch.cat([m.qweight for m in mods], 0),
+            torch.cat([m.scales for m in mods], 0),
+            torch.cat([m.mins for m in mods], 0),
+            mods[0].group_size,
+        )
+
+
+def q4_linear_ref(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int = 128
+) -> torch.Tensor:
+    """Reference for the q4 GEMM/GEMV kernels: dequantize to fp32, x.float() @ W.T in fp32, cast to
+    x.dtype. x [..., K], qweight uint8 [N, K/2], scales/mins fp16 [N, K/G] -> [..., N]."""
+    n, kh = qweight.shape
+    k = 2 * kh
+    q = unpack_q4(qweight, group_size).reshape(n, k // group_size, group_size).float()
+    w = (q * scales.float()[..., None] + mins.float()[..., None]).reshape(n, k)
+    return (x.float() @ w.T).to(x.dtype)
+
+
+class Q8Linear(_QLinearBase):
+    """q8: qweight int8 [N, K], per-row scales [N] (fp16 for q8; fp32 SCB/127 for bitsandbytes int8);
+    w = q * scale. 8 + 16/K bits per weight (8 + 32/K with fp32 scales)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    def _deq_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_q8(self.qweight[r0:r1], self.scales[r0:r1], dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.in_features
+        if (
+            _HAS_INT8PACK
+            and x.device.type == "cpu"
+            and x.dtype == torch.bfloat16
+            and x.shape[-1] == k
+            and x.numel() // k <= _INT8PACK_MAX_M
+        ):
+            y = torch._weight_int8pack_mm(x.reshape(-1, k), self.qweight, self.scales.to(torch.bfloat16))
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return _chunked_matmul(x, self.out_features, k, self._deq_rows)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self._deq_rows(0, self.out_features, dtype)
+
+    @classmethod
+    def cat_rows(cls, mods: Sequence[Q8Linear]) -> Q8Linear:
+        cls._check_cat(mods, cls)
+        sdt = mods[0].scales.dtype
+        for m in mods[1:]:
+            sdt = torch.promote_types(sdt, m.scales.dtype)
+        return cls(torch.cat([m.qweight for m in mods], 0), torch.cat([m.scales.to(sdt) for m in mods], 0))
+
+
+class NF4Linear(_QLinearBase):
+    """bitsandbytes nf4/fp4: packed uint8 data [N*K/2, 1] + its QuantState, kept as buffers
+    (absmax, quant_map, and with double quant nested_absmax, nested_quant_map). Dequantized with
+    bitsandbytes' functional API. 4.5 bits per weight at blocksize 64 (4.127 with double quant)."""
+
+    def __init__(self, weight: torch.Tensor, quant_state):
+        super().__init__()
+        qs = quant_state
+        if qs.shape is None or len(qs.shape) != 2:
+            raise OlmoError(f"nf4: quant state has shape {qs.shape}, expected a 2-D weight shape")
+        self.out_features, self.in_features = int(qs.shape[0]), int(qs.shape[1])
+        self.quant_type = qs.quant_type
+        self.blocksize = int(qs.blocksize)
+        self.weight_dtype = qs.dtype
+        self.register_buffer("weight", weight)
+        self.register_buffer("absmax", qs.absmax)
+        self.register_buffer("quant_map", qs.code)
+        self.nested = bool(qs.nested)
+        if self.nested:
+            self.register_buffer("nested_absmax", qs.state2.absmax)
+            self.register_buffer("nested_quant_map", qs.state2.code)
+            self.register_buffer("nested_offset", torch.as_tensor(qs.offset, dtype=torch.float32).reshape(()))
+            self.nested_blocksize = int(qs.state2.blocksize)
+            self.nested_dtype = qs.state2.dtype
+
+    @property
+    def quant_state(self):
+        """A bitsandbytes QuantState over this module's (current-device) buffers."""
+        from bitsandbytes.functional import QuantState
+
+        state2 = offset = None
+        if self.nested:
+            state2 = QuantState(
+                absmax=self.nested_absmax,
+                blocksize=self.nested_blocksize,
+                code=self.nested_quant_map,
+                dtype=self.nested_dtype,
+            )
+            offset = self.nested_offset
+        return QuantState(
+            absmax=self.absmax,
+            shape=torch.Size((self.out_features, self.in_features)),
+            code=self.quant_map,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            dtype=self.weight_dtype,
+            offset=offset,
+            state2=state2,
+        )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(self.weight, self.quant_state).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # bitsandbytes dequantizes whole tensors; the temporary is one weight in its stored dtype.
+        w = self.dequantize(x.dtype)
+        return nn.functional.linear(x, w)
+
+    def absmax_fp32(self) -> torch.Tensor:
+        """Per-block absmax as fp32 (undoing double quant if present)."""
+        if not self.nested:
+            return self.absmax.float()
+        import bitsandbytes.functional as bnbf
+
+        qs = self.quant_state
+        return (bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+
+    @classmethod
+    def cat_rows(cls, mods: Sequence[NF4Linear]) -> NF4Linear:
+        from bitsandbytes.functional import QuantState
+
+        cls._check_cat(mods, cls)
+        m0 = mods[0]
+        for m in mods:
+            if m.in_features % m.blocksize or m.blocksize != m0.blocksize:
+                raise OlmoError(
+                    f"cannot fuse nf4 linears: in_features {m.in_features} must be a multiple of one common "
+                    f"blocksize (got {m.blocksize} and {m0.blocksize})"
+                )
+            if m.quant_type != m0.quant_type or m.weight_dtype != m0.weight_dtype:
+                raise OlmoError("cannot fuse bitsandbytes 4-bit linears of different quant types or dtypes")
+        n = sum(m.out_features for m in mods)
+        weight = torch.cat([m.weight.reshape(-1) for m in mods], 0).reshape(-1, 1)
+        qs = QuantState(
+            absmax=torch.cat([m.absmax_fp32() for m in mods], 0),
+            shape=torch.Size((n, m0.in_features)),
+            code=m0.quant_map,
+            blocksize=m0.blocksize,
+            quant_type=m0.quant_type,
+            dtype=m0.weight_dtype,
+        )
+        return cls(weight, qs)
+
+
+# --------------------------------------------------------------------------------------------- #
+
+
+class QEmbedding(nn.Module):
+    """Embedding table in q8 rows (int8 [V, D] + per-row scales [V]); only looked-up rows are
+    dequantized. Output dtype is ``dtype``."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.dtype = dtype
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype | None = None) -> QEmbedding:
+        from .formats import quantize_q8
+
+        d = quantize_q8(weight)
+        return cls(d["qweight"], d["scales"], dtype or weight.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q = self.qweight[ids]
+        s = self.scales[ids]
+        return (q.float() * s.float().unsqueeze(-1)).to(self.dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_q8(self.qweight, self.scales, dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype}"
+
+
+__all__ = [
+    "DenseLinear",
+    "NF4Linear",
+    "Q4Linear",
+    "Q8Linear",
+    "QEmbedding",
+    "q4_linear_ref",
+]
