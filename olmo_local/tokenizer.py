@@ -308,7 +308,8 @@ class Tokenizer:
         `kwargs` (tools, enable_thinking, ...) are passed to the template and override bos_token /
         eos_token. Any template failure is an OlmoError.
         """
-        variables: dict[str, Any] = {}
+        # transformers always passes tools and documents (None when absent); templates test `is none`.
+        variables: dict[str, Any] = {"tools": None, "documents": None}
         if self.bos_token is not None:
             variables["bos_token"] = self.bos_token
         if self.eos_token is not None:

@@ -140,6 +140,13 @@ def test_kwargs_and_special_tokens_reach_template(tmp_path: Path) -> None:
     assert out == '<|endoftext|>|<|im_end|>|[{"name": "a<b>&\'"}]|4|user'
 
 
+def test_tools_and_documents_default_to_none(tmp_path: Path) -> None:
+    template = "{% if tools is not none %}T{{ tools | tojson }}{% endif %}{% if documents is none %}-{% endif %}"
+    t = Tokenizer.from_dir(dolma2_dir(tmp_path, chat_template__jinja=template))
+    assert t.apply_chat_template(CONVERSATION) == "-"
+    assert t.apply_chat_template(CONVERSATION, tools=[]) == "T[]-"
+
+
 # -- chat template sources ------------------------------------------------------------------------
 
 
