@@ -1,0 +1,109 @@
+"""Shared plumbing for the kernels: optional triton import, backend choice, cached workspaces.
+
+Triton is optional: without it (or on CPU tensors) every op runs its torch reference.
+On CPU the Triton kernels run only in the interpreter, which must be chosen (TRITON_INTERPRET=1)
+before triton is first imported; tests/conftest.py does that.
+
+Backend choice, per call, in this order:
+  1. `with backend("torch" | "triton" | "auto"):` (this module's context manager),
+  2. the environment variable OLMO_LOCAL_KERNELS (same values, read at import),
+  3. "auto": Triton for CUDA tensors when triton is importable, the torch reference otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+try:  # triton is optional: importing olmo_local.kernels must work without it
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_BACKENDS = ("auto", "triton", "torch")
+_backend = os.environ.get("OLMO_LOCAL_KERNELS", "auto").lower()
+if _backend not in _BACKENDS:
+    _backend = "auto"
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Force the kernel backend inside the block: "triton", "torch" or "auto"."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; use one of {_BACKENDS}")
+    old, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = old
+
+
+def current_backend() -> str:
+    return _backend
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether an op on tensor `t` should run its Triton kernel."""
+    if _backend == "torch" or not HAS_TRITON:
+        if _backend == "triton" and not HAS_TRITON:
+            raise RuntimeError("kernel backend 'triton' was forced but triton is not installed")
+        return False
+    if _backend == "triton":
+        if not t.is_cuda and not INTERPRET:
+            raise RuntimeError(
+                "Triton kernels on CPU tensors need the interpreter: set TRITON_INTERPRET=1 "
+                "before triton is imported"
+            )
+        return True
+    return t.is_cuda
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a nominal 8 for CPU / the interpreter)."""
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+
+
+def workspace(tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A persistent scratch buffer, allocated once per (tag, shape, dtype, device) and then reused.
+
+    Counters (int32) are zero-filled at creation; kernels that use them leave them at zero when they
+    finish, so a buffer can be reused by later launches and by CUDA-graph replays. Call each op once
+    before capturing a graph so that its workspace exists outside the capture.
+    Kernels on one stream run in order, so sharing a workspace between ops of one step is safe.
+    """
+    key = (tag, tuple(shape), dtype, str(device))
+    buf = _WORKSPACES.get(key)
+    if buf is None:
+        buf = torch.zeros(shape, dtype=dtype, device=device)
+        _WORKSPACES[key] = buf
+    return buf
