@@ -287,12 +287,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     dtype = dtype or default_dtype(cfg, device)
     reader = TensorReader(path)
     load_linear, expected_names = _linear_backend()
-    qcfg = cfg.extra.get("quantization_config")
 
     def names_of(prefix: str) -> list[str]:
         if prefix == "model.embed_tokens":
             return [n for n in reader.names() if n.startswith("model.embed_tokens.")] or [prefix + ".weight"]
-        return _present_names(reader, prefix, expected_names(prefix, _fmt(reader, prefix, qcfg)))
+        return expected_names(prefix, _fmt(reader, prefix))
 
     validate(reader, cfg, names_of)
 
@@ -349,7 +348,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model.eval()
 
 
-def _fmt(reader: TensorReader, prefix: str, qcfg) -> str | None:
+def _fmt(reader: TensorReader, prefix: str) -> str | None:
     if reader.has(prefix + ".qweight"):
         return "q8" if reader.dtype(prefix + ".qweight") == torch.int8 else "q4"
     if reader.has(prefix + ".weight") and reader.dtype(prefix + ".weight") == torch.uint8:
@@ -357,10 +356,6 @@ def _fmt(reader: TensorReader, prefix: str, qcfg) -> str | None:
     if reader.has(prefix + ".SCB"):
         return "int8"
     return None
-
-
-def _present_names(reader: TensorReader, prefix: str, names: list[str]) -> list[str]:
-    return names
 
 
 def _dense_cat(ts: list[torch.Tensor], device, dtype) -> nn.Module:
@@ -462,6 +457,9 @@ class AtomicDir:
             raise OlmoError(f"{self.dst} already exists (use --force to overwrite)")
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.tmp-", dir=self.dst.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a finished model dir is readable
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -73,3 +73,26 @@ def write_checkpoint(model, cfg: OlmoHybridConfig, path: Path, split_conv: bool 
     write_safetensors(path, out, max_shard_bytes=max_shard_bytes)
     (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     return path
+
+
+def hf_from_dir(path: Path):
+    """transformers' model with the weights of a checkpoint directory we wrote (fp32)."""
+    from transformers import OlmoHybridConfig as HFConfig, OlmoHybridForCausalLM
+
+    from olmo_local.checkpoint import TensorReader, read_config
+
+    cfg = read_config(path)
+    hcfg = HFConfig.from_dict(json.loads((path / "config.json").read_text()))
+    hcfg._attn_implementation = "eager"
+    model = OlmoHybridForCausalLM(hcfg).float().eval()
+    r = TensorReader(path)
+    sd = {}
+    for name in r.names():
+        if name.endswith("q_conv1d.weight"):
+            p = name[: -len("q_conv1d.weight")]
+            sd[p + "conv1d.weight"] = torch.cat([r.get(p + f"{s}_conv1d.weight") for s in "qkv"], 0).float()
+        elif not name.endswith(("k_conv1d.weight", "v_conv1d.weight")):
+            sd[name] = r.get(name).float()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and all("lm_head" in m for m in missing) == cfg.tie_word_embeddings or not missing
+    return model

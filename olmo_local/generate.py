@@ -1,0 +1,185 @@
+"""Generation: chunked prefill, token-by-token decode, sampling, stop tokens, timing.
+
+``Generator.stream`` yields token ids as they are sampled. The state holds exactly the tokens fed to
+the model (``state.tokens``): a sampled stop token, or the last token when ``max_new_tokens`` is reached,
+is NOT fed, so a chat turn continues by feeding whatever the next prompt adds to ``state.tokens``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from olmo_local.state import DecodeState
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.7  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0  # 1 = off (llama.cpp semantics)
+    repeat_last_n: int = 64
+    seed: int | None = None
+    max_new_tokens: int = 512
+
+    def validate(self) -> None:
+        from olmo_local.errors import OlmoError
+        if self.temperature < 0:
+            raise OlmoError("temperature must be >= 0")
+        if self.top_k < 0:
+            raise OlmoError("top_k must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise OlmoError("top_p must be in (0, 1]")
+        if not 0 <= self.min_p < 1:
+            raise OlmoError("min_p must be in [0, 1)")
+        if self.repeat_penalty <= 0:
+            raise OlmoError("repeat_penalty must be > 0")
+        if self.max_new_tokens < 0:
+            raise OlmoError("max_new_tokens must be >= 0")
+
+
+class Sampler:
+    """Turns logits into a token id: repetition penalty, temperature, top-k, top-p, min-p."""
+
+    def __init__(self, params: SamplingParams, n_valid: int | None = None, device: str | torch.device = "cpu"):
+        params.validate()
+        self.p = params
+        self.n_valid = n_valid  # ids >= n_valid are embedding padding: never sampled
+        self.gen = torch.Generator(device=device)
+        if params.seed is not None:
+            self.gen.manual_seed(params.seed)
+        else:
+            self.gen.seed()
+
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+        p = self.p
+        x = logits.float().clone()
+        if self.n_valid is not None and self.n_valid < x.numel():
+            x[self.n_valid:] = float("-inf")
+        if p.repeat_penalty != 1.0 and history and p.repeat_last_n != 0:
+            recent = history[-p.repeat_last_n:] if p.repeat_last_n > 0 else history
+            idx = torch.tensor(sorted(set(recent)), device=x.device, dtype=torch.long)
+            v = x[idx]
+            x[idx] = torch.where(v > 0, v / p.repeat_penalty, v * p.repeat_penalty)
+        if p.temperature == 0:
+            return int(torch.argmax(x))
+        x = x / p.temperature
+        if p.top_k > 0 and p.top_k < x.numel():
+            kth = torch.topk(x, p.top_k).values[-1]
+            x[x < kth] = float("-inf")
+        if p.top_p < 1.0:
+            sorted_x, order = torch.sort(x, descending=True)
+            probs = torch.softmax(sorted_x, -1)
+            drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest set reaching top_p
+            sorted_x[drop] = float("-inf")
+            x = torch.full_like(x, float("-inf")).scatter(0, order, sorted_x)
+        probs = torch.softmax(x, -1)
+        if p.min_p > 0:
+            probs[probs < p.min_p * probs.max()] = 0
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+
+@dataclass
+class GenStats:
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    gen_tokens: int = 0
+    decode_s: float = 0.0
+    ttft_s: float = 0.0
+    stop_reason: str = ""  # "stop", "length", "context", "interrupted"
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # the first token comes from the prefill; decode speed counts the ones after it
+        n = self.gen_tokens - 1
+        return n / self.decode_s if self.decode_s > 0 and n > 0 else 0.0
+
+
+@dataclass
+class Generator:
+    model: torch.nn.Module
+    state: DecodeState
+    prefill_chunk: int = 1024
+    prefill_calls: int = 0  # how many prefill passes ran (tests assert regen/undo need none)
+    step_fn: Callable[[int], torch.Tensor] | None = None  # e.g. a CUDA-graph step; default eager
+    stats: GenStats = field(default_factory=GenStats)
+
+    def _sync(self) -> None:
+        if self.state.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Feed ``ids`` into the state; return the logits [V] after the last one."""
+        self.state.check_room(len(ids))
+        self.prefill_calls += 1
+        logits = None
+        dev = self.state.device
+        for s in range(0, len(ids), self.prefill_chunk):
+            chunk = torch.tensor([ids[s:s + self.prefill_chunk]], device=dev)
+            logits = self.model(chunk, self.state, last_only=True)[0, -1]
+            if progress:
+                progress(min(s + self.prefill_chunk, len(ids)), len(ids))
+        return logits
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        if self.step_fn is not None:
+            return self.step_fn(token)
+        t = torch.tensor([[token]], device=self.state.device)
+        return self.model(t, self.state)[0, -1]
+
+    def stream(self, new_ids: list[int], params: SamplingParams, stop_ids: set[int] | frozenset[int] = frozenset(),
+               n_valid: int | None = None) -> Iterator[int]:
+        """Feed ``new_ids`` (continuing the state) and yield sampled tokens until a stop token,
+        ``max_new_tokens`` or a full context. Stats land in ``self.stats``."""
+        sampler = Sampler(params, n_valid, self.state.device)
+        st = self.stats = GenStats(prompt_tokens=len(new_ids))
+        t0 = time.perf_counter()
+        if not new_ids:
+            raise ValueError("nothing to feed: the prompt is empty")
+        logits = self.prefill(new_ids)
+        self._sync()
+        st.prefill_s = time.perf_counter() - t0
+        history = list(self.state.tokens)
+        t1 = time.perf_counter()
+        try:
+            while True:
+                if st.gen_tokens >= params.max_new_tokens:
+                    st.stop_reason = "length"
+                    return
+                tok = sampler(logits, history)
+                st.gen_tokens += 1
+                if st.gen_tokens == 1:
+                    st.ttft_s = time.perf_counter() - t0
+                    t1 = time.perf_counter()
+                if tok in stop_ids:
+                    st.stop_reason = "stop"
+                    return
+                yield tok
+                history.append(tok)
+                if st.gen_tokens >= params.max_new_tokens:
+                    st.stop_reason = "length"
+                    return
+                if self.state.room < 1:
+                    st.stop_reason = "context"
+                    return
+                logits = self.step(tok)
+        except GeneratorExit:
+            st.stop_reason = st.stop_reason or "interrupted"
+            raise
+        finally:
+            st.decode_s = time.perf_counter() - t1
+
+    def generate(self, new_ids: list[int], params: SamplingParams, stop_ids=frozenset(),
+                 n_valid: int | None = None) -> list[int]:
+        return list(self.stream(new_ids, params, stop_ids, n_valid))
