@@ -249,6 +249,7 @@ def test_forward_matches_dequantize(fmt, monkeypatch):
     assert y.dtype == torch.float32 and y.shape == (2, 3, 96)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(L, "_FWD_CHUNK_ELEMS", 256 * 10)  # force the row-chunked path
+    monkeypatch.setattr(L, "_FWD_CHUNK_ELEMS_DECODE", 256 * 10)
     torch.testing.assert_close(mod(x), ref, rtol=1e-5, atol=1e-5)
     for dt in (torch.bfloat16, torch.float16):
         for xx in (x[0, :1], x.reshape(6, 256)):  # decode (int8pack path for q8) and prefill shapes
