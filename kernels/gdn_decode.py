@@ -1,0 +1,278 @@
+"""Gated DeltaNet single-token decode step (spec §5.2-§5.6), fused into one kernel per layer.
+
+    gdn_decode_step(qkv, z, a, b, conv_weight, conv_state, A_log, dt_bias, norm_weight, rec_state,
+                    allow_neg_eigval=True, out=None) -> y [Hv*dv] (z.dtype)
+
+Inputs (one token; each may be a slice of one projection output, any leading dims of size 1):
+  qkv          [conv_dim]   pre-conv q|k|v, conv_dim = 2*Hk*dk + Hv*dv, heads contiguous per stream
+  z            [Hv*dv]      output gate
+  a, b         [Hv]         gate inputs (any float dtype)
+  conv_weight  [conv_dim, K] (or [conv_dim, 1, K]); tap K-1 multiplies the current token
+  conv_state   [conv_dim, K-1] model dtype, oldest first   -- updated in place (shift left, append)
+  A_log, dt_bias [Hv]       (upcast to fp32 here)
+  norm_weight  [dv]         gated RMSNorm weight shared by the heads (eps 1e-5)
+  rec_state    [Hv, dk, dv] fp32                           -- updated in place
+Hk is read off the shapes; value head h uses key head h // (Hv // Hk) (repeat_interleave).
+
+Math: conv + SiLU; q, k L2-normed per head (eps 1e-6 on the sum), q *= dk**-0.5;
+beta = sigmoid(b) (*2 if allow_neg_eigval); g = -exp(A_log) * softplus(a + dt_bias);
+S = exp(g) S; m = S^T k; S += k (beta (v - m))^T; o = S^T q;
+y = o * rsqrt(mean(o^2) + 1e-5) * w * silu(z).
+
+Kernel: grid (Hv, dv blocks). Each program recomputes its head's q and k (a few hundred
+channels), convolves its slice of v, and owns a [dk, BV] slice of the state: one load, update, one
+store. The unnormalised o slice goes to an fp32 scratch. A per-key-head atomic counter picks the
+last program of the key head's group; that program (after every other program has read its
+inputs) writes the shifted q/k conv state and applies the gated RMSNorm over the full dv of each
+of the group's value heads. The counter resets itself: one launch, CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import HAS_TRITON, cdiv, next_pow2, tl, triton, use_triton, workspace
+
+__all__ = ["gdn_decode_step", "gdn_decode_step_ref", "gdn_decode_step_triton"]
+
+L2_EPS = 1e-6
+NORM_EPS = 1e-5
+
+
+def _shapes(qkv, A_log, rec_state, conv_weight):
+    hv, dk, dv = rec_state.shape
+    conv_dim = qkv.numel()
+    if A_log.numel() != hv:
+        raise ValueError(f"A_log has {A_log.numel()} entries, rec_state has {hv} heads")
+    rest = conv_dim - hv * dv
+    if rest <= 0 or rest % (2 * dk):
+        raise ValueError(f"conv_dim {conv_dim} does not split into q|k ({dk}-wide heads) and v ({hv}x{dv})")
+    hk = rest // (2 * dk)
+    if hv % hk:
+        raise ValueError(f"value heads {hv} are not a multiple of key heads {hk}")
+    kconv = conv_weight.numel() // conv_dim
+    return hk, hv, dk, dv, conv_dim, kconv
+
+
+# ----------------------------------------------------------------------------------------------
+# torch reference
+# ----------------------------------------------------------------------------------------------
+def gdn_decode_step_ref(
+    qkv: torch.Tensor,
+    z: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    rec_state: torch.Tensor,
+    allow_neg_eigval: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    hk, hv, dk, dv, conv_dim, kconv = _shapes(qkv, A_log, rec_state, conv_weight)
+    f32 = torch.float32
+    # short causal conv over [old K-1 inputs, current], then SiLU
+    x = qkv.reshape(conv_dim, 1).to(f32)
+    win = torch.cat([conv_state.to(f32), x], dim=1)  # [conv_dim, K]
+    y = F.silu((win * conv_weight.reshape(conv_dim, kconv).to(f32)).sum(dim=1))
+    conv_state.copy_(win[:, 1:])
+    q, k, v = torch.split(y, [hk * dk, hk * dk, hv * dv])
+    q = q.view(hk, dk)
+    k = k.view(hk, dk)
+    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + L2_EPS) * dk**-0.5
+    k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + L2_EPS)
+    if hv != hk:
+        q = q.repeat_interleave(hv // hk, dim=0)
+        k = k.repeat_interleave(hv // hk, dim=0)
+    v = v.view(hv, dv)
+    beta = torch.sigmoid(b.reshape(hv).to(f32))
+    if allow_neg_eigval:
+        beta = beta * 2.0
+    g = -torch.exp(A_log.reshape(hv).to(f32)) * F.softplus(a.reshape(hv).to(f32) + dt_bias.reshape(hv).to(f32))
+    # delta rule on the fp32 state, in place
+    s = rec_state
+    s.mul_(torch.exp(g)[:, None, None])
+    mem = torch.einsum("hkv,hk->hv", s, k)
+    s.add_(k[:, :, None] * (beta[:, None] * (v - mem))[:, None, :])
+    o = torch.einsum("hkv,hk->hv", s, q)
+    # gated RMSNorm per head (weight shared by heads), SiLU gate
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + NORM_EPS)
+    o = o * norm_weight.to(f32) * F.silu(z.reshape(hv, dv).to(f32))
+    o = o.reshape(hv * dv)
+    if out is None:
+        return o.to(z.dtype)
+    out.view(hv * dv).copy_(o)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _conv_window(qkv_ptr, cs_ptr, ch, cmask, jj, KC: tl.constexpr):
+        """[C, KP] window (old K-1 inputs, then the current one) and the next state (window shifted by 1)."""
+        old_mask = cmask[:, None] & (jj[None, :] < KC - 1)
+        state = tl.load(cs_ptr + ch[:, None] * (KC - 1) + jj[None, :], mask=old_mask, other=0).to(tl.float32)
+        cur = tl.load(qkv_ptr + ch, mask=cmask, other=0).to(tl.float32)
+        win = tl.where(jj[None, :] == KC - 1, cur[:, None], state)
+        nxt_mask = cmask[:, None] & (jj[None, :] + 1 < KC - 1)
+        nxt = tl.load(cs_ptr + ch[:, None] * (KC - 1) + jj[None, :] + 1, mask=nxt_mask, other=0).to(tl.float32)
+        nxt = tl.where(jj[None, :] == KC - 2, cur[:, None], nxt)
+        return win, nxt
+
+    @triton.jit
+    def _conv_silu(cw_ptr, win, ch, cmask, jj, KC: tl.constexpr):
+        w = tl.load(cw_ptr + ch[:, None] * KC + jj[None, :], mask=cmask[:, None] & (jj[None, :] < KC), other=0)
+        acc = tl.sum(win * w.to(tl.float32), axis=1)
+        return acc / (1.0 + tl.exp(-acc))
+
+    @triton.jit
+    def _store_conv_state(cs_ptr, nxt, ch, cmask, jj, KC: tl.constexpr):
+        msk = cmask[:, None] & (jj[None, :] < KC - 1)
+        tl.store(cs_ptr + ch[:, None] * (KC - 1) + jj[None, :], nxt.to(cs_ptr.dtype.element_ty), mask=msk)
+
+    @triton.jit
+    def _gdn_decode_kernel(
+        qkv_ptr, z_ptr, a_ptr, b_ptr, cw_ptr, cs_ptr, alog_ptr, dtb_ptr, nw_ptr,
+        s_ptr, out_ptr, ows_ptr, cnt_ptr,
+        HK, DK, DV, R, NVB,  # key heads, head dims, value heads per key head, dv blocks
+        q_scale,
+        KC: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
+        NEG: tl.constexpr,
+    ):
+        h = tl.program_id(0)
+        vb = tl.program_id(1)
+        kh = h // R
+        jj = tl.arange(0, KP)
+
+        # q and k of this head: conv, SiLU, L2 norm (recomputed by every program of the group)
+        dk = tl.arange(0, BK)
+        mk = dk < DK
+        qch = kh * DK + dk
+        kch = HK * DK + kh * DK + dk
+        win_q, nxt_q = _conv_window(qkv_ptr, cs_ptr, qch, mk, jj, KC)
+        win_k, nxt_k = _conv_window(qkv_ptr, cs_ptr, kch, mk, jj, KC)
+        q = _conv_silu(cw_ptr, win_q, qch, mk, jj, KC)
+        k = _conv_silu(cw_ptr, win_k, kch, mk, jj, KC)
+        q = q * (q_scale / tl.sqrt(tl.sum(q * q, axis=0) + 1e-6))
+        k = k / tl.sqrt(tl.sum(k * k, axis=0) + 1e-6)
+
+        # this program's slice of v
+        dvi = vb * BV + tl.arange(0, BV)
+        mv = dvi < DV
+        vch = 2 * HK * DK + h * DV + dvi
+        win_v, nxt_v = _conv_window(qkv_ptr, cs_ptr, vch, mv, jj, KC)
+        v = _conv_silu(cw_ptr, win_v, vch, mv, jj, KC)
+
+        # gates (fp32)
+        x = tl.load(a_ptr + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+        sp = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+        alpha = tl.exp(-tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * sp)
+        beta = 1.0 / (1.0 + tl.exp(-tl.load(b_ptr + h).to(tl.float32)))
+        if NEG:
+            beta = beta * 2.0
+
+        # delta rule on the [dk, BV] slice of the state
+        soff = h * DK * DV + dk[:, None] * DV + dvi[None, :]
+        smask = mk[:, None] & mv[None, :]
+        st = tl.load(s_ptr + soff, mask=smask, other=0.0) * alpha
+        mem = tl.sum(st * k[:, None], axis=0)
+        delta = beta * (v - mem)
+        st = st + k[:, None] * delta[None, :]
+        o = tl.sum(st * q[:, None], axis=0)
+        tl.store(s_ptr + soff, st, mask=smask)
+        tl.store(ows_ptr + h * DV + dvi, o, mask=mv)
+
+        # every thread of this program has read its conv inputs: the v slice's state is ours alone
+        tl.debug_barrier()
+        _store_conv_state(cs_ptr, nxt_v, vch, mv, jj, KC)
+        done = tl.atomic_add(cnt_ptr + kh, 1)
+        if done == R * NVB - 1:
+            # last program of the key-head group: all others have read the q/k conv state and
+            # written their o slices
+            _store_conv_state(cs_ptr, nxt_q, qch, mk, jj, KC)
+            _store_conv_state(cs_ptr, nxt_k, kch, mk, jj, KC)
+            d = tl.arange(0, BDV)
+            md = d < DV
+            w = tl.load(nw_ptr + d, mask=md, other=0).to(tl.float32)
+            for r in range(R):
+                hh = kh * R + r
+                oo = tl.load(ows_ptr + hh * DV + d, mask=md, other=0.0, cache_modifier=".cg")
+                zz = tl.load(z_ptr + hh * DV + d, mask=md, other=0).to(tl.float32)
+                rstd = 1.0 / tl.sqrt(tl.sum(oo * oo, axis=0) / DV + 1e-5)
+                yy = oo * rstd * w * (zz / (1.0 + tl.exp(-zz)))
+                tl.store(out_ptr + hh * DV + d, yy.to(out_ptr.dtype.element_ty), mask=md)
+            tl.atomic_xchg(cnt_ptr + kh, 0)
+
+
+def gdn_decode_step_triton(
+    qkv: torch.Tensor,
+    z: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    rec_state: torch.Tensor,
+    allow_neg_eigval: bool = True,
+    out: torch.Tensor | None = None,
+    *,
+    block_v: int = 32,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Triton version of gdn_decode_step_ref (block_v: state columns per program)."""
+    hk, hv, dk, dv, conv_dim, kconv = _shapes(qkv, A_log, rec_state, conv_weight)
+    if rec_state.dtype != torch.float32 or not rec_state.is_contiguous():
+        raise ValueError("rec_state must be a contiguous fp32 [Hv, dk, dv] tensor")
+    if not conv_state.is_contiguous() or tuple(conv_state.shape) != (conv_dim, kconv - 1):
+        raise ValueError(f"conv_state must be a contiguous [{conv_dim}, {kconv - 1}] tensor")
+    if kconv < 2:
+        raise ValueError("the conv kernel needs at least 2 taps")
+    if out is None:
+        out = torch.empty(hv * dv, dtype=z.dtype, device=z.device)
+    elif not out.is_contiguous() or out.numel() != hv * dv:
+        raise ValueError(f"out must be contiguous with {hv * dv} elements")
+    bv = min(block_v, next_pow2(dv))
+    nvb = cdiv(dv, bv)
+    ows = workspace("gdn_o", (hv * dv,), torch.float32, z.device)
+    cnt = workspace("gdn_cnt", (hk,), torch.int32, z.device)
+    _gdn_decode_kernel[(hv, nvb)](
+        qkv.reshape(-1), z.reshape(-1), a.reshape(-1), b.reshape(-1), conv_weight.reshape(conv_dim, kconv),
+        conv_state, A_log.reshape(-1), dt_bias.reshape(-1), norm_weight.reshape(-1),
+        rec_state, out, ows, cnt,
+        hk, dk, dv, hv // hk, nvb,
+        float(dk) ** -0.5,
+        KC=kconv, KP=next_pow2(kconv), BK=next_pow2(dk), BV=bv, BDV=next_pow2(dv),
+        NEG=bool(allow_neg_eigval),
+        num_warps=num_warps,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------------
+def gdn_decode_step(
+    qkv: torch.Tensor,
+    z: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    rec_state: torch.Tensor,
+    allow_neg_eigval: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    fn = gdn_decode_step_triton if use_triton(rec_state) else gdn_decode_step_ref
+    return fn(qkv, z, a, b, conv_weight, conv_state, A_log, dt_bias, norm_weight, rec_state,
+              allow_neg_eigval, out)
