@@ -257,27 +257,11 @@ def default_dtype(cfg: OlmoHybridConfig, device: torch.device) -> torch.dtype:
     return torch.float32 if cfg.num_params() * 4 < 8 * 2**30 else torch.bfloat16
 
 
-def _linear_backend():
-    """The function that turns the tensors under a prefix into a linear module, and the one that names
-    them. Quantized formats live in olmo_local.quant; fall back to dense weights without it."""
-    try:
-        from olmo_local.quant.linear import expected_names, load_linear  # type: ignore
-        return load_linear, expected_names
-    except ImportError:
-        from olmo_local.model import DenseLinear
-
-        def load_dense(get, has, prefix, device, dtype):
-            return DenseLinear(get(prefix + ".weight").to(device=device, dtype=dtype))
-
-        def names(prefix, fmt=None):
-            return [prefix + ".weight"]
-        return load_dense, names
-
-
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                progress: Callable[[int, int], None] | None = None):
     """Load (and validate) an Olmo Hybrid checkpoint directory into an OlmoHybridModel."""
-    from olmo_local.model import (MLP, AttentionLayer, Embedding, GDNLayer, Norm, OlmoHybridModel)
+    from olmo_local.model import MLP, AttentionLayer, GDNLayer, Norm, OlmoHybridModel
+    from olmo_local.quant.checkpoint import expected_names, load_linear
 
     path = Path(path)
     cfg = read_config(path)
@@ -286,7 +270,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise OlmoError("--device cuda was asked for but no CUDA GPU is available (use --device cpu)")
     dtype = dtype or default_dtype(cfg, device)
     reader = TensorReader(path)
-    load_linear, expected_names = _linear_backend()
 
     def names_of(prefix: str) -> list[str]:
         if prefix == "model.embed_tokens":
@@ -348,18 +331,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model.eval()
 
 
-def _fmt(reader: TensorReader, prefix: str) -> str | None:
+def _fmt(reader: TensorReader, prefix: str) -> str:
+    """Which stored format the linear at ``prefix`` uses (from the names and dtypes present)."""
     if reader.has(prefix + ".qweight"):
-        return "q8" if reader.dtype(prefix + ".qweight") == torch.int8 else "q4"
-    if reader.has(prefix + ".weight") and reader.dtype(prefix + ".weight") == torch.uint8:
-        return "nf4"
+        return "q4" if reader.has(prefix + ".mins") else "q8"
+    if reader.has(prefix + ".weight.absmax"):
+        return "nf4-dq" if reader.has(prefix + ".weight.nested_absmax") else "nf4"
     if reader.has(prefix + ".SCB"):
-        return "int8"
-    return None
+        return "bnb-int8"
+    return "bf16"
 
 
 def _dense_cat(ts: list[torch.Tensor], device, dtype) -> nn.Module:
-    from olmo_local.model import DenseLinear
+    from olmo_local.quant.linear import DenseLinear
     return DenseLinear(torch.cat([t.to(dtype) for t in ts], 0).to(device))
 
 
@@ -368,10 +352,7 @@ def _load_embedding(reader: TensorReader, device, dtype) -> nn.Module:
     if reader.has("model.embed_tokens.weight") and reader.dtype("model.embed_tokens.weight") not in (
             torch.int8, torch.uint8):
         return Embedding(reader.get("model.embed_tokens.weight").to(device=device, dtype=dtype))
-    try:
-        from olmo_local.quant.linear import load_embedding  # type: ignore
-    except ImportError:
-        raise OlmoError("this checkpoint has a quantized embedding, which needs olmo_local.quant") from None
+    from olmo_local.quant.checkpoint import load_embedding
     return load_embedding(reader.get, reader.has, "model.embed_tokens", device, dtype)
 
 

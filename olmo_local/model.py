@@ -18,41 +18,12 @@ import torch.nn.functional as F
 from olmo_local.config import OlmoHybridConfig
 from olmo_local.kernels.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from olmo_local.kernels.short_conv import causal_conv1d_silu
+from olmo_local.quant.linear import DenseLinear
 
 if TYPE_CHECKING:
     from olmo_local.state import DecodeState
 
 GDN_ONORM_EPS = 1e-5  # hard-coded in FLA / HF, not rms_norm_eps (pitfall P4)
-
-
-class DenseLinear(nn.Module):
-    """x @ W.T with an unquantized weight [N, K]."""
-
-    def __init__(self, weight: torch.Tensor, trainable: bool = False) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=trainable)
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
-
-    def dequantize(self) -> torch.Tensor:
-        return self.weight.data
-
-    @classmethod
-    def cat_rows(cls, mods: list["DenseLinear"]) -> "DenseLinear":
-        return cls(torch.cat([m.weight.data for m in mods], 0))
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

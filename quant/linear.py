@@ -73,22 +73,29 @@ class _QLinearBase(nn.Module):
 class DenseLinear(_QLinearBase):
     """Unquantized weight [N, K] (any float dtype); forward casts it to x.dtype if needed."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, trainable: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight)
+        if trainable:  # training the demo model: a real parameter
+            self.weight = nn.Parameter(weight)
+        else:
+            self.register_buffer("weight", weight)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         return nn.functional.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.weight.to(dtype)
+        return self.weight.detach().to(dtype)
 
     @classmethod
     def cat_rows(cls, mods: Sequence[DenseLinear]) -> DenseLinear:
         cls._check_cat(mods, cls)
-        return cls(torch.cat([m.weight for m in mods], 0))
+        return cls(torch.cat([m.weight.detach() for m in mods], 0))
 
 
 class Q4Linear(_QLinearBase):
