@@ -1,1 +1,40 @@
-"""Fused Triton kernels, each beside its torch reference. Importable without triton."""
+"""Fused Triton kernels, each beside its torch reference. Importable without triton.
+
+One module per op; each holds `<op>_ref` (plain torch, fp32 math: the CPU path), `<op>_triton` (same
+signature, plus keyword-only tuning knobs) and `<op>` (dispatch: Triton for CUDA tensors when
+triton is installed, the reference otherwise; override with `backend("torch"|"triton"|"auto")`
+or OLMO_LOCAL_KERNELS).
+
+Decode-path ops (batch 1, CUDA-graph capturable: no host syncs, static shapes, optional out=):
+  q4_gemv / q4_gemv_silu_mul              gemv_q4.py
+  q8_gemv / q8_gemv_silu_mul              gemv_q8.py
+  gdn_decode_step                         gdn_decode.py
+  attention_decode / quantize_kv_int8     attention_decode.py
+  rmsnorm / add_rmsnorm / rmsnorm_add     rmsnorm.py
+Ops that keep scratch buffers (split-K partials, counters) allocate them on first use: call each
+op once before capturing a CUDA graph.
+"""
+
+from ._triton import HAS_TRITON, backend, current_backend
+from .attention_decode import attention_decode, quantize_kv_int8
+from .gdn_decode import gdn_decode_step
+from .gemv_q4 import q4_dequantize, q4_gemv, q4_gemv_silu_mul
+from .gemv_q8 import q8_gemv, q8_gemv_silu_mul
+from .rmsnorm import add_rmsnorm, rmsnorm, rmsnorm_add
+
+__all__ = [
+    "HAS_TRITON",
+    "add_rmsnorm",
+    "attention_decode",
+    "backend",
+    "current_backend",
+    "gdn_decode_step",
+    "q4_dequantize",
+    "q4_gemv",
+    "q4_gemv_silu_mul",
+    "q8_gemv",
+    "q8_gemv_silu_mul",
+    "quantize_kv_int8",
+    "rmsnorm",
+    "rmsnorm_add",
+]

@@ -1,0 +1,310 @@
+"""Single-token attention over a KV cache (flash-decoding), bf16/fp32 or int8 caches.
+
+    attention_decode(q, k_cache, v_cache, length, out=None, *, k_scale=None, v_scale=None) -> [H, hd]
+    quantize_kv_int8(k, *, out=None, pos=None) -> (q int8, scale fp32)
+
+attention_decode: q [H, hd]; k_cache, v_cache [KVH, max_ctx, hd] (unit last stride); `length` an
+int32 device tensor [1] = number of valid positions INCLUDING the current token (already written by
+the caller), >= 1. GQA: query head h reads kv head h // (H // KVH). Scale hd**-0.5, fp32 softmax,
+result in q.dtype. int8 caches: pass k_scale / v_scale [KVH, max_ctx] fp32 (k = q * scale per
+head and position).
+
+Kernel: grid (KVH, num_splits). The number of splits is fixed when the op is first called for a
+max_ctx (capture-safe); the split length is computed in the kernel from `length`, so at any length
+all splits share the work (empty splits return at once). A program handles all query heads of its
+kv head (the cache is read once), keeps (max, sum, acc) online, writes them to a workspace; the last
+program of a kv head (self-resetting atomic counter) merges the splits and writes the output. One
+launch, no host sync.
+
+quantize_kv_int8: symmetric per (head, position): scale = max|k| / 127, q = floor(k * 127/max|k| + 0.5)
+clamped to [-127, 127] (0 where max|k| = 0). k [KVH, T, hd] (or [KVH, hd]). With out=(q_cache
+[KVH, C, hd], scale_cache [KVH, C]) and pos (int32 device tensor [1]) the T rows are written at
+positions pos .. pos+T-1 of the caches (capture-safe); without out, new tensors are returned.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, tl, triton, use_triton, workspace
+
+__all__ = [
+    "attention_decode",
+    "attention_decode_ref",
+    "attention_decode_triton",
+    "default_num_splits",
+    "quantize_kv_int8",
+    "quantize_kv_int8_ref",
+    "quantize_kv_int8_triton",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# torch references
+# ----------------------------------------------------------------------------------------------
+def attention_decode_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    length: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    n = int(length.reshape(-1)[0])  # a host read: fine on CPU, the reason CUDA uses the kernel
+    kvh, _, hd = k_cache.shape
+    h = q.shape[0]
+    k = k_cache[:, :n].to(torch.float32)
+    v = v_cache[:, :n].to(torch.float32)
+    if k_scale is not None:
+        k = k * k_scale[:, :n, None].to(torch.float32)
+        v = v * v_scale[:, :n, None].to(torch.float32)
+    qf = q.reshape(kvh, h // kvh, hd).to(torch.float32)
+    scores = torch.matmul(qf, k.transpose(1, 2)) * hd**-0.5  # [KVH, G, n]
+    o = torch.matmul(torch.softmax(scores, dim=-1), v).reshape(h, hd)
+    if out is None:
+        return o.to(q.dtype)
+    out.copy_(o)
+    return out
+
+
+def _quantize_rows(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    kf = k.to(torch.float32)
+    amax = kf.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.floor(kf * inv.unsqueeze(-1) + 0.5).clamp_(-127, 127).to(torch.int8)
+    return q, amax / 127.0
+
+
+def quantize_kv_int8_ref(
+    k: torch.Tensor,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pos: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, s = _quantize_rows(k)
+    if out is None:
+        return q, s
+    q_out, s_out = out
+    q3 = q if k.dim() == 3 else q.unsqueeze(1)
+    s2 = s if k.dim() == 3 else s.unsqueeze(1)
+    t = q3.shape[1]
+    idx = torch.arange(t, device=q.device)
+    if pos is not None:
+        idx = idx + pos.reshape(-1)[:1].to(device=q.device, dtype=torch.long)
+    q_out.index_copy_(1, idx, q3)
+    s_out.index_copy_(1, idx, s2.to(s_out.dtype))
+    return q_out, s_out
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _kv_to_f32(x, QUANT: tl.constexpr):
+        if QUANT:  # int8 bits read as uint8 -> exact float via the 2**23 trick
+            return ((x.to(tl.int32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        else:
+            return x.to(tl.float32)
+
+    @triton.jit
+    def _attn_decode_kernel(
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, len_ptr, out_ptr, mws_ptr, lws_ptr, aws_ptr, cnt_ptr,
+        stride_qh, stride_kh, stride_kt, stride_vh, stride_vt, stride_ksh, stride_vsh, stride_oh,
+        sm_scale, HD,
+        G: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+        NS: tl.constexpr, NSP: tl.constexpr, QUANT: tl.constexpr,
+    ):
+        kvh = tl.program_id(0)
+        sp = tl.program_id(1)
+        n = tl.load(len_ptr)
+        ss = ((n + NS - 1) // NS + BS - 1) // BS * BS  # positions per split, a multiple of BS
+        start = sp * ss
+        if start < n:
+            end = tl.minimum(start + ss, n)
+            n_active = (n + ss - 1) // ss
+            g = tl.arange(0, GP)
+            gm = g < G
+            hq = kvh * G + g
+            d = tl.arange(0, BD)
+            dm = d < HD
+            q = tl.load(q_ptr + hq[:, None] * stride_qh + d[None, :], mask=gm[:, None] & dm[None, :], other=0)
+            q = q.to(tl.float32) * sm_scale
+            m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([GP], dtype=tl.float32)
+            acc = tl.zeros([GP, BD], dtype=tl.float32)
+            for s0 in range(start, end, BS):
+                pos = s0 + tl.arange(0, BS)
+                pm = pos < end
+                kvm = pm[:, None] & dm[None, :]
+                kt = tl.load(k_ptr + kvh * stride_kh + pos[:, None] * stride_kt + d[None, :], mask=kvm, other=0)
+                vt = tl.load(v_ptr + kvh * stride_vh + pos[:, None] * stride_vt + d[None, :], mask=kvm, other=0)
+                kt = _kv_to_f32(kt, QUANT)
+                vt = _kv_to_f32(vt, QUANT)
+                sc = tl.sum(q[:, None, :] * kt[None, :, :], axis=2)  # [GP, BS]
+                if QUANT:
+                    sc = sc * tl.load(ks_ptr + kvh * stride_ksh + pos, mask=pm, other=0.0)[None, :]
+                sc = tl.where(pm[None, :], sc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(sc - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                if QUANT:
+                    p = p * tl.load(vs_ptr + kvh * stride_vsh + pos, mask=pm, other=0.0)[None, :]
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
+                m_i = m_new
+
+            # this split's (max, sum, acc); the last split of the kv head merges them
+            tl.store(mws_ptr + hq * NS + sp, m_i, mask=gm)
+            tl.store(lws_ptr + hq * NS + sp, l_i, mask=gm)
+            tl.store(aws_ptr + (hq[:, None] * NS + sp) * HD + d[None, :], acc, mask=gm[:, None] & dm[None, :])
+            tl.debug_barrier()
+            done = tl.atomic_add(cnt_ptr + kvh, 1)
+            if done == n_active - 1:
+                sj = tl.arange(0, NSP)
+                wm = gm[:, None] & (sj[None, :] < n_active)
+                mm = tl.load(mws_ptr + hq[:, None] * NS + sj[None, :], mask=wm, other=float("-inf"),
+                             cache_modifier=".cg")
+                mx = tl.where(gm, tl.max(mm, axis=1), 0.0)
+                w = tl.where(wm, tl.exp(mm - mx[:, None]), 0.0)  # [GP, NSP]
+                ll = tl.load(lws_ptr + hq[:, None] * NS + sj[None, :], mask=wm, other=0.0, cache_modifier=".cg")
+                denom = tl.sum(ll * w, axis=1)
+                denom = tl.where(gm, denom, 1.0)
+                aa = tl.load(aws_ptr + (hq[:, None, None] * NS + sj[None, :, None]) * HD + d[None, None, :],
+                             mask=wm[:, :, None] & dm[None, None, :], other=0.0, cache_modifier=".cg")
+                o = tl.sum(aa * w[:, :, None], axis=1) / denom[:, None]
+                tl.store(out_ptr + hq[:, None] * stride_oh + d[None, :], o.to(out_ptr.dtype.element_ty),
+                         mask=gm[:, None] & dm[None, :])
+                tl.atomic_xchg(cnt_ptr + kvh, 0)
+
+    @triton.jit
+    def _quantize_kv_kernel(k_ptr, q_ptr, s_ptr, pos_ptr, T, HD, stride_kh, stride_kt,
+                            stride_qh, stride_qt, stride_sh, BD: tl.constexpr, HAS_POS: tl.constexpr):
+        r = tl.program_id(0)
+        h = r // T
+        t = r % T
+        if HAS_POS:
+            p = tl.load(pos_ptr) + t
+        else:
+            p = t
+        d = tl.arange(0, BD)
+        dm = d < HD
+        x = tl.load(k_ptr + h * stride_kh + t * stride_kt + d, mask=dm, other=0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=0)
+        inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+        qv = tl.floor(x * inv + 0.5)
+        qv = tl.minimum(tl.maximum(qv, -127.0), 127.0)
+        tl.store(q_ptr + h * stride_qh + p * stride_qt + d, qv.to(tl.int8), mask=dm)
+        tl.store(s_ptr + h * stride_sh + p, amax / 127.0)
+
+
+def default_num_splits(max_ctx: int, num_kv_heads: int, device: torch.device, block_s: int = 64) -> int:
+    """Splits per kv head: enough programs for ~4 per SM at full length, never more than blocks."""
+    return max(1, min(cdiv(max_ctx, block_s), cdiv(4 * num_sms(device), num_kv_heads), 64))
+
+
+def attention_decode_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    length: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_s: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Triton version of attention_decode_ref (num_splits / block_s for tests and tuning)."""
+    kvh, max_ctx, hd = k_cache.shape
+    h = q.shape[0]
+    if q.dim() != 2 or q.shape[1] != hd or h % kvh:
+        raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("q and the caches need a unit last stride")
+    quant = k_cache.dtype == torch.int8
+    if quant:
+        if k_scale is None or v_scale is None:
+            raise ValueError("int8 caches need k_scale and v_scale")
+        kc, vc = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+        ks, vs = k_scale, v_scale
+    else:
+        kc, vc = k_cache, v_cache
+        ks = vs = length  # unused
+    if out is None:
+        out = torch.empty((h, hd), dtype=q.dtype, device=q.device)
+    ns = num_splits or default_num_splits(max_ctx, kvh, q.device, block_s)
+    g = h // kvh
+    mws = workspace("attn_m", (h, ns), torch.float32, q.device)
+    lws = workspace("attn_l", (h, ns), torch.float32, q.device)
+    aws = workspace("attn_acc", (h, ns, hd), torch.float32, q.device)
+    cnt = workspace("attn_cnt", (kvh,), torch.int32, q.device)
+    _attn_decode_kernel[(kvh, ns)](
+        q, kc, vc, ks, vs, length, out, mws, lws, aws, cnt,
+        q.stride(0), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
+        ks.stride(0) if quant else 0, vs.stride(0) if quant else 0, out.stride(0),
+        float(hd) ** -0.5, hd,
+        G=g, GP=next_pow2(g), BD=next_pow2(hd), BS=block_s, NS=ns, NSP=next_pow2(ns), QUANT=quant,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def quantize_kv_int8_triton(
+    k: torch.Tensor,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pos: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of quantize_kv_int8_ref."""
+    k3 = k if k.dim() == 3 else k.unsqueeze(1)
+    kvh, t, hd = k3.shape
+    if k3.stride(-1) != 1:
+        k3 = k3.contiguous()
+    if out is None:
+        q_out = torch.empty(k3.shape, dtype=torch.int8, device=k.device)
+        s_out = torch.empty((kvh, t), dtype=torch.float32, device=k.device)
+        result = (q_out, s_out) if k.dim() == 3 else (q_out.squeeze(1), s_out.squeeze(1))
+    else:
+        q_out, s_out = out
+        result = out
+    if q_out.stride(-1) != 1 or s_out.stride(-1) != 1 or s_out.dtype != torch.float32:
+        raise ValueError("quantize_kv_int8: outputs need a unit last stride and fp32 scales")
+    _quantize_kv_kernel[(kvh * t,)](
+        k3, q_out, s_out, pos if pos is not None else s_out, t, hd,
+        k3.stride(0), k3.stride(1), q_out.stride(0), q_out.stride(1), s_out.stride(0),
+        BD=next_pow2(hd), HAS_POS=pos is not None, num_warps=1,
+    )
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------------
+def attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    length: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    fn = attention_decode_triton if use_triton(q) else attention_decode_ref
+    return fn(q, k_cache, v_cache, length, out, k_scale=k_scale, v_scale=v_scale)
+
+
+def quantize_kv_int8(
+    k: torch.Tensor,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pos: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = quantize_kv_int8_triton if use_triton(k) else quantize_kv_int8_ref
+    return fn(k, out=out, pos=pos)

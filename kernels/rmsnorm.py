@@ -1,0 +1,182 @@
+"""RMSNorm in the Olmo order (spec §4.2): normalise in fp32, multiply by the weight in fp32, then cast.
+
+    rmsnorm(x, w, eps, out=None) -> w * x * rsqrt(mean(x^2) + eps)              (x.dtype)
+    add_rmsnorm(x, residual, w, eps, out=None, residual_out=None) -> (normed, new_residual)
+        new_residual = residual + x (rounded to residual.dtype), normed = rmsnorm(new_residual)
+        -- the pre-norm pattern of the GDN layers (x is the sublayer output); normed has x.dtype.
+    rmsnorm_add(x, residual, w, eps, out=None) -> residual + rmsnorm(x)
+        -- the post-norm pattern of the attention layers (x is the sublayer output); the norm is
+           rounded to x.dtype before the add, as transformers does; result in residual.dtype.
+Rows are the last dim (width up to ~16k), any leading shape. residual_out / out may alias the
+inputs (each element is read before it is written by the same program).
+Kernel: one program per row, the whole row in registers, one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON, next_pow2, tl, triton, use_triton
+
+__all__ = [
+    "add_rmsnorm",
+    "add_rmsnorm_ref",
+    "add_rmsnorm_triton",
+    "rmsnorm",
+    "rmsnorm_add",
+    "rmsnorm_add_ref",
+    "rmsnorm_add_triton",
+    "rmsnorm_ref",
+    "rmsnorm_triton",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# torch reference
+# ----------------------------------------------------------------------------------------------
+def _norm_f32(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.to(torch.float32)
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.to(torch.float32)
+
+
+def _put(val: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return val.to(dtype)
+    out.copy_(val)
+    return out
+
+
+def rmsnorm_ref(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    return _put(_norm_f32(x, w, eps), x.dtype, out)
+
+
+def add_rmsnorm_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    w: torch.Tensor,
+    eps: float,
+    out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    new_res = (residual.to(torch.float32) + x.to(torch.float32)).to(residual.dtype)
+    normed = _put(_norm_f32(new_res, w, eps), x.dtype, out)
+    if residual_out is not None:
+        residual_out.copy_(new_res)
+        new_res = residual_out
+    return normed, new_res
+
+
+def rmsnorm_add_ref(
+    x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    normed = _norm_f32(x, w, eps).to(x.dtype)
+    return _put(residual.to(torch.float32) + normed.to(torch.float32), residual.dtype, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, ro_ptr, D, eps,
+                        stride_x, stride_r, stride_y, stride_ro,
+                        BD: tl.constexpr, MODE: tl.constexpr):
+        # MODE 0: y = norm(x); 1: ro = r + x, y = norm(ro); 2: y = r + norm(x)
+        row = tl.program_id(0)
+        d = tl.arange(0, BD)
+        m = d < D
+        x = tl.load(x_ptr + row * stride_x + d, mask=m, other=0).to(tl.float32)
+        if MODE == 1:
+            r = tl.load(r_ptr + row * stride_r + d, mask=m, other=0).to(tl.float32)
+            x = (x + r).to(ro_ptr.dtype.element_ty)
+            tl.debug_barrier()  # outputs may alias inputs: all loads before any store
+            tl.store(ro_ptr + row * stride_ro + d, x, mask=m)
+            x = x.to(tl.float32)
+        w = tl.load(w_ptr + d, mask=m, other=0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+        y = x * rstd * w
+        if MODE == 2:
+            y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
+            y = y + tl.load(r_ptr + row * stride_r + d, mask=m, other=0).to(tl.float32)
+            tl.debug_barrier()
+        tl.store(y_ptr + row * stride_y + d, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    if t2.stride(-1) != 1:
+        raise ValueError("rmsnorm kernels need a unit last stride")
+    return t2
+
+
+def _launch(x, residual, w, eps, y, ro, mode):
+    x2 = _rows(x)
+    y2 = _rows(y)
+    r2 = _rows(residual) if residual is not None else x2
+    ro2 = _rows(ro) if ro is not None else y2
+    if y2.data_ptr() != y.data_ptr() or (ro is not None and ro2.data_ptr() != ro.data_ptr()):
+        raise ValueError("outputs must be views that reshape to rows without copying")
+    n, d = x2.shape
+    bd = next_pow2(d)
+    nw = 4 if bd <= 1024 else 8 if bd <= 4096 else 16
+    _rmsnorm_kernel[(n,)](
+        x2, r2, w, y2, ro2, d, float(eps),
+        x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0),
+        BD=bd, MODE=mode, num_warps=nw,
+    )
+
+
+def rmsnorm_triton(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    out = torch.empty_like(x) if out is None else out
+    _launch(x, None, w, eps, out, None, 0)
+    return out
+
+
+def add_rmsnorm_triton(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    w: torch.Tensor,
+    eps: float,
+    out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty_like(x) if out is None else out
+    residual_out = torch.empty_like(residual) if residual_out is None else residual_out
+    _launch(x, residual, w, eps, out, residual_out, 1)
+    return out, residual_out
+
+
+def rmsnorm_add_triton(
+    x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    out = torch.empty_like(residual) if out is None else out
+    _launch(x, residual, w, eps, out, None, 2)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------------
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    fn = rmsnorm_triton if use_triton(x) else rmsnorm_ref
+    return fn(x, w, eps, out)
+
+
+def add_rmsnorm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    w: torch.Tensor,
+    eps: float,
+    out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = add_rmsnorm_triton if use_triton(x) else add_rmsnorm_ref
+    return fn(x, residual, w, eps, out, residual_out)
+
+
+def rmsnorm_add(
+    x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    fn = rmsnorm_add_triton if use_triton(x) else rmsnorm_add_ref
+    return fn(x, residual, w, eps, out)
