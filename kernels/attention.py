@@ -194,7 +194,7 @@ if HAS_TRITON:
         dm = d < HD
         x = tl.load(k_ptr + h * stride_kh + t * stride_kt + d, mask=dm, other=0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=0)
-        inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+        inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
         qv = tl.floor(x * inv + 0.5)
         qv = tl.minimum(tl.maximum(qv, -127.0), 127.0)
         tl.store(q_ptr + h * stride_qh + p * stride_qt + d, qv.to(tl.int8), mask=dm)

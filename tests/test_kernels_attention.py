@@ -1,0 +1,143 @@
+"""Decode attention (bf16/fp32 and int8 KV) and the int8 KV quantizer: Triton kernels (interpreter) vs
+the torch references, and the references vs a float64 per-head loop."""
+
+import math
+
+import pytest
+import torch
+
+from olmo_local.kernels import _triton, attention_decode, backend, quantize_kv_int8
+from olmo_local.kernels import attention as ka
+
+
+def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def attention_loop(q, k, v, n):
+    """float64, one query head at a time: softmax(q k^T / sqrt(hd)) v over positions < n."""
+    h, hd = q.shape
+    kvh = k.shape[0]
+    out = torch.empty(h, hd, dtype=torch.float64)
+    for head in range(h):
+        kv = head // (h // kvh)
+        scores = [float(q[head].double() @ k[kv, p].double()) / math.sqrt(hd) for p in range(n)]
+        mx = max(scores)
+        w = [math.exp(s - mx) for s in scores]
+        tot = sum(w)
+        out[head] = sum(w[p] / tot * v[kv, p].double() for p in range(n))
+    return out
+
+
+def test_reference_matches_loop():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(6, 8, generator=gen)
+    k = torch.randn(2, 20, 8, generator=gen)
+    v = torch.randn(2, 20, 8, generator=gen)
+    for n in (1, 7, 20):
+        ref = ka.attention_decode_ref(q, k, v, torch.tensor([n], dtype=torch.int32))
+        assert relerr(ref, attention_loop(q, k, v, n)) < 1e-6
+
+
+CASES = [
+    # h, kvh, hd, max_ctx, length, num_splits, block_s, dtype
+    (4, 2, 16, 100, 37, 4, 8, torch.float32),  # GQA 2, length not a multiple of the block
+    (3, 3, 20, 50, 1, 3, 8, torch.float32),  # length 1, hd not a power of two
+    (4, 1, 32, 64, 64, 2, 16, torch.bfloat16),  # GQA 4, full cache
+    (2, 2, 16, 300, 299, 5, 16, torch.float32),
+    (6, 2, 16, 40, 9, 8, 8, torch.float32),  # more splits than blocks of work: empty splits
+    (2, 1, 8, 30, 17, 1, 32, torch.float32),  # one split
+]
+
+
+@pytest.mark.parametrize("h,kvh,hd,max_ctx,length,num_splits,block_s,dtype", CASES)
+def test_attention_decode_triton(h, kvh, hd, max_ctx, length, num_splits, block_s, dtype):
+    gen = torch.Generator().manual_seed(h * 1000 + max_ctx + length)
+    q = torch.randn(h, hd, generator=gen).to(dtype)
+    k = torch.randn(kvh, max_ctx, hd, generator=gen).to(dtype)
+    v = torch.randn(kvh, max_ctx, hd, generator=gen).to(dtype)
+    n = torch.tensor([length], dtype=torch.int32)
+    tol = 1e-5 if dtype == torch.float32 else 1.5e-2
+    out = torch.full((h, hd), float("nan"), dtype=dtype)
+    y = ka.attention_decode_triton(q, k, v, n, out, num_splits=num_splits, block_s=block_s)
+    assert y is out and torch.isfinite(y).all()
+    assert relerr(y, ka.attention_decode_ref(q, k, v, n)) < tol
+
+    # int8 cache of the same data
+    kq, ks = ka.quantize_kv_int8_ref(k)
+    vq, vs = ka.quantize_kv_int8_ref(v)
+    y8 = ka.attention_decode_triton(q, kq, vq, n, k_scale=ks, v_scale=vs, num_splits=num_splits, block_s=block_s)
+    r8 = ka.attention_decode_ref(q, kq, vq, n, k_scale=ks, v_scale=vs)
+    assert relerr(y8, r8) < tol
+    assert relerr(r8, ka.attention_decode_ref(q, k, v, n)) < 3e-2  # int8 KV stays close to the original
+    assert all(bool((b == 0).all()) for key, b in _triton._WORKSPACES.items() if key[0] == "attn_cnt")
+
+
+def test_attention_lengths_share_one_launch_config():
+    """One split count (as in a captured graph) serves every length, growing token by token."""
+    gen = torch.Generator().manual_seed(5)
+    h, kvh, hd, max_ctx = 2, 2, 8, 40
+    q = torch.randn(h, hd, generator=gen)
+    k = torch.randn(kvh, max_ctx, hd, generator=gen)
+    v = torch.randn(kvh, max_ctx, hd, generator=gen)
+    n = torch.zeros(1, dtype=torch.int32)
+    for length in (1, 2, 5, 8, 9, 23, 40):
+        n.fill_(length)
+        y = ka.attention_decode_triton(q, k, v, n, num_splits=4, block_s=8)
+        assert relerr(y, attention_loop(q, k, v, length)) < 1e-5
+
+
+def test_quantize_kv_int8():
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(3, 5, 24, generator=gen)
+    k[1, 2] = 0.0  # an all-zero row: scale 0, codes 0
+    q, s = ka.quantize_kv_int8_ref(k)
+    assert q.dtype == torch.int8 and s.shape == (3, 5)
+    assert s[1, 2] == 0 and (q[1, 2] == 0).all()
+    assert (q.abs() <= 127).all() and (q.abs().amax(-1)[s > 0] == 127).all()
+    assert (q.double() * s.double()[..., None] - k.double()).abs().max() <= s.max() / 2 + 1e-6
+
+    qt, st = ka.quantize_kv_int8_triton(k)
+    assert (qt.int() - q.int()).abs().max() <= 1 and (qt != q).float().mean() < 0.01
+    assert torch.allclose(st, s, rtol=1e-6, atol=0)
+
+    # one row per head ([KVH, hd] input)
+    q1, s1 = ka.quantize_kv_int8_triton(k[:, 0])
+    assert q1.shape == (3, 24) and s1.shape == (3,)
+    assert torch.equal(q1, qt[:, 0])
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_quantize_kv_int8_into_cache_at_pos(t):
+    gen = torch.Generator().manual_seed(10 + t)
+    kvh, cap, hd = 2, 12, 16
+    k = torch.randn(kvh, t, hd, generator=gen)
+    pos = torch.tensor([7], dtype=torch.int32)
+    caches = []
+    for fn in (ka.quantize_kv_int8_ref, ka.quantize_kv_int8_triton):
+        qc = torch.full((kvh, cap, hd), 55, dtype=torch.int8)
+        sc = torch.full((kvh, cap), -1.0)
+        res = fn(k, out=(qc, sc), pos=pos)
+        assert res[0] is qc and res[1] is sc
+        caches.append((qc, sc))
+    (qr, sr), (qk, sk) = caches
+    untouched = torch.ones(cap, dtype=torch.bool)
+    untouched[7:7 + t] = False
+    assert (qk[:, untouched] == 55).all() and (sk[:, untouched] == -1).all()
+    assert (qk.int() - qr.int()).abs().max() <= 1
+    assert torch.allclose(sk, sr)
+
+
+def test_dispatch():
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 8, generator=gen)
+    k = torch.randn(1, 10, 8, generator=gen)
+    v = torch.randn(1, 10, 8, generator=gen)
+    n = torch.tensor([6], dtype=torch.int32)
+    with backend("triton"):
+        y = attention_decode(q, k, v, n)
+        qq, ss = quantize_kv_int8(k)
+    r = attention_decode(q, k, v, n)
+    assert relerr(y, r) < 1e-5
+    assert (qq.int() - quantize_kv_int8(k)[0].int()).abs().max() <= 1
