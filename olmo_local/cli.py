@@ -36,6 +36,7 @@ def generate(
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
     ctx: Optional[int] = typer.Option(None, help="context size in tokens"),
     dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32 (default: bf16 on GPU)"),
+    kv_cache: str = typer.Option("bf16", "--kv-cache", help="bf16 or int8 KV cache"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no stats on stderr"),
 ) -> None:
     """Generate text for one prompt: the text alone on stdout, stats on stderr (pipe-friendly)."""
@@ -48,7 +49,7 @@ def generate(
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, seed=seed, max_new_tokens=max_new_tokens)
     params.validate()
-    rt = open_model(model, device=device, ctx=ctx, dtype=dtype)
+    rt = open_model(model, device=device, ctx=ctx, dtype=dtype, kv_cache=kv_cache)
     tok = rt.tokenizer
     if raw:
         ids = tok.encode(prompt)
@@ -77,25 +78,24 @@ def generate(
 @app.command()
 def info(
     model: str = typer.Argument(..., help="model directory, Hugging Face repo id, or 'demo'"),
-    ctx: Optional[int] = typer.Option(None, help="context size for the memory estimate"),
-    device: Optional[str] = typer.Option(None, help="device for the memory estimate"),
+    ctx: Optional[int] = typer.Option(None, help="context size for the memory plan (default: the largest that fits)"),
+    device: Optional[str] = typer.Option(None, help="plan memory for this device (cpu or cuda)"),
+    kv_cache: str = typer.Option("bf16", "--kv-cache", help="bf16 or int8 KV cache"),
 ) -> None:
-    """Config summary, parameter count, bytes read per token and memory needed at a context size."""
-    from olmo_local.checkpoint import TensorReader, read_config, resolve_model
-    from olmo_local.state import DecodeState
+    """Config summary, parameter count, bytes read per token and the memory plan."""
+    from olmo_local.checkpoint import TensorReader, default_dtype, read_config, resolve_model
+    from olmo_local.planner import free_device_memory, kv_bytes_per_token, plan, state_bytes
+    from olmo_local.runtime import loaded_weight_bytes, pick_device
 
     path = resolve_model(model)
     cfg = read_config(path)
     reader = TensorReader(path)
     weight_bytes = sum(_nbytes(reader, n) for n in reader.names())
-    ctx = ctx or cfg.max_position_embeddings
-    kv_tok = DecodeState.bytes_per_token(cfg)
-    fixed = DecodeState.fixed_bytes(cfg)
-    emb = reader.names() and sum(_nbytes(reader, n) for n in reader.names() if n.startswith("model.embed_tokens."))
-    q = cfg.extra.get("quantization_config")
+    emb = sum(_nbytes(reader, n) for n in reader.names() if n.startswith("model.embed_tokens."))
+    q = cfg.extra.get("quantization_config") or {}
     rows = [
         ("model", str(path)),
-        ("format", (q or {}).get("format", (q or {}).get("quant_method", "bf16/fp (unquantized)"))),
+        ("format", q.get("format", q.get("quant_method", "bf16/fp (unquantized)"))),
         ("layers", f"{cfg.num_hidden_layers} ({len(cfg.gdn_layers)} Gated DeltaNet, "
                    f"{len(cfg.attn_layers)} attention at {cfg.attn_layers})"),
         ("hidden / intermediate", f"{cfg.hidden_size} / {cfg.intermediate_size}"),
@@ -107,13 +107,20 @@ def info(
         ("max context", f"{cfg.max_position_embeddings}"),
         ("parameters", f"{cfg.num_params():,}"),
         ("weights on disk", _gib(weight_bytes)),
-        ("KV cache per token", f"{kv_tok:,} B (bf16)"),
-        ("recurrent + conv state", _gib(fixed)),
-        ("bytes read per decode token", f"{_gib(weight_bytes - emb + fixed * 2)} + KV at depth"),
-        (f"memory at ctx {ctx}", _gib(weight_bytes + fixed + kv_tok * ctx)),
+        ("KV cache per token", f"{kv_bytes_per_token(cfg, kv_cache):,} B ({kv_cache})"),
+        ("recurrent + conv state", _gib(state_bytes(cfg))),
+        ("bytes read per decode token", f"{_gib(weight_bytes - emb + 2 * state_bytes(cfg))} + KV at depth"),
     ]
-    if device:
-        rows.append(("device", device))
+    dev = pick_device(device)
+    dt = default_dtype(cfg, dev)
+    wbytes, largest = loaded_weight_bytes(path, dt)
+    try:
+        p = plan(cfg, wbytes, free_device_memory(dev), ctx, kv_cache,
+                 2048 if dev.type == "cuda" else 512, largest)
+        rows.append((f"memory plan on {dev.type}", ""))
+        rows += [("  " + k, v) for k, v in p.lines()]
+    except OlmoError as e:
+        rows.append((f"memory plan on {dev.type}", f"does not fit: {e}"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")

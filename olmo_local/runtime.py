@@ -50,6 +50,7 @@ class Runtime:
     generator: Generator
     device: torch.device
     load_s: float
+    plan: object = None  # olmo_local.planner.Plan
 
     @property
     def n_valid(self) -> int:
@@ -63,8 +64,36 @@ def make_generator(model: torch.nn.Module, state: DecodeState) -> Generator:
     return Generator(model, state, prefill_chunk=2048 if state.device.type == "cuda" else 512)
 
 
+def loaded_weight_bytes(path: Path, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes the weights take once loaded in ``dtype``, bytes of the largest linear dequantized)."""
+    import math
+
+    from olmo_local.checkpoint import TensorReader
+    reader = TensorReader(path)
+    esize = torch.tensor([], dtype=dtype).element_size()
+    total = largest = 0
+    for name in reader.names():
+        shape = reader.shape(name)
+        n = math.prod(shape)
+        dt = reader.dtype(name)
+        if dt is not None and dt.is_floating_point and not name.endswith(("A_log", "dt_bias", "absmax",
+                                                                           "quant_map", ".scales", ".mins")):
+            total += n * esize
+        else:
+            total += n * (torch.tensor([], dtype=dt or torch.uint8).element_size())
+        if len(shape) == 2 and "embed" not in name:
+            k = shape[1] * (2 if dt == torch.uint8 and name.endswith("qweight") else 1)
+            largest = max(largest, shape[0] * k)
+    return total, largest
+
+
 def open_model(name: str, device: str | None = None, ctx: int | None = None, dtype: str | None = None,
-               progress: Callable[[int, int], None] | None = None) -> Runtime:
+               kv_cache: str = "bf16", progress: Callable[[int, int], None] | None = None,
+               graph: bool | None = None) -> Runtime:
+    """Load a model ready to generate. On CUDA the memory planner sizes the context before anything is
+    allocated, and decoding runs through the CUDA-graph step."""
+    from olmo_local.checkpoint import default_dtype
+    from olmo_local.planner import free_device_memory, plan
     from olmo_local.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
@@ -72,17 +101,38 @@ def open_model(name: str, device: str | None = None, ctx: int | None = None, dty
     cfg = read_config(path)
     dev = pick_device(device)
     tok = Tokenizer.from_dir(path)
-    model = load_model(path, dev, parse_dtype(dtype), progress=progress)
-    if ctx is None:
-        ctx = min(cfg.max_position_embeddings, DEFAULT_GPU_CTX if dev.type == "cuda" else DEFAULT_CPU_CTX)
-    if ctx > cfg.max_position_embeddings:
+    if ctx is not None and ctx > cfg.max_position_embeddings:
         raise OlmoError(f"--ctx {ctx} is larger than the model's max_position_embeddings "
                         f"({cfg.max_position_embeddings})")
+    dt = parse_dtype(dtype) or default_dtype(cfg, dev)
+    chunk = 2048 if dev.type == "cuda" else 512
+    wbytes, largest = loaded_weight_bytes(path, dt)
+    if ctx is None and dev.type == "cpu":
+        ctx = min(cfg.max_position_embeddings, DEFAULT_CPU_CTX)
+    mem_plan = plan(cfg, wbytes, free_device_memory(dev), ctx, kv_cache, chunk, largest)
+    model = load_model(path, dev, dt, progress=progress)
     try:
-        state = DecodeState(cfg, ctx, dev, model.dtype)
+        state = DecodeState(cfg, mem_plan.ctx, dev, model.dtype, kv_cache=kv_cache)
     except torch.cuda.OutOfMemoryError:
-        raise OlmoError(f"not enough GPU memory for a {ctx}-token context (lower --ctx)") from None
-    gen = make_generator(model, state)
+        raise OlmoError(f"not enough GPU memory for a {mem_plan.ctx}-token context (lower --ctx)") from None
+    gen = make_generator(model, state, chunk, graph)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return Runtime(path, cfg, model, tok, state, gen, dev, time.perf_counter() - t0)
+    rt = Runtime(path, cfg, model, tok, state, gen, dev, time.perf_counter() - t0)
+    rt.plan = mem_plan
+    return rt
+
+
+def make_generator(model: torch.nn.Module, state: DecodeState, prefill_chunk: int = 512,
+                   graph: bool | None = None) -> Generator:
+    """The one place that decides how a token is decoded: on CUDA the static step captured as a CUDA
+    graph (set OLMO_LOCAL_GRAPH=0 to run it eagerly), on CPU the model's eager forward."""
+    import os
+
+    gen = Generator(model, state, prefill_chunk=prefill_chunk)
+    if state.device.type == "cuda":
+        from olmo_local.decode import DecodeStep
+        if graph is None:
+            graph = os.environ.get("OLMO_LOCAL_GRAPH", "1") != "0"
+        gen.step_fn = DecodeStep(model, state, use_graph=graph)
+    return gen

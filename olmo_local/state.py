@@ -31,15 +31,22 @@ class Snapshot:
 
 class DecodeState:
     def __init__(self, config: OlmoHybridConfig, max_ctx: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, kv_cache: str = "bf16") -> None:
         if max_ctx <= 0:
             raise OlmoError(f"context size must be positive, got {max_ctx}")
+        if kv_cache not in ("bf16", "int8"):
+            raise OlmoError(f"unknown --kv-cache {kv_cache!r} (use bf16 or int8)")
         self.config, self.max_ctx = config, max_ctx
         self.device, self.dtype = torch.device(device), dtype
+        self.kv_int8 = kv_cache == "int8"
         nA, nG = len(config.attn_layers), len(config.gdn_layers)
         kv = (nA, config.num_key_value_heads, max_ctx, config.head_dim)
-        self.k_cache = torch.zeros(kv, device=device, dtype=dtype)
-        self.v_cache = torch.zeros(kv, device=device, dtype=dtype)
+        kv_dtype = torch.int8 if self.kv_int8 else dtype  # "bf16" means the model dtype
+        self.k_cache = torch.zeros(kv, device=device, dtype=kv_dtype)
+        self.v_cache = torch.zeros(kv, device=device, dtype=kv_dtype)
+        # int8 KV: one fp32 scale per (layer, head, position)
+        self.k_scale = torch.zeros(kv[:3], device=device, dtype=torch.float32) if self.kv_int8 else None
+        self.v_scale = torch.zeros(kv[:3], device=device, dtype=torch.float32) if self.kv_int8 else None
         self.conv_state = torch.zeros(nG, config.conv_dim, config.linear_conv_kernel_dim - 1,
                                       device=device, dtype=dtype)
         self.rec_state = torch.zeros(nG, config.linear_num_value_heads, config.linear_key_head_dim,
@@ -64,8 +71,8 @@ class DecodeState:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache, self.conv_state,
-                                                          self.rec_state))
+        ts = [self.k_cache, self.v_cache, self.conv_state, self.rec_state, self.k_scale, self.v_scale]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     @property
     def room(self) -> int:
@@ -85,9 +92,18 @@ class DecodeState:
         """Store k, v [KV, T, hd] at the current position; return the valid cache [KV, pos+T, hd]."""
         T = k.shape[1]
         end = self.pos + T
-        self.k_cache[layer, :, self.pos:end] = k
-        self.v_cache[layer, :, self.pos:end] = v
-        return self.k_cache[layer, :, :end], self.v_cache[layer, :, :end]
+        if not self.kv_int8:
+            self.k_cache[layer, :, self.pos:end] = k
+            self.v_cache[layer, :, self.pos:end] = v
+            return self.k_cache[layer, :, :end], self.v_cache[layer, :, :end]
+        from olmo_local.kernels.attention_decode import quantize_kv_int8
+        for x, cache, scale in ((k, self.k_cache, self.k_scale), (v, self.v_cache, self.v_scale)):
+            q, sc = quantize_kv_int8(x.contiguous())
+            cache[layer, :, self.pos:end] = q
+            scale[layer, :, self.pos:end] = sc
+        deq = [(c[layer, :, :end].float() * s[layer, :, :end, None]).to(k.dtype)
+               for c, s in ((self.k_cache, self.k_scale), (self.v_cache, self.v_scale))]
+        return deq[0], deq[1]
 
     # ---- snapshots -----------------------------------------------------------------------
     def reset(self) -> None:

@@ -1,0 +1,151 @@
+"""The single-token decode step with static shapes, captured once as a CUDA graph on GPU.
+
+Everything the step touches lives in DecodeState (KV cache, conv and recurrent state, the position as a
+device tensor) or in buffers allocated here once, so the step has no host syncs, no data-dependent
+shapes and no Python-side decisions per token: on CUDA it is recorded into one CUDA graph and replayed;
+on CPU the same Python path runs eagerly (tests compare it with the model's eager forward).
+
+Per layer the step launches: fused dequant-GEMV for the merged input projection, the fused Gated
+DeltaNet step (or attention decode over the cache), the output projection, the merged gate|up GEMV with
+its SiLU·mul epilogue, the down projection, and the norms.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from olmo_local.kernels.attention_decode import attention_decode, quantize_kv_int8
+from olmo_local.kernels.gdn_decode import gdn_decode_step
+from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_silu_mul
+from olmo_local.kernels.gemv_q8 import q8_gemv, q8_gemv_silu_mul
+from olmo_local.model import AttentionLayer, GDNLayer, OlmoHybridModel, apply_rope
+from olmo_local.quant.linear import Q4Linear, Q8Linear
+from olmo_local.state import DecodeState
+
+
+def linear(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x [1, K] through a linear module; quantized weights use the fused dequant-GEMV kernels."""
+    if isinstance(mod, Q4Linear):
+        return q4_gemv(x, mod.qweight, mod.scales, mod.mins, mod.group_size)
+    if isinstance(mod, Q8Linear):
+        return q8_gemv(x, mod.qweight, mod.scales)
+    return mod(x)
+
+
+def gated_mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) with the gate|up GEMV and its SiLU·mul epilogue fused."""
+    gu = mlp.gate_up
+    if isinstance(gu, Q4Linear):
+        h = q4_gemv_silu_mul(x, gu.qweight, gu.scales, gu.mins, gu.group_size)
+    elif isinstance(gu, Q8Linear):
+        h = q8_gemv_silu_mul(x, gu.qweight, gu.scales)
+    else:
+        gate, up = gu(x).chunk(2, dim=-1)
+        h = F.silu(gate) * up
+    return linear(mlp.down, h)
+
+
+class DecodeStep:
+    """``step(token) -> logits [V]``: feeds one token at ``state.pos`` and advances the state."""
+
+    def __init__(self, model: OlmoHybridModel, state: DecodeState, use_graph: bool | None = None) -> None:
+        self.model, self.state = model, state
+        self.device = state.device
+        self.token = torch.zeros(1, dtype=torch.long, device=self.device)
+        cfg = model.config
+        self.inv_freq = None
+        if cfg.rope_theta is not None:
+            hd = cfg.head_dim
+            self.inv_freq = 1.0 / (cfg.rope_theta ** (
+                torch.arange(0, hd, 2, dtype=torch.float32, device=self.device) / hd))
+        self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    # ---- the static path ---------------------------------------------------------------------
+    def forward(self) -> torch.Tensor:
+        """One step on ``self.token`` at position ``state.pos_t``; advances pos_t (on the device)."""
+        st, m = self.state, self.model
+        x = m.embed(self.token)  # [1, d]
+        rope = None
+        if self.inv_freq is not None:
+            f = st.pos_t.float()[:, None] * self.inv_freq[None]
+            emb = torch.cat([f, f], -1)
+            rope = (emb.cos(), emb.sin())
+        for layer in m.layers:
+            if isinstance(layer, GDNLayer):
+                x = self._gdn(layer, x)
+            else:
+                x = self._attn(layer, x, rope)
+        logits = m.head(m.norm(x))[0]
+        st.pos_t.add_(1)
+        return logits
+
+    def _gdn(self, L: GDNLayer, x: torch.Tensor) -> torch.Tensor:
+        st = self.state
+        u = L.in_norm(x)
+        qkv, z = linear(L.qkvz, u)[0].split([L.conv_dim, L.value_dim])
+        a, b = linear(L.ab, u)[0].split([L.hv, L.hv])
+        y = gdn_decode_step(qkv, z, a, b, L.conv_w, st.conv_state[L.idx], L.A_log, L.dt_bias, L.o_norm_w,
+                            st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0)
+        x = x + linear(L.o, y.view(1, -1))
+        return x + gated_mlp(L.mlp, L.post_norm(x))
+
+    def _attn(self, L: AttentionLayer, x: torch.Tensor, rope) -> torch.Tensor:
+        st = self.state
+        H, KV, hd = L.n_heads, L.n_kv, L.hd
+        q, k, v = linear(L.qkv, x).split([H * hd, KV * hd, KV * hd], dim=-1)
+        q = L.q_norm(q).view(H, 1, hd)
+        k = L.k_norm(k).view(KV, 1, hd)
+        v = v.view(KV, 1, hd)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        i = L.idx
+        if st.kv_int8:
+            quantize_kv_int8(k, out=(st.k_cache[i], st.k_scale[i]), pos=st.pos_t)
+            quantize_kv_int8(v, out=(st.v_cache[i], st.v_scale[i]), pos=st.pos_t)
+            o = attention_decode(q.view(H, hd), st.k_cache[i], st.v_cache[i], st.pos_t + 1,
+                                 k_scale=st.k_scale[i], v_scale=st.v_scale[i])
+        else:
+            pos = st.pos_t.long()
+            st.k_cache[i].index_copy_(1, pos, k.to(st.k_cache.dtype))
+            st.v_cache[i].index_copy_(1, pos, v.to(st.v_cache.dtype))
+            o = attention_decode(q.view(H, hd), st.k_cache[i], st.v_cache[i], st.pos_t + 1)
+        x = x + L.post_attn_norm(linear(L.o, o.reshape(1, H * hd).to(x.dtype)))
+        return x + L.post_ff_norm(gated_mlp(L.mlp, x))
+
+    # ---- graph capture and the per-token call -------------------------------------------------
+    def capture(self) -> None:
+        """Record the step into a CUDA graph (warm-up runs compile the kernels first; the state is
+        restored afterwards, so capturing does not change the conversation)."""
+        snap = self.state.snapshot()
+        self.token.fill_(0)
+        s = torch.cuda.Stream(device=self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s), torch.inference_mode():
+            for _ in range(2):
+                self.forward()
+                self.state.pos_t.fill_(snap.pos)
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.logits = self.forward()
+        self.state.restore(snap)
+        torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, token: int) -> torch.Tensor:
+        st = self.state
+        st.check_room(1)
+        self.token.fill_(token)
+        if self.use_graph:
+            if self.graph is None:
+                self.capture()
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self.forward()
+        st.pos += 1
+        st.tokens.append(int(token))
+        return logits

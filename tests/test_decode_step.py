@@ -1,0 +1,72 @@
+"""The static-shape decode step (what becomes one CUDA graph on GPU) equals the model's eager path on CPU,
+for dense and quantized weights, NoPE and RoPE; the Generator can run on it."""
+
+import pytest
+import torch
+
+from hf_ref import hf_model, tiny_config, write_checkpoint
+from olmo_local.checkpoint import load_model
+from olmo_local.decode import DecodeStep
+from olmo_local.generate import Generator, SamplingParams
+from olmo_local.quant.linear import Q4Linear, Q8Linear
+from olmo_local.state import DecodeState
+
+
+def _quantize_model(model, fmt):
+    from olmo_local.quant.formats import quantize_q4, quantize_q8
+    for layer in model.layers:
+        for name, mod in list(layer.named_modules()):
+            if name.endswith(("qkvz", "qkv", "o", "gate_up", "down")) and hasattr(mod, "weight"):
+                w = mod.weight.float()
+                q = Q4Linear(**quantize_q4(w, 32)) if fmt == "q4" else Q8Linear(**quantize_q8(w))
+                parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+                setattr(parent, name.rsplit(".", 1)[-1], q)
+    return model
+
+
+@pytest.mark.parametrize("fmt,rope,kv", [("dense", None, "bf16"), ("dense", 10000.0, "bf16"), ("q4", None, "bf16"),
+                                         ("q8", None, "bf16"), ("dense", None, "int8")])
+def test_static_step_equals_eager(tmp_path, fmt, rope, kv):
+    cfg = tiny_config(rope_theta=rope, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
+                      linear_key_head_dim=16, linear_value_head_dim=32)
+    model = load_model(write_checkpoint(hf_model(cfg, seed=5), cfg, tmp_path / "c"), "cpu", torch.float32)
+    if fmt != "dense":
+        model = _quantize_model(model, fmt)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 70), generator=torch.Generator().manual_seed(0))
+    eager, static = DecodeState(cfg, 128, kv_cache=kv), DecodeState(cfg, 128, kv_cache=kv)
+    with torch.no_grad():
+        model(prompt, eager)
+        model(prompt, static)
+        step = DecodeStep(model, static, use_graph=False)
+        toks = torch.randint(0, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+        for t in toks:
+            want = model(torch.tensor([[t]]), eager)[0, -1]
+            got = step(t)
+            assert (want - got).abs().max().item() < 2e-4
+    assert static.pos == eager.pos == 82 and int(static.pos_t) == 82 and static.tokens == eager.tokens
+    assert torch.allclose(static.rec_state, eager.rec_state, atol=1e-5)
+    assert torch.allclose(static.conv_state, eager.conv_state, atol=1e-4)
+    assert torch.allclose(static.k_cache[:, :, :82], eager.k_cache[:, :, :82], atol=1e-4)
+
+
+def test_generator_on_static_step_matches_eager(tmp_path):
+    cfg = tiny_config()
+    model = load_model(write_checkpoint(hf_model(cfg, seed=2), cfg, tmp_path / "c"), "cpu", torch.float32)
+    prompt = list(range(5, 40))
+    sp = SamplingParams(temperature=0, max_new_tokens=20)
+    a = Generator(model, DecodeState(cfg, 128)).generate(prompt, sp)
+    st = DecodeState(cfg, 128)
+    b = Generator(model, st, step_fn=DecodeStep(model, st, use_graph=False)).generate(prompt, sp)
+    assert a == b
+
+
+def test_int8_kv_cache_stays_close_to_bf16(tmp_path):
+    cfg = tiny_config()
+    model = load_model(write_checkpoint(hf_model(cfg, seed=4), cfg, tmp_path / "c"), "cpu", torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (1, 90), generator=torch.Generator().manual_seed(3))
+    a, b = DecodeState(cfg, 128), DecodeState(cfg, 128, kv_cache="int8")
+    with torch.no_grad():
+        la, lb = model(ids, a), model(ids, b)
+    assert b.k_cache.dtype == torch.int8 and b.nbytes < a.nbytes
+    rel = (la - lb).norm() / la.norm()
+    assert 0 < rel.item() < 2e-2
