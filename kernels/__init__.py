@@ -9,14 +9,14 @@ Decode-path ops (batch 1, CUDA-graph capturable: no host syncs, static shapes, o
   q4_gemv / q4_gemv_silu_mul              gemv_q4.py
   q8_gemv / q8_gemv_silu_mul              gemv_q8.py
   gdn_decode_step                         gdn_decode.py
-  attention_decode / quantize_kv_int8     attention.py
+  attention_decode / quantize_kv_int8     attention_decode.py
   rmsnorm / add_rmsnorm / rmsnorm_add     norm.py
 Ops that keep scratch buffers (split-K partials, counters) allocate them on first use: call each
 op once before capturing a CUDA graph.
 """
 
 from ._triton import HAS_TRITON, backend, current_backend
-from .attention import attention_decode, quantize_kv_int8
+from .attention_decode import attention_decode, quantize_kv_int8
 from .gdn_decode import gdn_decode_step
 from .gemv_q4 import q4_dequantize, q4_gemv, q4_gemv_silu_mul
 from .gemv_q8 import q8_gemv, q8_gemv_silu_mul
