@@ -57,13 +57,6 @@ class Runtime:
         return min(self.tokenizer.vocab_size, self.config.vocab_size)
 
 
-def make_generator(model: torch.nn.Module, state: DecodeState) -> Generator:
-    """The one place a Generator (and so its per-token step) is built: chat, generate and bench all get
-    theirs here, so a faster step (``Generator.step_fn``, e.g. a CUDA graph) plugged in here is what
-    ``olmo-local bench`` measures."""
-    return Generator(model, state, prefill_chunk=2048 if state.device.type == "cuda" else 512)
-
-
 def loaded_weight_bytes(path: Path, dtype: torch.dtype) -> tuple[int, int]:
     """(bytes the weights take once loaded in ``dtype``, bytes of the largest linear dequantized)."""
     import math
@@ -123,12 +116,15 @@ def open_model(name: str, device: str | None = None, ctx: int | None = None, dty
     return rt
 
 
-def make_generator(model: torch.nn.Module, state: DecodeState, prefill_chunk: int = 512,
+def make_generator(model: torch.nn.Module, state: DecodeState, prefill_chunk: int | None = None,
                    graph: bool | None = None) -> Generator:
-    """The one place that decides how a token is decoded: on CUDA the static step captured as a CUDA
-    graph (set OLMO_LOCAL_GRAPH=0 to run it eagerly), on CPU the model's eager forward."""
+    """The one place a Generator (and so its per-token step) is built: chat, generate and bench all get
+    theirs here. On CUDA the step is the static decode step captured as a CUDA graph (set
+    OLMO_LOCAL_GRAPH=0 to run it eagerly); on CPU the model's eager forward."""
     import os
 
+    if prefill_chunk is None:
+        prefill_chunk = 2048 if state.device.type == "cuda" else 512
     gen = Generator(model, state, prefill_chunk=prefill_chunk)
     if state.device.type == "cuda":
         from olmo_local.decode import DecodeStep
