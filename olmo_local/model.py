@@ -91,14 +91,16 @@ class AttentionLayer(nn.Module):
         else:
             pos = state.pos
             k_all, v_all = state.write_kv(self.idx, k[0], v[0])       # [KV, pos+T, hd]
-            if T == 1:
+            if pos == 0:  # a fresh sequence: plain causal attention (the flash path on GPU)
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != KV)
+            else:
                 mask = None
-            else:  # query i sits at pos+i and sees keys 0..pos+i
-                kpos = torch.arange(pos + T, device=x.device)
-                qpos = torch.arange(pos, pos + T, device=x.device)
-                mask = kpos[None, :] <= qpos[:, None]
-            a = F.scaled_dot_product_attention(q, k_all[None].to(q.dtype), v_all[None].to(q.dtype),
-                                               attn_mask=mask, enable_gqa=H != KV)
+                if T > 1:  # query i sits at pos+i and sees keys 0..pos+i
+                    kpos = torch.arange(pos + T, device=x.device)
+                    qpos = torch.arange(pos, pos + T, device=x.device)
+                    mask = kpos[None, :] <= qpos[:, None]
+                a = F.scaled_dot_product_attention(q, k_all[None].to(q.dtype), v_all[None].to(q.dtype),
+                                                   attn_mask=mask, enable_gqa=H != KV)
         a = self.o(a.transpose(1, 2).reshape(B, T, H * hd))
         x = x + self.post_attn_norm(a)
         return x + self.post_ff_norm(self.mlp(x))
