@@ -1,5 +1,5 @@
 """Tokenizer, chat template and streaming detokenizer, on the real Dolma-2 tokenizer
-(tests/fixtures/dolma2, see its NOTICE) and on a tiny sentencepiece model trained here."""
+(shipped in olmo_local/assets/dolma2, see its NOTICE) and on a tiny sentencepiece model trained here."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from olmo_local.chat_template import BUILTIN_CHAT_TEMPLATE
 from olmo_local.errors import OlmoError
 from olmo_local.tokenizer import IncrementalDetokenizer, Tokenizer
 
-DOLMA2 = Path(__file__).parent / "fixtures" / "dolma2"
+DOLMA2 = Path(__file__).parent.parent / "olmo_local" / "assets" / "dolma2"
 IM_START, IM_END, EOT, PAD = 100264, 100265, 100257, 100277
 
 
