@@ -231,22 +231,25 @@ class OlmoHybridModel(nn.Module):
     # ---- training support ---------------------------------------------------------------
     @torch.no_grad()
     def init_weights_(self, seed: int = 0, std: float = 0.02) -> None:
-        gen = torch.Generator().manual_seed(seed)
+        """Random values like a fresh model's, drawn on the model's device (fast for the 7B on a GPU)."""
+        dev = self.device
+        gen = torch.Generator(device=dev).manual_seed(seed)
         cfg = self.config
+        f32 = dict(device=dev, dtype=torch.float32)
         for name, p in self.named_parameters():
             if name.endswith("A_log"):
-                val = torch.empty(p.shape).uniform_(1.0, 16.0, generator=gen).log()
+                val = torch.empty(p.shape, **f32).uniform_(1.0, 16.0, generator=gen).log()
             elif name.endswith("dt_bias"):
-                dt = torch.exp(torch.rand(p.shape, generator=gen) * (math.log(0.1) - math.log(0.001))
+                dt = torch.exp(torch.rand(p.shape, generator=gen, **f32) * (math.log(0.1) - math.log(0.001))
                                + math.log(0.001)).clamp(min=1e-4)
                 val = dt + torch.log(-torch.expm1(-dt))
             elif name.endswith("conv_w"):
                 bound = 1.0 / math.sqrt(cfg.linear_conv_kernel_dim)
-                val = torch.empty(p.shape).uniform_(-bound, bound, generator=gen)
+                val = torch.empty(p.shape, **f32).uniform_(-bound, bound, generator=gen)
             elif p.dim() == 1 or name.endswith("o_norm_w"):
-                val = torch.ones(p.shape)
+                val = torch.ones(p.shape, **f32)
             else:
-                val = torch.randn(p.shape, generator=gen) * std
+                val = torch.empty(p.shape, device=dev, dtype=p.dtype).normal_(0.0, std, generator=gen)
             p.copy_(val.to(p.dtype))
 
     def hf_state_dict(self, split_conv: bool = True) -> dict[str, torch.Tensor]:
