@@ -36,14 +36,15 @@ def quantize_linears(model: OlmoHybridModel, group_size: int = 128) -> None:
 
 
 def agreement(gen: Generator, prompt: list[int], ref: list[int]) -> tuple[float, float]:
+    sync = torch.cuda.synchronize if gen.state.device.type == "cuda" else (lambda: None)
     logits = gen.prefill(prompt)
     hits = 0
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for i, t in enumerate(ref):
         hits += int(torch.argmax(logits)) == t
         logits = gen.step(t)
-    torch.cuda.synchronize()
+    sync()
     return hits / len(ref), len(ref) / (time.perf_counter() - t0)
 
 
@@ -51,32 +52,34 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="7b")
     ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     cfg = preset(args.preset)
     tok = Tokenizer.from_dir("olmo_local/assets/dolma2")
     prompt = tok.encode(TEXT)[:200]
-    m32 = OlmoHybridModel(cfg, device="cuda", dtype=torch.float32).eval()
+    m32 = OlmoHybridModel(cfg, device=args.device, dtype=torch.float32).eval()
     m32.init_weights_(0)
     t0 = time.perf_counter()
-    g32 = Generator(m32, DecodeState(cfg, 1024, "cuda", torch.float32))
+    g32 = Generator(m32, DecodeState(cfg, 1024, args.device, torch.float32))
     ref = g32.generate(prompt, SamplingParams(temperature=0, max_new_tokens=args.steps))
     print(f"fp32 eager reference: {len(ref)} greedy tokens in {time.perf_counter() - t0:.1f} s")
-    m16 = OlmoHybridModel(cfg, device="cuda", dtype=torch.bfloat16).eval()
+    m16 = OlmoHybridModel(cfg, device=args.device, dtype=torch.bfloat16).eval()
     with torch.no_grad():
         for (n32, p32), (n16, p16) in zip(m32.named_parameters(), m16.named_parameters()):
             assert n32 == n16
             p16.copy_(p32)
     del m32, g32
-    torch.cuda.empty_cache()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     rows = []
     for kv in ("bf16", "int8"):
-        g16 = make_generator(m16, DecodeState(cfg, 1024, "cuda", torch.bfloat16, kv_cache=kv))
+        g16 = make_generator(m16, DecodeState(cfg, 1024, args.device, torch.bfloat16, kv_cache=kv))
         agree, tps = agreement(g16, prompt, ref)
         rows.append((f"bf16 weights, graph step, {kv} KV", agree, tps))
-    quantize_linears(m16)
-    g4 = make_generator(m16, DecodeState(cfg, 1024, "cuda", torch.bfloat16))
+    quantize_linears(m16, 128 if cfg.hidden_size % 128 == 0 else 32)
+    g4 = make_generator(m16, DecodeState(cfg, 1024, args.device, torch.bfloat16))
     agree, tps = agreement(g4, prompt, ref)
     rows.append(("q4 g128 weights + q8 head, graph step", agree, tps))
     print(f"\n{'path':42s} {'agree':>8s} {'tok/s':>8s}   (vs fp32 eager, {len(ref)} steps, {args.preset})")
