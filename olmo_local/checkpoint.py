@@ -136,6 +136,13 @@ class TensorReader:
         f, k = self._where[name]
         return _DTYPES.get(self._handles[f].get_slice(k).get_dtype())
 
+    def locate(self, name: str) -> tuple[Path, str]:
+        """The file holding ``name`` and the tensor's key in it (as stored, before aliasing)."""
+        if name not in self._where:
+            raise OlmoError(f"tensor {name} is missing from {self.path}")
+        f, k = self._where[name]
+        return self.path / f, k
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise OlmoError(f"tensor {name} is missing from {self.path}")
@@ -281,8 +288,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     def get(name: str) -> torch.Tensor:
         return reader.get(name)
 
+    shapes = linear_shapes(cfg)
+
     def lin(prefix: str) -> nn.Module:
-        return load_linear(get, reader.has, prefix, device, dtype)
+        m = load_linear(get, reader.has, prefix, device, dtype)
+        if (m.out_features, m.in_features) != shapes[prefix]:
+            raise OlmoError(f"corrupt checkpoint: linear {prefix} is stored as [{m.out_features}, {m.in_features}], "
+                            f"config.json says {list(shapes[prefix])}; re-download or re-quantize the model")
+        return m
 
     def fused(prefixes: list[str]) -> nn.Module:
         mods = [lin(p) for p in prefixes]
@@ -315,7 +328,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                 conv = torch.cat([get(x) for x in _conv_names(p)], 0)
             conv = conv.reshape(cfg.conv_dim, cfg.linear_conv_kernel_dim).to(device=device, dtype=dtype)
             ab = _dense_cat([get(s + "a_proj.weight"), get(s + "b_proj.weight")], device, dtype) \
-                if reader.has(s + "a_proj.weight") else fused([s + "a_proj", s + "b_proj"])
+                if _fmt(reader, s + "a_proj") == "bf16" == _fmt(reader, s + "b_proj") \
+                else fused([s + "a_proj", s + "b_proj"])
             layers.append(GDNLayer(cfg, g_i, norm(p + "input_layernorm.weight"),
                                    fused([s + "q_proj", s + "k_proj", s + "v_proj", s + "g_proj"]), ab, conv,
                                    vec(s + "A_log", torch.float32), vec(s + "dt_bias", torch.float32),
@@ -326,6 +340,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             progress(i + 1, n)
     embed = _load_embedding(reader, device, dtype)
     lm_head = None if cfg.tie_word_embeddings else lin("lm_head")
+    if lm_head is None and hasattr(embed, "as_linear"):  # tied q8 table: the head reads the same int8 rows
+        lm_head = embed.as_linear()
     model = OlmoHybridModel(cfg, layers, embed, Norm(vec("model.norm.weight"), cfg.rms_norm_eps), lm_head)
     model.source_path = path
     return model.eval()

@@ -22,6 +22,7 @@ from torch import nn
 
 from olmo_local.errors import OlmoError
 
+from ._bnb import bnb_functional
 from .formats import Q4_GROUP_SIZES, quantize_nf4, quantize_q4, quantize_q8
 from .linear import DenseLinear, NF4Linear, Q4Linear, Q8Linear, QEmbedding
 
@@ -172,7 +173,7 @@ def _load_bnb8(get, has, p: str, device) -> Q8Linear:
 
 
 def _load_bnb4(get, has, p: str, device) -> NF4Linear:
-    from bitsandbytes.functional import QuantState
+    QuantState = bnb_functional().QuantState
 
     w = _need(get, has, f"{p}.weight", p)
     qs_dict: dict[str, torch.Tensor] = {}

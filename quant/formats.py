@@ -27,6 +27,8 @@ import torch
 
 from olmo_local.errors import OlmoError
 
+from ._bnb import bnb_functional
+
 Q4_GROUP_SIZES = (32, 64, 128)
 NF4_BLOCKSIZE = 64
 _CHUNK_ELEMS = 1 << 20  # elements per row chunk in the searches (~4 MB fp32 per temporary)
@@ -276,7 +278,7 @@ def quantize_nf4(w: torch.Tensor, double_quant: bool = False) -> dict:
     """Quantize W [N, K] with bitsandbytes nf4, blocksize 64 (4.5 bits per weight; 4.127 with
     double quant). Returns dict(qweight=uint8 [N*K/2, 1], quant_state=bitsandbytes QuantState).
     The QuantState's dtype is W's dtype (what transformers records for a bf16 model)."""
-    import bitsandbytes.functional as bnbf
+    bnbf = bnb_functional()
 
     _check_weight(w, "nf4")
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -291,7 +293,7 @@ def quantize_nf4(w: torch.Tensor, double_quant: bool = False) -> dict:
 
 def dequantize_nf4(qweight: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
     """nf4 -> dense [N, K] via bitsandbytes' functional API, in quant_state.dtype unless ``dtype``."""
-    import bitsandbytes.functional as bnbf
+    bnbf = bnb_functional()
 
     w = bnbf.dequantize_4bit(qweight, quant_state)
     return w if dtype is None else w.to(dtype)

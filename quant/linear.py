@@ -19,6 +19,7 @@ from torch import nn
 
 from olmo_local.errors import OlmoError
 
+from ._bnb import bnb_functional
 from .formats import dequantize_q4, dequantize_q8, unpack_q4
 
 _FWD_CHUNK_ELEMS = 1 << 22  # weight elements dequantized at once in a forward (16 MB in fp32)
@@ -41,6 +42,21 @@ def _chunked_matmul(x: torch.Tensor, n: int, k: int, deq: Callable[[int, int, to
         r1 = min(n, r0 + rows)
         torch.matmul(x2, deq(r0, r1, x.dtype).T, out=out[:, r0:r1])
     return out.reshape(*lead, n)
+
+
+def _q8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ (qweight * scales[:, None]).T for int8 rows; output in x.dtype."""
+    n, k = qweight.shape
+    if (
+        _HAS_INT8PACK
+        and x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and x.shape[-1] == k
+        and x.numel() // k <= _INT8PACK_MAX_M
+    ):
+        y = torch._weight_int8pack_mm(x.reshape(-1, k), qweight, scales.to(torch.bfloat16))
+        return y.reshape(*x.shape[:-1], n)
+    return _chunked_matmul(x, n, k, lambda r0, r1, dt: dequantize_q8(qweight[r0:r1], scales[r0:r1], dt))
 
 
 class _QLinearBase(nn.Module):
@@ -161,17 +177,7 @@ class Q8Linear(_QLinearBase):
         return dequantize_q8(self.qweight[r0:r1], self.scales[r0:r1], dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.in_features
-        if (
-            _HAS_INT8PACK
-            and x.device.type == "cpu"
-            and x.dtype == torch.bfloat16
-            and x.shape[-1] == k
-            and x.numel() // k <= _INT8PACK_MAX_M
-        ):
-            y = torch._weight_int8pack_mm(x.reshape(-1, k), self.qweight, self.scales.to(torch.bfloat16))
-            return y.reshape(*x.shape[:-1], self.out_features)
-        return _chunked_matmul(x, self.out_features, k, self._deq_rows)
+        return _q8_matmul(x, self.qweight, self.scales)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self._deq_rows(0, self.out_features, dtype)
@@ -213,7 +219,7 @@ class NF4Linear(_QLinearBase):
     @property
     def quant_state(self):
         """A bitsandbytes QuantState over this module's (current-device) buffers."""
-        from bitsandbytes.functional import QuantState
+        QuantState = bnb_functional().QuantState
 
         state2 = offset = None
         if self.nested:
@@ -236,27 +242,40 @@ class NF4Linear(_QLinearBase):
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(self.weight, self.quant_state).to(dtype)
+        return bnb_functional().dequantize_4bit(self.weight, self.quant_state).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # bitsandbytes dequantizes whole tensors; the temporary is one weight in its stored dtype.
-        w = self.dequantize(x.dtype)
-        return nn.functional.linear(x, w)
+        k, bs = self.in_features, self.blocksize
+        if k % bs:
+            # blocks straddle rows: bitsandbytes dequantizes the whole weight (one temporary)
+            return nn.functional.linear(x, self.dequantize(x.dtype))
+        # whole blocks per row: dequantize row chunks like the q4/q8 modules (bounded temporaries)
+        bnbf = bnb_functional()
+        QuantState = bnbf.QuantState
+        absmax = self.absmax_fp32()
+        flat = self.weight.reshape(-1)
+        bpr = k // bs  # absmax blocks per row
+
+        def deq(r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+            qs = QuantState(absmax=absmax[r0 * bpr : r1 * bpr], shape=torch.Size((r1 - r0, k)),
+                            code=self.quant_map, blocksize=bs, quant_type=self.quant_type, dtype=self.weight_dtype)
+            w = bnbf.dequantize_4bit(flat[r0 * k // 2 : r1 * k // 2].reshape(-1, 1), qs)
+            return w if w.dtype == dtype else w.to(dtype)
+
+        return _chunked_matmul(x, self.out_features, k, deq)
 
     def absmax_fp32(self) -> torch.Tensor:
         """Per-block absmax as fp32 (undoing double quant if present)."""
         if not self.nested:
             return self.absmax.float()
-        import bitsandbytes.functional as bnbf
+        bnbf = bnb_functional()
 
         qs = self.quant_state
         return (bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
 
     @classmethod
     def cat_rows(cls, mods: Sequence[NF4Linear]) -> NF4Linear:
-        from bitsandbytes.functional import QuantState
+        QuantState = bnb_functional().QuantState
 
         cls._check_cat(mods, cls)
         m0 = mods[0]
@@ -313,6 +332,10 @@ class QEmbedding(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_q8(self.qweight, self.scales, dtype)
+
+    def as_linear(self) -> Q8Linear:
+        """The tied output head ``h @ table.T`` as a Q8Linear over the same storage (no copy)."""
+        return Q8Linear(self.qweight, self.scales)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype}"
