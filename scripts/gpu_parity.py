@@ -28,11 +28,11 @@ def quantize_linears(model: OlmoHybridModel, group_size: int = 128) -> None:
     for layer in model.layers:
         for name, mod in list(layer.named_modules()):
             if isinstance(mod, DenseLinear) and not name.endswith("ab"):
-                q = Q4Linear(**quantize_q4(mod.weight.float(), group_size), group_size=group_size)
+                q = Q4Linear(**quantize_q4(mod.weight.detach().float(), group_size), group_size=group_size)
                 parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
                 setattr(parent, name.rsplit(".", 1)[-1], q)
     if model.lm_head is not None:
-        model.lm_head = Q8Linear(**quantize_q8(model.lm_head.weight.float()))
+        model.lm_head = Q8Linear(**quantize_q8(model.lm_head.weight.detach().float()))
 
 
 def agreement(gen: Generator, prompt: list[int], ref: list[int]) -> tuple[float, float]:
