@@ -165,8 +165,14 @@ def _register_optional() -> None:
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+            if e.name == mod:
+                continue
+            # a missing optional dependency must not take the other commands down
+            name = mod.rsplit(".", 1)[-1].replace("_cmd", "")
+
+            def missing(_e: ModuleNotFoundError = e) -> None:
+                raise OlmoError(f"this command needs the Python package {_e.name!r}: pip install {_e.name}")
+            app.command(name, help=f"(unavailable: needs {e.name})")(missing)
 
 
 _register_optional()
