@@ -1,0 +1,233 @@
+"""``olmo-local chat [MODEL]``: a terminal chat over one loaded model.
+
+In a terminal: rich rendering and prompt_toolkit input (olmo_local.chat_view / chat_input). When stdin
+is not a terminal, one message per line (or all of stdin with ``--once``) and plain replies on stdout,
+so scripts can drive it. The conversation logic lives in olmo_local.chat_session.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from olmo_local.cli import app
+from olmo_local.errors import OlmoError
+
+DEFAULT_MODEL = "allenai/Olmo-Hybrid-Instruct-DPO-7B"
+KV_CACHE_KINDS = ("bf16", "int8")
+
+
+def prepare_default_model(path: Path) -> Path:
+    """Hook for quantize-on-first-use of the default model: given the resolved bf16 checkpoint of
+    DEFAULT_MODEL, return the directory to load (e.g. a cached 4-bit copy made on first use).
+    Unchanged for now; the quantization step plugs in here."""
+    return path
+
+
+def resolve_chat_model(model: str | None, say) -> tuple[str, str]:
+    """(what to load, the name to show). No MODEL: the default Instruct model when it is in the Hugging
+    Face cache or can be downloaded, else one line saying so and the bundled demo model."""
+    from olmo_local.checkpoint import resolve_model
+
+    if model:
+        return model, model
+    try:
+        path = resolve_model(DEFAULT_MODEL)
+    except OlmoError as e:
+        say(f"{DEFAULT_MODEL} is not available ({e}); using the bundled demo model instead")
+        return "demo", "demo"
+    return str(prepare_default_model(path)), DEFAULT_MODEL
+
+
+def _open(name: str, device: str | None, ctx: int | None, kv_cache: str, progress):
+    from olmo_local.runtime import open_model
+
+    kwargs = dict(device=device, ctx=ctx, progress=progress)
+    if "kv_cache" in inspect.signature(open_model).parameters:
+        kwargs["kv_cache"] = kv_cache
+    return open_model(name, **kwargs)
+
+
+@app.command()
+def chat(
+    model: Optional[str] = typer.Argument(None, help=f"model directory, Hugging Face repo id, or 'demo' "
+                                          f"(default: {DEFAULT_MODEL}, else demo when offline)"),
+    system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy (default: the model's, else 0.6)"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="0 = off"),
+    min_p: Optional[float] = typer.Option(None, "--min-p"),
+    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", help="1 = off"),
+    seed: Optional[int] = typer.Option(None, help="makes the session's replies repeatable"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", help="longest reply in tokens"),
+    ctx: Optional[int] = typer.Option(None, help="context size in tokens"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="weight format to use (shown by /show)"),
+    kv_cache: str = typer.Option("bf16", "--kv-cache", help="bf16 or int8"),
+    load: Optional[Path] = typer.Option(None, "--load", help="start from a conversation saved with /save"),
+    no_markdown: bool = typer.Option(False, "--no-markdown", help="print replies as plain text"),
+    once: bool = typer.Option(False, "--once", help="not a terminal: read all of stdin as one message"),
+) -> None:
+    """Chat in the terminal (slash commands: /help). Piped stdin: one message per line, plain replies."""
+    from olmo_local.chat_session import ChatSession, Settings
+
+    if kv_cache not in KV_CACHE_KINDS:
+        raise OlmoError(f"unknown --kv-cache {kv_cache!r} (use bf16 or int8)")
+    interactive = sys.stdin.isatty() and not once
+    if interactive:
+        from rich.console import Console
+
+        from olmo_local.chat_view import RichView
+        console = Console(highlight=False)
+        view = RichView(console, markdown=not no_markdown)
+    else:
+        from olmo_local.chat_view import PlainView
+        view = PlainView()
+
+    flags = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+             "repeat_penalty": repeat_penalty, "max_tokens": max_tokens}
+    explicit = {k: v for k, v in flags.items() if v is not None}
+    if seed is not None:
+        explicit["seed"] = seed
+    Settings().update(explicit)  # bad values fail before the model loads
+
+    name, shown = resolve_chat_model(model, view.warn)
+    rt = _load(name, device, ctx, kv_cache, view, interactive)
+    settings = Settings.for_model(rt.path)
+    settings.update(explicit)
+    from olmo_local.chat_input import history_path
+    hist = history_path() if interactive else None
+    session = ChatSession(rt, view, settings, system, model_name=shown, requested_format=fmt, kv_cache=kv_cache,
+                          history_file=hist)
+    if kv_cache == "int8" and str(rt.state.k_cache.dtype) != "torch.int8":
+        view.note("--kv-cache int8 is not available yet: the KV cache stays in the model's dtype")
+    if load is not None:
+        session.load(load)
+        session.settings.update(explicit)  # flags win over the file
+        if system is not None:
+            session.system = system
+    if interactive:
+        _banner(session, rt)
+        rc = run_interactive(session, hist)
+    else:
+        rc = run_piped(session, once)
+    if rc:
+        raise typer.Exit(rc)
+
+
+def _also_register_on_main() -> None:
+    """``python -m olmo_local.cli`` runs cli.py as ``__main__``, whose ``app`` is not the ``app`` imported
+    above: register the command there too so ``python -m olmo_local.cli chat`` works."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    other = getattr(main, "app", None)
+    if spec is not None and spec.name == "olmo_local.cli" and other is not None and other is not app:
+        other.command()(chat)
+
+
+_also_register_on_main()
+
+
+def _load(name, device, ctx, kv_cache, view, interactive):
+    if not interactive:
+        return _open(name, device, ctx, kv_cache, None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=view.console, transient=True) as p:
+        task = p.add_task(name, total=None)
+        return _open(name, device, ctx, kv_cache, lambda done, total: p.update(task, completed=done, total=total))
+
+
+def _banner(session, rt) -> None:
+    v = session.view
+    v.console.print(f"[bold]olmo-local chat[/] — {session.model_name} on {rt.device} · context "
+                    f"{rt.state.max_ctx:,} tokens · loaded in {rt.load_s:.1f} s", highlight=False)
+    v.note('Enter sends · """ starts/ends a multi-line message (Alt-Enter adds a newline) · /help lists '
+           "commands · Ctrl-C stops a reply · Ctrl-D exits")
+    if session.messages:
+        v.note(f"{len(session.messages)} messages loaded")
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''} (set OLMO_LOCAL_DEBUG=1 for details)"
+
+
+def _run_line(session, line: str) -> bool:
+    """One input line; errors become one line (never a traceback). False: end the session."""
+    import torch
+
+    try:
+        return session.handle(line)
+    except OlmoError as e:
+        session.errors += 1
+        session.view.error(str(e))
+    except torch.cuda.OutOfMemoryError:
+        session.errors += 1
+        session.view.error("out of GPU memory (lower --ctx, /clear, or use a 4-bit model)")
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user sees one line, the session goes on
+        if os.environ.get("OLMO_LOCAL_DEBUG") == "1":
+            raise
+        session.errors += 1
+        session.view.error(_short(e))
+    return True
+
+
+def run_interactive(session, history_file: Path | None) -> int:
+    from olmo_local.chat_input import LineReader
+
+    reader = LineReader(history_file)
+    view = session.view
+    ctrl_c = False
+    while True:
+        mode, default = session.next_input or ("", "")
+        prompt = "edit> " if mode == "edit" else ">>> "
+        try:
+            line = reader.read(prompt, default=default)
+        except KeyboardInterrupt:
+            if ctrl_c:
+                break
+            ctrl_c = True
+            view.note("(Ctrl-C again or Ctrl-D to exit)")
+            continue
+        except EOFError:
+            break
+        ctrl_c = False
+        if not line.strip():
+            if mode:
+                session.next_input = None
+            continue
+        try:
+            if not _run_line(session, line):
+                break
+        except KeyboardInterrupt:  # outside generation (e.g. rendering); the session goes on
+            view.note("interrupted")
+    view.note("bye")
+    return 0
+
+
+def run_piped(session, once: bool) -> int:
+    if once:
+        text = sys.stdin.read().strip("\n")
+        if not text.strip():
+            raise OlmoError("stdin is empty: nothing to send")
+        _run_line(session, "//" + text if text.startswith("/") else text)
+    else:
+        while True:
+            line = sys.stdin.readline()
+            if not line:
+                break
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if not _run_line(session, line):
+                break
+    return 1 if session.errors else 0
