@@ -101,7 +101,8 @@ def _peak_rss() -> int:
 def run_bench(model: str | None = None, synthetic: str | None = None, fmt: str | None = None,
               device: str | None = None, reps: int = 5, n_prompt: int = 512, n_gen: int = 128,
               depth: str | None = None, compare: str | None = None, ctx: int | None = None, seed: int = 0,
-              bw_bytes: int | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              kv_cache: str = "bf16", graph: bool | None = None, bw_bytes: int | None = None,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build or load the model, run the tests (and the comparison), return the result dict that
     bench_report renders."""
     import torch
@@ -162,8 +163,8 @@ def run_bench(model: str | None = None, synthetic: str | None = None, fmt: str |
                 raise OlmoError(f"{model} is stored as {detected}; --format applies to --synthetic "
                                 f"(make a {fmt} checkpoint with olmo-local quantize)")
             fmt = detected
-        state = DecodeState(cfg, ctx, dev, net.dtype)
-        gen = make_generator(net, state)
+        state = DecodeState(cfg, ctx, dev, net.dtype, kv_cache=kv_cache)
+        gen = make_generator(net, state, graph=graph)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     except torch.cuda.OutOfMemoryError:
@@ -173,7 +174,7 @@ def run_bench(model: str | None = None, synthetic: str | None = None, fmt: str |
     rt = Runtime(path, cfg, net, None, state, gen, dev, load_s)
     weights_dev = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
     wbytes = roof.model_weight_bytes(net)
-    kv_dtype = state.k_cache.dtype
+    kv_dtype, model_dtype = state.k_cache.dtype, net.dtype
 
     rows = run_tests(OursEngine(rt), spec, cfg.vocab_size, say)
     if dev.type == "cuda":
@@ -187,7 +188,7 @@ def run_bench(model: str | None = None, synthetic: str | None = None, fmt: str |
     def roofline(m, weight_bytes) -> tuple[int | None, float | None]:
         if m.kind != "tg":
             return None, None
-        b = roof.decode_bytes_per_token(cfg, weight_bytes, m.mean_depth, kv_dtype)
+        b = roof.decode_bytes_per_token(cfg, weight_bytes, m.mean_depth, kv_dtype, model_dtype)
         return b, bw / b
 
     out_rows = []
@@ -199,21 +200,22 @@ def run_bench(model: str | None = None, synthetic: str | None = None, fmt: str |
                              hf_mean=None, hf_stddev=None, hf_samples=None, hf_roofline_pct=None,
                              speed_ratio=None))
     memory = dict(peak_device_bytes=peak_dev, weights_device_bytes=weights_dev, peak_rss_bytes=peak_rss,
-                  state_bytes=roof.state_bytes(cfg, net.dtype),
+                  state_bytes=roof.state_bytes(cfg, model_dtype),
                   kv_bytes_per_token=roof.kv_bytes_per_token(cfg, kv_dtype),
                   hf_peak_device_bytes=None, hf_load_s=None)
 
     if compare is not None:
-        _run_compare(compare, rt, spec, out_rows, memory, bw, kv_dtype, say)
+        del net, state, gen  # _run_compare frees ours (through rt) once transformers' model is built
+        _run_compare(compare, rt, spec, out_rows, memory, bw, say)
 
     return dict(
         env=environment(dev, compare),
-        model=dict(name=name, synthetic=synthetic, format=fmt, device=str(dev), dtype=_dtype_name(net.dtype),
+        model=dict(name=name, synthetic=synthetic, format=fmt, device=str(dev), dtype=_dtype_name(model_dtype),
                    kv_dtype=_dtype_name(kv_dtype), params=cfg.num_params(), size_bytes=sum(wbytes.values()),
                    load_s=load_s),
         memory=memory,
         roofline=dict(bandwidth_bytes_per_s=bw, bandwidth_buffer_bytes=bw_buf, weight_bytes=wbytes,
-                      bytes_per_token_d0=roof.decode_bytes_per_token(cfg, wbytes, 0, kv_dtype)),
+                      bytes_per_token_d0=roof.decode_bytes_per_token(cfg, wbytes, 0, kv_dtype, model_dtype)),
         rows=out_rows,
     )
 
@@ -223,7 +225,7 @@ def time_now() -> float:
     return time.perf_counter()
 
 
-def _run_compare(kind: str, rt, spec, out_rows: list[dict], memory: dict, bw: float, kv_dtype, say) -> None:
+def _run_compare(kind: str, rt, spec, out_rows: list[dict], memory: dict, bw: float, say) -> None:
     """Same tests, same token ids, through transformers; fills the hf_* fields and the speed ratio."""
     import gc
 
@@ -269,7 +271,7 @@ def _run_compare(kind: str, rt, spec, out_rows: list[dict], memory: dict, bw: fl
             continue
         r["hf_mean"], r["hf_stddev"], r["hf_samples"] = m.mean, m.stddev, m.samples
         if m.kind == "tg":
-            b = roof.decode_bytes_per_token(cfg, hf_weights, m.mean_depth, kv_dtype)
+            b = roof.decode_bytes_per_token(cfg, hf_weights, m.mean_depth, torch.bfloat16)  # its KV: bf16
             r["hf_roofline_pct"] = 100 * m.mean / (bw / b)
         if m.mean > 0 and r["mean"] > 0:
             r["speed_ratio"] = m.mean / r["mean"] if m.kind == "ttft" else r["mean"] / m.mean
@@ -294,6 +296,9 @@ def bench(
                                           "hf (bf16) or hf-nf4 (bitsandbytes 4-bit)"),
     ctx: Optional[int] = typer.Option(None, help="context size of the decode state (default: what the tests need)"),
     seed: int = typer.Option(0, help="seed of the random weights and token ids"),
+    kv_cache: str = typer.Option("bf16", "--kv-cache", help="bf16 (the model dtype) or int8"),
+    graph: Optional[bool] = typer.Option(None, "--graph/--no-graph", help="CUDA-graph decode step (default: on "
+                                         "on CUDA, as in the chat)"),
     bw_mib: Optional[int] = typer.Option(None, "--bw-mib", hidden=True, help="copy-bandwidth buffer in MiB"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr"),
 ) -> None:
@@ -304,7 +309,7 @@ def bench(
         raise OlmoError(f"unknown -o {output!r} (use md, json or csv)")
     with Progress(quiet) as progress:
         res = run_bench(model=model, synthetic=synthetic, fmt=fmt, device=device, reps=reps, n_prompt=n_prompt,
-                        n_gen=n_gen, depth=depth, compare=compare, ctx=ctx, seed=seed,
-                        bw_bytes=bw_mib * 2**20 if bw_mib else None, progress=progress)
+                        n_gen=n_gen, depth=depth, compare=compare, ctx=ctx, seed=seed, kv_cache=kv_cache,
+                        graph=graph, bw_bytes=bw_mib * 2**20 if bw_mib else None, progress=progress)
     sys.stdout.write(RENDERERS[output](res))
     sys.stdout.flush()

@@ -115,8 +115,8 @@ def test_decode_is_timed_through_generator_step(monkeypatch):
     calls = []
     real = runtime.make_generator
 
-    def counting(model, state):
-        gen = real(model, state)
+    def counting(model, state, *args, **kwargs):
+        gen = real(model, state, *args, **kwargs)
         eager = gen.step
 
         def step_fn(tok):
