@@ -107,3 +107,34 @@ def workspace(tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torc
         buf = torch.zeros(shape, dtype=dtype, device=device)
         _WORKSPACES[key] = buf
     return buf
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y,
+                      T: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, GATED: tl.constexpr):
+        """Split-K epilogue shared by the GEMV kernels. Each split has written its fp32 partial rows
+        part[split, t, :]; the last program of the row block to arrive (self-resetting counter) adds
+        them in split order (deterministic), applies silu(gate) * up when gated, stores the rows.
+        Ordering as in CUTLASS's serial split-K semaphore: CTA barrier, then one gpu-scope acq_rel
+        atomic; the reader's loads bypass L1."""
+        if GATED:
+            ntot = 2 * NR
+        else:
+            ntot = NR
+        tl.debug_barrier()  # all of this program's partial stores happen before the release below
+        done = tl.atomic_add(cnt_ptr + pid_n, 1)  # acq_rel, gpu scope
+        if done == SPLIT - 1:
+            for t in tl.static_range(T):
+                ra = tl.zeros([BN], dtype=tl.float32)
+                rb = tl.zeros([BN], dtype=tl.float32)
+                for s in range(SPLIT):
+                    base = part_ptr + (s * T + t) * ntot + rn
+                    ra += tl.load(base, mask=rmask, other=0.0, cache_modifier=".cg")
+                    if GATED:
+                        rb += tl.load(base + NR, mask=rmask, other=0.0, cache_modifier=".cg")
+                if GATED:
+                    ra = ra / (1.0 + tl.exp(-ra)) * rb
+                tl.store(y_ptr + t * stride_y + rn, ra.to(y_ptr.dtype.element_ty), mask=rmask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)

@@ -9,12 +9,13 @@ the caller), >= 1. GQA: query head h reads kv head h // (H // KVH). Scale hd**-0
 result in q.dtype. int8 caches: pass k_scale / v_scale [KVH, max_ctx] fp32 (k = q * scale per
 head and position).
 
-Kernel: grid (KVH, num_splits). The number of splits is fixed when the op is first called for a
+Kernel: grid (H, num_splits). The number of splits is fixed when the op is first called for a
 max_ctx (capture-safe); the split length is computed in the kernel from `length`, so at any length
-all splits share the work (empty splits return at once). A program handles all query heads of its
-kv head (the cache is read once), keeps (max, sum, acc) online, writes them to a workspace; the last
-program of a kv head (self-resetting atomic counter) merges the splits and writes the output. One
-launch, no host sync.
+all splits share the work (empty splits return at once). A program streams [BS, hd] tiles of K and
+V for its query head (with GQA the heads of one kv head re-read it, mostly from L2) and keeps the
+online softmax per tile row ("lane"), so the loop has no cross-lane reductions besides q.k; lanes
+are merged once at the end. Each split writes (max, sum, acc) to a workspace; the last split of a
+head (self-resetting atomic counter) merges them and writes the output. One launch, no host sync.
 
 quantize_kv_int8: symmetric per (head, position): scale = max|k| / 127, q = floor(k * 127/max|k| + 0.5)
 clamped to [-127, 127] (0 where max|k| = 0). k [KVH, T, hd] (or [KVH, hd]). With out=(q_cache
@@ -115,70 +116,64 @@ if HAS_TRITON:
         q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, len_ptr, out_ptr, mws_ptr, lws_ptr, aws_ptr, cnt_ptr,
         stride_qh, stride_kh, stride_kt, stride_vh, stride_vt, stride_ksh, stride_vsh, stride_oh,
         sm_scale, HD,
-        G: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+        G: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
         NS: tl.constexpr, NSP: tl.constexpr, QUANT: tl.constexpr,
     ):
-        kvh = tl.program_id(0)
-        sp = tl.program_id(1)
+        hq = tl.program_id(0)  # query head
+        sp = tl.program_id(1)  # split
+        kvh = hq // G
         n = tl.load(len_ptr)
         ss = ((n + NS - 1) // NS + BS - 1) // BS * BS  # positions per split, a multiple of BS
         start = sp * ss
         if start < n:
             end = tl.minimum(start + ss, n)
             n_active = (n + ss - 1) // ss
-            g = tl.arange(0, GP)
-            gm = g < G
-            hq = kvh * G + g
             d = tl.arange(0, BD)
             dm = d < HD
-            q = tl.load(q_ptr + hq[:, None] * stride_qh + d[None, :], mask=gm[:, None] & dm[None, :], other=0)
-            q = q.to(tl.float32) * sm_scale
-            m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([GP], dtype=tl.float32)
-            acc = tl.zeros([GP, BD], dtype=tl.float32)
+            q = tl.load(q_ptr + hq * stride_qh + d, mask=dm, other=0).to(tl.float32) * sm_scale
+            # online softmax kept per lane (row of the [BS, BD] tile): no cross-lane work in the loop
+            m_l = tl.full([BS], -1.0e30, dtype=tl.float32)
+            l_l = tl.zeros([BS], dtype=tl.float32)
+            acc = tl.zeros([BS, BD], dtype=tl.float32)
             for s0 in range(start, end, BS):
                 pos = s0 + tl.arange(0, BS)
                 pm = pos < end
                 kvm = pm[:, None] & dm[None, :]
                 kt = tl.load(k_ptr + kvh * stride_kh + pos[:, None] * stride_kt + d[None, :], mask=kvm, other=0)
                 vt = tl.load(v_ptr + kvh * stride_vh + pos[:, None] * stride_vt + d[None, :], mask=kvm, other=0)
-                kt = _kv_to_f32(kt, QUANT)
-                vt = _kv_to_f32(vt, QUANT)
-                sc = tl.sum(q[:, None, :] * kt[None, :, :], axis=2)  # [GP, BS]
+                sc = tl.sum(_kv_to_f32(kt, QUANT) * q[None, :], axis=1)  # [BS]
                 if QUANT:
-                    sc = sc * tl.load(ks_ptr + kvh * stride_ksh + pos, mask=pm, other=0.0)[None, :]
-                sc = tl.where(pm[None, :], sc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(sc - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
+                    sc = sc * tl.load(ks_ptr + kvh * stride_ksh + pos, mask=pm, other=0.0)
+                m_new = tl.where(pm, tl.maximum(m_l, sc), m_l)
+                alpha = tl.exp(m_l - m_new)
+                p = tl.exp(tl.where(pm, sc - m_new, -1.0e30))  # 0 on masked positions
+                l_l = l_l * alpha + p
                 if QUANT:
-                    p = p * tl.load(vs_ptr + kvh * stride_vsh + pos, mask=pm, other=0.0)[None, :]
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
-                m_i = m_new
-
-            # this split's (max, sum, acc); the last split of the kv head merges them
-            tl.store(mws_ptr + hq * NS + sp, m_i, mask=gm)
-            tl.store(lws_ptr + hq * NS + sp, l_i, mask=gm)
-            tl.store(aws_ptr + (hq[:, None] * NS + sp) * HD + d[None, :], acc, mask=gm[:, None] & dm[None, :])
+                    p = p * tl.load(vs_ptr + kvh * stride_vsh + pos, mask=pm, other=0.0)
+                acc = acc * alpha[:, None] + p[:, None] * _kv_to_f32(vt, QUANT)
+                m_l = m_new
+            # merge the lanes: this split's (max, sum, unnormalised output)
+            m_s = tl.max(m_l, axis=0)
+            w = tl.exp(m_l - m_s)
+            l_s = tl.sum(l_l * w, axis=0)
+            o_s = tl.sum(acc * w[:, None], axis=0)  # [BD]
+            tl.store(mws_ptr + hq * NS + sp, m_s)
+            tl.store(lws_ptr + hq * NS + sp, l_s)
+            tl.store(aws_ptr + (hq * NS + sp) * HD + d, o_s, mask=dm)
             tl.debug_barrier()
-            done = tl.atomic_add(cnt_ptr + kvh, 1)
-            if done == n_active - 1:
+            done = tl.atomic_add(cnt_ptr + hq, 1)  # acq_rel, gpu scope
+            if done == n_active - 1:  # the last split of this head merges all splits
                 sj = tl.arange(0, NSP)
-                wm = gm[:, None] & (sj[None, :] < n_active)
-                mm = tl.load(mws_ptr + hq[:, None] * NS + sj[None, :], mask=wm, other=float("-inf"),
-                             cache_modifier=".cg")
-                mx = tl.where(gm, tl.max(mm, axis=1), 0.0)
-                w = tl.where(wm, tl.exp(mm - mx[:, None]), 0.0)  # [GP, NSP]
-                ll = tl.load(lws_ptr + hq[:, None] * NS + sj[None, :], mask=wm, other=0.0, cache_modifier=".cg")
-                denom = tl.sum(ll * w, axis=1)
-                denom = tl.where(gm, denom, 1.0)
-                aa = tl.load(aws_ptr + (hq[:, None, None] * NS + sj[None, :, None]) * HD + d[None, None, :],
-                             mask=wm[:, :, None] & dm[None, None, :], other=0.0, cache_modifier=".cg")
-                o = tl.sum(aa * w[:, :, None], axis=1) / denom[:, None]
-                tl.store(out_ptr + hq[:, None] * stride_oh + d[None, :], o.to(out_ptr.dtype.element_ty),
-                         mask=gm[:, None] & dm[None, :])
-                tl.atomic_xchg(cnt_ptr + kvh, 0)
+                sm = sj < n_active
+                mm = tl.load(mws_ptr + hq * NS + sj, mask=sm, other=-1.0e30, cache_modifier=".cg")
+                mx = tl.max(mm, axis=0)
+                ww = tl.where(sm, tl.exp(mm - mx), 0.0)
+                ll = tl.load(lws_ptr + hq * NS + sj, mask=sm, other=0.0, cache_modifier=".cg")
+                aa = tl.load(aws_ptr + (hq * NS + sj[:, None]) * HD + d[None, :], mask=sm[:, None] & dm[None, :],
+                             other=0.0, cache_modifier=".cg")
+                o = tl.sum(aa * ww[:, None], axis=0) / tl.sum(ll * ww, axis=0)
+                tl.store(out_ptr + hq * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=dm)
+                tl.atomic_xchg(cnt_ptr + hq, 0)
 
     @triton.jit
     def _quantize_kv_kernel(k_ptr, q_ptr, s_ptr, pos_ptr, T, HD, stride_kh, stride_kt,
@@ -201,9 +196,9 @@ if HAS_TRITON:
         tl.store(s_ptr + h * stride_sh + p, amax / 127.0)
 
 
-def default_num_splits(max_ctx: int, num_kv_heads: int, device: torch.device, block_s: int = 64) -> int:
-    """Splits per kv head: enough programs for ~4 per SM at full length, never more than blocks."""
-    return max(1, min(cdiv(max_ctx, block_s), cdiv(4 * num_sms(device), num_kv_heads), 64))
+def default_num_splits(max_ctx: int, num_heads: int, device: torch.device, block_s: int = 64) -> int:
+    """Splits per query head: ~4 programs per SM at full length, never more than blocks of work."""
+    return max(1, min(cdiv(max_ctx, block_s), cdiv(4 * num_sms(device), num_heads), 64))
 
 
 def attention_decode_triton(
@@ -217,7 +212,7 @@ def attention_decode_triton(
     v_scale: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_s: int = 64,
-    num_warps: int = 4,
+    num_warps: int = 8,
     num_stages: int = 2,
 ) -> torch.Tensor:
     """Triton version of attention_decode_ref (num_splits / block_s for tests and tuning)."""
@@ -238,18 +233,18 @@ def attention_decode_triton(
         ks = vs = length  # unused
     if out is None:
         out = torch.empty((h, hd), dtype=q.dtype, device=q.device)
-    ns = num_splits or default_num_splits(max_ctx, kvh, q.device, block_s)
+    ns = num_splits or default_num_splits(max_ctx, h, q.device, block_s)
     g = h // kvh
     mws = workspace("attn_m", (h, ns), torch.float32, q.device)
     lws = workspace("attn_l", (h, ns), torch.float32, q.device)
     aws = workspace("attn_acc", (h, ns, hd), torch.float32, q.device)
-    cnt = workspace("attn_cnt", (kvh,), torch.int32, q.device)
-    _attn_decode_kernel[(kvh, ns)](
+    cnt = workspace("attn_cnt", (h,), torch.int32, q.device)
+    _attn_decode_kernel[(h, ns)](
         q, kc, vc, ks, vs, length, out, mws, lws, aws, cnt,
         q.stride(0), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
         ks.stride(0) if quant else 0, vs.stride(0) if quant else 0, out.stride(0),
         float(hd) ** -0.5, hd,
-        G=g, GP=next_pow2(g), BD=next_pow2(hd), BS=block_s, NS=ns, NSP=next_pow2(ns), QUANT=quant,
+        G=g, BD=next_pow2(hd), BS=block_s, NS=ns, NSP=next_pow2(ns), QUANT=quant,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -11,13 +11,16 @@ Ops (same signature for reference, Triton kernel and dispatch):
 x is [T, K] (or [K]), bf16/fp16/fp32; the result has x's dtype (and rank).
 
 Kernel: one program owns BN output rows (BN gate rows + the matching BN up rows for the gated
-variant) and one slice of K (split-K). It loads packed bytes as a [BN, NG, G/2] tile (16-byte loads;
-the low and high nibbles pair with two contiguous runs of x), turns nibbles into floats with the
-2**23 bit trick (no int->float conversion instructions), forms per-group dots sum(q*x) and applies
-scale and min per group: y += s * sum(q*x) + m * sum(x). Each weight byte is read once for all T
-rows. With split-K each program writes an fp32 partial; the last program of a row block (an atomic
-counter that resets itself) adds the partials in a fixed order and writes the result, so the op is
-one launch, deterministic, and CUDA-graph capturable (workspace allocated on first use).
+variant) and one slice of K (split-K), and walks it one group at a time. The packed weights are read
+as int32 words (a [BN, G/8] tile, 16-byte loads, each byte read once for all T rows); a nibble
+becomes the float 1 + q/128 with one shift and one mask|or (no int->float conversion, which runs at
+a quarter of the FMA rate on Hopper), so that per group
+    y += 128*s * sum(f*x) + (m - 128*s) * sum(x)  ==  s * sum(q*x) + m * sum(x).
+bf16 x is read as int32 pairs and unpacked with shifts. Accumulators stay elementwise [BN, G/8]
+(reduced once at the end: no shuffles or layout changes inside the loop). With split-K each program
+writes an fp32 partial and the last program of a row block (a self-resetting atomic counter) adds
+the partials in a fixed order: one launch, deterministic, CUDA-graph capturable (workspace allocated
+on first use).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, tl, triton, use_triton, workspace
+
+if HAS_TRITON:
+    from ._triton import splitk_finish
 
 __all__ = [
     "q4_dequantize",
@@ -102,123 +108,194 @@ def q4_gemv_silu_mul_ref(
 if HAS_TRITON:
 
     @triton.jit
-    def _q4_load_tile(qw_ptr, s_ptr, m_ptr, rows, rmask, gi, gmask, boff, NGR, HG: tl.constexpr):
-        """Nibbles of a [BN, NG, HG] byte tile as exact fp32 (low, high) plus scales/mins [BN, NG]."""
-        wmask = rmask[:, None, None] & gmask[None, :, None]
-        b = tl.load(qw_ptr + rows[:, None, None] * (NGR * HG) + boff[None, :, :], mask=wmask, other=0)
-        b = b.to(tl.int32)
-        # OR-ing a nibble into the mantissa of 2**23 gives exactly 2**23 + q (no I2F instruction)
-        lo = ((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        smask = rmask[:, None] & gmask[None, :]
-        soff = rows[:, None] * NGR + gi[None, :]
-        s = tl.load(s_ptr + soff, mask=smask, other=0).to(tl.float32)
-        m = tl.load(m_ptr + soff, mask=smask, other=0).to(tl.float32)
-        return lo, hi, s, m
+    def _nibble(w, k: tl.constexpr):
+        """Nibble k (bits 4k..4k+3) of int32 words as the float 1 + q/128 (q in mantissa bits 16..19).
+
+        Bit tricks instead of int->float conversions (I2F runs at a quarter of the FMA rate)."""
+        if k < 4:
+            v = w << (16 - 4 * k)
+        elif k > 4:
+            v = w >> (4 * k - 16)
+        else:
+            v = w
+        return ((v & 0xF0000) | 0x3F800000).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _q4_rows_store(y_ptr, acc_a, acc_b, rn, rmask, tr, stride_y, T: tl.constexpr, GATED: tl.constexpr):
-        if GATED:
-            val = acc_a / (1.0 + tl.exp(-acc_a)) * acc_b
+    def _q4_group(acc, w, s128, mc, x_row, g, hw, G: tl.constexpr, X_BF16: tl.constexpr):
+        """acc += 128*s * sum_k f_k x_k + (m - 128*s) * sum_k x_k over one group, f = 1 + q/128.
+
+        w [BN, G/8] int32 words of the group; word m, byte j: low nibble <-> x[g*G + 4m + j],
+        high nibble <-> x[g*G + G/2 + 4m + j]. Since sum f x = sum x + sum q x / 128, this is
+        s * sum q x + m * sum x, the group's contribution to y."""
+        t = tl.zeros(acc.shape, dtype=tl.float32)
+        xsum = tl.zeros([G // 8], dtype=tl.float32)
+        if X_BF16:  # x_row: int32 view of a bf16 row, two bf16 per load
+            xb = x_row + g * (G // 2) + 2 * hw
+            for half in tl.static_range(2):  # low / high nibbles
+                for p in tl.static_range(2):  # bytes j = 2p, 2p + 1
+                    xp = tl.load(xb + half * (G // 4) + p)
+                    x0 = (xp << 16).to(tl.float32, bitcast=True)
+                    x1 = (xp & -65536).to(tl.float32, bitcast=True)
+                    t = t + _nibble(w, 4 * p + half) * x0[None, :]
+                    t = t + _nibble(w, 4 * p + 2 + half) * x1[None, :]
+                    xsum = xsum + x0 + x1
         else:
-            val = acc_a
-        msk = (tr[:, None] < T) & rmask[None, :]
-        tl.store(y_ptr + tr[:, None] * stride_y + rn[None, :], val.to(y_ptr.dtype.element_ty), mask=msk)
+            xb = x_row + g * G + 4 * hw
+            for half in tl.static_range(2):
+                for j in tl.static_range(4):
+                    xv = tl.load(xb + half * (G // 2) + j).to(tl.float32)
+                    t = t + _nibble(w, 2 * j + half) * xv[None, :]
+                    xsum = xsum + xv
+        acc = acc + s128 * t
+        return acc + mc * xsum[None, :]
+
+    @triton.jit
+    def _q4_emit(y_ptr, part_ptr, ra, rb, t: tl.constexpr, pid_k, rn, rmask, NR, stride_y,
+                 T: tl.constexpr, SPLIT: tl.constexpr, GATED: tl.constexpr):
+        """Row t of the result: stored (one split) or written as this split's fp32 partial."""
+        if SPLIT == 1:
+            if GATED:
+                ra = ra / (1.0 + tl.exp(-ra)) * rb
+            tl.store(y_ptr + t * stride_y + rn, ra.to(y_ptr.dtype.element_ty), mask=rmask)
+        else:
+            if GATED:
+                ntot = 2 * NR
+            else:
+                ntot = NR
+            base = part_ptr + (pid_k * T + t) * ntot + rn
+            tl.store(base, ra, mask=rmask)
+            if GATED:
+                tl.store(base + NR, rb, mask=rmask)
 
     @triton.jit
     def _q4_gemv_kernel(
         x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr,
         NR,  # output rows (N, or I for the gated variant whose weight has 2*I rows)
         NGR,  # groups per weight row = K // G
-        stride_x, stride_y,
-        GPS,  # groups per split (a multiple of NG)
-        T: tl.constexpr, TP: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, BN: tl.constexpr,
-        SPLIT: tl.constexpr, GATED: tl.constexpr,
+        stride_x, stride_y,  # x row stride in x_ptr elements, y row stride
+        GPS,  # groups per split
+        T: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
+        GATED: tl.constexpr, X_BF16: tl.constexpr,
     ):
-        HG: tl.constexpr = G // 2
+        HW: tl.constexpr = G // 8  # int32 words per group and row
         pid_k = tl.program_id(0)
         pid_n = tl.program_id(1)
         rn = pid_n * BN + tl.arange(0, BN)
         rmask = rn < NR
-        hg = tl.arange(0, HG)
-        gg = tl.arange(0, NG)
-        tr = tl.arange(0, TP)
-        acc_a = tl.zeros([TP, BN], dtype=tl.float32)
-        acc_b = tl.zeros([TP, BN], dtype=tl.float32)
+        hw = tl.arange(0, HW)
+        # one [BN, HW] accumulator per x row (and per half when gated); unused ones are dropped
+        a0 = tl.zeros([BN, HW], dtype=tl.float32)
+        a1 = tl.zeros([BN, HW], dtype=tl.float32)
+        a2 = tl.zeros([BN, HW], dtype=tl.float32)
+        a3 = tl.zeros([BN, HW], dtype=tl.float32)
+        a4 = tl.zeros([BN, HW], dtype=tl.float32)
+        a5 = tl.zeros([BN, HW], dtype=tl.float32)
+        a6 = tl.zeros([BN, HW], dtype=tl.float32)
+        a7 = tl.zeros([BN, HW], dtype=tl.float32)
+        b0 = tl.zeros([BN, HW], dtype=tl.float32)
+        b1 = tl.zeros([BN, HW], dtype=tl.float32)
+        b2 = tl.zeros([BN, HW], dtype=tl.float32)
+        b3 = tl.zeros([BN, HW], dtype=tl.float32)
+        b4 = tl.zeros([BN, HW], dtype=tl.float32)
+        b5 = tl.zeros([BN, HW], dtype=tl.float32)
+        b6 = tl.zeros([BN, HW], dtype=tl.float32)
+        b7 = tl.zeros([BN, HW], dtype=tl.float32)
         g_begin = pid_k * GPS
         g_end = tl.minimum(g_begin + GPS, NGR)
-        for g0 in range(g_begin, g_end, NG):
-            gi = g0 + gg
-            gmask = gi < g_end
-            boff = gi[:, None] * HG + hg[None, :]  # byte column inside a weight row
-            xcol = gi[:, None] * G + hg[None, :]  # x column paired with the low nibbles
-            lo_a, hi_a, s_a, m_a = _q4_load_tile(qw_ptr, s_ptr, m_ptr, rn, rmask, gi, gmask, boff, NGR, HG)
-            if GATED:
-                lo_b, hi_b, s_b, m_b = _q4_load_tile(
-                    qw_ptr, s_ptr, m_ptr, rn + NR, rmask, gi, gmask, boff, NGR, HG
-                )
-            for t in tl.static_range(T):
-                xl = tl.load(x_ptr + t * stride_x + xcol, mask=gmask[:, None], other=0).to(tl.float32)
-                xh = tl.load(x_ptr + t * stride_x + xcol + HG, mask=gmask[:, None], other=0).to(tl.float32)
-                xs = tl.sum(xl + xh, axis=1)  # [NG] per-group sum of x (for the mins)
-                d_a = tl.sum(lo_a * xl[None, :, :] + hi_a * xh[None, :, :], axis=2)  # [BN, NG]
-                r_a = tl.sum(d_a * s_a + m_a * xs[None, :], axis=1)  # [BN]
-                if T == 1:
-                    acc_a += r_a[None, :]
-                else:
-                    acc_a += tl.where(tr[:, None] == t, r_a[None, :], 0.0)
-                if GATED:
-                    d_b = tl.sum(lo_b * xl[None, :, :] + hi_b * xh[None, :, :], axis=2)
-                    r_b = tl.sum(d_b * s_b + m_b * xs[None, :], axis=1)
-                    if T == 1:
-                        acc_b += r_b[None, :]
-                    else:
-                        acc_b += tl.where(tr[:, None] == t, r_b[None, :], 0.0)
+        wa_ptr = qw_ptr + rn[:, None] * (NGR * HW) + hw[None, :]
+        wb_ptr = wa_ptr + NR * (NGR * HW)
+        for g in range(g_begin, g_end):
+            wa = tl.load(wa_ptr + g * HW, mask=rmask[:, None], other=0)
+            sa = tl.load(s_ptr + rn[:, None] * NGR + g, mask=rmask[:, None], other=0).to(tl.float32)
+            ma = tl.load(m_ptr + rn[:, None] * NGR + g, mask=rmask[:, None], other=0).to(tl.float32)
+            sa128 = 128.0 * sa
+            mca = ma - sa128
+            a0 = _q4_group(a0, wa, sa128, mca, x_ptr, g, hw, G, X_BF16)
+            if T > 1:
+                a1 = _q4_group(a1, wa, sa128, mca, x_ptr + stride_x, g, hw, G, X_BF16)
+            if T > 2:
+                a2 = _q4_group(a2, wa, sa128, mca, x_ptr + 2 * stride_x, g, hw, G, X_BF16)
+            if T > 3:
+                a3 = _q4_group(a3, wa, sa128, mca, x_ptr + 3 * stride_x, g, hw, G, X_BF16)
+            if T > 4:
+                a4 = _q4_group(a4, wa, sa128, mca, x_ptr + 4 * stride_x, g, hw, G, X_BF16)
+            if T > 5:
+                a5 = _q4_group(a5, wa, sa128, mca, x_ptr + 5 * stride_x, g, hw, G, X_BF16)
+            if T > 6:
+                a6 = _q4_group(a6, wa, sa128, mca, x_ptr + 6 * stride_x, g, hw, G, X_BF16)
+            if T > 7:
+                a7 = _q4_group(a7, wa, sa128, mca, x_ptr + 7 * stride_x, g, hw, G, X_BF16)
+            if GATED:  # the matching up-projection rows
+                wb = tl.load(wb_ptr + g * HW, mask=rmask[:, None], other=0)
+                sb = tl.load(s_ptr + (rn[:, None] + NR) * NGR + g, mask=rmask[:, None], other=0).to(tl.float32)
+                mb = tl.load(m_ptr + (rn[:, None] + NR) * NGR + g, mask=rmask[:, None], other=0).to(tl.float32)
+                sb128 = 128.0 * sb
+                mcb = mb - sb128
+                b0 = _q4_group(b0, wb, sb128, mcb, x_ptr, g, hw, G, X_BF16)
+                if T > 1:
+                    b1 = _q4_group(b1, wb, sb128, mcb, x_ptr + stride_x, g, hw, G, X_BF16)
+                if T > 2:
+                    b2 = _q4_group(b2, wb, sb128, mcb, x_ptr + 2 * stride_x, g, hw, G, X_BF16)
+                if T > 3:
+                    b3 = _q4_group(b3, wb, sb128, mcb, x_ptr + 3 * stride_x, g, hw, G, X_BF16)
+                if T > 4:
+                    b4 = _q4_group(b4, wb, sb128, mcb, x_ptr + 4 * stride_x, g, hw, G, X_BF16)
+                if T > 5:
+                    b5 = _q4_group(b5, wb, sb128, mcb, x_ptr + 5 * stride_x, g, hw, G, X_BF16)
+                if T > 6:
+                    b6 = _q4_group(b6, wb, sb128, mcb, x_ptr + 6 * stride_x, g, hw, G, X_BF16)
+                if T > 7:
+                    b7 = _q4_group(b7, wb, sb128, mcb, x_ptr + 7 * stride_x, g, hw, G, X_BF16)
 
-        if SPLIT == 1:
-            _q4_rows_store(y_ptr, acc_a, acc_b, rn, rmask, tr, stride_y, T, GATED)
-        else:
-            # write this split's partial, then the last program of the row block reduces
-            if GATED:
-                ntot = 2 * NR
-            else:
-                ntot = NR
-            pmask = (tr[:, None] < T) & rmask[None, :]
-            poff = tr[:, None] * ntot + rn[None, :]
-            tl.store(part_ptr + pid_k * (T * ntot) + poff, acc_a, mask=pmask)
-            if GATED:
-                tl.store(part_ptr + pid_k * (T * ntot) + poff + NR, acc_b, mask=pmask)
-            tl.debug_barrier()
-            done = tl.atomic_add(cnt_ptr + pid_n, 1)
-            if done == SPLIT - 1:
-                tot_a = tl.zeros([TP, BN], dtype=tl.float32)
-                tot_b = tl.zeros([TP, BN], dtype=tl.float32)
-                for s in range(SPLIT):
-                    tot_a += tl.load(part_ptr + s * (T * ntot) + poff, mask=pmask, other=0.0,
-                                     cache_modifier=".cg")
-                    if GATED:
-                        tot_b += tl.load(part_ptr + s * (T * ntot) + poff + NR, mask=pmask, other=0.0,
-                                         cache_modifier=".cg")
-                _q4_rows_store(y_ptr, tot_a, tot_b, rn, rmask, tr, stride_y, T, GATED)
-                tl.atomic_xchg(cnt_ptr + pid_n, 0)
+        _q4_emit(y_ptr, part_ptr, tl.sum(a0, 1), tl.sum(b0, 1), 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        if T > 1:
+            _q4_emit(y_ptr, part_ptr, tl.sum(a1, 1), tl.sum(b1, 1), 1, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        if T > 2:
+            _q4_emit(y_ptr, part_ptr, tl.sum(a2, 1), tl.sum(b2, 1), 2, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        if T > 3:
+            _q4_emit(y_ptr, part_ptr, tl.sum(a3, 1), tl.sum(b3, 1), 3, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        if T > 4:
+            _q4_emit(y_ptr, part_ptr, tl.sum(a4, 1), tl.sum(b4, 1), 4, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        if T > 5:
+            _q4_emit(y_ptr, part_ptr, tl.sum(a5, 1), tl.sum(b5, 1), 5, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        if T > 6:
+            _q4_emit(y_ptr, part_ptr, tl.sum(a6, 1), tl.sum(b6, 1), 6, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        if T > 7:
+            _q4_emit(y_ptr, part_ptr, tl.sum(a7, 1), tl.sum(b7, 1), 7, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        if SPLIT > 1:
+            splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y, T, BN, SPLIT, GATED)
 
 
-def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, block_k, split_k, num_warps, num_stages):
+def _pick_split(n_blocks: int, iters: int, device: torch.device) -> int:
+    """Enough programs to keep every SM busy (~6 resident per SM), at least 4 iterations each."""
+    sms = num_sms(device)
+    if n_blocks >= 4 * sms:
+        return 1
+    return max(1, min(cdiv(6 * sms, n_blocks), iters // 4))
+
+
+def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_k, num_warps, num_stages):
     x2 = _as_rows(x)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     t, k = x2.shape
     n_w, kb = qweight.shape
     g = int(group_size)
-    if kb * 2 != k or k % g or g % 2 or g & (g - 1):
+    if kb * 2 != k or g < 8 or k % g or g & (g - 1):
         raise ValueError(f"q4 shapes: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, group {g}")
-    if not 1 <= t <= 16:
-        raise ValueError(f"q4_gemv takes 1..16 rows, got {t}")
+    if not 1 <= t <= 8:
+        raise ValueError(f"q4_gemv takes 1..8 rows, got {t}")
     nr = n_w // 2 if gated else n_w
     ngr = k // g
     qweight = qweight.contiguous()
+    if qweight.data_ptr() % 16:
+        qweight = qweight.clone()
+    qw32 = qweight.view(torch.int32)  # [N, K/8]: 8 nibbles per word
     scales = scales.contiguous()
     mins = mins.contiguous()
+    x_bf16 = x2.dtype == torch.bfloat16 and x2.data_ptr() % 4 == 0 and x2.stride(0) % 2 == 0
+    x_arg = x2.view(torch.int32) if x_bf16 else x2  # bf16 pairs, unpacked with shifts
+    stride_x = x2.stride(0) // 2 if x_bf16 else x2.stride(0)
     if out is None:
         shape = (nr,) if x.dim() == 1 else (t, nr)
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
@@ -226,26 +303,23 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, block_
     if y2.stride(-1) != 1 or tuple(y2.shape) != (t, nr):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {(t, nr)} with a unit last stride")
 
-    bn = block_n or 32
-    ng = max(1, (block_k or 256) // g)
-    iters = cdiv(ngr, ng)
+    # BN rows x G/8 words per iteration: with 4 warps each thread holds 2 rows x 16 bytes
+    bn = block_n or max(16, min(8192 // g, next_pow2(nr)))
     n_blocks = cdiv(nr, bn)
     if split_k is None:
-        sms = num_sms(x.device)
-        split_k = 1 if n_blocks >= 2 * sms else min(cdiv(4 * sms, n_blocks), max(1, iters // 2))
-    split_k = max(1, min(int(split_k), iters))
-    per_split = cdiv(iters, split_k)
-    split_k = cdiv(iters, per_split)  # no empty splits
-    gps = per_split * ng
+        split_k = _pick_split(n_blocks, ngr, x.device)
+    split_k = max(1, min(int(split_k), ngr))
+    gps = cdiv(ngr, split_k)
+    split_k = cdiv(ngr, gps)  # no empty splits
     if split_k > 1:
         part = workspace("q4_part", (split_k, t, n_w), torch.float32, x.device)
         cnt = workspace("q4_cnt", (n_blocks,), torch.int32, x.device)
     else:
         part = cnt = y2  # unused
     _q4_gemv_kernel[(split_k, n_blocks)](
-        x2, qweight, scales, mins, y2, part, cnt,
-        nr, ngr, x2.stride(0), y2.stride(0), gps,
-        T=t, TP=next_pow2(t), G=g, NG=ng, BN=bn, SPLIT=split_k, GATED=gated,
+        x_arg, qw32, scales, mins, y2, part, cnt,
+        nr, ngr, stride_x, y2.stride(0), gps,
+        T=t, G=g, BN=bn, SPLIT=split_k, GATED=gated, X_BF16=x_bf16,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -260,13 +334,12 @@ def q4_gemv_triton(
     out: torch.Tensor | None = None,
     *,
     block_n: int | None = None,
-    block_k: int | None = None,
     split_k: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Triton version of q4_gemv_ref (the keyword-only knobs are for tests and tuning)."""
-    return _q4_launch(x, qweight, scales, mins, group_size, out, False, block_n, block_k, split_k,
+    return _q4_launch(x, qweight, scales, mins, group_size, out, False, block_n, split_k,
                       num_warps, num_stages)
 
 
@@ -279,15 +352,14 @@ def q4_gemv_silu_mul_triton(
     out: torch.Tensor | None = None,
     *,
     block_n: int | None = None,
-    block_k: int | None = None,
     split_k: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Triton version of q4_gemv_silu_mul_ref (gate and up rows of one block share a program)."""
     if qweight.shape[0] % 2:
         raise ValueError("a merged gate|up weight needs an even number of rows")
-    return _q4_launch(x, qweight, scales, mins, group_size, out, True, block_n, block_k, split_k,
+    return _q4_launch(x, qweight, scales, mins, group_size, out, True, block_n, split_k,
                       num_warps, num_stages)
 
 

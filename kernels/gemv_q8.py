@@ -7,10 +7,13 @@ Ops (same signature for reference, Triton kernel and dispatch):
   q8_gemv_silu_mul(x, qweight, scales, out=None)   -> silu(y[:, :I]) * y[:, I:] for a merged gate|up [2I, K]
 x is [T, K] (or [K]); the result has x's dtype (and rank).
 
-Kernel: a program owns BN rows and one K slice; it reads the int8 tile once (16-byte loads) for all
-T rows, converts bytes to floats with the 2**23 bit trick, accumulates in fp32, applies the row scale
-at the end. Split-K partials are reduced by the last program of a row block (self-resetting atomic
-counter), so the op is a single, deterministic, CUDA-graph capturable launch.
+Kernel: a program owns BN rows and one K slice; it reads the weights as int32 words (16-byte loads,
+each byte read once for all T rows) and turns a byte into the float 1 + (q + 128)/256 with one shift
+and one mask^xor (no int->float conversion instructions), so that
+    sum q*x = 256 * sum f*x - 384 * sum x;
+the row scale is applied at the end. bf16 x is read as int32 pairs. Split-K partials are reduced by
+the last program of a row block (self-resetting atomic counter): one deterministic, CUDA-graph
+capturable launch.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, tl, triton, use_triton, workspace
+
+if HAS_TRITON:
+    from ._triton import splitk_finish
 
 __all__ = [
     "q8_gemv",
@@ -72,92 +78,148 @@ def q8_gemv_silu_mul_ref(
 if HAS_TRITON:
 
     @triton.jit
-    def _q8_load_tile(qw_ptr, rows, rmask, kc, kmask, K):
-        b = tl.load(qw_ptr + rows[:, None] * K + kc[None, :], mask=rmask[:, None] & kmask[None, :], other=0)
-        b = b.to(tl.int32)  # the int8 bits read as uint8
-        # (b ^ 0x80) = q + 128 in 0..255; in the mantissa of 2**23 that is exactly 2**23 + 128 + q
-        return ((b ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    def _byte_f(w, j: tl.constexpr):
+        """Byte j of int32 words (an int8 q) as the float 1 + (q + 128)/256 (bits moved to 15..22)."""
+        if j < 2:
+            v = w << (15 - 8 * j)
+        else:
+            v = w >> (8 * j - 15)
+        return ((v & 0x7F8000) ^ 0x3FC00000).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _q8_rows_store(y_ptr, s_ptr, acc_a, acc_b, rn, rmask, tr, stride_y, NR,
-                       T: tl.constexpr, GATED: tl.constexpr):
-        s_a = tl.load(s_ptr + rn, mask=rmask, other=0).to(tl.float32)
-        val = acc_a * s_a[None, :]
-        if GATED:
-            s_b = tl.load(s_ptr + rn + NR, mask=rmask, other=0).to(tl.float32)
-            up = acc_b * s_b[None, :]
-            val = val / (1.0 + tl.exp(-val)) * up
-        msk = (tr[:, None] < T) & rmask[None, :]
-        tl.store(y_ptr + tr[:, None] * stride_y + rn[None, :], val.to(y_ptr.dtype.element_ty), mask=msk)
-
-    @triton.jit
-    def _q8_gemv_kernel(
-        x_ptr, qw_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr,
-        NR,  # output rows (N, or I for the gated variant)
-        K, stride_x, stride_y,
-        KPS,  # columns per split (a multiple of BK)
-        T: tl.constexpr, TP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        SPLIT: tl.constexpr, GATED: tl.constexpr,
-    ):
-        pid_k = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        rn = pid_n * BN + tl.arange(0, BN)
-        rmask = rn < NR
-        kk = tl.arange(0, BK)
-        tr = tl.arange(0, TP)
-        acc_a = tl.zeros([TP, BN], dtype=tl.float32)
-        acc_b = tl.zeros([TP, BN], dtype=tl.float32)
-        # T == 1: elementwise accumulators, reduced once after the loop
-        acc2_a = tl.zeros([BN, BK], dtype=tl.float32)
-        acc2_b = tl.zeros([BN, BK], dtype=tl.float32)
-        k_begin = pid_k * KPS
-        k_end = tl.minimum(k_begin + KPS, K)
-        for k0 in range(k_begin, k_end, BK):
-            kc = k0 + kk
-            kmask = kc < k_end
-            q_a = _q8_load_tile(qw_ptr, rn, rmask, kc, kmask, K)
-            if GATED:
-                q_b = _q8_load_tile(qw_ptr, rn + NR, rmask, kc, kmask, K)
-            for t in tl.static_range(T):
-                xv = tl.load(x_ptr + t * stride_x + kc, mask=kmask, other=0).to(tl.float32)
-                if T == 1:
-                    acc2_a += q_a * xv[None, :]
-                    if GATED:
-                        acc2_b += q_b * xv[None, :]
+    def _q8_block(acc, xsum, w, x_row, k0, bw, kmask, X_BF16: tl.constexpr, EVEN_K: tl.constexpr):
+        """acc += sum_j f_j * x_j, xsum += sum_j x_j for one [BN, BW] block of words (word m, byte j
+        pairs with x[k0 + 4m + j])."""
+        if X_BF16:  # x_row: int32 view of a bf16 row
+            xb = x_row + (k0 // 2 + 2 * bw)
+            for p in tl.static_range(2):
+                if EVEN_K:
+                    xp = tl.load(xb + p)
                 else:
-                    acc_a += tl.where(tr[:, None] == t, tl.sum(q_a * xv[None, :], axis=1)[None, :], 0.0)
-                    if GATED:
-                        acc_b += tl.where(tr[:, None] == t, tl.sum(q_b * xv[None, :], axis=1)[None, :], 0.0)
-        if T == 1:
-            acc_a = tl.sum(acc2_a, axis=1)[None, :]
-            if GATED:
-                acc_b = tl.sum(acc2_b, axis=1)[None, :]
+                    xp = tl.load(xb + p, mask=kmask, other=0)
+                x0 = (xp << 16).to(tl.float32, bitcast=True)
+                x1 = (xp & -65536).to(tl.float32, bitcast=True)
+                acc = acc + _byte_f(w, 2 * p) * x0[None, :]
+                acc = acc + _byte_f(w, 2 * p + 1) * x1[None, :]
+                xsum = xsum + x0 + x1
+        else:
+            xb = x_row + k0 + 4 * bw
+            for j in tl.static_range(4):
+                if EVEN_K:
+                    xv = tl.load(xb + j).to(tl.float32)
+                else:
+                    xv = tl.load(xb + j, mask=kmask, other=0).to(tl.float32)
+                acc = acc + _byte_f(w, j) * xv[None, :]
+                xsum = xsum + xv
+        return acc, xsum
 
+    @triton.jit
+    def _q8_emit(y_ptr, part_ptr, s_ptr, acc_a, xs_a, acc_b, xs_b, t: tl.constexpr, pid_k, rn, rmask, NR,
+                 stride_y, T: tl.constexpr, SPLIT: tl.constexpr, GATED: tl.constexpr):
+        """Row t: sum q*x = 256 * sum f*x - 384 * sum x, times the row scale; stored or written as a partial."""
+        ra = (256.0 * tl.sum(acc_a, 1) - 384.0 * tl.sum(xs_a, 0)) * tl.load(s_ptr + rn, mask=rmask, other=0).to(tl.float32)
+        rb = ra
+        if GATED:
+            rb = (256.0 * tl.sum(acc_b, 1) - 384.0 * tl.sum(xs_b, 0)) * tl.load(
+                s_ptr + NR + rn, mask=rmask, other=0).to(tl.float32)
         if SPLIT == 1:
-            _q8_rows_store(y_ptr, s_ptr, acc_a, acc_b, rn, rmask, tr, stride_y, NR, T, GATED)
+            if GATED:
+                ra = ra / (1.0 + tl.exp(-ra)) * rb
+            tl.store(y_ptr + t * stride_y + rn, ra.to(y_ptr.dtype.element_ty), mask=rmask)
         else:
             if GATED:
                 ntot = 2 * NR
             else:
                 ntot = NR
-            pmask = (tr[:, None] < T) & rmask[None, :]
-            poff = tr[:, None] * ntot + rn[None, :]
-            tl.store(part_ptr + pid_k * (T * ntot) + poff, acc_a, mask=pmask)
+            base = part_ptr + (pid_k * T + t) * ntot + rn
+            tl.store(base, ra, mask=rmask)
             if GATED:
-                tl.store(part_ptr + pid_k * (T * ntot) + poff + NR, acc_b, mask=pmask)
-            tl.debug_barrier()
-            done = tl.atomic_add(cnt_ptr + pid_n, 1)
-            if done == SPLIT - 1:
-                tot_a = tl.zeros([TP, BN], dtype=tl.float32)
-                tot_b = tl.zeros([TP, BN], dtype=tl.float32)
-                for s in range(SPLIT):
-                    tot_a += tl.load(part_ptr + s * (T * ntot) + poff, mask=pmask, other=0.0,
-                                     cache_modifier=".cg")
-                    if GATED:
-                        tot_b += tl.load(part_ptr + s * (T * ntot) + poff + NR, mask=pmask, other=0.0,
-                                         cache_modifier=".cg")
-                _q8_rows_store(y_ptr, s_ptr, tot_a, tot_b, rn, rmask, tr, stride_y, NR, T, GATED)
-                tl.atomic_xchg(cnt_ptr + pid_n, 0)
+                tl.store(base + NR, rb, mask=rmask)
+
+    @triton.jit
+    def _q8_gemv_kernel(
+        x_ptr, qw_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr,
+        NR,  # output rows (N, or I for the gated variant)
+        KW,  # int32 words per weight row = K // 4
+        stride_x, stride_y,  # x row stride in x_ptr elements, y row stride
+        WPS,  # int32 words per split (a multiple of BW)
+        T: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr,
+        GATED: tl.constexpr, X_BF16: tl.constexpr, EVEN_K: tl.constexpr,
+    ):
+        pid_k = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rmask = rn < NR
+        bw = tl.arange(0, BW)
+        z2 = tl.zeros([BN, BW], dtype=tl.float32)
+        z1 = tl.zeros([BW], dtype=tl.float32)
+        a0, a1, a2, a3, a4, a5, a6, a7 = z2, z2, z2, z2, z2, z2, z2, z2
+        b0, b1, b2, b3, b4, b5, b6, b7 = z2, z2, z2, z2, z2, z2, z2, z2
+        s0, s1, s2, s3, s4, s5, s6, s7 = z1, z1, z1, z1, z1, z1, z1, z1
+        u0, u1, u2, u3, u4, u5, u6, u7 = z1, z1, z1, z1, z1, z1, z1, z1
+        w_begin = pid_k * WPS
+        w_end = tl.minimum(w_begin + WPS, KW)
+        wa_ptr = qw_ptr + rn[:, None] * KW + bw[None, :]
+        wb_ptr = wa_ptr + NR * KW
+        for w0 in range(w_begin, w_end, BW):
+            k0 = 4 * w0
+            if EVEN_K:  # no column mask: keeps the 16-byte weight loads vectorized
+                kmask = rmask  # unused
+                wmask = rmask[:, None]
+            else:
+                kmask = w0 + bw < w_end
+                wmask = rmask[:, None] & kmask[None, :]
+            wa = tl.load(wa_ptr + w0, mask=wmask, other=0)
+            a0, s0 = _q8_block(a0, s0, wa, x_ptr, k0, bw, kmask, X_BF16, EVEN_K)
+            if T > 1:
+                a1, s1 = _q8_block(a1, s1, wa, x_ptr + stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+            if T > 2:
+                a2, s2 = _q8_block(a2, s2, wa, x_ptr + 2 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+            if T > 3:
+                a3, s3 = _q8_block(a3, s3, wa, x_ptr + 3 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+            if T > 4:
+                a4, s4 = _q8_block(a4, s4, wa, x_ptr + 4 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+            if T > 5:
+                a5, s5 = _q8_block(a5, s5, wa, x_ptr + 5 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+            if T > 6:
+                a6, s6 = _q8_block(a6, s6, wa, x_ptr + 6 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+            if T > 7:
+                a7, s7 = _q8_block(a7, s7, wa, x_ptr + 7 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+            if GATED:
+                wb = tl.load(wb_ptr + w0, mask=wmask, other=0)
+                b0, u0 = _q8_block(b0, u0, wb, x_ptr, k0, bw, kmask, X_BF16, EVEN_K)
+                if T > 1:
+                    b1, u1 = _q8_block(b1, u1, wb, x_ptr + stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                if T > 2:
+                    b2, u2 = _q8_block(b2, u2, wb, x_ptr + 2 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                if T > 3:
+                    b3, u3 = _q8_block(b3, u3, wb, x_ptr + 3 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                if T > 4:
+                    b4, u4 = _q8_block(b4, u4, wb, x_ptr + 4 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                if T > 5:
+                    b5, u5 = _q8_block(b5, u5, wb, x_ptr + 5 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                if T > 6:
+                    b6, u6 = _q8_block(b6, u6, wb, x_ptr + 6 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                if T > 7:
+                    b7, u7 = _q8_block(b7, u7, wb, x_ptr + 7 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+
+        _q8_emit(y_ptr, part_ptr, s_ptr, a0, s0, b0, u0, 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        if T > 1:
+            _q8_emit(y_ptr, part_ptr, s_ptr, a1, s1, b1, u1, 1, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        if T > 2:
+            _q8_emit(y_ptr, part_ptr, s_ptr, a2, s2, b2, u2, 2, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        if T > 3:
+            _q8_emit(y_ptr, part_ptr, s_ptr, a3, s3, b3, u3, 3, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        if T > 4:
+            _q8_emit(y_ptr, part_ptr, s_ptr, a4, s4, b4, u4, 4, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        if T > 5:
+            _q8_emit(y_ptr, part_ptr, s_ptr, a5, s5, b5, u5, 5, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        if T > 6:
+            _q8_emit(y_ptr, part_ptr, s_ptr, a6, s6, b6, u6, 6, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        if T > 7:
+            _q8_emit(y_ptr, part_ptr, s_ptr, a7, s7, b7, u7, 7, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        if SPLIT > 1:
+            splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y, T, BN, SPLIT, GATED)
 
 
 def _q8_launch(x, qweight, scales, out, gated, block_n, block_k, split_k, num_warps, num_stages):
@@ -166,13 +228,20 @@ def _q8_launch(x, qweight, scales, out, gated, block_n, block_k, split_k, num_wa
         x2 = x2.contiguous()
     t, k = x2.shape
     n_w, kw = qweight.shape
-    if kw != k or scales.numel() != n_w:
-        raise ValueError(f"q8 shapes: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, scales {tuple(scales.shape)}")
-    if not 1 <= t <= 16:
-        raise ValueError(f"q8_gemv takes 1..16 rows, got {t}")
+    if kw != k or scales.numel() != n_w or k % 4:
+        raise ValueError(f"q8 shapes: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, scales "
+                         f"{tuple(scales.shape)} (K must be a multiple of 4)")
+    if not 1 <= t <= 8:
+        raise ValueError(f"q8_gemv takes 1..8 rows, got {t}")
     nr = n_w // 2 if gated else n_w
-    qbytes = qweight.contiguous().view(torch.uint8)
+    qweight = qweight.contiguous()
+    if qweight.data_ptr() % 16:
+        qweight = qweight.clone()
+    qw32 = qweight.view(torch.int32)  # [N, K/4]: 4 int8 per word
     scales = scales.contiguous()
+    x_bf16 = x2.dtype == torch.bfloat16 and x2.data_ptr() % 4 == 0 and x2.stride(0) % 2 == 0
+    x_arg = x2.view(torch.int32) if x_bf16 else x2
+    stride_x = x2.stride(0) // 2 if x_bf16 else x2.stride(0)
     if out is None:
         shape = (nr,) if x.dim() == 1 else (t, nr)
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
@@ -180,25 +249,27 @@ def _q8_launch(x, qweight, scales, out, gated, block_n, block_k, split_k, num_wa
     if y2.stride(-1) != 1 or tuple(y2.shape) != (t, nr):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {(t, nr)} with a unit last stride")
 
-    bn = block_n or 32
-    bk = block_k or 128
+    # BN rows x BK bytes per iteration: with 4 warps each thread holds 2 rows x 16 bytes
+    bk = block_k or 64
+    bw = bk // 4
+    bn = block_n or max(16, min(4096 // bk, next_pow2(nr)))
     iters = cdiv(k, bk)
     n_blocks = cdiv(nr, bn)
     if split_k is None:
         sms = num_sms(x.device)
-        split_k = 1 if n_blocks >= 2 * sms else min(cdiv(4 * sms, n_blocks), max(1, iters // 4))
+        split_k = 1 if n_blocks >= 4 * sms else max(1, min(cdiv(6 * sms, n_blocks), iters // 4))
     split_k = max(1, min(int(split_k), iters))
     per_split = cdiv(iters, split_k)
-    split_k = cdiv(iters, per_split)
+    split_k = cdiv(iters, per_split)  # no empty splits
     if split_k > 1:
         part = workspace("q8_part", (split_k, t, n_w), torch.float32, x.device)
         cnt = workspace("q8_cnt", (n_blocks,), torch.int32, x.device)
     else:
         part = cnt = y2  # unused
     _q8_gemv_kernel[(split_k, n_blocks)](
-        x2, qbytes, scales, y2, part, cnt,
-        nr, k, x2.stride(0), y2.stride(0), per_split * bk,
-        T=t, TP=next_pow2(t), BN=bn, BK=bk, SPLIT=split_k, GATED=gated,
+        x_arg, qw32, scales, y2, part, cnt,
+        nr, k // 4, stride_x, y2.stride(0), per_split * bw,
+        T=t, BN=bn, BW=bw, SPLIT=split_k, GATED=gated, X_BF16=x_bf16, EVEN_K=k % bk == 0,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -214,7 +285,7 @@ def q8_gemv_triton(
     block_k: int | None = None,
     split_k: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Triton version of q8_gemv_ref (the keyword-only knobs are for tests and tuning)."""
     return _q8_launch(x, qweight, scales, out, False, block_n, block_k, split_k, num_warps, num_stages)
@@ -230,7 +301,7 @@ def q8_gemv_silu_mul_triton(
     block_k: int | None = None,
     split_k: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Triton version of q8_gemv_silu_mul_ref."""
     if qweight.shape[0] % 2:

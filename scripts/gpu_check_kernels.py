@@ -1,0 +1,494 @@
+#!/usr/bin/env python
+"""Check and time the decode kernels at the real Olmo Hybrid 7B shapes on one GPU (H100/H200).
+
+    python scripts/gpu_check_kernels.py              # all checks, ~1-2 minutes
+    python scripts/gpu_check_kernels.py --only q4    # names containing "q4"
+    python scripts/gpu_check_kernels.py --sweep      # also try a few q4/q8/attention block configs
+    python scripts/gpu_check_kernels.py --dry-run    # CPU: tiny shapes in the Triton interpreter
+
+For each op: Triton kernel vs the torch reference on fresh random inputs (relative error
+||y - ref|| / ||ref||; bf16 outputs pass at <= 1e-2, fp32 states at <= 1e-4), then timing.
+Timing = CUDA-graph replay of many calls that rotate over several copies of the big operand
+(so the 50 MB L2 does not serve the weights), median over replays; the graph's last output is also
+compared with an eager call (counters and workspaces survive replay). "eager" is
+triton.testing.do_bench's median on one operand copy (includes launch overhead, L2-warm).
+GB/s = bytes the op must move (each input once, each output once) / graph time.
+A final table and a kernel-only per-token estimate are printed last; with $OUT set, results are
+also written to $OUT/gpu_check_kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
+    p.add_argument("--only", default="", help="run the checks whose name contains this text")
+    p.add_argument("--sweep", action="store_true", help="also time a few alternative block configs")
+    p.add_argument("--reps", type=int, default=10, help="graph replays to take the median of")
+    return p.parse_args()
+
+
+ARGS = parse_args()
+if ARGS.dry_run:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
+
+import torch  # noqa: E402
+
+
+def import_kernels():
+    """olmo_local.kernels, also from a plain checkout that is not pip-installed."""
+    try:
+        return importlib.import_module("olmo_local.kernels")
+    except ImportError:
+        pass
+    sys.path.insert(0, str(REPO))
+    importlib.import_module("olmo_local")
+    spec = importlib.util.spec_from_file_location(
+        "olmo_local.kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")]
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["olmo_local.kernels"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+K = import_kernels()
+kq4 = importlib.import_module("olmo_local.kernels.gemv_q4")
+kq8 = importlib.import_module("olmo_local.kernels.gemv_q8")
+kgdn = importlib.import_module("olmo_local.kernels.gdn_decode")
+katt = importlib.import_module("olmo_local.kernels.attention_decode")
+knorm = importlib.import_module("olmo_local.kernels.norm")
+
+CUDA = torch.cuda.is_available() and not ARGS.dry_run
+DEV = torch.device("cuda" if CUDA else "cpu")
+BF16 = torch.bfloat16 if CUDA else torch.float32  # the interpreter's bf16 arithmetic is not exact
+L2_BYTES = 50 * 2**20
+ROTATE_BYTES = 3 * L2_BYTES  # operand copies per timed graph cover at least this much
+
+
+def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    return err if math.isfinite(err) else float("inf")
+
+
+def gen() -> torch.Generator:
+    g = torch.Generator(device=DEV)
+    g.manual_seed(int(time.time_ns()) % (2**31))  # fresh inputs each run
+    return g
+
+
+def randn(*shape, g, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=g, device=DEV) * scale).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------- timing
+def bench_graph(calls, n_iter: int, reps: int) -> tuple[float, bool]:
+    """Median microseconds per call over graph replays of n_iter calls cycling through `calls`."""
+    if not CUDA:
+        t0 = time.perf_counter()
+        calls[0]()
+        return (time.perf_counter() - t0) * 1e6, True
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:  # compile, allocate workspaces, outside the capture
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n_iter):
+            calls[i % len(calls)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / n_iter)
+    del graph
+    return statistics.median(times), True
+
+
+def bench_eager(call) -> float:
+    if not CUDA:
+        return float("nan")
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench(call, warmup=10, rep=40, return_mode="median") * 1000.0
+    except TypeError:  # older signature
+        return triton.testing.do_bench(call, warmup=10, rep=40, quantiles=[0.5]) * 1000.0
+
+
+def copy_bandwidth() -> float:
+    if not CUDA:
+        return float("nan")
+    a = torch.empty(512 * 2**20, dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e))
+    return 2 * a.numel() / (statistics.median(ts) * 1e-3) / 1e9
+
+
+# ------------------------------------------------------------------------------------------- checks
+RESULTS: list[dict] = []
+
+
+def n_copies(nbytes: int, cap: int = 8) -> int:
+    return 1 if not CUDA else max(1, min(cap, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
+
+
+def record(name, errs, tol, calls, last_out, eager_check, nbytes, note=""):
+    """errs: {label: error}; tol: a bound for all of them or {label: bound};
+    calls: list of zero-arg kernel calls (one per operand copy);
+    last_out(): the output after the graph ran; eager_check(): output of an eager call on the copy
+    the graph's last call used (or None to skip)."""
+    n_iter = max(len(calls), 24) if CUDA else 1
+    n_iter = math.ceil(n_iter / len(calls)) * len(calls)
+    try:
+        us, _ = bench_graph(calls, n_iter, ARGS.reps)
+        graph_ok = True
+        if eager_check is not None:
+            after_graph = last_out().clone()
+            again = eager_check()
+            errs["graph==eager"] = relerr(after_graph, again) if again.abs().sum() > 0 else 0.0
+            graph_ok = torch.equal(after_graph, again)
+        eager_us = bench_eager(calls[0])
+    except Exception as exc:  # keep going: report the failure
+        us, eager_us, graph_ok = float("nan"), float("nan"), False
+        note = f"{note} timing failed: {type(exc).__name__}: {exc}"[:200]
+    tols = tol if isinstance(tol, dict) else {k: tol for k in errs}
+    ok = all(e <= tols[k] for k, e in errs.items() if k != "graph==eager") and graph_ok
+    gbs = nbytes / (us * 1e-6) / 1e9 if us == us else float("nan")
+    row = dict(name=name, ok=ok, errs=errs, tol=tol, us=us, eager_us=eager_us, bytes=nbytes, gbs=gbs, note=note)
+    RESULTS.append(row)
+    err_txt = " ".join(f"{k}={v:.2e}" for k, v in errs.items())
+    print(f"[{'PASS' if ok else 'FAIL'}] {name:<28} {err_txt}  graph {us:9.2f} us  eager {eager_us:9.2f} us  "
+          f"{nbytes / 1e6:9.2f} MB  {gbs:8.1f} GB/s {note}", flush=True)
+    return row
+
+
+def fail(name, exc):
+    RESULTS.append(dict(name=name, ok=False, errs={}, tol=0, us=float("nan"), eager_us=float("nan"), bytes=0,
+                        gbs=float("nan"), note=f"{type(exc).__name__}: {exc}"[:300]))
+    print(f"[FAIL] {name:<28} {type(exc).__name__}: {exc}", flush=True)
+
+
+def q4_weights(n, k, group, g):
+    qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEV, generator=g)
+    scales = (torch.rand(n, k // group, device=DEV, generator=g) * 0.004 + 0.004).half()
+    mins = (-scales.float() * (6 + 3 * torch.rand(n, k // group, device=DEV, generator=g))).half()
+    return qw, scales, mins
+
+
+def check_q4(name, k, n, t=1, gated=False, group=128, **tune):
+    g = gen()
+    nbytes_w = n * k // 2 + 2 * 2 * n * (k // group)
+    copies = [q4_weights(n, k, group, g) for _ in range(n_copies(nbytes_w))]
+    x = randn(t, k, g=g, dtype=BF16)
+    nout = n // 2 if gated else n
+    out = torch.empty(t, nout, dtype=BF16, device=DEV)
+    kern = kq4.q4_gemv_silu_mul_triton if gated else kq4.q4_gemv_triton
+    ref = kq4.q4_gemv_silu_mul_ref if gated else kq4.q4_gemv_ref
+    out.fill_(float("nan"))
+    y = kern(x, *copies[0], group, out, **tune).clone()
+    errs = {"rel": relerr(y, ref(x, *copies[0], group))}
+    calls = [lambda c=c: kern(x, *c, group, out, **tune) for c in copies]
+    nbytes = nbytes_w + t * k * 2 + t * nout * 2
+    # the graph's n_iter is a multiple of len(calls): its last call used the last copy
+    return record(name, errs, 1e-2, calls, lambda: out,
+                  lambda: kern(x, *copies[-1], group, out.clone(), **tune), nbytes, _tune_note(tune))
+
+
+def check_q8(name, k, n, t=1, gated=False, **tune):
+    g = gen()
+    nbytes_w = n * k + 2 * n
+    copies = []
+    for _ in range(n_copies(nbytes_w)):
+        qw = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV, generator=g)
+        s = (torch.rand(n, device=DEV, generator=g) * 2e-4 + 1e-4).half()
+        copies.append((qw, s))
+    x = randn(t, k, g=g, dtype=BF16)
+    nout = n // 2 if gated else n
+    out = torch.empty(t, nout, dtype=BF16, device=DEV)
+    kern = kq8.q8_gemv_silu_mul_triton if gated else kq8.q8_gemv_triton
+    ref = kq8.q8_gemv_silu_mul_ref if gated else kq8.q8_gemv_ref
+    out.fill_(float("nan"))
+    y = kern(x, *copies[0], out, **tune).clone()
+    errs = {"rel": relerr(y, ref(x, *copies[0]))}
+    calls = [lambda c=c: kern(x, *c, out, **tune) for c in copies]
+    nbytes = nbytes_w + t * k * 2 + t * nout * 2
+    return record(name, errs, 1e-2, calls, lambda: out, lambda: kern(x, *copies[-1], out.clone(), **tune), nbytes,
+                  _tune_note(tune))
+
+
+def _tune_note(tune):
+    return " ".join(f"{k}={v}" for k, v in tune.items())
+
+
+def check_gdn(name, hk=30, hv=30, dk=96, dv=192, kconv=4, **tune):
+    g = gen()
+    c = 2 * hk * dk + hv * dv
+    state_bytes = hv * dk * dv * 4
+    layers = []
+    for _ in range(n_copies(2 * state_bytes, cap=24)):  # one copy per GDN layer of the model at most
+        layers.append(dict(
+            conv_weight=randn(c, kconv, g=g, dtype=BF16, scale=0.5),
+            conv_state=randn(c, kconv - 1, g=g, dtype=BF16),
+            A_log=torch.rand(hv, device=DEV, generator=g) * 2.5,
+            dt_bias=randn(hv, g=g, scale=0.5),
+            norm_weight=(1 + randn(dv, g=g, scale=0.1)).to(BF16),
+            rec_state=randn(hv, dk, dv, g=g, scale=0.1),
+        ))
+    proj = randn(c + hv * dv + 2 * hv, g=g, dtype=BF16)  # one projection row: q|k|v, z, a, b
+    qkv, z = proj[:c], proj[c:c + hv * dv]
+    a, b = proj[c + hv * dv:c + hv * dv + hv], proj[c + hv * dv + hv:]
+    out = torch.empty(hv * dv, dtype=BF16, device=DEV)
+
+    def run(layer, o, fn=kgdn.gdn_decode_step_triton, **kw):
+        return fn(qkv, z, a, b, layer["conv_weight"], layer["conv_state"], layer["A_log"], layer["dt_bias"],
+                  layer["norm_weight"], layer["rec_state"], True, o, **kw)
+
+    l0 = layers[0]
+    ref_layer = {k: v.clone() for k, v in l0.items()}
+    y = run(l0, out, **tune).clone()
+    r = run(ref_layer, None, kgdn.gdn_decode_step_ref)
+    errs = {
+        "rel": relerr(y, r),
+        "state": relerr(l0["rec_state"], ref_layer["rec_state"]),
+        "conv": relerr(l0["conv_state"], ref_layer["conv_state"]),
+    }
+    calls = [lambda lay=lay: run(lay, out, **tune) for lay in layers]
+    nbytes = 2 * state_bytes + 2 * c * (kconv - 1) * 2 + c * kconv * 2 + (c + hv * dv + 2 * hv) * 2 + hv * dv * 2
+    # output in bf16; the fp32 state and the (copied) conv state must match closely
+    return record(name, errs, {"rel": 1e-2, "state": 1e-4, "conv": 0.0}, calls, lambda: out, None, nbytes,
+                  _tune_note(tune))
+
+
+def check_attention(name, length, h=30, kvh=30, hd=128, max_ctx=32768, int8=False, **tune):
+    g = gen()
+    elt = 1 if int8 else 2
+    kv_bytes = 2 * kvh * length * hd * elt + (2 * kvh * length * 4 if int8 else 0)
+    caches = []
+    for _ in range(n_copies(kv_bytes, cap=4)):
+        kc = randn(kvh, max_ctx, hd, g=g, dtype=BF16)
+        vc = randn(kvh, max_ctx, hd, g=g, dtype=BF16)
+        if int8:
+            kq, ks = katt.quantize_kv_int8_ref(kc)
+            vq, vs = katt.quantize_kv_int8_ref(vc)
+            del kc, vc
+            caches.append((kq, vq, dict(k_scale=ks, v_scale=vs)))
+        else:
+            caches.append((kc, vc, {}))
+    q = randn(h, hd, g=g, dtype=BF16)
+    n = torch.tensor([length], dtype=torch.int32, device=DEV)
+    out = torch.empty(h, hd, dtype=BF16, device=DEV)
+    kc, vc, sc = caches[0]
+    y = katt.attention_decode_triton(q, kc, vc, n, out, **sc, **tune).clone()
+    errs = {"rel": relerr(y, katt.attention_decode_ref(q, kc, vc, n, **sc))}
+    calls = [lambda c=c: katt.attention_decode_triton(q, c[0], c[1], n, out, **c[2], **tune) for c in caches]
+    last = caches[-1]
+    nbytes = kv_bytes + 2 * h * hd * 2
+    return record(name, errs, 1e-2, calls, lambda: out,
+                  lambda: katt.attention_decode_triton(q, last[0], last[1], n, out.clone(), **last[2], **tune),
+                  nbytes, _tune_note(tune))
+
+
+def check_quantize_kv(name, kvh=30, hd=128, max_ctx=32768):
+    g = gen()
+    k = randn(kvh, 1, hd, g=g, dtype=BF16)
+    qc = torch.zeros(kvh, max_ctx, hd, dtype=torch.int8, device=DEV)
+    sc = torch.zeros(kvh, max_ctx, dtype=torch.float32, device=DEV)
+    pos = torch.tensor([max_ctx // 3], dtype=torch.int32, device=DEV)
+    katt.quantize_kv_int8_triton(k, out=(qc, sc), pos=pos)
+    qr, sr = katt.quantize_kv_int8_ref(k)
+    p = max_ctx // 3
+    errs = {
+        "codes_off": float((qc[:, p:p + 1].int() - qr.int()).abs().max().item()),  # <= 1 (rounding ties)
+        "scale": relerr(sc[:, p:p + 1], sr),
+    }
+    calls = [lambda: katt.quantize_kv_int8_triton(k, out=(qc, sc), pos=pos)]
+    return record(name, errs, {"codes_off": 1.0, "scale": 1e-5}, calls, lambda: sc, None, kvh * hd * (2 + 1) + kvh * 4)
+
+
+def check_norms(name, d=3840, rows=1):
+    g = gen()
+    x = randn(rows, d, g=g, dtype=BF16, scale=3)
+    r = randn(rows, d, g=g, dtype=BF16)
+    w = (1 + randn(d, g=g, scale=0.1)).to(BF16)
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(r)
+    errs = {
+        "rmsnorm": relerr(knorm.rmsnorm_triton(x, w, 1e-6), knorm.rmsnorm_ref(x, w, 1e-6)),
+    }
+    n1, r1 = knorm.add_rmsnorm_triton(x, r, w, 1e-6)
+    n2, r2 = knorm.add_rmsnorm_ref(x, r, w, 1e-6)
+    errs["add_rms"] = max(relerr(n1, n2), relerr(r1, r2))
+    errs["rms_add"] = relerr(knorm.rmsnorm_add_triton(x, r, w, 1e-6), knorm.rmsnorm_add_ref(x, r, w, 1e-6))
+    calls = [lambda: knorm.add_rmsnorm_triton(x, r, w, 1e-6, out, res_out)]
+    return record(name, errs, 1e-2, calls, lambda: out,
+                  lambda: knorm.add_rmsnorm_triton(x, r, w, 1e-6, out.clone(), res_out.clone())[0],
+                  rows * d * 2 * 4 + d * 2, "(timed: add_rmsnorm)")
+
+
+# ------------------------------------------------------------------------------------------- plan
+def plan():
+    if CUDA:
+        q4 = [
+            ("q4 gdn_in 3840x17280", 3840, 17280, 1, False),
+            ("q4 attn_qkv 3840x11520", 3840, 11520, 1, False),
+            ("q4 gate_up+silu 3840x22016", 3840, 22016, 1, True),
+            ("q4 gate_up+silu T=4", 3840, 22016, 4, True),
+            ("q4 down 11008x3840", 11008, 3840, 1, False),
+            ("q4 gdn_o 5760x3840", 5760, 3840, 1, False),
+            ("q4 attn_o 3840x3840", 3840, 3840, 1, False),
+            ("q4 attn_o T=8", 3840, 3840, 8, False),
+        ]
+        q8 = [
+            ("q8 lm_head 3840x100352", 3840, 100352, 1, False),
+            ("q8 gate_up+silu 3840x22016", 3840, 22016, 1, True),
+            ("q8 down 11008x3840", 11008, 3840, 1, False),
+        ]
+        gdn = dict(hk=30, hv=30, dk=96, dv=192)
+        att = dict(h=30, kvh=30, hd=128, max_ctx=32768)
+        lengths = [1, 4096, 32768]
+        int8_lengths = [4096, 32768]
+        norm_d = 3840
+    else:  # interpreter: same code paths, tiny shapes
+        q4 = [("q4 tiny", 256, 96, 1, False), ("q4 tiny gated T=3", 384, 64, 3, True)]
+        q8 = [("q8 tiny", 160, 80, 1, False), ("q8 tiny gated", 128, 64, 2, True)]
+        gdn = dict(hk=2, hv=4, dk=12, dv=20)
+        att = dict(h=4, kvh=2, hd=16, max_ctx=128)
+        lengths = [1, 77]
+        int8_lengths = [77]
+        norm_d = 300
+    checks = []
+    for nm, k, n, t, gated in q4:
+        checks.append((nm, lambda k=k, n=n, t=t, gated=gated, nm=nm: check_q4(nm, k, n, t, gated)))
+    for nm, k, n, t, gated in q8:
+        checks.append((nm, lambda k=k, n=n, t=t, gated=gated, nm=nm: check_q8(nm, k, n, t, gated)))
+    checks.append(("gdn_step", lambda: check_gdn("gdn_step", **gdn)))
+    for length in lengths:
+        nm = f"attn bf16 L={length}"
+        checks.append((nm, lambda length=length, nm=nm: check_attention(nm, length, **att)))
+    for length in int8_lengths:
+        nm = f"attn int8 L={length}"
+        checks.append((nm, lambda length=length, nm=nm: check_attention(nm, length, int8=True, **att)))
+    checks.append(("quantize_kv_int8", lambda: check_quantize_kv("quantize_kv_int8", att["kvh"], att["hd"],
+                                                                  att["max_ctx"])))
+    checks.append((f"norms d={norm_d}", lambda: check_norms(f"norms d={norm_d}", norm_d)))
+    if ARGS.sweep and CUDA:
+        for bn in (16, 32, 64):
+            for nw in (4, 8):
+                for k, n in ((3840, 17280), (11008, 3840)):
+                    nm = f"sweep q4 {k}x{n}"
+                    checks.append((nm, lambda k=k, n=n, bn=bn, nw=nw, nm=nm: check_q4(
+                        nm, k, n, block_n=bn, num_warps=nw)))
+        for split in (2, 4, 8, 16):
+            nm = "sweep q4 11008x3840"
+            checks.append((nm, lambda split=split, nm=nm: check_q4(nm, 11008, 3840, split_k=split)))
+        for bn, bk in ((32, 128), (64, 128), (32, 256), (16, 256)):
+            nm = "sweep q8 3840x100352"
+            checks.append((nm, lambda bn=bn, bk=bk, nm=nm: check_q8(nm, 3840, 100352, block_n=bn, block_k=bk)))
+        for ns in (8, 16, 32, 64):
+            for bs in (32, 64):
+                nm = "sweep attn L=32768"
+                checks.append((nm, lambda ns=ns, bs=bs, nm=nm: check_attention(
+                    nm, 32768, num_splits=ns, block_s=bs, **att)))
+        for bv in (16, 32, 64):
+            checks.append(("sweep gdn", lambda bv=bv: check_gdn("sweep gdn", block_v=bv, **gdn)))
+    return checks
+
+
+def per_token_estimate():
+    """Kernel-only decode-step time from the table (24 GDN + 8 attention layers, q4, q8 head)."""
+    t = {r["name"]: r["us"] for r in RESULTS}
+    need = ["q4 gdn_in 3840x17280", "q4 attn_qkv 3840x11520", "q4 gate_up+silu 3840x22016", "q4 down 11008x3840",
+            "q4 gdn_o 5760x3840", "q4 attn_o 3840x3840", "q8 lm_head 3840x100352", "gdn_step", "norms d=3840"]
+    if not all(k in t and t[k] == t[k] for k in need):
+        return
+    norm = t["norms d=3840"]
+    mlp = t["q4 gate_up+silu 3840x22016"] + t["q4 down 11008x3840"]
+    gdn_layer = t["q4 gdn_in 3840x17280"] + t["gdn_step"] + t["q4 gdn_o 5760x3840"] + mlp + 2 * norm
+    for length in (1, 4096, 32768):
+        key = f"attn bf16 L={length}"
+        if key not in t:
+            continue
+        attn_layer = t["q4 attn_qkv 3840x11520"] + 2 * norm + t[key] + t["q4 attn_o 3840x3840"] + mlp + 2 * norm
+        total = 24 * gdn_layer + 8 * attn_layer + norm + t["q8 lm_head 3840x100352"]
+        print(f"kernel-only decode step at L={length:>5}: {total:8.1f} us  -> {1e6 / total:6.1f} tok/s "
+              f"(gdn layer {gdn_layer:.1f} us, attn layer {attn_layer:.1f} us; a/b proj and launches not counted)")
+
+
+def main():
+    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if CUDA else 'cpu (interpreter)'}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton missing: nothing to check")
+        return 1
+    bw = copy_bandwidth()
+    if CUDA:
+        print(f"device-to-device copy: {bw:.0f} GB/s (read + write)")
+    t_start = time.time()
+    only = ARGS.only.lower()
+    for name, fn in plan():
+        if only and only not in name.lower():
+            continue
+        try:
+            fn()
+        except Exception as exc:
+            fail(name, exc)
+        if CUDA:
+            torch.cuda.empty_cache()
+    elapsed = time.time() - t_start
+
+    print()
+    print(f"{'check':<30}{'result':<7}{'max err':>10}{'graph us':>11}{'eager us':>11}{'MB':>9}{'GB/s':>9}{'%copy':>7}")
+    for r in RESULTS:
+        err = max(r["errs"].values(), default=float("nan"))
+        pct = 100 * r["gbs"] / bw if bw == bw and r["gbs"] == r["gbs"] else float("nan")
+        print(f"{r['name']:<30}{'PASS' if r['ok'] else 'FAIL':<7}{err:>10.2e}{r['us']:>11.2f}{r['eager_us']:>11.2f}"
+              f"{r['bytes'] / 1e6:>9.2f}{r['gbs']:>9.1f}{pct:>7.1f}  {r['note']}")
+    per_token_estimate()
+    n_fail = sum(not r["ok"] for r in RESULTS)
+    print(f"{len(RESULTS) - n_fail} PASS, {n_fail} FAIL in {elapsed:.0f} s")
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        meta = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if CUDA else "cpu", copy_gbs=bw)
+        (Path(out_dir) / "gpu_check_kernels.json").write_text(json.dumps(dict(meta=meta, results=RESULTS), indent=1))
+    return 1 if n_fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
