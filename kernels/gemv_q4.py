@@ -127,7 +127,7 @@ if HAS_TRITON:
         w [BN, G/8] int32 words of the group; word m, byte j: low nibble <-> x[g*G + 4m + j],
         high nibble <-> x[g*G + G/2 + 4m + j]. Since sum f x = sum x + sum q x / 128, this is
         s * sum q x + m * sum x, the group's contribution to y."""
-        t = tl.zeros(acc.shape, dtype=tl.float32)
+        t = tl.zeros_like(acc)
         xsum = tl.zeros([G // 8], dtype=tl.float32)
         if X_BF16:  # x_row: int32 view of a bf16 row, two bf16 per load
             xb = x_row + g * (G // 2) + 2 * hw
@@ -267,11 +267,11 @@ if HAS_TRITON:
 
 
 def _pick_split(n_blocks: int, iters: int, device: torch.device) -> int:
-    """Enough programs to keep every SM busy (~6 resident per SM), at least 4 iterations each."""
+    """Split K until there are ~6 programs per SM (bytes in flight), keeping >= 2 groups per split."""
     sms = num_sms(device)
     if n_blocks >= 4 * sms:
         return 1
-    return max(1, min(cdiv(6 * sms, n_blocks), iters // 4))
+    return max(1, min(cdiv(6 * sms, n_blocks), iters // 2))
 
 
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_k, num_warps, num_stages):

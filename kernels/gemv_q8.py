@@ -257,7 +257,7 @@ def _q8_launch(x, qweight, scales, out, gated, block_n, block_k, split_k, num_wa
     n_blocks = cdiv(nr, bn)
     if split_k is None:
         sms = num_sms(x.device)
-        split_k = 1 if n_blocks >= 4 * sms else max(1, min(cdiv(6 * sms, n_blocks), iters // 4))
+        split_k = 1 if n_blocks >= 4 * sms else max(1, min(cdiv(6 * sms, n_blocks), iters // 2))
     split_k = max(1, min(int(split_k), iters))
     per_split = cdiv(iters, split_k)
     split_k = cdiv(iters, per_split)  # no empty splits

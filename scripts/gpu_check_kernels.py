@@ -46,7 +46,7 @@ ARGS = parse_args()
 if ARGS.dry_run:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
 
-import torch  # noqa: E402
+import torch
 
 
 def import_kernels():
@@ -181,13 +181,13 @@ def record(name, errs, tol, calls, last_out, eager_check, nbytes, note=""):
             errs["graph==eager"] = relerr(after_graph, again) if again.abs().sum() > 0 else 0.0
             graph_ok = torch.equal(after_graph, again)
         eager_us = bench_eager(calls[0])
-    except Exception as exc:  # keep going: report the failure
+    except Exception as exc:  # noqa: BLE001  (keep going: report the failure)
         us, eager_us, graph_ok = float("nan"), float("nan"), False
         note = f"{note} timing failed: {type(exc).__name__}: {exc}"[:200]
     tols = tol if isinstance(tol, dict) else {k: tol for k in errs}
     ok = all(e <= tols[k] for k, e in errs.items() if k != "graph==eager") and graph_ok
-    gbs = nbytes / (us * 1e-6) / 1e9 if us == us else float("nan")
-    row = dict(name=name, ok=ok, errs=errs, tol=tol, us=us, eager_us=eager_us, bytes=nbytes, gbs=gbs, note=note)
+    gbs = nbytes / (us * 1e-6) / 1e9 if not math.isnan(us) else float("nan")
+    row = {"name": name, "ok": ok, "errs": errs, "tol": tol, "us": us, "eager_us": eager_us, "bytes": nbytes, "gbs": gbs, "note": note}
     RESULTS.append(row)
     err_txt = " ".join(f"{k}={v:.2e}" for k, v in errs.items())
     print(f"[{'PASS' if ok else 'FAIL'}] {name:<28} {err_txt}  graph {us:9.2f} us  eager {eager_us:9.2f} us  "
@@ -196,8 +196,8 @@ def record(name, errs, tol, calls, last_out, eager_check, nbytes, note=""):
 
 
 def fail(name, exc):
-    RESULTS.append(dict(name=name, ok=False, errs={}, tol=0, us=float("nan"), eager_us=float("nan"), bytes=0,
-                        gbs=float("nan"), note=f"{type(exc).__name__}: {exc}"[:300]))
+    RESULTS.append({"name": name, "ok": False, "errs": {}, "tol": 0, "us": float("nan"), "eager_us": float("nan"), "bytes": 0,
+                        "gbs": float("nan"), "note": f"{type(exc).__name__}: {exc}"[:300]})
     print(f"[FAIL] {name:<28} {type(exc).__name__}: {exc}", flush=True)
 
 
@@ -259,14 +259,14 @@ def check_gdn(name, hk=30, hv=30, dk=96, dv=192, kconv=4, **tune):
     state_bytes = hv * dk * dv * 4
     layers = []
     for _ in range(n_copies(2 * state_bytes, cap=24)):  # one copy per GDN layer of the model at most
-        layers.append(dict(
-            conv_weight=randn(c, kconv, g=g, dtype=BF16, scale=0.5),
-            conv_state=randn(c, kconv - 1, g=g, dtype=BF16),
-            A_log=torch.rand(hv, device=DEV, generator=g) * 2.5,
-            dt_bias=randn(hv, g=g, scale=0.5),
-            norm_weight=(1 + randn(dv, g=g, scale=0.1)).to(BF16),
-            rec_state=randn(hv, dk, dv, g=g, scale=0.1),
-        ))
+        layers.append({
+            "conv_weight": randn(c, kconv, g=g, dtype=BF16, scale=0.5),
+            "conv_state": randn(c, kconv - 1, g=g, dtype=BF16),
+            "A_log": torch.rand(hv, device=DEV, generator=g) * 2.5,
+            "dt_bias": randn(hv, g=g, scale=0.5),
+            "norm_weight": (1 + randn(dv, g=g, scale=0.1)).to(BF16),
+            "rec_state": randn(hv, dk, dv, g=g, scale=0.1),
+        })
     proj = randn(c + hv * dv + 2 * hv, g=g, dtype=BF16)  # one projection row: q|k|v, z, a, b
     qkv, z = proj[:c], proj[c:c + hv * dv]
     a, b = proj[c + hv * dv:c + hv * dv + hv], proj[c + hv * dv + hv:]
@@ -304,7 +304,7 @@ def check_attention(name, length, h=30, kvh=30, hd=128, max_ctx=32768, int8=Fals
             kq, ks = katt.quantize_kv_int8_ref(kc)
             vq, vs = katt.quantize_kv_int8_ref(vc)
             del kc, vc
-            caches.append((kq, vq, dict(k_scale=ks, v_scale=vs)))
+            caches.append((kq, vq, {"k_scale": ks, "v_scale": vs}))
         else:
             caches.append((kc, vc, {}))
     q = randn(h, hd, g=g, dtype=BF16)
@@ -376,16 +376,16 @@ def plan():
             ("q8 gate_up+silu 3840x22016", 3840, 22016, 1, True),
             ("q8 down 11008x3840", 11008, 3840, 1, False),
         ]
-        gdn = dict(hk=30, hv=30, dk=96, dv=192)
-        att = dict(h=30, kvh=30, hd=128, max_ctx=32768)
+        gdn = {"hk": 30, "hv": 30, "dk": 96, "dv": 192}
+        att = {"h": 30, "kvh": 30, "hd": 128, "max_ctx": 32768}
         lengths = [1, 4096, 32768]
         int8_lengths = [4096, 32768]
         norm_d = 3840
     else:  # interpreter: same code paths, tiny shapes
         q4 = [("q4 tiny", 256, 96, 1, False), ("q4 tiny gated T=3", 384, 64, 3, True)]
         q8 = [("q8 tiny", 160, 80, 1, False), ("q8 tiny gated", 128, 64, 2, True)]
-        gdn = dict(hk=2, hv=4, dk=12, dv=20)
-        att = dict(h=4, kvh=2, hd=16, max_ctx=128)
+        gdn = {"hk": 2, "hv": 4, "dk": 12, "dv": 20}
+        att = {"h": 4, "kvh": 2, "hd": 16, "max_ctx": 128}
         lengths = [1, 77]
         int8_lengths = [77]
         norm_d = 300
@@ -432,7 +432,7 @@ def per_token_estimate():
     t = {r["name"]: r["us"] for r in RESULTS}
     need = ["q4 gdn_in 3840x17280", "q4 attn_qkv 3840x11520", "q4 gate_up+silu 3840x22016", "q4 down 11008x3840",
             "q4 gdn_o 5760x3840", "q4 attn_o 3840x3840", "q8 lm_head 3840x100352", "gdn_step", "norms d=3840"]
-    if not all(k in t and t[k] == t[k] for k in need):
+    if not all(k in t and not math.isnan(t[k]) for k in need):
         return
     norm = t["norms d=3840"]
     mlp = t["q4 gate_up+silu 3840x22016"] + t["q4 down 11008x3840"]
@@ -466,7 +466,7 @@ def main():
             continue
         try:
             fn()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (report and go on with the next check)
             fail(name, exc)
         if CUDA:
             torch.cuda.empty_cache()
@@ -476,7 +476,7 @@ def main():
     print(f"{'check':<30}{'result':<7}{'max err':>10}{'graph us':>11}{'eager us':>11}{'MB':>9}{'GB/s':>9}{'%copy':>7}")
     for r in RESULTS:
         err = max(r["errs"].values(), default=float("nan"))
-        pct = 100 * r["gbs"] / bw if bw == bw and r["gbs"] == r["gbs"] else float("nan")
+        pct = 100 * r["gbs"] / bw if not (math.isnan(bw) or math.isnan(r["gbs"])) else float("nan")
         print(f"{r['name']:<30}{'PASS' if r['ok'] else 'FAIL':<7}{err:>10.2e}{r['us']:>11.2f}{r['eager_us']:>11.2f}"
               f"{r['bytes'] / 1e6:>9.2f}{r['gbs']:>9.1f}{pct:>7.1f}  {r['note']}")
     per_token_estimate()
@@ -485,8 +485,8 @@ def main():
     out_dir = os.environ.get("OUT")
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        meta = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if CUDA else "cpu", copy_gbs=bw)
-        (Path(out_dir) / "gpu_check_kernels.json").write_text(json.dumps(dict(meta=meta, results=RESULTS), indent=1))
+        meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if CUDA else "cpu", "copy_gbs": bw}
+        (Path(out_dir) / "gpu_check_kernels.json").write_text(json.dumps({"meta": meta, "results": RESULTS}, indent=1))
     return 1 if n_fail else 0
 
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from olmo_local.kernels import _triton, attention_decode, backend, quantize_kv_int8
 
 ka = importlib.import_module("olmo_local.kernels.attention_decode")  # the package attribute is the function
@@ -139,7 +138,7 @@ def test_dispatch():
     n = torch.tensor([6], dtype=torch.int32)
     with backend("triton"):
         y = attention_decode(q, k, v, n)
-        qq, ss = quantize_kv_int8(k)
+        qq, _ = quantize_kv_int8(k)
     r = attention_decode(q, k, v, n)
     assert relerr(y, r) < 1e-5
     assert (qq.int() - quantize_kv_int8(k)[0].int()).abs().max() <= 1

@@ -3,10 +3,9 @@
 import subprocess
 import sys
 
+import olmo_local.kernels as K
 import pytest
 import torch
-
-import olmo_local.kernels as K
 
 NO_TRITON = """
 import builtins
@@ -25,7 +24,7 @@ print(K.rmsnorm(x, torch.ones(16), 1e-6).shape[1], K.current_backend())
 
 
 def test_import_without_triton():
-    res = subprocess.run([sys.executable, "-c", NO_TRITON], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", NO_TRITON], capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["16", "auto"]
 
@@ -38,9 +37,8 @@ def test_backend_context():
             assert K.current_backend() == "triton"
         assert K.current_backend() == "torch"
     assert K.current_backend() == "auto"
-    with pytest.raises(ValueError):
-        with K.backend("cuda"):
-            pass
+    with pytest.raises(ValueError), K.backend("cuda"):
+        pass
 
 
 def test_auto_uses_reference_on_cpu(monkeypatch):

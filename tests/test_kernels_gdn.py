@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from olmo_local.kernels import _triton, backend, gdn_decode_step
 from olmo_local.kernels import gdn_decode as kg
 
@@ -18,18 +17,18 @@ def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def make_inputs(hk, hv, dk, dv, kconv, dtype, gen):
     c = 2 * hk * dk + hv * dv
-    return dict(
-        qkv=torch.randn(c, generator=gen).to(dtype),
-        z=torch.randn(hv * dv, generator=gen).to(dtype),
-        a=torch.randn(hv, generator=gen).to(dtype),
-        b=torch.randn(hv, generator=gen).to(dtype),
-        conv_weight=(torch.randn(c, kconv, generator=gen) * 0.5).to(dtype),
-        conv_state=torch.randn(c, kconv - 1, generator=gen).to(dtype),
-        A_log=torch.rand(hv, generator=gen) * 2 - 1,
-        dt_bias=torch.randn(hv, generator=gen) * 0.5,
-        norm_weight=(1 + 0.2 * torch.randn(dv, generator=gen)).to(dtype),
-        rec_state=torch.randn(hv, dk, dv, generator=gen) * 0.3,
-    )
+    return {
+        "qkv": torch.randn(c, generator=gen).to(dtype),
+        "z": torch.randn(hv * dv, generator=gen).to(dtype),
+        "a": torch.randn(hv, generator=gen).to(dtype),
+        "b": torch.randn(hv, generator=gen).to(dtype),
+        "conv_weight": (torch.randn(c, kconv, generator=gen) * 0.5).to(dtype),
+        "conv_state": torch.randn(c, kconv - 1, generator=gen).to(dtype),
+        "A_log": torch.rand(hv, generator=gen) * 2 - 1,
+        "dt_bias": torch.randn(hv, generator=gen) * 0.5,
+        "norm_weight": (1 + 0.2 * torch.randn(dv, generator=gen)).to(dtype),
+        "rec_state": torch.randn(hv, dk, dv, generator=gen) * 0.3,
+    }
 
 
 def clone(inp):

@@ -3,7 +3,6 @@ an independent float64 formulation written from docs/contracts.md."""
 
 import pytest
 import torch
-
 from olmo_local.kernels import _triton, backend, q4_gemv, q8_gemv
 from olmo_local.kernels import gemv_q4 as k4
 from olmo_local.kernels import gemv_q8 as k8

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from olmo_local.kernels import add_rmsnorm, backend, rmsnorm, rmsnorm_add
 from olmo_local.kernels import norm as kn
 
