@@ -108,20 +108,22 @@ def q4_gemv_silu_mul_ref(
 if HAS_TRITON:
 
     @triton.jit
-    def _nibble(w, k: tl.constexpr):
+    def _nibble(w, magic, k: tl.constexpr):
         """Nibble k (bits 4k..4k+3) of int32 words as the float 1 + q/128 (q in mantissa bits 16..19).
 
-        Bit tricks instead of int->float conversions (I2F runs at a quarter of the FMA rate)."""
+        Bit tricks instead of int->float conversions (I2F runs at a quarter of the FMA rate).
+        `magic` = 0x3F800000 arrives as a kernel argument: as a register operand it lets ptxas emit
+        one LOP3 with the mask as immediate (two immediates made it re-materialise a constant)."""
         if k < 4:
             v = w << (16 - 4 * k)
         elif k > 4:
             v = w >> (4 * k - 16)
         else:
             v = w
-        return ((v & 0xF0000) | 0x3F800000).to(tl.float32, bitcast=True)
+        return ((v & 0xF0000) | magic).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _q4_group(acc, w, s128, mc, x_row, g, hw, G: tl.constexpr, X_BF16: tl.constexpr):
+    def _q4_group(acc, w, s128, mc, x_row, g, hw, magic, G: tl.constexpr, X_BF16: tl.constexpr):
         """acc += 128*s * sum_k f_k x_k + (m - 128*s) * sum_k x_k over one group, f = 1 + q/128.
 
         w [BN, G/8] int32 words of the group; word m, byte j: low nibble <-> x[g*G + 4m + j],
@@ -136,15 +138,15 @@ if HAS_TRITON:
                     xp = tl.load(xb + half * (G // 4) + p)
                     x0 = (xp << 16).to(tl.float32, bitcast=True)
                     x1 = (xp & -65536).to(tl.float32, bitcast=True)
-                    t = t + _nibble(w, 4 * p + half) * x0[None, :]
-                    t = t + _nibble(w, 4 * p + 2 + half) * x1[None, :]
+                    t = t + _nibble(w, magic, 4 * p + half) * x0[None, :]
+                    t = t + _nibble(w, magic, 4 * p + 2 + half) * x1[None, :]
                     xsum = xsum + x0 + x1
         else:
             xb = x_row + g * G + 4 * hw
             for half in tl.static_range(2):
                 for j in tl.static_range(4):
                     xv = tl.load(xb + half * (G // 2) + j).to(tl.float32)
-                    t = t + _nibble(w, 2 * j + half) * xv[None, :]
+                    t = t + _nibble(w, magic, 2 * j + half) * xv[None, :]
                     xsum = xsum + xv
         acc = acc + s128 * t
         return acc + mc * xsum[None, :]
@@ -174,6 +176,7 @@ if HAS_TRITON:
         NGR,  # groups per weight row = K // G
         stride_x, stride_y,  # x row stride in x_ptr elements, y row stride
         GPS,  # groups per split
+        MAGIC,  # 0x3F800000 (the float 1.0), passed at run time on purpose: see _nibble
         T: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
         GATED: tl.constexpr, X_BF16: tl.constexpr,
     ):
@@ -210,42 +213,42 @@ if HAS_TRITON:
             ma = tl.load(m_ptr + rn[:, None] * NGR + g, mask=rmask[:, None], other=0).to(tl.float32)
             sa128 = 128.0 * sa
             mca = ma - sa128
-            a0 = _q4_group(a0, wa, sa128, mca, x_ptr, g, hw, G, X_BF16)
+            a0 = _q4_group(a0, wa, sa128, mca, x_ptr, g, hw, MAGIC, G, X_BF16)
             if T > 1:
-                a1 = _q4_group(a1, wa, sa128, mca, x_ptr + stride_x, g, hw, G, X_BF16)
+                a1 = _q4_group(a1, wa, sa128, mca, x_ptr + stride_x, g, hw, MAGIC, G, X_BF16)
             if T > 2:
-                a2 = _q4_group(a2, wa, sa128, mca, x_ptr + 2 * stride_x, g, hw, G, X_BF16)
+                a2 = _q4_group(a2, wa, sa128, mca, x_ptr + 2 * stride_x, g, hw, MAGIC, G, X_BF16)
             if T > 3:
-                a3 = _q4_group(a3, wa, sa128, mca, x_ptr + 3 * stride_x, g, hw, G, X_BF16)
+                a3 = _q4_group(a3, wa, sa128, mca, x_ptr + 3 * stride_x, g, hw, MAGIC, G, X_BF16)
             if T > 4:
-                a4 = _q4_group(a4, wa, sa128, mca, x_ptr + 4 * stride_x, g, hw, G, X_BF16)
+                a4 = _q4_group(a4, wa, sa128, mca, x_ptr + 4 * stride_x, g, hw, MAGIC, G, X_BF16)
             if T > 5:
-                a5 = _q4_group(a5, wa, sa128, mca, x_ptr + 5 * stride_x, g, hw, G, X_BF16)
+                a5 = _q4_group(a5, wa, sa128, mca, x_ptr + 5 * stride_x, g, hw, MAGIC, G, X_BF16)
             if T > 6:
-                a6 = _q4_group(a6, wa, sa128, mca, x_ptr + 6 * stride_x, g, hw, G, X_BF16)
+                a6 = _q4_group(a6, wa, sa128, mca, x_ptr + 6 * stride_x, g, hw, MAGIC, G, X_BF16)
             if T > 7:
-                a7 = _q4_group(a7, wa, sa128, mca, x_ptr + 7 * stride_x, g, hw, G, X_BF16)
+                a7 = _q4_group(a7, wa, sa128, mca, x_ptr + 7 * stride_x, g, hw, MAGIC, G, X_BF16)
             if GATED:  # the matching up-projection rows
                 wb = tl.load(wb_ptr + g * HW, mask=rmask[:, None], other=0)
                 sb = tl.load(s_ptr + (rn[:, None] + NR) * NGR + g, mask=rmask[:, None], other=0).to(tl.float32)
                 mb = tl.load(m_ptr + (rn[:, None] + NR) * NGR + g, mask=rmask[:, None], other=0).to(tl.float32)
                 sb128 = 128.0 * sb
                 mcb = mb - sb128
-                b0 = _q4_group(b0, wb, sb128, mcb, x_ptr, g, hw, G, X_BF16)
+                b0 = _q4_group(b0, wb, sb128, mcb, x_ptr, g, hw, MAGIC, G, X_BF16)
                 if T > 1:
-                    b1 = _q4_group(b1, wb, sb128, mcb, x_ptr + stride_x, g, hw, G, X_BF16)
+                    b1 = _q4_group(b1, wb, sb128, mcb, x_ptr + stride_x, g, hw, MAGIC, G, X_BF16)
                 if T > 2:
-                    b2 = _q4_group(b2, wb, sb128, mcb, x_ptr + 2 * stride_x, g, hw, G, X_BF16)
+                    b2 = _q4_group(b2, wb, sb128, mcb, x_ptr + 2 * stride_x, g, hw, MAGIC, G, X_BF16)
                 if T > 3:
-                    b3 = _q4_group(b3, wb, sb128, mcb, x_ptr + 3 * stride_x, g, hw, G, X_BF16)
+                    b3 = _q4_group(b3, wb, sb128, mcb, x_ptr + 3 * stride_x, g, hw, MAGIC, G, X_BF16)
                 if T > 4:
-                    b4 = _q4_group(b4, wb, sb128, mcb, x_ptr + 4 * stride_x, g, hw, G, X_BF16)
+                    b4 = _q4_group(b4, wb, sb128, mcb, x_ptr + 4 * stride_x, g, hw, MAGIC, G, X_BF16)
                 if T > 5:
-                    b5 = _q4_group(b5, wb, sb128, mcb, x_ptr + 5 * stride_x, g, hw, G, X_BF16)
+                    b5 = _q4_group(b5, wb, sb128, mcb, x_ptr + 5 * stride_x, g, hw, MAGIC, G, X_BF16)
                 if T > 6:
-                    b6 = _q4_group(b6, wb, sb128, mcb, x_ptr + 6 * stride_x, g, hw, G, X_BF16)
+                    b6 = _q4_group(b6, wb, sb128, mcb, x_ptr + 6 * stride_x, g, hw, MAGIC, G, X_BF16)
                 if T > 7:
-                    b7 = _q4_group(b7, wb, sb128, mcb, x_ptr + 7 * stride_x, g, hw, G, X_BF16)
+                    b7 = _q4_group(b7, wb, sb128, mcb, x_ptr + 7 * stride_x, g, hw, MAGIC, G, X_BF16)
 
         _q4_emit(y_ptr, part_ptr, tl.sum(a0, 1), tl.sum(b0, 1), 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
         if T > 1:
@@ -318,7 +321,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_
         part = cnt = y2  # unused
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
-        nr, ngr, stride_x, y2.stride(0), gps,
+        nr, ngr, stride_x, y2.stride(0), gps, 0x3F800000,
         T=t, G=g, BN=bn, SPLIT=split_k, GATED=gated, X_BF16=x_bf16,
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -78,16 +78,19 @@ def q8_gemv_silu_mul_ref(
 if HAS_TRITON:
 
     @triton.jit
-    def _byte_f(w, j: tl.constexpr):
-        """Byte j of int32 words (an int8 q) as the float 1 + (q + 128)/256 (bits moved to 15..22)."""
+    def _byte_f(w, magic, j: tl.constexpr):
+        """Byte j of int32 words (an int8 q) as the float 1 + (q + 128)/256 (bits moved to 15..22).
+
+        magic = 0x3FC00000 (1.0 with the byte's top bit pre-flipped) is a run-time argument so that
+        ptxas keeps it in a register and emits one LOP3 with the mask as immediate."""
         if j < 2:
             v = w << (15 - 8 * j)
         else:
             v = w >> (8 * j - 15)
-        return ((v & 0x7F8000) ^ 0x3FC00000).to(tl.float32, bitcast=True)
+        return ((v & 0x7F8000) ^ magic).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _q8_block(acc, xsum, w, x_row, k0, bw, kmask, X_BF16: tl.constexpr, EVEN_K: tl.constexpr):
+    def _q8_block(acc, xsum, w, x_row, k0, bw, kmask, magic, X_BF16: tl.constexpr, EVEN_K: tl.constexpr):
         """acc += sum_j f_j * x_j, xsum += sum_j x_j for one [BN, BW] block of words (word m, byte j
         pairs with x[k0 + 4m + j])."""
         if X_BF16:  # x_row: int32 view of a bf16 row
@@ -99,8 +102,8 @@ if HAS_TRITON:
                     xp = tl.load(xb + p, mask=kmask, other=0)
                 x0 = (xp << 16).to(tl.float32, bitcast=True)
                 x1 = (xp & -65536).to(tl.float32, bitcast=True)
-                acc = acc + _byte_f(w, 2 * p) * x0[None, :]
-                acc = acc + _byte_f(w, 2 * p + 1) * x1[None, :]
+                acc = acc + _byte_f(w, magic, 2 * p) * x0[None, :]
+                acc = acc + _byte_f(w, magic, 2 * p + 1) * x1[None, :]
                 xsum = xsum + x0 + x1
         else:
             xb = x_row + k0 + 4 * bw
@@ -109,7 +112,7 @@ if HAS_TRITON:
                     xv = tl.load(xb + j).to(tl.float32)
                 else:
                     xv = tl.load(xb + j, mask=kmask, other=0).to(tl.float32)
-                acc = acc + _byte_f(w, j) * xv[None, :]
+                acc = acc + _byte_f(w, magic, j) * xv[None, :]
                 xsum = xsum + xv
         return acc, xsum
 
@@ -143,6 +146,7 @@ if HAS_TRITON:
         KW,  # int32 words per weight row = K // 4
         stride_x, stride_y,  # x row stride in x_ptr elements, y row stride
         WPS,  # int32 words per split (a multiple of BW)
+        MAGIC,  # 0x3FC00000, passed at run time on purpose: see _byte_f
         T: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr,
         GATED: tl.constexpr, X_BF16: tl.constexpr, EVEN_K: tl.constexpr,
     ):
@@ -170,38 +174,38 @@ if HAS_TRITON:
                 kmask = w0 + bw < w_end
                 wmask = rmask[:, None] & kmask[None, :]
             wa = tl.load(wa_ptr + w0, mask=wmask, other=0)
-            a0, s0 = _q8_block(a0, s0, wa, x_ptr, k0, bw, kmask, X_BF16, EVEN_K)
+            a0, s0 = _q8_block(a0, s0, wa, x_ptr, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
             if T > 1:
-                a1, s1 = _q8_block(a1, s1, wa, x_ptr + stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                a1, s1 = _q8_block(a1, s1, wa, x_ptr + stride_x, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
             if T > 2:
-                a2, s2 = _q8_block(a2, s2, wa, x_ptr + 2 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                a2, s2 = _q8_block(a2, s2, wa, x_ptr + 2 * stride_x, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
             if T > 3:
-                a3, s3 = _q8_block(a3, s3, wa, x_ptr + 3 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                a3, s3 = _q8_block(a3, s3, wa, x_ptr + 3 * stride_x, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
             if T > 4:
-                a4, s4 = _q8_block(a4, s4, wa, x_ptr + 4 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                a4, s4 = _q8_block(a4, s4, wa, x_ptr + 4 * stride_x, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
             if T > 5:
-                a5, s5 = _q8_block(a5, s5, wa, x_ptr + 5 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                a5, s5 = _q8_block(a5, s5, wa, x_ptr + 5 * stride_x, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
             if T > 6:
-                a6, s6 = _q8_block(a6, s6, wa, x_ptr + 6 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                a6, s6 = _q8_block(a6, s6, wa, x_ptr + 6 * stride_x, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
             if T > 7:
-                a7, s7 = _q8_block(a7, s7, wa, x_ptr + 7 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                a7, s7 = _q8_block(a7, s7, wa, x_ptr + 7 * stride_x, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
             if GATED:
                 wb = tl.load(wb_ptr + w0, mask=wmask, other=0)
-                b0, u0 = _q8_block(b0, u0, wb, x_ptr, k0, bw, kmask, X_BF16, EVEN_K)
+                b0, u0 = _q8_block(b0, u0, wb, x_ptr, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
                 if T > 1:
-                    b1, u1 = _q8_block(b1, u1, wb, x_ptr + stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                    b1, u1 = _q8_block(b1, u1, wb, x_ptr + stride_x, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
                 if T > 2:
-                    b2, u2 = _q8_block(b2, u2, wb, x_ptr + 2 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                    b2, u2 = _q8_block(b2, u2, wb, x_ptr + 2 * stride_x, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
                 if T > 3:
-                    b3, u3 = _q8_block(b3, u3, wb, x_ptr + 3 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                    b3, u3 = _q8_block(b3, u3, wb, x_ptr + 3 * stride_x, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
                 if T > 4:
-                    b4, u4 = _q8_block(b4, u4, wb, x_ptr + 4 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                    b4, u4 = _q8_block(b4, u4, wb, x_ptr + 4 * stride_x, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
                 if T > 5:
-                    b5, u5 = _q8_block(b5, u5, wb, x_ptr + 5 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                    b5, u5 = _q8_block(b5, u5, wb, x_ptr + 5 * stride_x, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
                 if T > 6:
-                    b6, u6 = _q8_block(b6, u6, wb, x_ptr + 6 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                    b6, u6 = _q8_block(b6, u6, wb, x_ptr + 6 * stride_x, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
                 if T > 7:
-                    b7, u7 = _q8_block(b7, u7, wb, x_ptr + 7 * stride_x, k0, bw, kmask, X_BF16, EVEN_K)
+                    b7, u7 = _q8_block(b7, u7, wb, x_ptr + 7 * stride_x, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
 
         _q8_emit(y_ptr, part_ptr, s_ptr, a0, s0, b0, u0, 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
         if T > 1:
@@ -268,7 +272,7 @@ def _q8_launch(x, qweight, scales, out, gated, block_n, block_k, split_k, num_wa
         part = cnt = y2  # unused
     _q8_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, y2, part, cnt,
-        nr, k // 4, stride_x, y2.stride(0), per_split * bw,
+        nr, k // 4, stride_x, y2.stride(0), per_split * bw, 0x3FC00000,
         T=t, BN=bn, BW=bw, SPLIT=split_k, GATED=gated, X_BF16=x_bf16, EVEN_K=k % bk == 0,
         num_warps=num_warps, num_stages=num_stages,
     )
