@@ -214,4 +214,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m olmo_local.cli`: run the imported module's app, on which the command modules registered
+    from olmo_local.cli import main as _main
+    _main()
