@@ -14,7 +14,7 @@ steps=${*:-kernels parity bench}
 for s in $steps; do
   case $s in
     kernels) timeout 240 python3 scripts/gpu_check_kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
-    parity)  timeout 170 python3 scripts/gpu_parity.py --steps 256 2>&1 | tee "$OUT/parity.log" | tail -12 ;;
+    parity)  timeout 130 python3 scripts/gpu_parity.py --steps ${PARITY_STEPS:-256} 2>&1 | tee "$OUT/parity.log" | tail -12 ;;
     bench)   timeout 200 python3 -m olmo_local.cli bench --synthetic 7b --format q4 -r 2 2>&1 | tee "$OUT/bench.log" | tail -20 ;;
     benchcmp) timeout 200 python3 -m olmo_local.cli bench --synthetic 7b --format q4 -r 1 --compare hf-nf4 -n 16 --depth none 2>&1 | tee "$OUT/benchcmp.log" | tail -20 ;;
     *) python3 -m olmo_local.cli $s 2>&1 | tee -a "$OUT/extra.log" | tail -20 ;;
