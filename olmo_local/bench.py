@@ -300,6 +300,7 @@ def bench(
     graph: Optional[bool] = typer.Option(None, "--graph/--no-graph", help="CUDA-graph decode step (default: on "
                                          "on CUDA, as in the chat)"),
     bw_mib: Optional[int] = typer.Option(None, "--bw-mib", hidden=True, help="copy-bandwidth buffer in MiB"),
+    threads: Optional[int] = typer.Option(None, "-t", "--threads", help="CPU threads for torch (default: torch's)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr"),
 ) -> None:
     """Speed and memory: pp512, tg128, tg128 at depth, ttft; peak memory; % of the decode roofline."""
@@ -307,6 +308,11 @@ def bench(
 
     if output not in OUTPUTS:
         raise OlmoError(f"unknown -o {output!r} (use md, json or csv)")
+    if threads is not None:
+        if threads < 1:
+            raise OlmoError("-t must be at least 1")
+        import torch
+        torch.set_num_threads(threads)
     with Progress(quiet) as progress:
         res = run_bench(model=model, synthetic=synthetic, fmt=fmt, device=device, reps=reps, n_prompt=n_prompt,
                         n_gen=n_gen, depth=depth, compare=compare, ctx=ctx, seed=seed, kv_cache=kv_cache,

@@ -72,7 +72,8 @@ def environment(device, compare: str | None = None) -> dict[str, Any]:
         env["driver"] = drv.splitlines()[0].strip() if drv else None
         env["cuda"] = torch.version.cuda
     else:
-        env["device_name"] = f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+        n = torch.get_num_threads()
+        env["device_name"] = f"{_cpu_name()} ({n} thread{'' if n == 1 else 's'})"
     env["torch"] = torch.__version__
     env["triton"] = _version("triton")
     env["transformers"] = _version("transformers") if compare else None
