@@ -281,7 +281,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     def names_of(prefix: str) -> list[str]:
         if prefix == "model.embed_tokens":
             return [n for n in reader.names() if n.startswith("model.embed_tokens.")] or [prefix + ".weight"]
-        return expected_names(prefix, _fmt(reader, prefix))
+        fmt = _fmt(reader, prefix)
+        extra = [prefix + ".weight_format"] if fmt == "bnb-int8" and reader.has(prefix + ".weight_format") else []
+        return expected_names(prefix, fmt) + extra
 
     validate(reader, cfg, names_of)
 
