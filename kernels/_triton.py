@@ -113,7 +113,7 @@ if HAS_TRITON:
 
     @triton.jit
     def splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y,
-                      T: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, GATED: tl.constexpr):
+                      T: tl.constexpr, BN: tl.constexpr, SPLIT, GATED: tl.constexpr):
         """Split-K epilogue shared by the GEMV kernels. Each split has written its fp32 partial rows
         part[split, t, :]; the last program of the row block to arrive (self-resetting counter) adds
         them in split order (deterministic), applies silu(gate) * up when gated, stores the rows.

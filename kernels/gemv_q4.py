@@ -153,9 +153,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _q4_emit(y_ptr, part_ptr, ra, rb, t: tl.constexpr, pid_k, rn, rmask, NR, stride_y,
-                 T: tl.constexpr, SPLIT: tl.constexpr, GATED: tl.constexpr):
+                 T: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr):
         """Row t of the result: stored (one split) or written as this split's fp32 partial."""
-        if SPLIT == 1:
+        if not SPLIT_K:
             if GATED:
                 ra = ra / (1.0 + tl.exp(-ra)) * rb
             tl.store(y_ptr + t * stride_y + rn, ra.to(y_ptr.dtype.element_ty), mask=rmask)
@@ -176,8 +176,9 @@ if HAS_TRITON:
         NGR,  # groups per weight row = K // G
         stride_x, stride_y,  # x row stride in x_ptr elements, y row stride
         GPS,  # groups per split
+        SPLIT,  # number of splits (run time: one compiled kernel serves every split count)
         MAGIC,  # 0x3F800000 (the float 1.0), passed at run time on purpose: see _nibble
-        T: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
+        T: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
         GATED: tl.constexpr, X_BF16: tl.constexpr,
     ):
         HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -250,22 +251,22 @@ if HAS_TRITON:
                 if T > 7:
                     b7 = _q4_group(b7, wb, sb128, mcb, x_ptr + 7 * stride_x, g, hw, MAGIC, G, X_BF16)
 
-        _q4_emit(y_ptr, part_ptr, tl.sum(a0, 1), tl.sum(b0, 1), 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        _q4_emit(y_ptr, part_ptr, tl.sum(a0, 1), tl.sum(b0, 1), 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 1:
-            _q4_emit(y_ptr, part_ptr, tl.sum(a1, 1), tl.sum(b1, 1), 1, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+            _q4_emit(y_ptr, part_ptr, tl.sum(a1, 1), tl.sum(b1, 1), 1, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 2:
-            _q4_emit(y_ptr, part_ptr, tl.sum(a2, 1), tl.sum(b2, 1), 2, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+            _q4_emit(y_ptr, part_ptr, tl.sum(a2, 1), tl.sum(b2, 1), 2, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 3:
-            _q4_emit(y_ptr, part_ptr, tl.sum(a3, 1), tl.sum(b3, 1), 3, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+            _q4_emit(y_ptr, part_ptr, tl.sum(a3, 1), tl.sum(b3, 1), 3, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 4:
-            _q4_emit(y_ptr, part_ptr, tl.sum(a4, 1), tl.sum(b4, 1), 4, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+            _q4_emit(y_ptr, part_ptr, tl.sum(a4, 1), tl.sum(b4, 1), 4, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 5:
-            _q4_emit(y_ptr, part_ptr, tl.sum(a5, 1), tl.sum(b5, 1), 5, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+            _q4_emit(y_ptr, part_ptr, tl.sum(a5, 1), tl.sum(b5, 1), 5, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 6:
-            _q4_emit(y_ptr, part_ptr, tl.sum(a6, 1), tl.sum(b6, 1), 6, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+            _q4_emit(y_ptr, part_ptr, tl.sum(a6, 1), tl.sum(b6, 1), 6, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 7:
-            _q4_emit(y_ptr, part_ptr, tl.sum(a7, 1), tl.sum(b7, 1), 7, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
-        if SPLIT > 1:
+            _q4_emit(y_ptr, part_ptr, tl.sum(a7, 1), tl.sum(b7, 1), 7, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+        if SPLIT_K:
             splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y, T, BN, SPLIT, GATED)
 
 
@@ -308,6 +309,8 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_
 
     # BN rows x G/8 words per iteration: with 4 warps each thread holds 2 rows x 16 bytes
     bn = block_n or max(16, min(8192 // g, next_pow2(nr)))
+    if block_n is None and t * (2 if gated else 1) > 4:
+        bn = max(16, bn // 2)  # one [BN, G/8] accumulator per row of x (and half): keep them in registers
     n_blocks = cdiv(nr, bn)
     if split_k is None:
         split_k = _pick_split(n_blocks, ngr, x.device)
@@ -321,8 +324,8 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_
         part = cnt = y2  # unused
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
-        nr, ngr, stride_x, y2.stride(0), gps, 0x3F800000,
-        T=t, G=g, BN=bn, SPLIT=split_k, GATED=gated, X_BF16=x_bf16,
+        nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
+        T=t, G=g, BN=bn, SPLIT_K=split_k > 1, GATED=gated, X_BF16=x_bf16,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -118,14 +118,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _q8_emit(y_ptr, part_ptr, s_ptr, acc_a, xs_a, acc_b, xs_b, t: tl.constexpr, pid_k, rn, rmask, NR,
-                 stride_y, T: tl.constexpr, SPLIT: tl.constexpr, GATED: tl.constexpr):
+                 stride_y, T: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr):
         """Row t: sum q*x = 256 * sum f*x - 384 * sum x, times the row scale; stored or written as a partial."""
         ra = (256.0 * tl.sum(acc_a, 1) - 384.0 * tl.sum(xs_a, 0)) * tl.load(s_ptr + rn, mask=rmask, other=0).to(tl.float32)
         rb = ra
         if GATED:
             rb = (256.0 * tl.sum(acc_b, 1) - 384.0 * tl.sum(xs_b, 0)) * tl.load(
                 s_ptr + NR + rn, mask=rmask, other=0).to(tl.float32)
-        if SPLIT == 1:
+        if not SPLIT_K:
             if GATED:
                 ra = ra / (1.0 + tl.exp(-ra)) * rb
             tl.store(y_ptr + t * stride_y + rn, ra.to(y_ptr.dtype.element_ty), mask=rmask)
@@ -146,8 +146,9 @@ if HAS_TRITON:
         KW,  # int32 words per weight row = K // 4
         stride_x, stride_y,  # x row stride in x_ptr elements, y row stride
         WPS,  # int32 words per split (a multiple of BW)
+        SPLIT,  # number of splits (run time)
         MAGIC,  # 0x3FC00000, passed at run time on purpose: see _byte_f
-        T: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr,
+        T: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr,
         GATED: tl.constexpr, X_BF16: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         pid_k = tl.program_id(0)
@@ -207,22 +208,22 @@ if HAS_TRITON:
                 if T > 7:
                     b7, u7 = _q8_block(b7, u7, wb, x_ptr + 7 * stride_x, k0, bw, kmask, MAGIC, X_BF16, EVEN_K)
 
-        _q8_emit(y_ptr, part_ptr, s_ptr, a0, s0, b0, u0, 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+        _q8_emit(y_ptr, part_ptr, s_ptr, a0, s0, b0, u0, 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 1:
-            _q8_emit(y_ptr, part_ptr, s_ptr, a1, s1, b1, u1, 1, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+            _q8_emit(y_ptr, part_ptr, s_ptr, a1, s1, b1, u1, 1, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 2:
-            _q8_emit(y_ptr, part_ptr, s_ptr, a2, s2, b2, u2, 2, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+            _q8_emit(y_ptr, part_ptr, s_ptr, a2, s2, b2, u2, 2, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 3:
-            _q8_emit(y_ptr, part_ptr, s_ptr, a3, s3, b3, u3, 3, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+            _q8_emit(y_ptr, part_ptr, s_ptr, a3, s3, b3, u3, 3, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 4:
-            _q8_emit(y_ptr, part_ptr, s_ptr, a4, s4, b4, u4, 4, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+            _q8_emit(y_ptr, part_ptr, s_ptr, a4, s4, b4, u4, 4, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 5:
-            _q8_emit(y_ptr, part_ptr, s_ptr, a5, s5, b5, u5, 5, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+            _q8_emit(y_ptr, part_ptr, s_ptr, a5, s5, b5, u5, 5, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 6:
-            _q8_emit(y_ptr, part_ptr, s_ptr, a6, s6, b6, u6, 6, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
+            _q8_emit(y_ptr, part_ptr, s_ptr, a6, s6, b6, u6, 6, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 7:
-            _q8_emit(y_ptr, part_ptr, s_ptr, a7, s7, b7, u7, 7, pid_k, rn, rmask, NR, stride_y, T, SPLIT, GATED)
-        if SPLIT > 1:
+            _q8_emit(y_ptr, part_ptr, s_ptr, a7, s7, b7, u7, 7, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+        if SPLIT_K:
             splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y, T, BN, SPLIT, GATED)
 
 
@@ -257,6 +258,8 @@ def _q8_launch(x, qweight, scales, out, gated, block_n, block_k, split_k, num_wa
     bk = block_k or 64
     bw = bk // 4
     bn = block_n or max(16, min(4096 // bk, next_pow2(nr)))
+    if block_n is None and t * (2 if gated else 1) > 4:
+        bn = max(16, bn // 2)  # one accumulator per row of x (and half): keep them in registers
     iters = cdiv(k, bk)
     n_blocks = cdiv(nr, bn)
     if split_k is None:
@@ -272,8 +275,8 @@ def _q8_launch(x, qweight, scales, out, gated, block_n, block_k, split_k, num_wa
         part = cnt = y2  # unused
     _q8_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, y2, part, cnt,
-        nr, k // 4, stride_x, y2.stride(0), per_split * bw, 0x3FC00000,
-        T=t, BN=bn, BW=bw, SPLIT=split_k, GATED=gated, X_BF16=x_bf16, EVEN_K=k % bk == 0,
+        nr, k // 4, stride_x, y2.stride(0), per_split * bw, split_k, 0x3FC00000,
+        T=t, BN=bn, BW=bw, SPLIT_K=split_k > 1, GATED=gated, X_BF16=x_bf16, EVEN_K=k % bk == 0,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
