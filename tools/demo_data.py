@@ -131,6 +131,25 @@ def heldout_sources(sp: Split, budget_per_source: int = 64_000, jargon_budget: i
     return rows
 
 
+def validation_text(sp: Split, budget_per_source: int = 64_000, jargon_budget: int = 40_000) -> str:
+    """Held-out text that is NOT in heldout_text(): the rest of each held-out slice and another run of
+    the Jargon File. For choices made during development (learning rate, steps), so that the shipped
+    evaluation text stays untouched by them."""
+    parts = []
+    for name in sorted(sp.heldout):
+        text = sp.heldout[name]
+        if name in HELDOUT_WHOLE:
+            start = paragraph_cut(text, len(text) // 4)
+            end = paragraph_cut(text, start + jargon_budget)
+        else:
+            start = paragraph_cut(text, budget_per_source) if len(text) > budget_per_source else len(text)
+            end = len(text)
+        chunk = text[start:end].strip("\n")
+        if chunk:
+            parts.append(chunk)
+    return "\n\n\n".join(parts) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # documents
 

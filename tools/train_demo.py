@@ -142,8 +142,9 @@ def model_config(args, special: dict[str, int], n_vocab: int) -> dict:
 class Data:
     """Token streams of the training split (+ chat samples) and of the held-out text."""
 
-    def __init__(self, text: np.ndarray, chat: np.ndarray, chat_starts: np.ndarray, heldout: np.ndarray):
-        self.text, self.chat, self.chat_starts, self.heldout = text, chat, chat_starts, heldout
+    def __init__(self, text: np.ndarray, chat: np.ndarray, chat_starts: np.ndarray, heldout: np.ndarray,
+                 val: np.ndarray):
+        self.text, self.chat, self.chat_starts, self.heldout, self.val = text, chat, chat_starts, heldout, val
 
 
 def load_split(args):
@@ -167,9 +168,9 @@ def prepare_data(args, texts, sp, tok) -> Data:
 
     special = dd.special_ids(tok)
     corpus_fp = dd.fingerprint(*[f"{n}:{len(t)}:{dd.fingerprint(t)}" for n, t in sorted(texts.items())])
-    key = dd.fingerprint("v1", tok.to_str(), corpus_fp, repr(args.holdout_frac), str(args.seed))
+    key = dd.fingerprint("v2", tok.to_str(), corpus_fp, repr(args.holdout_frac), str(args.seed))
     work = Path(args.work_dir or Path(tempfile.gettempdir()) / "olmo_local_train_demo") / key
-    names = ["text", "chat", "chat_starts", "heldout"]
+    names = ["text", "chat", "chat_starts", "heldout", "val"]
     if all((work / f"{n}.npy").is_file() for n in names):
         arrs = [np.load(work / f"{n}.npy") for n in names]
         log(f"token ids from cache {work}")
@@ -180,15 +181,18 @@ def prepare_data(args, texts, sp, tok) -> Data:
         chats = dd.chat_samples(sp.train["shakespeare.txt"], seed=args.seed) if "shakespeare.txt" in sp.train else []
         chat, chat_starts = dd.encode_docs(tok, chats, special[dd.EOT])
         heldout = np.asarray(tok.encode(dd.heldout_text(sp), add_special_tokens=False).ids, dtype=text.dtype)
-        arrs = [text, chat, chat_starts, heldout]
+        val = np.asarray(tok.encode(dd.validation_text(sp), add_special_tokens=False).ids, dtype=text.dtype)
+        arrs = [text, chat, chat_starts, heldout, val]
         work.mkdir(parents=True, exist_ok=True)
-        for n, a in zip(names, arrs):
-            np.save(work / f"{n}.npy", a)
+        for n, a in zip(names, arrs):  # atomic: concurrent runs may share the cache
+            tmp = work / f".{n}.{os.getpid()}.npy"
+            np.save(tmp, a)
+            os.replace(tmp, work / f"{n}.npy")
         log(f"tokenized in {time.time() - t:.1f}s ({len(docs)} documents, {len(chats)} chat samples); "
             f"cached in {work}")
     data = Data(*arrs)
     log(f"training tokens: {len(data.text):,} text + {len(data.chat):,} chat ({len(data.chat_starts):,} samples); "
-        f"held-out tokens: {len(data.heldout):,}")
+        f"held-out tokens: {len(data.heldout):,} (+ {len(data.val):,} validation)")
     return data
 
 
@@ -229,6 +233,16 @@ def lr_at(progress: float, peak: float, warmup_frac: float, final_frac: float) -
     return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def _eager():
+    """Run compiled layers eagerly (evaluation, sampling: other shapes, no recompiles)."""
+    import contextlib
+
+    import torch
+
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
+
+
 def evaluate(model, ids: np.ndarray, seq_len: int, batch: int, device, autocast) -> tuple[float, int]:
     """Mean next-token loss over ids in non-overlapping windows of seq_len + 1 tokens (each window's
     first token is context only; the last partial window is included)."""
@@ -238,25 +252,24 @@ def evaluate(model, ids: np.ndarray, seq_len: int, batch: int, device, autocast)
     model.eval()
     L = seq_len + 1
     starts = list(range(0, max(1, len(ids) - 1), seq_len))
-    total, count = 0.0, 0
-    with torch.no_grad(), autocast():
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    with torch.no_grad(), autocast(), _eager():
         for i in range(0, len(starts), batch):
             chunk = [ids[s:s + L] for s in starts[i:i + batch]]
             chunk = [c for c in chunk if len(c) > 1]
-            n = max(len(c) for c in chunk)
-            x = torch.full((len(chunk), n), 0, dtype=torch.long)
-            y = torch.full((len(chunk), n - 1), -100, dtype=torch.long)
+            x = torch.zeros((len(chunk), L), dtype=torch.long)
+            y = torch.full((len(chunk), L - 1), -100, dtype=torch.long)
             for j, c in enumerate(chunk):
                 c = torch.from_numpy(c.astype(np.int64))
                 x[j, :len(c)] = c
                 y[j, :len(c) - 1] = c[1:]
             logits = model(x[:, :-1].to(device))
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.to(device).reshape(-1),
-                                   ignore_index=-100, reduction="sum")
-            total += float(loss)
+            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.to(device).reshape(-1),
+                                     ignore_index=-100, reduction="sum")
             count += int((y != -100).sum())
     model.train()
-    return total / max(count, 1), count
+    return float(total) / max(count, 1), count
 
 
 def sample(model, tok, prompt: str, device, max_new: int = 48, seed: int = 0, temperature: float = 0.7,
@@ -270,7 +283,7 @@ def sample(model, tok, prompt: str, device, max_new: int = 48, seed: int = 0, te
     gen = torch.Generator().manual_seed(seed)
     out: list[int] = []
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), _eager():
         for _ in range(max_new):
             x = torch.tensor([ids + out], dtype=torch.long, device=device)
             logits = model(x)[0, -1].float().cpu()
@@ -302,6 +315,10 @@ def cmd_train(args) -> None:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    else:
+        torch.set_flush_denormal(True)  # tiny decays underflow; denormal arithmetic is very slow on CPU
     log(f"torch {torch.__version__}, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
 
@@ -340,9 +357,10 @@ def cmd_train(args) -> None:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    fwd = model
-    if args.compile:
-        fwd = torch.compile(model)
+    if args.compile == "layers":  # each layer compiled on its own: same-shaped layers share the work
+        for layer in model.layers:
+            layer.compile()
+    fwd = torch.compile(model) if args.compile == "model" else model
 
     batches = Batches(data, args.seq_len, args.batch, args.chat_frac, args.seed)
     tokens_per_step = args.batch * args.seq_len
@@ -355,9 +373,10 @@ def cmd_train(args) -> None:
     log(f"training: up to {args.steps} steps of {args.batch} x {args.seq_len} tokens "
         f"({args.steps * tokens_per_step / 1e6:.1f} M tokens), lr {args.lr} cosine, warmup {args.warmup_frac:.0%}"
         + (f", time budget {budget:.0f}s (training {train_budget:.0f}s)" if budget else "")
-        + (", bf16 autocast" if use_bf16 else ", fp32") + (", torch.compile" if args.compile else ""))
+        + (", bf16 autocast" if use_bf16 else ", fp32") + (f", torch.compile ({args.compile})" if args.compile != "none" else ""))
 
     losses: list[tuple[int, float]] = []
+    val_curve: list[tuple[int, float]] = []
     acc = torch.zeros((), device=device)
     acc_n = 0
     step = 0
@@ -402,6 +421,11 @@ def cmd_train(args) -> None:
             tps = tok_log / max(now - t_log, 1e-9)
             log(f"step {step:6d}  loss {mean:.4f}  lr {lr:.2e}  {tps / 1e3:8.1f} k tok/s  "
                 f"tokens {step * tokens_per_step / 1e6:7.1f} M  progress {progress:5.1%}")
+            if args.eval_every and step % args.eval_every == 0 and len(data.val) > 1:
+                vl, _ = evaluate(model, data.val, args.seq_len, args.eval_batch, device, autocast)
+                val_curve.append((step, vl))
+                log(f"step {step:6d}  validation loss {vl:.4f}")
+                t_log = time.time()
             acc.zero_()
             acc_n, t_log, tok_log = 0, now, 0
     if acc_n:
@@ -421,6 +445,9 @@ def cmd_train(args) -> None:
     log(f"held-out: loss {ho_loss:.4f}, perplexity {ho_ppl:.2f} over {ho_n:,} tokens "
         f"({args.seq_len}-token windows), {bpb:.3f} bits/byte; unigram perplexity {uni_ppl:.1f} "
         f"({eval_time(t)})")
+    long_win = 4 * args.seq_len  # NoPE: how the model does past the trained length
+    ho_long, _ = evaluate(model, data.heldout, long_win, max(1, args.eval_batch // 4), device, autocast)
+    log(f"held-out: loss {ho_long:.4f}, perplexity {math.exp(ho_long):.2f} in {long_win}-token windows")
 
     samples = {}
     for name, prompt in [
@@ -446,9 +473,11 @@ def cmd_train(args) -> None:
         "first_loss": first_loss,
         "final_train_loss": losses[-1][1] if losses else None,
         "loss_curve": losses,
+        "validation_curve": val_curve,
         "heldout": {"file": "olmo_local/assets/eval/heldout.txt", "tokens": int(len(data.heldout)),
                     "bytes": ev_bytes, "window": args.seq_len, "loss": ho_loss, "perplexity": ho_ppl,
-                    "bits_per_byte": bpb, "unigram_perplexity": uni_ppl},
+                    "bits_per_byte": bpb, "unigram_perplexity": uni_ppl,
+                    f"loss_{long_win}_window": ho_long, f"perplexity_{long_win}_window": math.exp(ho_long)},
         "samples": samples,
     }
     write_checkpoint(Path(args.out), cfg_dict, model, tok, report, args)
@@ -540,13 +569,13 @@ def main(argv: list[str] | None = None) -> None:
     for k in PRESETS["demo"]:
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None, help=f"override the preset's {k}")
     p.add_argument("--tokenizer", default=None, help="use this tokenizer dir/file instead of training one")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup-frac", type=float, default=0.03)
     p.add_argument("--final-lr-frac", type=float, default=0.05)
-    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.5)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--chat-frac", type=float, default=0.25, help="share of rows that are chat samples")
     p.add_argument("--seed", type=int, default=0)
@@ -559,7 +588,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-position-embeddings", type=int, default=4096)
     p.add_argument("--work-dir", default=None, help="token-id cache (default: $TMPDIR/olmo_local_train_demo)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", choices=["none", "layers", "model"], default="none",
+                   help="torch.compile each layer or the whole model (CUDA; default: %(default)s)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="validation loss (held-out text that is not in heldout.txt) every N steps")
     p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too")
     p.set_defaults(func=cmd_train)
 
