@@ -11,7 +11,7 @@ import inspect
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 
@@ -47,7 +47,7 @@ def resolve_chat_model(model: str | None, say) -> tuple[str, str]:
 def _open(name: str, device: str | None, ctx: int | None, kv_cache: str, progress):
     from olmo_local.runtime import open_model
 
-    kwargs = dict(device=device, ctx=ctx, progress=progress)
+    kwargs = {"device": device, "ctx": ctx, "progress": progress}
     if "kv_cache" in inspect.signature(open_model).parameters:
         kwargs["kv_cache"] = kv_cache
     return open_model(name, **kwargs)
@@ -55,23 +55,23 @@ def _open(name: str, device: str | None, ctx: int | None, kv_cache: str, progres
 
 @app.command()
 def chat(
-    model: Optional[str] = typer.Argument(None, help=f"model directory, Hugging Face repo id, or 'demo' "
-                                          f"(default: {DEFAULT_MODEL}, else demo when offline)"),
-    system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
-    temperature: Optional[float] = typer.Option(None, help="0 = greedy (default: the model's, else 0.6)"),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="0 = off"),
-    min_p: Optional[float] = typer.Option(None, "--min-p"),
-    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", help="1 = off"),
-    seed: Optional[int] = typer.Option(None, help="makes the session's replies repeatable"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", help="longest reply in tokens"),
-    ctx: Optional[int] = typer.Option(None, help="context size in tokens"),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
-    fmt: Optional[str] = typer.Option(None, "--format", help="weight format to use (shown by /show)"),
-    kv_cache: str = typer.Option("bf16", "--kv-cache", help="bf16 or int8"),
-    load: Optional[Path] = typer.Option(None, "--load", help="start from a conversation saved with /save"),
-    no_markdown: bool = typer.Option(False, "--no-markdown", help="print replies as plain text"),
-    once: bool = typer.Option(False, "--once", help="not a terminal: read all of stdin as one message"),
+    model: Annotated[str | None, typer.Argument(help=f"model directory, Hugging Face repo id, or 'demo' "
+                                                f"(default: {DEFAULT_MODEL}, else demo when offline)")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="system prompt")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy (default: the model's, else 0.6)")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="0 = off")] = None,
+    min_p: Annotated[float | None, typer.Option("--min-p")] = None,
+    repeat_penalty: Annotated[float | None, typer.Option("--repeat-penalty", help="1 = off")] = None,
+    seed: Annotated[int | None, typer.Option(help="makes the session's replies repeatable")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", help="longest reply in tokens")] = None,
+    ctx: Annotated[int | None, typer.Option(help="context size in tokens")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="weight format to use (shown by /show)")] = None,
+    kv_cache: Annotated[str, typer.Option("--kv-cache", help="bf16 or int8")] = "bf16",
+    load: Annotated[Path | None, typer.Option("--load", help="start from a conversation saved with /save")] = None,
+    no_markdown: Annotated[bool, typer.Option("--no-markdown", help="print replies as plain text")] = False,
+    once: Annotated[bool, typer.Option("--once", help="not a terminal: read all of stdin as one message")] = False,
 ) -> None:
     """Chat in the terminal (slash commands: /help). Piped stdin: one message per line, plain replies."""
     from olmo_local.chat_session import ChatSession, Settings
@@ -173,7 +173,7 @@ def _run_line(session, line: str) -> bool:
         session.view.error("out of GPU memory (lower --ctx, /clear, or use a 4-bit model)")
     except KeyboardInterrupt:
         raise
-    except Exception as e:  # noqa: BLE001 - the user sees one line, the session goes on
+    except Exception as e:  # the user sees one line, the session goes on
         if os.environ.get("OLMO_LOCAL_DEBUG") == "1":
             raise
         session.errors += 1

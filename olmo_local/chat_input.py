@@ -35,10 +35,7 @@ def strip_triple_quote(text: str) -> str:
     s = text.strip()
     if not s.startswith(TRIPLE):
         return text
-    s = s[len(TRIPLE):]
-    if s.endswith(TRIPLE):
-        s = s[:-len(TRIPLE)]
-    return s.strip("\n")
+    return s[len(TRIPLE):].removesuffix(TRIPLE).strip("\n")
 
 
 class LineReader:

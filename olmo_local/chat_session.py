@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -67,7 +68,7 @@ class Settings:
     max_tokens: int = 1024
     seed: int | None = None
 
-    ALIASES = {"temp": "temperature", "max_new_tokens": "max_tokens", "n": "max_tokens",
+    ALIASES: ClassVar[dict[str, str]] = {"temp": "temperature", "max_new_tokens": "max_tokens", "n": "max_tokens",
                "repetition_penalty": "repeat_penalty"}
 
     @classmethod
@@ -578,8 +579,8 @@ class ChatSession:
     # ---- commands -----------------------------------------------------------------------------
     def cmd_help(self, args: str) -> None:
         rows = [(f"/{c.name}" + (f" {c.args}" if c.args else ""), c.help) for c in self.commands]
-        tips = ['Enter sends. """ on its own starts and ends a multi-line message; Alt-Enter (or Esc then Enter) '
-                "adds a newline.",
+        tips = [('Enter sends. """ on its own starts and ends a multi-line message; Alt-Enter (or Esc then '
+                 "Enter) adds a newline."),
                 "Ctrl-C stops a reply (the partial answer is kept); Ctrl-C twice or Ctrl-D at the prompt exits.",
                 "Start a message with // to send a text that begins with /."]
         self.view.table("commands", rows, tips)
@@ -623,8 +624,9 @@ class ChatSession:
         if rss:
             rows.append(("process RSS", _bytes(rss)))
         if self.state.device.type == "cuda":
-            rows.append(("GPU allocated", f"{_bytes(torch.cuda.memory_allocated(self.state.device))} "
-                         f"(reserved {_bytes(torch.cuda.memory_reserved(self.state.device))})"))
+            dev = self.state.device
+            used = _bytes(torch.cuda.memory_allocated(dev))
+            rows.append(("GPU allocated", f"{used} (reserved {_bytes(torch.cuda.memory_reserved(dev))})"))
         return rows
 
     def cmd_show(self, args: str) -> None:
@@ -795,12 +797,12 @@ class ChatSession:
         snap = sum(s.nbytes for s in self.snapshots)
         avg = (f", {self.gen_total / self.decode_s_total:.1f} tok/s on average"
                if self.decode_s_total > 0 else "")
+        restore = f"{self.last_restore_ms:.2f} ms" if self.last_restore_ms is not None else "none"
         lines = [
-            f"prefill passes: {self.gen.prefill_calls} | tokens fed: {self.fed_total} "
-            f"(last turn {self.fed_last}) | generated: {self.gen_total} tokens in {_n(self.n_replies, 'reply')}{avg}",
-            f"context: {self.state.pos}/{self.state.max_ctx} tokens | snapshots: {len(self.snapshots)} "
-            f"({_bytes(snap)}) | last restore: "
-            + (f"{self.last_restore_ms:.2f} ms" if self.last_restore_ms is not None else "none"),
+            (f"prefill passes: {self.gen.prefill_calls} | tokens fed: {self.fed_total} (last turn {self.fed_last})"
+             f" | generated: {self.gen_total} tokens in {_n(self.n_replies, 'reply')}{avg}"),
+            (f"context: {self.state.pos}/{self.state.max_ctx} tokens | snapshots: {len(self.snapshots)} "
+             f"({_bytes(snap)}) | last restore: {restore}"),
         ]
         if st is not None:
             lines.append(f"last reply: {self.footer(st)} | stop: {st.stop_reason}")

@@ -199,7 +199,7 @@ class RichView:
             wait = Spinner("dots", Text(f"reading {prompt_tokens:,} tokens", style="dim"), style="dim")
             self._live = Live(wait, console=self.console, transient=True, refresh_per_second=12,
                               redirect_stdout=False, redirect_stderr=False)
-            self._live.start()
+            self._live.start(refresh=True)  # the spinner shows at once, however short the prompt
 
     def _show(self, runs: list[tuple[str, bool]]) -> None:
         for seg, is_think in runs:
