@@ -5,6 +5,7 @@
     python scripts/gpu_check_kernels.py --only q4    # names containing "q4"
     python scripts/gpu_check_kernels.py --sweep      # also try a few q4/q8/attention block configs
     python scripts/gpu_check_kernels.py --dry-run    # CPU: tiny shapes in the Triton interpreter
+    python scripts/gpu_check_kernels.py --aot        # any machine: sm_90 builds, registers / SASS counts
 
 For each op: Triton kernel vs the torch reference on fresh random inputs (relative error
 ||y - ref|| / ||ref||; bf16 outputs pass at <= 1e-2, fp32 states at <= 1e-4), then timing.
@@ -39,6 +40,9 @@ def parse_args():
     p.add_argument("--only", default="", help="run the checks whose name contains this text")
     p.add_argument("--sweep", action="store_true", help="also time a few alternative block configs")
     p.add_argument("--reps", type=int, default=10, help="graph replays to take the median of")
+    p.add_argument("--aot", action="store_true",
+                   help="no GPU needed: compile the kernels for sm_90 and summarise their SASS (registers, "
+                        "spills, instructions in the main loop)")
     return p.parse_args()
 
 
@@ -447,7 +451,113 @@ def per_token_estimate():
               f"(gdn layer {gdn_layer:.1f} us, attn layer {attn_layer:.1f} us; a/b proj and launches not counted)")
 
 
+# ------------------------------------------------------------------------------------------- --aot
+def aot_report() -> int:
+    """Compile the decode kernels for sm_90 with the installed Triton (its bundled ptxas) and print
+    registers, spills and the instruction mix of each main loop. Needs no GPU."""
+    import collections
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+    def build(fn, types, consts, num_warps, div16=()):
+        names = fn.arg_names
+        sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
+        cst = {(names.index(k),): v for k, v in consts.items()}
+        # what the JIT assumes at run time for 16-aligned pointers and ints divisible by 16
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+                 if types.get(n, "").startswith("*") or n in div16}
+        return triton.compile(ASTSource(fn, sig, cst, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": 2})
+
+    def sass_summary(kernel):
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = Path(tmp) / "k.cubin"
+            cubin.write_bytes(kernel.asm["cubin"])
+            res = subprocess.run([str(bindir / "cuobjdump"), "--dump-resource-usage", str(cubin)],
+                                 capture_output=True, text=True, check=True).stdout
+            sass = subprocess.run([str(bindir / "cuobjdump"), "-sass", str(cubin)],
+                                  capture_output=True, text=True, check=True).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+        ins = [(int(a, 16), b.strip()) for a, b in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+        loops = []
+        for addr, text in ins:
+            b = re.search(r"BRA (0x[0-9a-f]+)", text)
+            if b and int(b.group(1), 16) < addr:
+                body = [t for a, t in ins if int(b.group(1), 16) <= a <= addr]
+                ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
+                loops.append(f"loop {len(body)} instr: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
+        return f"regs {m.group(1)} stack {m.group(2)} local {m.group(4)}", loops
+
+    q4_types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "y_ptr": "*bf16",
+                "part_ptr": "*fp32", "cnt_ptr": "*i32", "NR": "i32", "NGR": "i32", "stride_x": "i32",
+                "stride_y": "i32", "GPS": "i32", "SPLIT": "i32", "MAGIC": "i32"}
+    q8_types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*bf16", "part_ptr": "*fp32",
+                "cnt_ptr": "*i32", "NR": "i32", "KW": "i32", "stride_x": "i32", "stride_y": "i32", "WPS": "i32",
+                "SPLIT": "i32", "MAGIC": "i32"}
+    gdn_types = {"qkv_ptr": "*bf16", "z_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "cw_ptr": "*bf16",
+                 "cs_ptr": "*bf16", "alog_ptr": "*fp32", "dtb_ptr": "*fp32", "nw_ptr": "*bf16", "s_ptr": "*fp32",
+                 "out_ptr": "*bf16", "ows_ptr": "*fp32", "cnt_ptr": "*i32", "HK": "i32", "DK": "i32", "DV": "i32",
+                 "R": "i32", "NVB": "i32", "q_scale": "fp32"}
+    att_types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
+                 "len_ptr": "*i32", "out_ptr": "*bf16", "mws_ptr": "*fp32", "lws_ptr": "*fp32", "aws_ptr": "*fp32",
+                 "cnt_ptr": "*i32", "stride_qh": "i32", "stride_kh": "i32", "stride_kt": "i32", "stride_vh": "i32",
+                 "stride_vt": "i32", "stride_ksh": "i32", "stride_vsh": "i32", "stride_oh": "i32",
+                 "sm_scale": "fp32", "HD": "i32"}
+    att_div = ("stride_qh", "stride_kh", "stride_kt", "stride_vh", "stride_vt", "stride_ksh", "stride_vsh",
+               "stride_oh", "HD")
+    norm_types = {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "ro_ptr": "*bf16",
+                  "D": "i32", "eps": "fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
+                  "stride_ro": "i32"}
+    jobs = [
+        ("q4 T=1 (64 rows x 128 cols / iter)", kq4._q4_gemv_kernel, q4_types,
+         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": False, "X_BF16": True}, 4, ()),
+        ("q4 gate|up+silu T=1 (128 weights/thr)", kq4._q4_gemv_kernel, q4_types,
+         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True}, 4, ()),
+        ("q4 gate|up+silu T=4", kq4._q4_gemv_kernel, q4_types,
+         {"T": 4, "G": 128, "BN": 32, "SPLIT_K": True, "GATED": True, "X_BF16": True}, 4, ()),
+        ("q4 T=8", kq4._q4_gemv_kernel, q4_types,
+         {"T": 8, "G": 128, "BN": 32, "SPLIT_K": True, "GATED": False, "X_BF16": True}, 4, ()),
+        ("q8 T=1 (32 weights/thr)", kq8._q8_gemv_kernel, q8_types,
+         {"T": 1, "BN": 64, "BW": 16, "SPLIT_K": False, "GATED": False, "X_BF16": True, "EVEN_K": True}, 4,
+         ("KW", "WPS")),
+        ("q8 gate|up+silu T=1", kq8._q8_gemv_kernel, q8_types,
+         {"T": 1, "BN": 64, "BW": 16, "SPLIT_K": True, "GATED": True, "X_BF16": True, "EVEN_K": True}, 4,
+         ("KW", "WPS")),
+        ("gdn step dk=96 dv=192 BV=32", kgdn._gdn_decode_kernel, gdn_types,
+         {"KC": 4, "KP": 4, "BK": 128, "BV": 32, "BDV": 256, "NEG": True}, 4, ("HK", "DK", "DV")),
+        ("attention bf16 hd=128 BS=64", katt._attn_decode_kernel, att_types,
+         {"G": 1, "BD": 128, "BS": 64, "NS": 18, "NSP": 32, "QUANT": False}, 8, att_div),
+        ("attention int8 hd=128 BS=64", katt._attn_decode_kernel, dict(att_types, k_ptr="*u8", v_ptr="*u8"),
+         {"G": 1, "BD": 128, "BS": 64, "NS": 18, "NSP": 32, "QUANT": True}, 8, att_div),
+        ("add_rmsnorm d=3840", knorm._rmsnorm_kernel, norm_types, {"BD": 4096, "MODE": 1}, 8,
+         ("D", "stride_x", "stride_r", "stride_y", "stride_ro")),
+    ]
+    print(f"triton {triton.__version__}: sm_90 builds")
+    n_fail = 0
+    for name, fn, types, consts, nw, div in jobs:
+        try:
+            head, loops = sass_summary(build(fn, types, consts, nw, div))
+            spill = " SPILLS" if " stack 0 " not in head + " " else ""
+            print(f"[{'PASS' if not spill else 'WARN'}] {name:<40} {head}{spill}")
+            for lp in loops[:2]:
+                print(f"       {lp}")
+        except Exception as exc:  # noqa: BLE001  (report every kernel)
+            n_fail += 1
+            print(f"[FAIL] {name:<40} {type(exc).__name__}: {str(exc)[:500]}")
+    print(f"{len(jobs) - n_fail} PASS, {n_fail} FAIL")
+    return 1 if n_fail else 0
+
+
 def main():
+    if ARGS.aot:
+        return aot_report()
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if CUDA else 'cpu (interpreter)'}")
     try:
         import triton
