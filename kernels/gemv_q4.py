@@ -372,6 +372,11 @@ def q4_gemv_silu_mul_triton(
 # ----------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------
+def _fits(x: torch.Tensor) -> bool:
+    """The decode kernel takes 1..8 rows; more rows (prefill) go to the reference path."""
+    return x.dim() == 1 or x.shape[0] <= 8
+
+
 def q4_gemv(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -380,7 +385,7 @@ def q4_gemv(
     group_size: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    if use_triton(x):
+    if use_triton(x) and _fits(x):
         return q4_gemv_triton(x, qweight, scales, mins, group_size, out)
     return q4_gemv_ref(x, qweight, scales, mins, group_size, out)
 
@@ -393,6 +398,6 @@ def q4_gemv_silu_mul(
     group_size: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    if use_triton(x):
+    if use_triton(x) and _fits(x):
         return q4_gemv_silu_mul_triton(x, qweight, scales, mins, group_size, out)
     return q4_gemv_silu_mul_ref(x, qweight, scales, mins, group_size, out)

@@ -319,10 +319,15 @@ def q8_gemv_silu_mul_triton(
 # ----------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------
+def _fits(x: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """The decode kernel takes 1..8 rows and K % 4 == 0; anything else goes to the reference path."""
+    return (x.dim() == 1 or x.shape[0] <= 8) and qweight.shape[1] % 4 == 0
+
+
 def q8_gemv(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    if use_triton(x):
+    if use_triton(x) and _fits(x, qweight):
         return q8_gemv_triton(x, qweight, scales, out)
     return q8_gemv_ref(x, qweight, scales, out)
 
@@ -330,6 +335,6 @@ def q8_gemv(
 def q8_gemv_silu_mul(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    if use_triton(x):
+    if use_triton(x) and _fits(x, qweight):
         return q8_gemv_silu_mul_triton(x, qweight, scales, out)
     return q8_gemv_silu_mul_ref(x, qweight, scales, out)

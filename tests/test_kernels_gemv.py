@@ -172,3 +172,15 @@ def test_q8_dispatch():
     with backend("triton"):
         y = q8_gemv(x, q, s)
     assert relerr(y, q8_gemv(x, q, s)) < 1e-5  # default on CPU tensors: the reference
+
+
+def test_dispatch_falls_back_for_many_rows():
+    gen = torch.Generator().manual_seed(23)
+    _, packed, scales, mins = random_q4(10, 64, 32, gen)
+    q, s = random_q8(10, 64, gen)
+    x = torch.randn(12, 64, generator=gen)  # 12 rows: more than the decode kernels take
+    with backend("triton"):
+        y4 = q4_gemv(x, packed, scales, mins, 32)
+        y8 = q8_gemv(x, q, s)
+    assert relerr(y4, k4.q4_gemv_ref(x, packed, scales, mins, 32)) < 1e-6
+    assert relerr(y8, k8.q8_gemv_ref(x, q, s)) < 1e-6
