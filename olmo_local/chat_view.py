@@ -233,8 +233,15 @@ class RichView:
     def progress(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        done = [0]
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=self.console, transient=True) as p:
             task = p.add_task(label, total=total)
-            yield lambda done: p.update(task, completed=done)
-        self.console.print(f"{label}: done", style="dim", markup=False, highlight=False)
+
+            def update(n: int) -> None:
+                done[0] = n
+                p.update(task, completed=n)
+
+            yield update
+        if done[0] >= total:
+            self.console.print(f"{label}: done", style="dim", markup=False, highlight=False)
