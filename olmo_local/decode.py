@@ -78,7 +78,8 @@ class DecodeStep:
                 x = self._gdn(layer, x)
             else:
                 x = self._attn(layer, x, rope)
-        logits = m.head(m.norm(x))[0]
+        h = m.norm(x)
+        logits = (linear(m.lm_head, h) if m.lm_head is not None else m.head(h))[0]
         st.pos_t.add_(1)
         return logits
 

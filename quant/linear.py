@@ -34,6 +34,8 @@ def _chunked_matmul(x: torch.Tensor, n: int, k: int, deq: Callable[[int, int, to
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {k}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
+    if x.is_cuda:  # GPU prefill: dequantize the whole layer once into a temporary, one tensor-core GEMM
+        return (x2 @ deq(0, n, x.dtype).T).reshape(*lead, n)
     rows = max(1, (_FWD_CHUNK_ELEMS_DECODE if x2.shape[0] <= 16 else _FWD_CHUNK_ELEMS) // k)
     if rows >= n:
         return (x2 @ deq(0, n, x.dtype).T).reshape(*lead, n)
@@ -130,6 +132,10 @@ class Q4Linear(_QLinearBase):
         return dequantize_q4(self.qweight[r0:r1], self.scales[r0:r1], self.mins[r0:r1], self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.numel() <= 8 * self.in_features:  # decode: the fused dequant-GEMV kernel
+            from olmo_local.kernels.gemv_q4 import q4_gemv
+            y = q4_gemv(x.reshape(-1, self.in_features), self.qweight, self.scales, self.mins, self.group_size)
+            return y.reshape(*x.shape[:-1], self.out_features)
         return _chunked_matmul(x, self.out_features, self.in_features, self._deq_rows)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -177,6 +183,10 @@ class Q8Linear(_QLinearBase):
         return dequantize_q8(self.qweight[r0:r1], self.scales[r0:r1], dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.numel() <= 8 * self.in_features and self.scales.dtype == torch.float16:
+            from olmo_local.kernels.gemv_q8 import q8_gemv  # decode: the fused dequant-GEMV kernel
+            y = q8_gemv(x.reshape(-1, self.in_features), self.qweight, self.scales)
+            return y.reshape(*x.shape[:-1], self.out_features)
         return _q8_matmul(x, self.qweight, self.scales)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
