@@ -193,6 +193,9 @@ def run_interactive(session, history_file: Path | None) -> int:
         try:
             line = reader.read(prompt, default=default)
         except KeyboardInterrupt:
+            if mode:  # Ctrl-C at a pre-filled prompt (/edit, a message given back) cancels it
+                session.next_input = None
+                continue
             if ctrl_c:
                 break
             ctrl_c = True

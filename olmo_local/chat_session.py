@@ -421,12 +421,16 @@ class ChatSession:
         self.gen_total += stats.gen_tokens
         self.decode_s_total += stats.decode_s
         if stats.stop_reason == "interrupted" and not text:
-            # nothing came: drop the message (the UI offers it again)
-            self.messages.pop()
+            # nothing came: drop the message; in a terminal it goes back to the prompt, nothing is lost
+            user = self.messages.pop()
             if not hard:
                 self._restore(pre if pre_pos else None)
             self.view.reply_end("", think, self.footer(stats), "interrupted")
-            self.view.note("stopped before any text; the message was dropped")
+            if self.view.interactive:
+                self.next_input = ("send", user["content"])
+                self.view.note("stopped before any text; your message is back at the prompt")
+            else:
+                self.view.note("stopped before any text; the message was dropped")
             return None
         self.messages.append({"role": "assistant", "content": text})
         self.n_replies += 1

@@ -147,9 +147,16 @@ def test_history_multiline_and_exits(tiny, data_home, tmp_path):
         assert "tok/s" in wait_prompt(c)
         c.send("x\x1b\ry\r")
         assert "tok/s" in wait_prompt(c)
+        # /edit alone puts the last message back at the prompt for editing
+        c.sendline("/edit")
+        c.expect_exact(PROMPT_END)
+        c.expect_exact(PROMPT_START)
+        c.expect("edit>")
+        c.send(" z\r")
+        assert "message edited" in wait_prompt(c)
         command(c, "/save ml.json")
         msgs = json.loads((tmp_path / "ml.json").read_text())["messages"]
-        assert [m["content"] for m in msgs if m["role"] == "user"] == ["line a\nline b", "x\ny"]
+        assert [m["content"] for m in msgs if m["role"] == "user"] == ["line a\nline b", "x\ny z"]
         # the history crosses sessions: Up recalls earlier lines (here /save ml.json, then x\ny, ...)
         c.send("\x1b[A")
         c.expect("/save ml.json")
