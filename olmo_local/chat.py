@@ -39,7 +39,7 @@ def resolve_chat_model(model: str | None, say) -> tuple[str, str]:
     try:
         path = resolve_model(DEFAULT_MODEL)
     except OlmoError as e:
-        say(f"{DEFAULT_MODEL} is not available ({e}); using the bundled demo model instead")
+        say(f"{e}; using the bundled demo model instead")  # the message names the model and why
         return "demo", "demo"
     return str(prepare_default_model(path)), DEFAULT_MODEL
 
