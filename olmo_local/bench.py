@@ -156,12 +156,13 @@ def run_bench(model: str | None = None, synthetic: str | None = None, fmt: str |
             if ctx > cfg.max_position_embeddings:
                 raise OlmoError(f"these tests need a {ctx}-token context, more than the model's "
                                 f"max_position_embeddings ({cfg.max_position_embeddings}); lower --depth/-p/-n")
-            net = load_model(path, dev, progress=lambda i, n: say(f"loading {path.name}: layer {i}/{n}"))
+            net = load_model(path, dev, torch.bfloat16 if fmt == "bf16" else None,  # else the chat's default
+                             progress=lambda i, n: say(f"loading {path.name}: layer {i}/{n}"))
             name = path.name if path.name else str(model)
             detected = detect_format(net)
             if fmt is not None and fmt != detected:
-                raise OlmoError(f"{model} is stored as {detected}; --format applies to --synthetic "
-                                f"(make a {fmt} checkpoint with olmo-local quantize)")
+                raise OlmoError(f"{model} runs as {detected}; --format picks the format of --synthetic models "
+                                f"(and bf16 for a dense checkpoint): make a {fmt} checkpoint with olmo-local quantize")
             fmt = detected
         state = DecodeState(cfg, ctx, dev, net.dtype, kv_cache=kv_cache)
         gen = make_generator(net, state, graph=graph)

@@ -263,3 +263,15 @@ def test_compare_nf4_without_bitsandbytes(monkeypatch):
         run_bench(compare="hf-nf4", **SMALL)
     with pytest.raises(OlmoError, match="unknown --compare"):
         run_bench(compare="vllm", **SMALL)
+
+
+def test_bench_a_checkpoint_directory(tmp_path):
+    from olmo_local.random_init import write_random_checkpoint
+
+    path = write_random_checkpoint(tmp_path / "tiny", preset("tiny"), seed=1)
+    res = run_bench(model=str(path), **{**SMALL, "synthetic": None, "fmt": "bf16"})
+    assert res["model"]["name"] == "tiny" and res["model"]["format"] == "bf16"
+    assert res["model"]["size_bytes"] == sum(roof.format_weight_bytes(preset("tiny"), "bf16").values())
+    assert [r["test"] for r in res["rows"]] == ["pp24", "tg6", "ttft"]
+    with pytest.raises(OlmoError, match="runs as fp32"):
+        run_bench(model=str(path), **{**SMALL, "synthetic": None, "fmt": "q4"})
