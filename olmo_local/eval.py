@@ -303,9 +303,9 @@ import typer  # noqa: E402
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="model directory, Hugging Face repo id, or 'demo'"),
-    text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text file (default: the bundled held-out text)"),
+    text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text (default: bundled held-out text)"),
     reference: Optional[str] = typer.Option(None, "--reference", "-r",
-                                            help="a second model (e.g. the unquantized one): adds KLD and same-top"),
+                                            help="a second model (e.g. the unquantized one): KLD, same-top"),
     tokens: int = typer.Option(DEFAULT_TOKENS, help="tokens to evaluate (in windows spread over the text)"),
     window: int = typer.Option(DEFAULT_WINDOW, help="tokens per window (fresh state each)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
@@ -329,13 +329,14 @@ def eval_cmd(
         try:
             if reference is not None:
                 rpath, rcfg, rmodel = load_for_eval(reference, dev, dtype)
-                ref = Reference.build(rmodel, windows, n_valid_ids(tok, rcfg), td, status(f"reference {rpath}"))
+                ref = Reference.build(rmodel, windows, n_valid_ids(tok, rcfg), td,
+                                      status(f"reference {rpath}"))
                 del rmodel
                 rows.append((f"{reference} (reference)", ref.stats))
             _, cfg, m = load_for_eval(path, dev, dtype)
             if ref is not None and cfg.vocab_size != rcfg.vocab_size:
-                raise OlmoError(f"{model} has {cfg.vocab_size} embedding rows, the reference {rcfg.vocab_size}: "
-                                "compare models that share a tokenizer")
+                raise OlmoError(f"{model} has {cfg.vocab_size} embedding rows, the reference "
+                                f"{rcfg.vocab_size}: compare models that share a tokenizer")
             rows.append((model, evaluate(m, windows, n_valid_ids(tok, cfg), ref, status(str(model)))))
         finally:
             if ref is not None:

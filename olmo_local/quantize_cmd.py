@@ -33,7 +33,7 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -72,7 +72,8 @@ class QuantOptions:
         if self.fmt not in FORMATS:
             raise OlmoError(f"unknown --format {self.fmt!r} (choose {', '.join(FORMATS)})")
         if self.group_size not in Q4_GROUP_SIZES:
-            raise OlmoError(f"--group-size must be one of {', '.join(map(str, Q4_GROUP_SIZES))}, got {self.group_size}")
+            sizes = ", ".join(map(str, Q4_GROUP_SIZES))
+            raise OlmoError(f"--group-size must be one of {sizes}, got {self.group_size}")
         if self.lm_head is None:
             self.lm_head = "bf16" if self.fmt == "nf4" else "q8"
         if self.embed is None:
@@ -150,7 +151,7 @@ def _linear_item(name: str, kind: str, fmt: str, k: int, group_size: int) -> Ite
         note = "" if g == group_size else f"in_features {k} is not a multiple of {group_size}: group size {g}"
         return Item(name, kind, "q4", g, note)
     if fmt == "nf4" and k % 64:
-        return Item(name, kind, "q8", note=f"in_features {k} is not a multiple of 64 (nf4 blocks): q8 instead")
+        return Item(name, kind, "q8", note=f"in_features {k} is not a multiple of 64 (nf4 blocks): q8")
     return Item(name, kind, fmt)
 
 
@@ -321,8 +322,9 @@ def _keep_dtype(fmt: str, t: torch.Tensor) -> torch.dtype:
 
 
 def quantize_tensors(src: SourceTensors, items: list[Item], opts: QuantOptions, writer: ShardWriter,
-                     progress: Callable[[Item, int, int, int], None] | None = None) -> Tally:
-    """Stream every planned tensor from ``src`` through its quantizer into ``writer``."""
+                     progress: Callable[[Item, int, int, int], None] | None = None,
+                     device: torch.device | str = "cpu") -> Tally:
+    """Stream every planned tensor from ``src`` through its quantizer (on ``device``) into ``writer``."""
     from olmo_local.quant.checkpoint import quantize_linear_tensors
     from olmo_local.quant.formats import quantize_q8
 
@@ -338,14 +340,14 @@ def quantize_tensors(src: SourceTensors, items: list[Item], opts: QuantOptions, 
             raise OlmoError(f"{it.name} is stored as {t.dtype}: the source is already quantized")
         if it.kind in ("linear", "head") and it.fmt != "bf16":
             prefix = it.name[: -len(".weight")]
-            out = quantize_linear_tensors(prefix, t, it.fmt, it.group_size or opts.group_size,
+            out = quantize_linear_tensors(prefix, t.to(device), it.fmt, it.group_size or opts.group_size,
                                           double_quant=opts.double_quant and it.fmt == "nf4")
             for k, v in out.items():
                 nout += writer.add(k, v)
             label = f"q4 g{it.group_size}" if it.fmt == "q4" else it.fmt
             tally.formats[label] = tally.formats.get(label, 0) + 1
         elif it.kind == "embed" and it.fmt == "q8":
-            d = quantize_q8(t)
+            d = quantize_q8(t.to(device))
             nout += writer.add("model.embed_tokens.qweight", d["qweight"])
             nout += writer.add("model.embed_tokens.scales", d["scales"])
         else:
@@ -386,11 +388,12 @@ def check_source(reader, cfg, raw_cfg: dict) -> None:
     q = raw_cfg.get("quantization_config")
     if q:
         what = q.get("format") or q.get("quant_method") or "quantized"
-        raise OlmoError(f"{reader.path} is already quantized ({what}); quantize an unquantized (bf16/fp16/fp32) "
-                        "checkpoint")
+        raise OlmoError(f"{reader.path} is already quantized ({what}); quantize an unquantized "
+                        "(bf16/fp16/fp32) checkpoint")
     for n in reader.names():
         if n.endswith((".qweight", ".absmax", ".SCB")):
-            raise OlmoError(f"{reader.path} holds quantized tensors ({n}); quantize an unquantized checkpoint")
+            raise OlmoError(f"{reader.path} holds quantized tensors ({n}); "
+                            "quantize an unquantized checkpoint")
 
     def names_of(prefix: str) -> list[str]:
         return [prefix + ".weight"]
@@ -399,7 +402,8 @@ def check_source(reader, cfg, raw_cfg: dict) -> None:
 
 
 def write_quantized(src_path: Path, out: Path, opts: QuantOptions, progress=None,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD, copy_files: bool = True) -> tuple[Tally, list[str]]:
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD, copy_files: bool = True,
+                    device: torch.device | str = "cpu") -> tuple[Tally, list[str]]:
     """Quantize the checkpoint at ``src_path`` into the (existing, empty) directory ``out``."""
     from olmo_local.checkpoint import TensorReader, read_config
 
@@ -411,7 +415,7 @@ def write_quantized(src_path: Path, out: Path, opts: QuantOptions, progress=None
     src = SourceTensors(reader)
     writer = ShardWriter(out, max_shard_bytes)
     try:
-        tally = quantize_tensors(src, items, opts, writer, progress)
+        tally = quantize_tensors(src, items, opts, writer, progress, device)
         files = writer.close()
     finally:
         for f in getattr(writer, "_spill", {}).values():
@@ -556,7 +560,8 @@ def quality_report(src_path: Path, tmp: Path, opts: QuantOptions, tally: Tally, 
         del ref_model
         gc.collect()
         lin_bpw, all_bpw = source_bpw(src_path, cfg)
-        rows.append(ReportRow(f"source ({_src_dtype(src_path)})", lin_bpw, all_bpw, _dir_bytes(src_path), ref.stats))
+        rows.append(ReportRow(f"source ({_src_dtype(src_path)})", lin_bpw, all_bpw, _dir_bytes(src_path),
+                              ref.stats))
 
         def run(label: str, path: Path, t: Tally) -> None:
             m = load_model(path, dev, ev.eval_dtype(src_path, dev))
@@ -572,7 +577,7 @@ def quality_report(src_path: Path, tmp: Path, opts: QuantOptions, tally: Tally, 
             bdir.mkdir()
             items, total = source_items(src_path, bopts)
             with Progress(total, len([i for i in items if i.kind != "drop"]), "nf4 baseline") as prog:
-                btally, _ = write_quantized(src_path, bdir, bopts, prog, copy_files=False)
+                btally, _ = write_quantized(src_path, bdir, bopts, prog, copy_files=False, device=dev)
             run("nf4 (bitsandbytes baseline)", bdir, btally)
             shutil.rmtree(bdir)
         ref.close()
@@ -654,28 +659,30 @@ import typer  # noqa: E402
 
 @app.command()
 def quantize(
-    src: str = typer.Argument(..., help="unquantized checkpoint: a directory, a Hugging Face repo id, or 'demo'"),
+    src: str = typer.Argument(..., help="unquantized checkpoint: directory, Hugging Face repo id or 'demo'"),
     dst: Path = typer.Argument(..., help="directory to create"),
     fmt: str = typer.Option(..., "--format", "-f", help="q4, q8 or nf4 (bitsandbytes)"),
     group_size: int = typer.Option(128, "--group-size", "-g", help="q4 group size: 32, 64 or 128"),
-    lm_head: Optional[str] = typer.Option(None, "--lm-head", help="q8 (default), q4 or bf16 (default for nf4)"),
+    lm_head: Optional[str] = typer.Option(None, "--lm-head", help="q8 (default), q4, bf16 (default for nf4)"),
     embed: Optional[str] = typer.Option(None, "--embed", help="q8 (default) or bf16 (default for nf4)"),
     double_quant: bool = typer.Option(False, "--double-quant", help="nf4: quantize the block scales too"),
     text: Optional[Path] = typer.Option(None, "--text", help="held-out text for the report "
                                                                "(default: the bundled one)"),
     tokens: int = typer.Option(8192, "--tokens", help="tokens of the text the report evaluates"),
     window: int = typer.Option(512, "--window", help="tokens per evaluation window (fresh state each)"),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="nf4: add bitsandbytes NF4 (blocksize 64) "
-                                                                    "as a row of the report"),
+    baseline: Optional[str] = typer.Option(None, "--baseline",
+                                           help="nf4: add bitsandbytes NF4 (blocksize 64) as a report row"),
     force: bool = typer.Option(False, "--force", help="replace DST if it exists"),
     no_report: bool = typer.Option(False, "--no-report", help="skip the quality evaluation"),
-    device: Optional[str] = typer.Option(None, help="device for the quality evaluation (default: cuda if "
-                                                    "available)"),
-    max_shard_size: str = typer.Option("4GB", "--max-shard-size", help="split model.safetensors above this size"),
+    device: Optional[str] = typer.Option(None, help="device for quantizing and for the quality evaluation "
+                                                    "(default: cuda if available)"),
+    max_shard_size: str = typer.Option("4GB", "--max-shard-size", help="split the weights above this size"),
 ) -> None:
     """Quantize a checkpoint to q4 / q8 / nf4 and report its quality against the original."""
     from olmo_local.checkpoint import AtomicDir, read_config, resolve_model
+    from olmo_local.runtime import pick_device
 
+    dev = pick_device(device)
     opts = QuantOptions(fmt, group_size, lm_head, embed, double_quant)
     if baseline not in (None, "nf4"):
         raise OlmoError(f"--baseline {baseline!r}: only nf4 is available")
@@ -694,35 +701,20 @@ def quantize(
         ev.read_text(text)
         Tokenizer.from_dir(src_path)  # the report needs the tokenizer: fail before any work
     items, total = source_items(src_path, opts)
+    n_items = len([i for i in items if i.kind != "drop"])
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     rss0 = _rss_mb()
     t0 = time.perf_counter()
     try:
         with AtomicDir(dst, force=force) as tmp:
-            with Progress(total, len([i for i in items if i.kind != "drop"]), f"{src} -> {opts.label}") as prog:
-                tally, files = write_quantized(src_path, tmp, opts, prog, max_shard)
-            quant_s = time.perf_counter() - t0
-            rss_q = _rss_mb()
-            report = {
-                "source": str(src_path), "format": opts.fmt, "group_size": opts.group_size if opts.fmt == "q4"
-                else (64 if opts.fmt == "nf4" else None), "lm_head": "tied" if cfg.tie_word_embeddings
-                else opts.lm_head, "embed": opts.embed, "double_quant": opts.double_quant,
-                "files": files, "linear_formats": tally.formats, "exceptions": {
-                    k: v for k, v in tally.notes.items() if not v.startswith("GDN a/b")},
-                "size_bytes": {"source": _dir_bytes(src_path), "quantized": _dir_bytes(tmp)},
-                "bits_per_weight": {"linear": round(tally.bpw_linear, 4), "overall": round(tally.bpw(), 4),
-                                    "lm_head": None if "head" not in tally.params else round(tally.bpw("head"), 4),
-                                    "embed": round(tally.bpw("embed"), 4)},
-                "quantize_seconds": round(quant_s, 2),
-                "peak_rss_mb": {"quantize": round(rss_q, 1), "at_start": round(rss0, 1)},
-                "eval": None,
-            }
-            lin, allb = source_bpw(src_path, cfg)
-            report["rows"] = [
-                ReportRow(f"source ({_src_dtype(src_path)})", lin, allb, report["size_bytes"]["source"]).to_dict(),
-                ReportRow(opts.label, tally.bpw_linear, tally.bpw(), report["size_bytes"]["quantized"]).to_dict()]
+            with Progress(total, n_items, f"{src} -> {opts.label}") as prog:
+                tally, files = write_quantized(src_path, tmp, opts, prog, max_shard, device=dev)
+            report = base_report(src_path, tmp, cfg, opts, tally, files)
+            report["quantize_seconds"] = round(time.perf_counter() - t0, 2)
+            report["peak_rss_mb"] = {"quantize": round(_rss_mb(), 1), "at_start": round(rss0, 1)}
             if not no_report:
-                report["eval"] = quality_report(src_path, tmp, opts, tally, text, tokens, window, baseline, device)
+                report["eval"] = quality_report(src_path, tmp, opts, tally, text, tokens, window, baseline,
+                                                device)
                 report["peak_rss_mb"]["with_eval"] = round(_rss_mb(), 1)
             (tmp / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
             print_report(report)
@@ -732,5 +724,26 @@ def quantize(
     finally:
         signal.signal(signal.SIGTERM, old_term)
     print(f"wrote {dst} ({opts.label}, {_mb(report['size_bytes']['quantized'])}, "
-          f"{report['bits_per_weight']['linear']:.3f} bits/weight in the linears) in {quant_s:.1f} s; "
-          f"peak RSS while quantizing {report['peak_rss_mb']['quantize']:.0f} MB", file=sys.stderr)
+          f"{report['bits_per_weight']['linear']:.3f} bits/weight in the linears) in "
+          f"{report['quantize_seconds']:.1f} s; peak RSS while quantizing "
+          f"{report['peak_rss_mb']['quantize']:.0f} MB", file=sys.stderr)
+
+
+def base_report(src_path: Path, out: Path, cfg, opts: QuantOptions, tally: Tally, files: list[str]) -> dict:
+    """quant_report.json without the evaluation: what was written, sizes, bits per weight."""
+    sizes = {"source": _dir_bytes(src_path), "quantized": _dir_bytes(out)}
+    lin, allb = source_bpw(src_path, cfg)
+    return {
+        "source": str(src_path), "format": opts.fmt,
+        "group_size": {"q4": opts.group_size, "nf4": 64}.get(opts.fmt),
+        "lm_head": "tied" if cfg.tie_word_embeddings else opts.lm_head, "embed": opts.embed,
+        "double_quant": opts.double_quant, "files": files, "linear_formats": tally.formats,
+        "exceptions": {k: v for k, v in tally.notes.items() if not v.startswith("GDN a/b")},
+        "size_bytes": sizes,
+        "bits_per_weight": {"linear": round(tally.bpw_linear, 4), "overall": round(tally.bpw(), 4),
+                            "lm_head": round(tally.bpw("head"), 4) if "head" in tally.params else None,
+                            "embed": round(tally.bpw("embed"), 4)},
+        "rows": [ReportRow(f"source ({_src_dtype(src_path)})", lin, allb, sizes["source"]).to_dict(),
+                 ReportRow(opts.label, tally.bpw_linear, tally.bpw(), sizes["quantized"]).to_dict()],
+        "eval": None,
+    }

@@ -41,7 +41,8 @@ def test_windows_are_spread_over_the_text():
     assert w.shape == (4, 100)
     assert w[0, 0] == 0 and w[-1, -1] == 999  # first at the start, last at the end
     starts = w[:, 0].tolist()
-    assert starts == [0, 300, 600, 900] and all(torch.equal(r, torch.arange(s, s + 100)) for r, s in zip(w, starts))
+    assert starts == [0, 300, 600, 900]
+    assert all(torch.equal(r, torch.arange(s, s + 100)) for r, s in zip(w, starts))
     assert ev.make_windows(ids, tokens=10**6, window=100).shape == (10, 100)  # all non-overlapping windows
     assert ev.make_windows(ids[:50], tokens=400, window=100).shape == (1, 50)  # short text: one window
     assert ev.make_windows(ids, tokens=150, window=100).shape == (1, 100)
@@ -132,7 +133,8 @@ def test_eval_command(model_dir, other_dir, tmp_path, capsys, windows):
 def test_eval_errors_are_one_line(model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\xff\xfe\x00 not utf-8")
-    for args, msg in ((("--text", bad), "not UTF-8"), (("--text", tmp_path / "none.txt"), "no such text file"),
-                      (("--window", "1"), "--window"), (("-r", tmp_path / "nodir"), "no such model directory")):
+    cases = ((("--text", bad), "not UTF-8"), (("--text", tmp_path / "none.txt"), "no such text file"),
+             (("--window", "1"), "--window"), (("-r", tmp_path / "nodir"), "no such model directory"))
+    for args, msg in cases:
         rc, out, err = cli(capsys, "eval", model_dir, *args, "--device", "cpu")
         assert rc == 1 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err

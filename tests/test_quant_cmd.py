@@ -25,9 +25,10 @@ from olmo_local.state import DecodeState
 bnb = pytest.importorskip("bitsandbytes")
 
 # every in_features a multiple of 128: q4 g128 and nf4 apply to every decoder linear
-SHAPE = dict(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=32,
-             linear_value_head_dim=64, max_position_embeddings=1024, eos_token_id=[256], pad_token_id=259)
+SHAPE = dict(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, linear_num_key_heads=2, linear_num_value_heads=2,
+             linear_key_head_dim=32, linear_value_head_dim=64, max_position_embeddings=1024,
+             eos_token_id=[256], pad_token_id=259)
 EVAL_ARGS = ("--tokens", "256", "--window", "64")
 
 
@@ -108,7 +109,8 @@ def test_quantize_end_to_end(fmt, src, tmp_path, capsys):
     rc, out, err = cli(capsys, "quantize", src, dst, "--format", fmt, *EVAL_ARGS, *extra)
     assert rc == 0, err
     assert "perplexity" in out and "KLD" in out  # the table
-    for f in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "quant_report.json"):
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json",
+              "quant_report.json"):
         assert (dst / f).is_file(), f
     assert not list(tmp_path.glob(".*"))  # no temp dir left beside DST
     qc = json.loads((dst / "config.json").read_text())["quantization_config"]
@@ -150,7 +152,8 @@ def test_eval_of_quantized_matches_report(src, tmp_path, capsys):
     dst = tmp_path / "q8"
     assert cli(capsys, "quantize", src, dst, "--format", "q8", *EVAL_ARGS)[0] == 0
     row = json.loads((dst / "quant_report.json").read_text())["eval"]["rows"][1]
-    rc, out, err = cli(capsys, "eval", dst, "-r", src, *EVAL_ARGS, "--device", "cpu", "--json", tmp_path / "e.json")
+    rc, out, err = cli(capsys, "eval", dst, "-r", src, *EVAL_ARGS, "--device", "cpu",
+                       "--json", tmp_path / "e.json")
     assert rc == 0, err
     got = json.loads((tmp_path / "e.json").read_text())["rows"][1]
     assert got["ppl"] == pytest.approx(row["ppl"], rel=1e-9)
@@ -201,7 +204,8 @@ def test_interrupted_run_leaves_no_destination(sig, tmp_path_factory, tmp_path):
         from olmo_local.config import OlmoHybridConfig
         from olmo_local.random_init import write_random_checkpoint
 
-        cfg = OlmoHybridConfig(**{**SHAPE, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 8})
+        cfg = OlmoHybridConfig(**{**SHAPE, "hidden_size": 256, "intermediate_size": 1024,
+                                  "num_hidden_layers": 8})
         write_random_checkpoint(src, cfg)
         write_byte_tokenizer(src)
     dst = tmp_path / "out" / "model"
@@ -263,7 +267,8 @@ def test_sharded_output_and_tied_q8_head(src_tied, tmp_path, capsys):
         assert torch.allclose(q.lm_head(emb), want, atol=1e-5)
 
 
-_ST = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8}
+_ST = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
+       "U8": torch.uint8}
 
 
 # ------------------------------------------------------------------------------------------ closeness
@@ -294,7 +299,8 @@ def test_q8_logits_close_to_bf16(src, tmp_path):
     lpa, lpb = a.log_softmax(-1), b.log_softmax(-1)
     kld = (lpa.exp() * (lpa - lpb)).sum(-1)
     same = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-    print(f"q8 vs bf16: max |dlogit| {worst:.4f} (range {rng:.2f}), KLD {kld.mean().item():.5f}, same {same:.4f}")
+    print(f"q8 vs bf16: max |dlogit| {worst:.4f} (range {rng:.2f}), KLD {kld.mean().item():.5f}, "
+          f"same {same:.4f}")
     assert worst <= 0.03 * rng, (worst, rng)
     assert kld.mean().item() <= 5e-3, kld.mean().item()
     assert same >= 0.9, same
@@ -318,7 +324,8 @@ def _edit(path: Path, fn) -> None:
 
 
 def _one_line_error(capsys, path: Path, *needles: str) -> None:
-    for cmd in (("generate", path, "hi", "-n", "2", "--device", "cpu"), ("eval", path, *EVAL_ARGS, "--device", "cpu")):
+    for cmd in (("generate", path, "hi", "-n", "2", "--device", "cpu"),
+                ("eval", path, *EVAL_ARGS, "--device", "cpu")):
         rc, out, err = cli(capsys, *cmd)
         assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1, err
         assert "Traceback" not in err and all(n in err for n in needles), err
