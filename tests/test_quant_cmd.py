@@ -469,3 +469,27 @@ def test_quantize_rejects_source_problems(src, tmp_path):
     out.mkdir()
     with pytest.raises(OlmoError, match="missing 1 tensor"):
         write_quantized(bad, out, QuantOptions("q4"))
+
+
+@pytest.mark.parametrize("opts,names", [
+    (QuantOptions("q4", lm_head="q4"), {"lm_head.mins": torch.float16, "model.embed_tokens.qweight": torch.int8}),
+    (QuantOptions("q8", lm_head="bf16", embed="bf16"),
+     {"lm_head.weight": torch.bfloat16, "model.embed_tokens.weight": torch.bfloat16}),
+    (QuantOptions("nf4", double_quant=True),
+     {"model.layers.0.mlp.up_proj.weight.nested_absmax": torch.float32, "lm_head.weight": torch.bfloat16}),
+    (QuantOptions("nf4", lm_head="q8", embed="q8"), {"lm_head.qweight": torch.int8}),
+])
+def test_option_combinations_write_and_load(opts, names, src, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    write_quantized(src, out, opts)
+    r = TensorReader(out)
+    for n, dt in names.items():
+        assert r.dtype(n) == dt, n
+    assert r.dtype("model.layers.0.linear_attn.A_log") == torch.float32
+    assert r.dtype("model.layers.0.linear_attn.a_proj.weight") == torch.bfloat16
+    assert r.dtype("model.layers.3.self_attn.q_norm.weight") == torch.bfloat16
+    m = load_model(out, "cpu", torch.float32)
+    with torch.no_grad():
+        y = m(torch.arange(20)[None])
+    assert torch.isfinite(y).all()
