@@ -120,19 +120,6 @@ def chat(
         raise typer.Exit(rc)
 
 
-def _also_register_on_main() -> None:
-    """``python -m olmo_local.cli`` runs cli.py as ``__main__``, whose ``app`` is not the ``app`` imported
-    above: register the command there too so ``python -m olmo_local.cli chat`` works."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    other = getattr(main, "app", None)
-    if spec is not None and spec.name == "olmo_local.cli" and other is not None and other is not app:
-        other.command()(chat)
-
-
-_also_register_on_main()
-
-
 def _load(name, device, ctx, kv_cache, view, interactive):
     if not interactive:
         return _open(name, device, ctx, kv_cache, None)
