@@ -150,9 +150,15 @@ def _linear_item(name: str, kind: str, fmt: str, k: int, group_size: int) -> Ite
             return Item(name, kind, "q8", note=f"in_features {k} is not a multiple of 32: q8 instead of q4")
         note = "" if g == group_size else f"in_features {k} is not a multiple of {group_size}: group size {g}"
         return Item(name, kind, "q4", g, note)
-    if fmt == "nf4" and k % 64:
-        return Item(name, kind, "q8", note=f"in_features {k} is not a multiple of 64 (nf4 blocks): q8")
+    if fmt == "nf4" and k % 64 and name.endswith(_FUSED):
+        # bitsandbytes blocks may straddle rows, but then the loader cannot stack q|k|v|g or gate|up
+        return Item(name, kind, "q8", note=f"in_features {k} is not a multiple of 64 (nf4 blocks of a fused "
+                                           "projection): q8")
     return Item(name, kind, fmt)
+
+
+# linears the loader stacks into one module (q|k|v, q|k|v|g, gate|up)
+_FUSED = tuple(f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "g_proj", "gate_proj", "up_proj"))
 
 
 def _order(name: str) -> tuple:

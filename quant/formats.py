@@ -292,8 +292,45 @@ def quantize_nf4(w: torch.Tensor, double_quant: bool = False) -> dict:
 
 
 def dequantize_nf4(qweight: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """nf4 -> dense [N, K] via bitsandbytes' functional API, in quant_state.dtype unless ``dtype``."""
-    bnbf = bnb_functional()
+    """nf4 -> dense weight in quant_state.dtype (like bitsandbytes' dequantize_4bit) unless ``dtype``.
 
-    w = bnbf.dequantize_4bit(qweight, quant_state)
+    Computed here in torch (``code[q] * absmax`` per block in fp32, rounded to the stored dtype), not
+    with bitsandbytes.functional.dequantize_4bit: on CPU, bitsandbytes 0.50 returns wrong values when
+    the last dimension is not a multiple of the blocksize (blocks that straddle rows). Same values as
+    bitsandbytes wherever bitsandbytes is right."""
+    qs = quant_state
+    n = 1
+    for d in qs.shape:
+        n *= int(d)
+    w = dequantize_4bit_range(qweight, nf4_absmax(qs), qs.code, int(qs.blocksize), 0, n)
+    w = w.to(qs.dtype).reshape(qs.shape)
     return w if dtype is None else w.to(dtype)
+
+
+def nf4_absmax(quant_state) -> torch.Tensor:
+    """Per-block absmax as fp32, undoing bitsandbytes' double quantization if present."""
+    qs = quant_state
+    if not qs.nested:
+        return qs.absmax.float()
+    s2 = qs.state2
+    scale = s2.absmax.float().repeat_interleave(int(s2.blocksize))[: qs.absmax.numel()]
+    return s2.code.float()[qs.absmax.long()] * scale + float(qs.offset)
+
+
+def dequantize_4bit_range(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                          e0: int, e1: int) -> torch.Tensor:
+    """Elements e0:e1 (flat order) of a bitsandbytes 4-bit tensor as fp32: byte i holds element 2i in
+    its high nibble and 2i+1 in its low nibble; element j is code[q_j] * absmax[j // blocksize]."""
+    flat = packed.reshape(-1)
+    b0, b1 = e0 // blocksize, -(-e1 // blocksize)
+    s = b0 * blocksize  # even: blocks start on byte boundaries
+    e = min(b1 * blocksize, 2 * flat.numel())
+    idx = torch.arange(256, device=code.device)
+    lut = torch.stack((code.float()[idx >> 4], code.float()[idx & 15]), -1)  # byte -> its two values
+    vals = lut[flat[s // 2: (e + 1) // 2].int()].reshape(-1)[: e - s]
+    nb = b1 - b0
+    if vals.numel() == nb * blocksize:
+        vals = (vals.view(nb, blocksize) * absmax[b0:b1, None].float()).reshape(-1)
+    else:  # the tensor's last, partial block
+        vals = vals * absmax[b0:b1].float().repeat_interleave(blocksize)[: vals.numel()]
+    return vals[e0 - s: e1 - s]

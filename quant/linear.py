@@ -20,7 +20,7 @@ from torch import nn
 from olmo_local.errors import OlmoError
 
 from ._bnb import bnb_functional
-from .formats import dequantize_q4, dequantize_q8, unpack_q4
+from .formats import dequantize_4bit_range, dequantize_q4, dequantize_q8, nf4_absmax, unpack_q4
 
 _FWD_CHUNK_ELEMS = 1 << 22  # weight elements dequantized at once in a forward (16 MB in fp32)
 _FWD_CHUNK_ELEMS_DECODE = 1 << 18  # for <= 16 input rows: small cache-resident chunks are ~3x faster
@@ -203,8 +203,9 @@ class Q8Linear(_QLinearBase):
 
 class NF4Linear(_QLinearBase):
     """bitsandbytes nf4/fp4: packed uint8 data [N*K/2, 1] + its QuantState, kept as buffers
-    (absmax, quant_map, and with double quant nested_absmax, nested_quant_map). Dequantized with
-    bitsandbytes' functional API. 4.5 bits per weight at blocksize 64 (4.127 with double quant)."""
+    (absmax, quant_map, and with double quant nested_absmax, nested_quant_map). Dequantized in row
+    chunks by quant.formats.dequantize_4bit_range (bitsandbytes' own values; any in_features, also when
+    blocks straddle rows). 4.5 bits per weight at blocksize 64 (4.127 with double quant)."""
 
     def __init__(self, weight: torch.Tensor, quant_state):
         super().__init__()
@@ -251,37 +252,27 @@ class NF4Linear(_QLinearBase):
             state2=state2,
         )
 
+    def _deq_rows(self, r0: int, r1: int, dtype: torch.dtype, absmax: torch.Tensor | None = None) -> torch.Tensor:
+        # values rounded to the stored dtype first, as bitsandbytes' dequantize_4bit returns them
+        k = self.in_features
+        absmax = self.absmax_fp32() if absmax is None else absmax
+        w = dequantize_4bit_range(self.weight, absmax, self.quant_map, self.blocksize, r0 * k, r1 * k)
+        w = w.view(r1 - r0, k).to(self.weight_dtype)
+        return w if w.dtype == dtype else w.to(dtype)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return bnb_functional().dequantize_4bit(self.weight, self.quant_state).to(dtype)
+        return self._deq_rows(0, self.out_features, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, bs = self.in_features, self.blocksize
-        if k % bs:
-            # blocks straddle rows: bitsandbytes dequantizes the whole weight (one temporary)
-            return nn.functional.linear(x, self.dequantize(x.dtype))
-        # whole blocks per row: dequantize row chunks like the q4/q8 modules (bounded temporaries)
-        bnbf = bnb_functional()
-        QuantState = bnbf.QuantState
-        absmax = self.absmax_fp32()
-        flat = self.weight.reshape(-1)
-        bpr = k // bs  # absmax blocks per row
-
-        def deq(r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-            qs = QuantState(absmax=absmax[r0 * bpr : r1 * bpr], shape=torch.Size((r1 - r0, k)),
-                            code=self.quant_map, blocksize=bs, quant_type=self.quant_type, dtype=self.weight_dtype)
-            w = bnbf.dequantize_4bit(flat[r0 * k // 2 : r1 * k // 2].reshape(-1, 1), qs)
-            return w if w.dtype == dtype else w.to(dtype)
-
-        return _chunked_matmul(x, self.out_features, k, deq)
+        absmax = self.absmax_fp32()  # once per call (undoes double quant)
+        return _chunked_matmul(x, self.out_features, self.in_features,
+                               lambda r0, r1, dt: self._deq_rows(r0, r1, dt, absmax))
 
     def absmax_fp32(self) -> torch.Tensor:
         """Per-block absmax as fp32 (undoing double quant if present)."""
         if not self.nested:
             return self.absmax.float()
-        bnbf = bnb_functional()
-
-        qs = self.quant_state
-        return (bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+        return nf4_absmax(self.quant_state)
 
     @classmethod
     def cat_rows(cls, mods: Sequence[NF4Linear]) -> NF4Linear:

@@ -493,3 +493,24 @@ def test_option_combinations_write_and_load(opts, names, src, tmp_path):
     with torch.no_grad():
         y = m(torch.arange(20)[None])
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_nf4_blocks_straddling_rows(dq, monkeypatch):
+    """in_features not a multiple of 64 (the demo's GDN o_proj has 288): bitsandbytes' blocks run across
+    rows. bitsandbytes 0.50's CPU dequantize_4bit gets these wrong; ours follows the format's definition
+    (element j = code[q_j] * absmax[j // 64])."""
+    from olmo_local.quant import checkpoint as ck
+    from olmo_local.quant import linear as L
+
+    w = (torch.randn(48, 96, generator=torch.Generator().manual_seed(0)) * 0.05).bfloat16()
+    sd = ck.quantize_linear_tensors("p", w, "nf4", double_quant=dq)
+    m = ck.load_linear(sd.__getitem__, sd.__contains__, "p", "cpu", torch.float32)
+    packed = sd["p.weight"].reshape(-1)
+    q = torch.stack((packed >> 4, packed & 15), 1).reshape(-1).long()
+    ref = (m.quant_map[q] * m.absmax_fp32().repeat_interleave(64)).reshape(48, 96).bfloat16().float()
+    assert torch.equal(m.dequantize(), ref)
+    assert ((ref - w.float()).norm() / w.float().norm()).item() < 0.12
+    x = torch.randn(3, 96)
+    monkeypatch.setattr(L, "_FWD_CHUNK_ELEMS_DECODE", 96 * 5)  # row chunks that start mid-block
+    torch.testing.assert_close(m(x), x @ ref.T, rtol=1e-5, atol=1e-5)
