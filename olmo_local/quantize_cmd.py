@@ -117,10 +117,7 @@ def plan_tensors(names: list[str], cfg, opts: QuantOptions) -> list[Item]:
 
     shapes = linear_shapes(cfg)
     tied = cfg.tie_word_embeddings
-    head_fmt, embed_fmt = opts.lm_head, opts.embed
-    if tied:  # one table: the more precise of the two choices (q4 is not a table format)
-        embed_fmt = max((opts.lm_head, opts.embed), key=lambda f: _PRECISE[f])
-        embed_fmt = "q8" if embed_fmt == "q4" else embed_fmt
+    head_fmt, embed_fmt = opts.lm_head, effective_embed(opts, tied)
     items = []
     for name in sorted(names, key=_order):
         if name.endswith(".weight") and name[: -len(".weight")] in shapes:
@@ -141,6 +138,15 @@ def plan_tensors(names: list[str], cfg, opts: QuantOptions) -> list[Item]:
         else:
             items.append(Item(name, "keep", "bf16"))
     return items
+
+
+def effective_embed(opts: QuantOptions, tied: bool) -> str:
+    """The embedding's format; with tied embeddings the one table serves as the head too and is stored
+    in the more precise of --embed and --lm-head (q4 is not a table format: q8)."""
+    if not tied:
+        return opts.embed
+    fmt = max((opts.lm_head, opts.embed), key=lambda f: _PRECISE[f])
+    return "q8" if fmt == "q4" else fmt
 
 
 def _linear_item(name: str, kind: str, fmt: str, k: int, group_size: int) -> Item:
@@ -339,37 +345,36 @@ def quantize_tensors(src: SourceTensors, items: list[Item], opts: QuantOptions, 
         if it.kind == "drop":
             continue
         t = src.read(it.name)
-        nin = t.numel() * t.element_size()
-        tally.bytes_in += nin
-        nout = 0
         if not t.is_floating_point():
             raise OlmoError(f"{it.name} is stored as {t.dtype}: the source is already quantized")
+        nin, numel = t.numel() * t.element_size(), t.numel()
         if it.kind in ("linear", "head") and it.fmt != "bf16":
-            prefix = it.name[: -len(".weight")]
-            out = quantize_linear_tensors(prefix, t.to(device), it.fmt, it.group_size or opts.group_size,
+            out = quantize_linear_tensors(it.name[: -len(".weight")], t.to(device), it.fmt,
+                                          it.group_size or opts.group_size,
                                           double_quant=opts.double_quant and it.fmt == "nf4")
-            for k, v in out.items():
-                nout += writer.add(k, v)
             label = f"q4 g{it.group_size}" if it.fmt == "q4" else it.fmt
             tally.formats[label] = tally.formats.get(label, 0) + 1
         elif it.kind == "embed" and it.fmt == "q8":
             d = quantize_q8(t.to(device))
-            nout += writer.add("model.embed_tokens.qweight", d["qweight"])
-            nout += writer.add("model.embed_tokens.scales", d["scales"])
+            out = {"model.embed_tokens.qweight": d["qweight"], "model.embed_tokens.scales": d["scales"]}
+            del d
         else:
-            nout += writer.add(it.name, t.to(_keep_dtype(it.fmt, t)))
-        kind = "ab" if it.note.startswith("GDN a/b") else it.kind
-        tally.add(kind, nout, t.numel())
+            out = {it.name: t.to(_keep_dtype(it.fmt, t))}
+        del t  # the source tensor's buffer goes before the next one is read
+        nout = sum(writer.add(k, v) for k, v in out.items())
+        del out
+        tally.bytes_in += nin
+        tally.add("ab" if it.note.startswith("GDN a/b") else it.kind, nout, numel)
         if it.note:
             tally.notes[it.name] = it.note
         if progress:
             progress(it, i, nin, nout)
-        del t
     return tally
 
 
 def quantization_config(opts: QuantOptions, tally: Tally, tied: bool) -> dict:
-    extra = {"format": opts.fmt, "lm_head": "tied" if tied else opts.lm_head, "embed": opts.embed,
+    extra = {"format": opts.fmt, "lm_head": "tied" if tied else opts.lm_head,
+             "embed": effective_embed(opts, tied),
              "bits_per_weight": round(tally.bpw_linear, 4), "bits_per_weight_overall": round(tally.bpw(), 4),
              "quantized_by": "olmo-local"}
     if tally.notes:
@@ -382,10 +387,9 @@ def quantization_config(opts: QuantOptions, tally: Tally, tied: bool) -> dict:
                 "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": opts.double_quant,
                 "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8",
                 "load_in_4bit": True, "load_in_8bit": False, "group_size": 64, **extra}
-    out = {"quant_method": "olmo-local", **extra}
     if opts.fmt == "q4":
-        out = {"quant_method": "olmo-local", "format": "q4", "group_size": opts.group_size, **extra}
-    return out
+        return {"quant_method": "olmo-local", "format": "q4", "group_size": opts.group_size, **extra}
+    return {"quant_method": "olmo-local", **extra}
 
 
 def check_source(reader, cfg, raw_cfg: dict) -> None:
@@ -742,7 +746,8 @@ def base_report(src_path: Path, out: Path, cfg, opts: QuantOptions, tally: Tally
     return {
         "source": str(src_path), "format": opts.fmt,
         "group_size": {"q4": opts.group_size, "nf4": 64}.get(opts.fmt),
-        "lm_head": "tied" if cfg.tie_word_embeddings else opts.lm_head, "embed": opts.embed,
+        "lm_head": "tied" if cfg.tie_word_embeddings else opts.lm_head,
+        "embed": effective_embed(opts, cfg.tie_word_embeddings),
         "double_quant": opts.double_quant, "files": files, "linear_formats": tally.formats,
         "exceptions": {k: v for k, v in tally.notes.items() if not v.startswith("GDN a/b")},
         "size_bytes": sizes,

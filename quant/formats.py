@@ -294,11 +294,13 @@ def quantize_nf4(w: torch.Tensor, double_quant: bool = False) -> dict:
 def dequantize_nf4(qweight: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
     """nf4 -> dense weight in quant_state.dtype (like bitsandbytes' dequantize_4bit) unless ``dtype``.
 
-    Computed here in torch (``code[q] * absmax`` per block in fp32, rounded to the stored dtype), not
-    with bitsandbytes.functional.dequantize_4bit: on CPU, bitsandbytes 0.50 returns wrong values when
-    the last dimension is not a multiple of the blocksize (blocks that straddle rows). Same values as
-    bitsandbytes wherever bitsandbytes is right."""
+    When the last dimension is not a multiple of the blocksize (blocks straddle rows) it is computed
+    here in torch (``code[q] * absmax`` per block in fp32, rounded to the stored dtype): bitsandbytes
+    0.50's CPU dequantize_4bit returns wrong values there."""
     qs = quant_state
+    if int(qs.shape[-1]) % int(qs.blocksize) == 0:
+        w = bnb_functional().dequantize_4bit(qweight, qs)
+        return w if dtype is None else w.to(dtype)
     n = 1
     for d in qs.shape:
         n *= int(d)

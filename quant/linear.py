@@ -204,8 +204,8 @@ class Q8Linear(_QLinearBase):
 class NF4Linear(_QLinearBase):
     """bitsandbytes nf4/fp4: packed uint8 data [N*K/2, 1] + its QuantState, kept as buffers
     (absmax, quant_map, and with double quant nested_absmax, nested_quant_map). Dequantized in row
-    chunks by quant.formats.dequantize_4bit_range (bitsandbytes' own values; any in_features, also when
-    blocks straddle rows). 4.5 bits per weight at blocksize 64 (4.127 with double quant)."""
+    chunks: with bitsandbytes' kernel when rows hold whole blocks, else with
+    quant.formats.dequantize_4bit_range (bitsandbytes 0.50's CPU kernel is wrong when blocks straddle rows). 4.5 bits per weight at blocksize 64 (4.127 with double quant)."""
 
     def __init__(self, weight: torch.Tensor, quant_state):
         super().__init__()
@@ -254,10 +254,17 @@ class NF4Linear(_QLinearBase):
 
     def _deq_rows(self, r0: int, r1: int, dtype: torch.dtype, absmax: torch.Tensor | None = None) -> torch.Tensor:
         # values rounded to the stored dtype first, as bitsandbytes' dequantize_4bit returns them
-        k = self.in_features
+        k, bs = self.in_features, self.blocksize
         absmax = self.absmax_fp32() if absmax is None else absmax
-        w = dequantize_4bit_range(self.weight, absmax, self.quant_map, self.blocksize, r0 * k, r1 * k)
-        w = w.view(r1 - r0, k).to(self.weight_dtype)
+        if k % bs == 0:  # whole blocks per row: bitsandbytes' own kernel (correct here, and fast)
+            bnbf = bnb_functional()
+            qs = bnbf.QuantState(absmax=absmax[r0 * k // bs: r1 * k // bs], shape=torch.Size((r1 - r0, k)),
+                                 code=self.quant_map, blocksize=bs, quant_type=self.quant_type,
+                                 dtype=self.weight_dtype)
+            w = bnbf.dequantize_4bit(self.weight.reshape(-1)[r0 * k // 2: r1 * k // 2].reshape(-1, 1), qs)
+        else:
+            w = dequantize_4bit_range(self.weight, absmax, self.quant_map, bs, r0 * k, r1 * k)
+            w = w.view(r1 - r0, k).to(self.weight_dtype)
         return w if w.dtype == dtype else w.to(dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
