@@ -473,11 +473,11 @@ class Progress:
             from rich.console import Console
             from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
 
-            self._bar = RichProgress(TextColumn("[bold]{task.fields[title]}"), BarColumn(),
-                                     TextColumn("{task.percentage:>3.0f}%"),
-                                     TextColumn("{task.fields[io]}"), TimeElapsedColumn(),
-                                     TextColumn("{task.description}"), console=Console(stderr=True),
-                                     transient=False)
+            console = Console(stderr=True)
+            console.print(f"[bold]{self.title}[/]: {self.n} tensors, {_mb(self.total)}", highlight=False)
+            self._bar = RichProgress(BarColumn(bar_width=24), TextColumn("{task.percentage:>3.0f}%"),
+                                     TimeElapsedColumn(), TextColumn("{task.fields[io]}"),
+                                     TextColumn("{task.description}"), console=console, transient=False)
             self._bar.__enter__()
             self._task = self._bar.add_task("", total=max(1, self.total), title=self.title, io="")
         else:
@@ -490,7 +490,10 @@ class Progress:
         self.count += 1
         fmt = f"q4 g{it.group_size}" if it.fmt == "q4" else it.fmt
         if self._bar is not None:
-            self._bar.update(self._task, advance=nin, description=f"{it.name} ({fmt})",
+            desc = f"{it.name} ({fmt})"
+            room = max(16, self._bar.console.width - 66)  # keep bar and times at full width
+            desc = desc if len(desc) <= room else "…" + desc[-(room - 1):]
+            self._bar.update(self._task, advance=nin, description=desc,
                              io=f"{_mb(self.done_in)} -> {_mb(self.done_out)}")
         else:
             print(f"[{self.count}/{self.n}] {it.name} {fmt}: {_mb(nin)} -> {_mb(nout)}", file=sys.stderr,
