@@ -22,11 +22,33 @@ DEFAULT_MODEL = "allenai/Olmo-Hybrid-Instruct-DPO-7B"
 KV_CACHE_KINDS = ("bf16", "int8")
 
 
-def prepare_default_model(path: Path) -> Path:
-    """Hook for quantize-on-first-use of the default model: given the resolved bf16 checkpoint of
-    DEFAULT_MODEL, return the directory to load (e.g. a cached 4-bit copy made on first use).
-    Unchanged for now; the quantization step plugs in here."""
-    return path
+def default_model_cache() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "olmo-local" / "models" / (DEFAULT_MODEL.replace("/", "--") + "-q4")
+
+
+def prepare_default_model(path: Path, say=lambda msg: None) -> Path:
+    """Quantize-on-first-use (as Ollama does): the default model's bf16 checkpoint is turned into a q4
+    copy once, cached in $XDG_CACHE_HOME/olmo-local/models/, and that copy is what chat loads from then
+    on. A checkpoint that is already quantized is used as it is."""
+    import json
+
+    from olmo_local.checkpoint import AtomicDir
+
+    try:
+        if "quantization_config" in json.loads((Path(path) / "config.json").read_text()):
+            return Path(path)
+    except (OSError, ValueError):
+        return Path(path)  # the loader will say what is wrong with it
+    cache = default_model_cache()
+    if (cache / "config.json").is_file():
+        return cache
+    from olmo_local.quantize_cmd import QuantOptions, write_quantized
+
+    say(f"first use of {DEFAULT_MODEL}: quantizing it to q4 once (cached in {cache}; a few minutes)")
+    with AtomicDir(cache, force=True) as tmp:
+        write_quantized(Path(path), tmp, QuantOptions("q4"))
+    return cache
 
 
 def resolve_chat_model(model: str | None, say) -> tuple[str, str]:
@@ -41,7 +63,7 @@ def resolve_chat_model(model: str | None, say) -> tuple[str, str]:
     except OlmoError as e:
         say(f"{e}; using the bundled demo model instead")  # the message names the model and why
         return "demo", "demo"
-    return str(prepare_default_model(path)), DEFAULT_MODEL
+    return str(prepare_default_model(path, say)), DEFAULT_MODEL
 
 
 def _open(name: str, device: str | None, ctx: int | None, kv_cache: str, progress):

@@ -509,3 +509,23 @@ def test_snapshots_on_cuda(tiny, tmp_path, dtype, tol):
     check(b)
     b.send("and on")
     check(b)
+
+
+def test_default_model_is_quantized_once_and_cached(tmp_path, monkeypatch):
+    """Ollama-like first use: the default bf16 checkpoint becomes a cached q4 copy, made only once."""
+    import json
+
+    from hf_ref import hf_model, tiny_config, write_checkpoint
+    from olmo_local import chat as chat_mod
+
+    cfg = tiny_config(hidden_size=64, intermediate_size=128, linear_key_head_dim=16, linear_value_head_dim=32)
+    src = write_checkpoint(hf_model(cfg), cfg, tmp_path / "bf16")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    said = []
+    first = chat_mod.prepare_default_model(src, said.append)
+    assert first == chat_mod.default_model_cache() and len(said) == 1
+    assert json.loads((first / "config.json").read_text())["quantization_config"]["format"] == "q4"
+    stamp = (first / "config.json").stat().st_mtime_ns
+    assert chat_mod.prepare_default_model(src, said.append) == first and len(said) == 1
+    assert (first / "config.json").stat().st_mtime_ns == stamp
+    assert chat_mod.prepare_default_model(first) == first  # already quantized: used as is
