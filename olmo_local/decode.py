@@ -19,6 +19,7 @@ from olmo_local.kernels.attention_decode import attention_decode, quantize_kv_in
 from olmo_local.kernels.gdn_decode import gdn_decode_step
 from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_silu_mul
 from olmo_local.kernels.gemv_q8 import q8_gemv, q8_gemv_silu_mul
+from olmo_local.kernels.norm import add_rmsnorm, rmsnorm, rmsnorm_add
 from olmo_local.model import AttentionLayer, GDNLayer, OlmoHybridModel, apply_rope
 from olmo_local.quant.linear import Q4Linear, Q8Linear
 from olmo_local.state import DecodeState
@@ -78,27 +79,27 @@ class DecodeStep:
                 x = self._gdn(layer, x)
             else:
                 x = self._attn(layer, x, rope)
-        h = m.norm(x)
+        h = rmsnorm(x, m.norm.weight, m.norm.eps)
         logits = (linear(m.lm_head, h) if m.lm_head is not None else m.head(h))[0]
         st.pos_t.add_(1)
         return logits
 
     def _gdn(self, L: GDNLayer, x: torch.Tensor) -> torch.Tensor:
         st = self.state
-        u = L.in_norm(x)
+        u = rmsnorm(x, L.in_norm.weight, L.in_norm.eps)
         qkv, z = linear(L.qkvz, u)[0].split([L.conv_dim, L.value_dim])
         a, b = linear(L.ab, u)[0].split([L.hv, L.hv])
         y = gdn_decode_step(qkv, z, a, b, L.conv_w, st.conv_state[L.idx], L.A_log, L.dt_bias, L.o_norm_w,
                             st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0)
-        x = x + linear(L.o, y.view(1, -1))
-        return x + gated_mlp(L.mlp, L.post_norm(x))
+        h, x = add_rmsnorm(linear(L.o, y.view(1, -1)), x, L.post_norm.weight, L.post_norm.eps)  # x += o
+        return x + gated_mlp(L.mlp, h)
 
     def _attn(self, L: AttentionLayer, x: torch.Tensor, rope) -> torch.Tensor:
         st = self.state
         H, KV, hd = L.n_heads, L.n_kv, L.hd
         q, k, v = linear(L.qkv, x).split([H * hd, KV * hd, KV * hd], dim=-1)
-        q = L.q_norm(q).view(H, 1, hd)
-        k = L.k_norm(k).view(KV, 1, hd)
+        q = rmsnorm(q, L.q_norm.weight, L.q_norm.eps).view(H, 1, hd)
+        k = rmsnorm(k, L.k_norm.weight, L.k_norm.eps).view(KV, 1, hd)
         v = v.view(KV, 1, hd)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -113,8 +114,9 @@ class DecodeStep:
             st.k_cache[i].index_copy_(1, pos, k.to(st.k_cache.dtype))
             st.v_cache[i].index_copy_(1, pos, v.to(st.v_cache.dtype))
             o = attention_decode(q.view(H, hd), st.k_cache[i], st.v_cache[i], st.pos_t + 1)
-        x = x + L.post_attn_norm(linear(L.o, o.reshape(1, H * hd).to(x.dtype)))
-        return x + L.post_ff_norm(gated_mlp(L.mlp, x))
+        n1, n2 = L.post_attn_norm, L.post_ff_norm
+        x = rmsnorm_add(linear(L.o, o.reshape(1, H * hd).to(x.dtype)), x, n1.weight, n1.eps)
+        return rmsnorm_add(gated_mlp(L.mlp, x), x, n2.weight, n2.eps)
 
     # ---- graph capture and the per-token call -------------------------------------------------
     def capture(self) -> None:
