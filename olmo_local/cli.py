@@ -95,7 +95,7 @@ def info(
     q = cfg.extra.get("quantization_config") or {}
     rows = [
         ("model", str(path)),
-        ("format", q.get("format", q.get("quant_method", "bf16/fp (unquantized)"))),
+        ("format", _format_name(q)),
         ("layers", f"{cfg.num_hidden_layers} ({len(cfg.gdn_layers)} Gated DeltaNet, "
                    f"{len(cfg.attn_layers)} attention at {cfg.attn_layers})"),
         ("hidden / intermediate", f"{cfg.hidden_size} / {cfg.intermediate_size}"),
@@ -124,6 +124,17 @@ def info(
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
+
+
+def _format_name(q: dict) -> str:
+    if not q:
+        return "bf16/fp (unquantized)"
+    if q.get("quant_method") == "bitsandbytes":
+        if q.get("load_in_4bit"):
+            return f"bitsandbytes {q.get('bnb_4bit_quant_type', 'nf4')}" + (
+                " (double quant)" if q.get("bnb_4bit_use_double_quant") else "")
+        return "bitsandbytes int8" if q.get("load_in_8bit") else "bitsandbytes"
+    return str(q.get("format", q.get("quant_method", "quantized")))
 
 
 def _nbytes(reader, name: str) -> int:
