@@ -22,33 +22,70 @@ DEFAULT_MODEL = "allenai/Olmo-Hybrid-Instruct-DPO-7B"
 KV_CACHE_KINDS = ("bf16", "int8")
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "olmo-local" / "models"
+
+
 def default_model_cache() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "olmo-local" / "models" / (DEFAULT_MODEL.replace("/", "--") + "-q4")
+    return _cache_root() / (DEFAULT_MODEL.replace("/", "--") + "-q4")
+
+
+def stored_format(path: Path) -> str:
+    import json
+    try:
+        q = json.loads((Path(path) / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError):
+        return "bf16"
+    if not q:
+        return "bf16"
+    return "nf4" if q.get("quant_method") == "bitsandbytes" and q.get("load_in_4bit") else str(q.get("format", "?"))
+
+
+def quantized_copy(path: Path, fmt: str, cache: Path, say=lambda msg: None, label: str | None = None) -> Path:
+    """A ``fmt`` copy of the unquantized checkpoint at ``path``, made once into ``cache`` (atomically)
+    and reused after that."""
+    from olmo_local.checkpoint import AtomicDir
+    from olmo_local.quantize_cmd import QuantOptions, write_quantized
+
+    if (cache / "config.json").is_file():
+        return cache
+    say(f"first use of {label or path} as {fmt}: quantizing it once (cached in {cache})")
+    with AtomicDir(cache, force=True) as tmp:
+        write_quantized(Path(path), tmp, QuantOptions(fmt))
+    return cache
 
 
 def prepare_default_model(path: Path, say=lambda msg: None) -> Path:
     """Quantize-on-first-use (as Ollama does): the default model's bf16 checkpoint is turned into a q4
     copy once, cached in $XDG_CACHE_HOME/olmo-local/models/, and that copy is what chat loads from then
     on. A checkpoint that is already quantized is used as it is."""
-    import json
+    if stored_format(path) != "bf16":
+        return Path(path)
+    return quantized_copy(path, "q4", default_model_cache(), say, DEFAULT_MODEL)
 
-    from olmo_local.checkpoint import AtomicDir
 
-    try:
-        if "quantization_config" in json.loads((Path(path) / "config.json").read_text()):
-            return Path(path)
-    except (OSError, ValueError):
-        return Path(path)  # the loader will say what is wrong with it
-    cache = default_model_cache()
-    if (cache / "config.json").is_file():
-        return cache
-    from olmo_local.quantize_cmd import QuantOptions, write_quantized
+def apply_format(name: str, fmt: str | None, say=lambda msg: None) -> str:
+    """``--format``: load MODEL in that weight format, quantizing an unquantized checkpoint once into the
+    cache; a checkpoint already stored in another quantized format is an error."""
+    import hashlib
 
-    say(f"first use of {DEFAULT_MODEL}: quantizing it to q4 once (cached in {cache}; a few minutes)")
-    with AtomicDir(cache, force=True) as tmp:
-        write_quantized(Path(path), tmp, QuantOptions("q4"))
-    return cache
+    from olmo_local.checkpoint import resolve_model
+
+    if fmt in (None, "", "auto"):
+        return name
+    if fmt not in ("bf16", "q8", "q4", "nf4"):
+        raise OlmoError(f"unknown --format {fmt!r} (use bf16, q8, q4 or nf4)")
+    path = resolve_model(name)
+    have = stored_format(path)
+    if have == fmt:
+        return str(path)
+    if have != "bf16":
+        raise OlmoError(f"{name} is stored as {have}; --format {fmt} converts only unquantized checkpoints "
+                        f"(quantize the original with olmo-local quantize)")
+    if fmt == "bf16":
+        return str(path)
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    return str(quantized_copy(path, fmt, _cache_root() / f"{path.name}-{key}-{fmt}", say, name))
 
 
 def resolve_chat_model(model: str | None, say) -> tuple[str, str]:
@@ -119,6 +156,7 @@ def chat(
     Settings().update(explicit)  # bad values fail before the model loads
 
     name, shown = resolve_chat_model(model, view.warn)
+    name = apply_format(name, fmt, view.warn)
     rt = _load(name, device, ctx, kv_cache, view, interactive)
     settings = Settings.for_model(rt.path)
     settings.update(explicit)

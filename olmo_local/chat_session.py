@@ -637,8 +637,7 @@ class ChatSession:
         cfg = self.rt.config
         q = cfg.extra.get("quantization_config") or {}
         fmt = q.get("format", q.get("quant_method", "unquantized"))
-        if self.requested_format and self.requested_format not in ("auto", fmt):
-            fmt += f" (asked for {self.requested_format}; loading that format is not available yet)"
+
         kv = str(self.state.k_cache.dtype).replace("torch.", "")
         kv_note = f"{kv}" + (f" (asked for {self.kv_cache})" if self.kv_cache == "int8" and kv != "int8" else "")
         rows = [("model", f"{self.model_name} ({cfg.num_params():,} parameters)"),

@@ -529,3 +529,20 @@ def test_default_model_is_quantized_once_and_cached(tmp_path, monkeypatch):
     assert chat_mod.prepare_default_model(src, said.append) == first and len(said) == 1
     assert (first / "config.json").stat().st_mtime_ns == stamp
     assert chat_mod.prepare_default_model(first) == first  # already quantized: used as is
+
+
+def test_format_flag_quantizes_an_unquantized_model_once(tmp_path, monkeypatch):
+    from olmo_local import chat as chat_mod
+    from olmo_local.errors import OlmoError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    said = []
+    q8 = chat_mod.apply_format("demo", "q8", said.append)
+    assert chat_mod.stored_format(q8) == "q8" and len(said) == 1
+    assert chat_mod.apply_format("demo", "q8", said.append) == q8 and len(said) == 1  # cached
+    assert chat_mod.apply_format(q8, "q8") == q8
+    assert chat_mod.apply_format("demo", None) == "demo"
+    with pytest.raises(OlmoError, match="stored as q8"):
+        chat_mod.apply_format(q8, "q4")
+    with pytest.raises(OlmoError, match="unknown --format"):
+        chat_mod.apply_format("demo", "q3")
