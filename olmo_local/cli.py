@@ -50,6 +50,8 @@ def generate(
                             repeat_penalty=repeat_penalty, seed=seed, max_new_tokens=max_new_tokens)
     params.validate()
     rt = open_model(model, device=device, ctx=ctx, dtype=dtype, kv_cache=kv_cache)
+    if rt.device.type == "cuda" and not quiet and rt.plan is not None:
+        _err("memory plan: " + " · ".join(f"{k} {v}" for k, v in rt.plan.lines()))
     tok = rt.tokenizer
     if raw:
         ids = tok.encode(prompt)
