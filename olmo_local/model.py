@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from olmo_local.config import OlmoHybridConfig
 from olmo_local.kernels.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from olmo_local.kernels.norm import rmsnorm_ref as rms_norm  # Olmo order, torch ops (autograd-safe)
 from olmo_local.kernels.short_conv import causal_conv1d_silu
 from olmo_local.quant.linear import DenseLinear
 
@@ -24,13 +25,6 @@ if TYPE_CHECKING:
     from olmo_local.state import DecodeState
 
 GDN_ONORM_EPS = 1e-5  # hard-coded in FLA / HF, not rms_norm_eps (pitfall P4)
-
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """Olmo order: normalise in fp32, multiply by the weight in fp32, then cast (spec §4.2)."""
-    xf = x.float() if x.dtype != torch.float64 else x
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (w.to(y.dtype) * y).to(x.dtype)
 
 
 def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, w: torch.Tensor, eps: float = GDN_ONORM_EPS) -> torch.Tensor:
