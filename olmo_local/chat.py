@@ -162,7 +162,7 @@ def chat(
     settings.update(explicit)
     from olmo_local.chat_input import history_path
     hist = history_path() if interactive else None
-    session = ChatSession(rt, view, settings, system, model_name=shown, requested_format=fmt, kv_cache=kv_cache,
+    session = ChatSession(rt, view, settings, system, model_name=shown, kv_cache=kv_cache,
                           history_file=hist)
     if kv_cache == "int8" and str(rt.state.k_cache.dtype) != "torch.int8":
         view.note("--kv-cache int8 is not available yet: the KV cache stays in the model's dtype")

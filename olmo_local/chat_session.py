@@ -200,7 +200,7 @@ class ChatSession:
     """One conversation with one loaded model (``olmo_local.runtime.Runtime``)."""
 
     def __init__(self, rt, view, settings: Settings | None = None, system: str | None = None, *,
-                 model_name: str | None = None, requested_format: str | None = None,
+                 model_name: str | None = None,
                  kv_cache: str = "bf16", history_file: Path | None = None):
         self.rt, self.view = rt, view
         self.tok, self.state, self.gen = rt.tokenizer, rt.state, rt.generator
@@ -208,7 +208,6 @@ class ChatSession:
         self.system = system or None
         self.messages: list[dict] = []  # user / assistant turns (the system prompt is self.system)
         self.model_name = model_name or str(rt.path)
-        self.requested_format = requested_format
         self.kv_cache = kv_cache
         self.history_file = history_file
         self.snapshots: list[Snapshot] = []
