@@ -95,11 +95,8 @@ def split_corpus(texts: dict[str, str], holdout_frac: float = 0.02) -> Split:
     return sp
 
 
-def heldout_text(sp: Split, budget_per_source: int = 64_000, jargon_budget: int = 80_000) -> str:
-    """The shipped evaluation text: the start of each held-out slice (up to budget_per_source
-    chars, cut at a paragraph boundary) and a contiguous run of the Jargon File lexicon, in a
-    fixed order, separated by blank lines."""
-    parts = []
+def _heldout_spans(sp: Split, budget_per_source: int, jargon_budget: int):
+    """(name, text, start, end) of each piece of the shipped evaluation text, in file order."""
     for name in sorted(sp.heldout):
         text = sp.heldout[name]
         if name in HELDOUT_WHOLE:
@@ -108,6 +105,15 @@ def heldout_text(sp: Split, budget_per_source: int = 64_000, jargon_budget: int 
         else:
             start = 0
             end = paragraph_cut(text, budget_per_source) if len(text) > budget_per_source else len(text)
+        yield name, text, start, end
+
+
+def heldout_text(sp: Split, budget_per_source: int = 64_000, jargon_budget: int = 80_000) -> str:
+    """The shipped evaluation text: the start of each held-out slice (up to budget_per_source
+    chars, cut at a paragraph boundary) and a contiguous run of the Jargon File lexicon, in a
+    fixed order, separated by blank lines."""
+    parts = []
+    for _, text, start, end in _heldout_spans(sp, budget_per_source, jargon_budget):
         chunk = text[start:end].strip("\n")
         if chunk:
             parts.append(chunk)
@@ -117,14 +123,7 @@ def heldout_text(sp: Split, budget_per_source: int = 64_000, jargon_budget: int 
 def heldout_sources(sp: Split, budget_per_source: int = 64_000, jargon_budget: int = 80_000) -> list[dict]:
     """Where each piece of heldout_text() comes from (for the NOTICE file)."""
     rows = []
-    for name in sorted(sp.heldout):
-        text = sp.heldout[name]
-        if name in HELDOUT_WHOLE:
-            start = paragraph_cut(text, len(text) // 2)
-            end = paragraph_cut(text, start + jargon_budget)
-        else:
-            start = 0
-            end = paragraph_cut(text, budget_per_source) if len(text) > budget_per_source else len(text)
+    for name, text, start, end in _heldout_spans(sp, budget_per_source, jargon_budget):
         off = sp.cut[name]
         rows.append({"file": name, "start_char": off + start, "end_char": off + end,
                      "chars": end - start})
