@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install, kernel checks at 7B shapes, 7B parity, and the bench. Logs under $OUT.
-# Usage (device tool): bash scripts/gpu_check.sh [kernels] [parity] [bench] [benchcmp]
+# Usage (device tool): bash scripts/gpu_check.sh [kernels] [parity] [bench] [benchcmp] [sweep] [issue3] [mem] [profile] [disk] [load7b]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -17,6 +17,13 @@ for s in $steps; do
     parity)  timeout 130 python3 scripts/gpu_parity.py --steps ${PARITY_STEPS:-256} 2>&1 | tee "$OUT/parity.log" | tail -12 ;;
     bench)   timeout 200 python3 -m olmo_local.cli bench --synthetic 7b --format q4 -r 2 2>&1 | tee "$OUT/bench.log" | tail -20 ;;
     benchcmp) timeout 200 python3 -m olmo_local.cli bench --synthetic 7b --format q4 -r 1 --compare hf-nf4 -n 16 --depth none 2>&1 | tee "$OUT/benchcmp.log" | tail -20 ;;
+    sweep)   timeout 240 python3 scripts/gpu_check_kernels.py --sweep --only sweep 2>&1 | tee "$OUT/sweep.log" | tail -60 ;;
+    issue3)  timeout 320 python3 -m olmo_local.cli bench --synthetic 7b --format q4 --compare hf-nf4 -r 1 2>&1 | tee "$OUT/issue3.log" | tail -16 ;;
+    mem)     timeout 120 python3 -m olmo_local.cli bench --synthetic 7b --format q4 --ctx 4096 --depth none -r 1 -q 2>&1 | tee "$OUT/mem4k.log" | tail -8
+             timeout 160 python3 -m olmo_local.cli bench --synthetic 7b --format q4 --ctx 33000 --kv-cache int8 --depth 32768 -p 0 -r 1 -q 2>&1 | tee "$OUT/mem32k.log" | tail -8 ;;
+    profile) timeout 200 python3 scripts/gpu_profile_prefill.py --tokens 512 2048 2>&1 | tee "$OUT/profile.log" | grep -v USDT | tail -70 ;;
+    disk)    timeout 240 bash scripts/gpu_disk_check.sh 2>&1 | tee "$OUT/disk.log" | tail -40 ;;
+    load7b)  timeout 300 bash scripts/gpu_load7b.sh 2>&1 | tee "$OUT/load7b.log" | tail -20 ;;
     *) python3 -m olmo_local.cli $s 2>&1 | tee -a "$OUT/extra.log" | tail -20 ;;
   esac
 done
