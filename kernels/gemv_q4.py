@@ -122,34 +122,134 @@ if HAS_TRITON:
             v = w
         return ((v & 0xF0000) | magic).to(tl.float32, bitcast=True)
 
+    # --- packed bf16x2 path (bf16 x): two weights per instruction ---------------------------------
+    # A word's 8 nibbles become four bf16x2 pairs with one shift and one LOP3 each:
+    #   (w >> 4j) & 0x000F000F | 0x43004300  ==  bf16x2 (128 + q_lo, 128 + q_hi),
+    # minus 136 (exact) gives q - 8 in -8..7, multiplied with the matching x pair by fma.rn.bf16x2.
+    # Shift 0 pairs columns (4m, 4m+2), 4: (H+4m, H+4m+2), 8: (4m+1, 4m+3), 12: (H+4m+1, H+4m+3)
+    # (H = G/2), so x is regrouped into those pairs once per thread and group (one PRMT each) and
+    # reused for all rows the thread owns. Each bf16 lane sums 4 products (relative error ~3e-3 of
+    # the result, ~1.5x bf16 output rounding), then the two lanes go to fp32.
+    # On the GPU these are inline PTX; in the interpreter the same functions are emulated in fp32.
     @triton.jit
-    def _q4_group(acc, w, s128, mc, x_row, g, hw, magic, G: tl.constexpr, X_BF16: tl.constexpr):
-        """acc += 128*s * sum_k f_k x_k + (m - 128*s) * sum_k x_k over one group, f = 1 + q/128.
+    def _pair(a, b, HIGH: tl.constexpr, ASM: tl.constexpr):
+        """bf16x2 (lo16(a), lo16(b)) or, with HIGH, (hi16(a), hi16(b)); a, b int32 words of bf16 pairs."""
+        if ASM:
+            if HIGH:
+                return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [a, b],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
+            return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [a, b],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        if HIGH:
+            return ((a >> 16) & 0xFFFF) | (b & -65536)
+        return (a & 0xFFFF) | (b << 16)
+
+    @triton.jit
+    def _lanes(p):
+        """int32 holding bf16x2 -> (lo, hi) as fp32."""
+        return (p << 16).to(tl.float32, bitcast=True), (p & -65536).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _word_dot(w, x0, x1, x2, x3, ASM: tl.constexpr):
+        """sum over the 8 nibbles q of word w of (q - 8) * x, as fp32 (x0..x3: the bf16x2 pairs)."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .b32 m, c, k, one, t, h0, h1, h2, h3, acc;
+                mov.b32 m, 0x000F000F;
+                mov.b32 c, 0x43004300;
+                mov.b32 k, 0xC308C308;
+                mov.b32 one, 0x3F803F80;
+                lop3.b32 h0, $1, m, c, 0xEA;
+                shr.u32 t, $1, 4;
+                lop3.b32 h1, t, m, c, 0xEA;
+                shr.u32 t, $1, 8;
+                lop3.b32 h2, t, m, c, 0xEA;
+                shr.u32 t, $1, 12;
+                lop3.b32 h3, t, m, c, 0xEA;
+                fma.rn.bf16x2 h0, h0, one, k;
+                fma.rn.bf16x2 h1, h1, one, k;
+                fma.rn.bf16x2 h2, h2, one, k;
+                fma.rn.bf16x2 h3, h3, one, k;
+                mul.rn.bf16x2 acc, h0, $2;
+                fma.rn.bf16x2 acc, h1, $3, acc;
+                fma.rn.bf16x2 acc, h2, $4, acc;
+                fma.rn.bf16x2 acc, h3, $5, acc;
+                shl.b32 t, acc, 16;
+                and.b32 acc, acc, 0xFFFF0000;
+                add.f32 $0, t, acc;
+                }""",
+                "=r,r,r,r,r,r", [w, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1)
+        r = tl.zeros(w.shape, dtype=tl.float32)
+        for j in tl.static_range(4):
+            if j == 0:
+                xp = x0
+            elif j == 1:
+                xp = x1
+            elif j == 2:
+                xp = x2
+            else:
+                xp = x3
+            xl, xh = _lanes(xp)
+            ql = ((w >> (4 * j)) & 0xF).to(tl.float32) - 8.0
+            qh = ((w >> (16 + 4 * j)) & 0xF).to(tl.float32) - 8.0
+            r = r + ql * xl + qh * xh
+        return r
+
+    @triton.jit
+    def _pair_sum(x0, x1, x2, x3, ASM: tl.constexpr):
+        """Sum of the 8 bf16 values in four bf16x2 pairs, as fp32 (bf16x2 adds on the GPU)."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .b32 one, s, t;
+                mov.b32 one, 0x3F803F80;
+                fma.rn.bf16x2 s, $1, one, $2;
+                fma.rn.bf16x2 s, $3, one, s;
+                fma.rn.bf16x2 s, $4, one, s;
+                shl.b32 t, s, 16;
+                and.b32 s, s, 0xFFFF0000;
+                add.f32 $0, t, s;
+                }""",
+                "=r,r,r,r,r", [x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1)
+        a0, a1 = _lanes(x0)
+        b0, b1 = _lanes(x1)
+        c0, c1 = _lanes(x2)
+        d0, d1 = _lanes(x3)
+        return ((a0 + a1) + (b0 + b1)) + ((c0 + c1) + (d0 + d1))
+
+    @triton.jit
+    def _q4_group(acc, w, s, m, x_row, g, hw, magic, G: tl.constexpr, X_BF16: tl.constexpr,
+                  ASM: tl.constexpr):
+        """acc += the group's contribution s * sum q x + m * sum x (elementwise per word column).
 
         w [BN, G/8] int32 words of the group; word m, byte j: low nibble <-> x[g*G + 4m + j],
-        high nibble <-> x[g*G + G/2 + 4m + j]. Since sum f x = sum x + sum q x / 128, this is
-        s * sum q x + m * sum x, the group's contribution to y."""
+        high nibble <-> x[g*G + G/2 + 4m + j]. s, m: [BN, 1] fp32 scale and min of the group."""
+        if X_BF16:  # x_row: int32 view of a bf16 row; packed bf16x2 math (see above)
+            xb = x_row + g * (G // 2) + 2 * hw
+            xa = tl.load(xb)                   # x[4m], x[4m+1]
+            xc = tl.load(xb + 1)               # x[4m+2], x[4m+3]
+            xd = tl.load(xb + G // 4)          # x[H+4m], x[H+4m+1]
+            xe = tl.load(xb + G // 4 + 1)      # x[H+4m+2], x[H+4m+3]
+            x0 = _pair(xa, xc, False, ASM)[None, :]
+            x2 = _pair(xa, xc, True, ASM)[None, :]
+            x1 = _pair(xd, xe, False, ASM)[None, :]
+            x3 = _pair(xd, xe, True, ASM)[None, :]
+            xsum = _pair_sum(x0, x1, x2, x3, ASM)
+            t = _word_dot(w, x0, x1, x2, x3, ASM)  # sum (q - 8) x
+            return acc + s * t + (m + 8.0 * s) * xsum
+        # fp16 / fp32 x: nibble -> 1 + q/128 in fp32 (see _nibble); sum f x = sum x + sum q x / 128
         t = tl.zeros_like(acc)
         xsum = tl.zeros([G // 8], dtype=tl.float32)
-        if X_BF16:  # x_row: int32 view of a bf16 row, two bf16 per load
-            xb = x_row + g * (G // 2) + 2 * hw
-            for half in tl.static_range(2):  # low / high nibbles
-                for p in tl.static_range(2):  # bytes j = 2p, 2p + 1
-                    xp = tl.load(xb + half * (G // 4) + p)
-                    x0 = (xp << 16).to(tl.float32, bitcast=True)
-                    x1 = (xp & -65536).to(tl.float32, bitcast=True)
-                    t = t + _nibble(w, magic, 4 * p + half) * x0[None, :]
-                    t = t + _nibble(w, magic, 4 * p + 2 + half) * x1[None, :]
-                    xsum = xsum + x0 + x1
-        else:
-            xb = x_row + g * G + 4 * hw
-            for half in tl.static_range(2):
-                for j in tl.static_range(4):
-                    xv = tl.load(xb + half * (G // 2) + j).to(tl.float32)
-                    t = t + _nibble(w, magic, 2 * j + half) * xv[None, :]
-                    xsum = xsum + xv
+        xb = x_row + g * G + 4 * hw
+        for half in tl.static_range(2):
+            for j in tl.static_range(4):
+                xv = tl.load(xb + half * (G // 2) + j).to(tl.float32)
+                t = t + _nibble(w, magic, 2 * j + half) * xv[None, :]
+                xsum = xsum + xv
+        s128 = 128.0 * s
         acc = acc + s128 * t
-        return acc + mc * xsum[None, :]
+        return acc + (m - s128) * xsum[None, :]
 
     @triton.jit
     def _q4_emit(y_ptr, part_ptr, ra, rb, t: tl.constexpr, pid_k, rn, rmask, NR, stride_y,
@@ -179,7 +279,7 @@ if HAS_TRITON:
         SPLIT,  # number of splits (run time: one compiled kernel serves every split count)
         MAGIC,  # 0x3F800000 (the float 1.0), passed at run time on purpose: see _nibble
         T: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
-        GATED: tl.constexpr, X_BF16: tl.constexpr,
+        GATED: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         HW: tl.constexpr = G // 8  # int32 words per group and row
         pid_k = tl.program_id(0)
@@ -208,48 +308,79 @@ if HAS_TRITON:
         g_end = tl.minimum(g_begin + GPS, NGR)
         wa_ptr = qw_ptr + rn[:, None] * (NGR * HW) + hw[None, :]
         wb_ptr = wa_ptr + NR * (NGR * HW)
+        sa_ptr = s_ptr + rn[:, None] * NGR
+        ma_ptr = m_ptr + rn[:, None] * NGR
+        sb_ptr = sa_ptr + NR * NGR
+        mb_ptr = ma_ptr + NR * NGR
+        # PREFETCH: the next group's words and scales are loaded before this group's math, so each
+        # warp keeps two groups of loads in flight (software pipelining by hand)
+        pm = rn[:, None] < tl.where(g_begin < g_end, NR, 0)
+        wa_n = tl.load(wa_ptr + g_begin * HW, mask=pm, other=0)
+        sa_n = tl.load(sa_ptr + g_begin, mask=pm, other=0)
+        ma_n = tl.load(ma_ptr + g_begin, mask=pm, other=0)
+        if GATED:
+            wb_n = tl.load(wb_ptr + g_begin * HW, mask=pm, other=0)
+            sb_n = tl.load(sb_ptr + g_begin, mask=pm, other=0)
+            mb_n = tl.load(mb_ptr + g_begin, mask=pm, other=0)
+        else:
+            wb_n = wa_n
+            sb_n = sa_n
+            mb_n = ma_n
         for g in range(g_begin, g_end):
-            wa = tl.load(wa_ptr + g * HW, mask=rmask[:, None], other=0)
-            sa = tl.load(s_ptr + rn[:, None] * NGR + g, mask=rmask[:, None], other=0).to(tl.float32)
-            ma = tl.load(m_ptr + rn[:, None] * NGR + g, mask=rmask[:, None], other=0).to(tl.float32)
-            sa128 = 128.0 * sa
-            mca = ma - sa128
-            a0 = _q4_group(a0, wa, sa128, mca, x_ptr, g, hw, MAGIC, G, X_BF16)
+            if PREFETCH:
+                wa = wa_n
+                sa = sa_n.to(tl.float32)
+                ma = ma_n.to(tl.float32)
+                wb = wb_n
+                sb = sb_n.to(tl.float32)
+                mb = mb_n.to(tl.float32)
+                pm = rn[:, None] < tl.where(g + 1 < g_end, NR, 0)
+                wa_n = tl.load(wa_ptr + (g + 1) * HW, mask=pm, other=0)
+                sa_n = tl.load(sa_ptr + (g + 1), mask=pm, other=0)
+                ma_n = tl.load(ma_ptr + (g + 1), mask=pm, other=0)
+                if GATED:
+                    wb_n = tl.load(wb_ptr + (g + 1) * HW, mask=pm, other=0)
+                    sb_n = tl.load(sb_ptr + (g + 1), mask=pm, other=0)
+                    mb_n = tl.load(mb_ptr + (g + 1), mask=pm, other=0)
+            else:
+                wa = tl.load(wa_ptr + g * HW, mask=rmask[:, None], other=0)
+                sa = tl.load(sa_ptr + g, mask=rmask[:, None], other=0).to(tl.float32)
+                ma = tl.load(ma_ptr + g, mask=rmask[:, None], other=0).to(tl.float32)
+                if GATED:
+                    wb = tl.load(wb_ptr + g * HW, mask=rmask[:, None], other=0)
+                    sb = tl.load(sb_ptr + g, mask=rmask[:, None], other=0).to(tl.float32)
+                    mb = tl.load(mb_ptr + g, mask=rmask[:, None], other=0).to(tl.float32)
+            a0 = _q4_group(a0, wa, sa, ma, x_ptr, g, hw, MAGIC, G, X_BF16, ASM)
             if T > 1:
-                a1 = _q4_group(a1, wa, sa128, mca, x_ptr + stride_x, g, hw, MAGIC, G, X_BF16)
+                a1 = _q4_group(a1, wa, sa, ma, x_ptr + stride_x, g, hw, MAGIC, G, X_BF16, ASM)
             if T > 2:
-                a2 = _q4_group(a2, wa, sa128, mca, x_ptr + 2 * stride_x, g, hw, MAGIC, G, X_BF16)
+                a2 = _q4_group(a2, wa, sa, ma, x_ptr + 2 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
             if T > 3:
-                a3 = _q4_group(a3, wa, sa128, mca, x_ptr + 3 * stride_x, g, hw, MAGIC, G, X_BF16)
+                a3 = _q4_group(a3, wa, sa, ma, x_ptr + 3 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
             if T > 4:
-                a4 = _q4_group(a4, wa, sa128, mca, x_ptr + 4 * stride_x, g, hw, MAGIC, G, X_BF16)
+                a4 = _q4_group(a4, wa, sa, ma, x_ptr + 4 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
             if T > 5:
-                a5 = _q4_group(a5, wa, sa128, mca, x_ptr + 5 * stride_x, g, hw, MAGIC, G, X_BF16)
+                a5 = _q4_group(a5, wa, sa, ma, x_ptr + 5 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
             if T > 6:
-                a6 = _q4_group(a6, wa, sa128, mca, x_ptr + 6 * stride_x, g, hw, MAGIC, G, X_BF16)
+                a6 = _q4_group(a6, wa, sa, ma, x_ptr + 6 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
             if T > 7:
-                a7 = _q4_group(a7, wa, sa128, mca, x_ptr + 7 * stride_x, g, hw, MAGIC, G, X_BF16)
+                a7 = _q4_group(a7, wa, sa, ma, x_ptr + 7 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
             if GATED:  # the matching up-projection rows
-                wb = tl.load(wb_ptr + g * HW, mask=rmask[:, None], other=0)
-                sb = tl.load(s_ptr + (rn[:, None] + NR) * NGR + g, mask=rmask[:, None], other=0).to(tl.float32)
-                mb = tl.load(m_ptr + (rn[:, None] + NR) * NGR + g, mask=rmask[:, None], other=0).to(tl.float32)
-                sb128 = 128.0 * sb
-                mcb = mb - sb128
-                b0 = _q4_group(b0, wb, sb128, mcb, x_ptr, g, hw, MAGIC, G, X_BF16)
+                b0 = _q4_group(b0, wb, sb, mb, x_ptr, g, hw, MAGIC, G, X_BF16, ASM)
                 if T > 1:
-                    b1 = _q4_group(b1, wb, sb128, mcb, x_ptr + stride_x, g, hw, MAGIC, G, X_BF16)
+                    b1 = _q4_group(b1, wb, sb, mb, x_ptr + stride_x, g, hw, MAGIC, G, X_BF16, ASM)
                 if T > 2:
-                    b2 = _q4_group(b2, wb, sb128, mcb, x_ptr + 2 * stride_x, g, hw, MAGIC, G, X_BF16)
+                    b2 = _q4_group(b2, wb, sb, mb, x_ptr + 2 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
                 if T > 3:
-                    b3 = _q4_group(b3, wb, sb128, mcb, x_ptr + 3 * stride_x, g, hw, MAGIC, G, X_BF16)
+                    b3 = _q4_group(b3, wb, sb, mb, x_ptr + 3 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
                 if T > 4:
-                    b4 = _q4_group(b4, wb, sb128, mcb, x_ptr + 4 * stride_x, g, hw, MAGIC, G, X_BF16)
+                    b4 = _q4_group(b4, wb, sb, mb, x_ptr + 4 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
                 if T > 5:
-                    b5 = _q4_group(b5, wb, sb128, mcb, x_ptr + 5 * stride_x, g, hw, MAGIC, G, X_BF16)
+                    b5 = _q4_group(b5, wb, sb, mb, x_ptr + 5 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
                 if T > 6:
-                    b6 = _q4_group(b6, wb, sb128, mcb, x_ptr + 6 * stride_x, g, hw, MAGIC, G, X_BF16)
+                    b6 = _q4_group(b6, wb, sb, mb, x_ptr + 6 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
                 if T > 7:
-                    b7 = _q4_group(b7, wb, sb128, mcb, x_ptr + 7 * stride_x, g, hw, MAGIC, G, X_BF16)
+                    b7 = _q4_group(b7, wb, sb, mb, x_ptr + 7 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
 
         _q4_emit(y_ptr, part_ptr, tl.sum(a0, 1), tl.sum(b0, 1), 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 1:
@@ -278,7 +409,8 @@ def _pick_split(n_blocks: int, iters: int, device: torch.device) -> int:
     return max(1, min(cdiv(6 * sms, n_blocks), iters // 2))
 
 
-def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_k, num_warps, num_stages):
+def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_k, num_warps, num_stages,
+               prefetch=True):
     x2 = _as_rows(x)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -325,7 +457,8 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
-        T=t, G=g, BN=bn, SPLIT_K=split_k > 1, GATED=gated, X_BF16=x_bf16,
+        T=t, G=g, BN=bn, SPLIT_K=split_k > 1, GATED=gated, X_BF16=x_bf16, ASM=x_bf16 and x2.is_cuda,
+        PREFETCH=prefetch,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -343,10 +476,11 @@ def q4_gemv_triton(
     split_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    prefetch: bool = True,
 ) -> torch.Tensor:
     """Triton version of q4_gemv_ref (the keyword-only knobs are for tests and tuning)."""
     return _q4_launch(x, qweight, scales, mins, group_size, out, False, block_n, split_k,
-                      num_warps, num_stages)
+                      num_warps, num_stages, prefetch)
 
 
 def q4_gemv_silu_mul_triton(
@@ -361,12 +495,13 @@ def q4_gemv_silu_mul_triton(
     split_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    prefetch: bool = True,
 ) -> torch.Tensor:
     """Triton version of q4_gemv_silu_mul_ref (gate and up rows of one block share a program)."""
     if qweight.shape[0] % 2:
         raise ValueError("a merged gate|up weight needs an even number of rows")
     return _q4_launch(x, qweight, scales, mins, group_size, out, True, block_n, split_k,
-                      num_warps, num_stages)
+                      num_warps, num_stages, prefetch)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def import_kernels():
 
 
 K = import_kernels()
-kq4 = importlib.import_module("olmo_local.kernels.gemv_q4")
+kq4 = importlib.import_module(os.environ.get("Q4_MODULE", "olmo_local.kernels.gemv_q4"))
 kq8 = importlib.import_module("olmo_local.kernels.gemv_q8")
 kgdn = importlib.import_module("olmo_local.kernels.gdn_decode")
 katt = importlib.import_module("olmo_local.kernels.attention_decode")
@@ -409,13 +409,15 @@ def plan():
                                                                   att["max_ctx"])))
     checks.append((f"norms d={norm_d}", lambda: check_norms(f"norms d={norm_d}", norm_d)))
     if ARGS.sweep and CUDA:
-        for bn in (16, 32, 64):
-            for nw in (4, 8):
-                for k, n in ((3840, 17280), (11008, 3840)):
-                    nm = f"sweep q4 {k}x{n}"
-                    checks.append((nm, lambda k=k, n=n, bn=bn, nw=nw, nm=nm: check_q4(
-                        nm, k, n, block_n=bn, num_warps=nw)))
-        for split in (2, 4, 8, 16):
+        shapes = ((3840, 17280, False), (3840, 22016, True), (11008, 3840, False), (5760, 3840, False))
+        for k, n, gated in shapes:
+            for bn in (32, 64, 128):
+                for nw in (4, 8):
+                    for pf in (True, False):
+                        nm = f"sweep q4{' gated' if gated else ''} {k}x{n}"
+                        checks.append((nm, lambda k=k, n=n, bn=bn, nw=nw, pf=pf, nm=nm, gated=gated: check_q4(
+                            nm, k, n, gated=gated, block_n=bn, num_warps=nw, prefetch=pf)))
+        for split in (4, 8, 16, 32):
             nm = "sweep q4 11008x3840"
             checks.append((nm, lambda split=split, nm=nm: check_q4(nm, 11008, 3840, split_k=split)))
         for bn, bk in ((32, 128), (64, 128), (32, 256), (16, 256)):
@@ -517,13 +519,15 @@ def aot_report() -> int:
                   "stride_ro": "i32"}
     jobs = [
         ("q4 T=1 (64 rows x 128 cols / iter)", kq4._q4_gemv_kernel, q4_types,
-         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": False, "X_BF16": True}, 4, ()),
+         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PREFETCH": True}, 4, ()),
+        ("q4 T=1 BN=128 (128 weights/thr)", kq4._q4_gemv_kernel, q4_types,
+         {"T": 1, "G": 128, "BN": 128, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PREFETCH": True}, 4, ()),
         ("q4 gate|up+silu T=1 (128 weights/thr)", kq4._q4_gemv_kernel, q4_types,
-         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True}, 4, ()),
+         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PREFETCH": True}, 4, ()),
         ("q4 gate|up+silu T=4", kq4._q4_gemv_kernel, q4_types,
-         {"T": 4, "G": 128, "BN": 32, "SPLIT_K": True, "GATED": True, "X_BF16": True}, 4, ()),
+         {"T": 4, "G": 128, "BN": 32, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PREFETCH": True}, 4, ()),
         ("q4 T=8", kq4._q4_gemv_kernel, q4_types,
-         {"T": 8, "G": 128, "BN": 32, "SPLIT_K": True, "GATED": False, "X_BF16": True}, 4, ()),
+         {"T": 8, "G": 128, "BN": 32, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PREFETCH": True}, 4, ()),
         ("q8 T=1 (32 weights/thr)", kq8._q8_gemv_kernel, q8_types,
          {"T": 1, "BN": 64, "BW": 16, "SPLIT_K": False, "GATED": False, "X_BF16": True, "EVEN_K": True}, 4,
          ("KW", "WPS")),

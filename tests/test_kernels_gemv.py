@@ -75,6 +75,10 @@ Q4_CASES = [
     (64, 512, 128, 1, 2, torch.bfloat16),
     (20, 384, 128, 8, 3, torch.float32),  # T = 8
     (1, 64, 32, 1, 1, torch.float32),  # one row
+    # bf16 x takes the packed bf16x2 path (emulated in fp32 by the interpreter): pairs of columns
+    # (4m+j, 4m+j+2) per nibble shift, odd N, several groups per split, T > 1
+    (50, 96, 32, 3, None, torch.bfloat16),
+    (33, 256, 64, 2, 3, torch.bfloat16),
 ]
 
 
@@ -87,6 +91,23 @@ def test_q4_gemv_triton(n, k, group, t, split_k, dtype):
     y = k4.q4_gemv_triton(x, packed, scales, mins, group, out, split_k=split_k)
     assert y is out and torch.isfinite(y).all()
     assert relerr(y, k4.q4_gemv_ref(x, packed, scales, mins, group)) < tol(dtype)
+    assert counters_are_zero()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [False, True])
+def test_q4_gemv_without_prefetch_matches(dtype, gated):
+    """prefetch=False (loads of each group inside its iteration) gives the same result as the
+    default software-pipelined loop, at split boundaries too."""
+    gen = torch.Generator().manual_seed(5)
+    _, packed, scales, mins = random_q4(36, 320, 32, gen)
+    x = torch.randn(2, 320, generator=gen).to(dtype)
+    kern = k4.q4_gemv_silu_mul_triton if gated else k4.q4_gemv_triton
+    ref = k4.q4_gemv_silu_mul_ref if gated else k4.q4_gemv_ref
+    a = kern(x, packed, scales, mins, 32, split_k=3, block_n=16, prefetch=True)
+    b = kern(x, packed, scales, mins, 32, split_k=3, block_n=16, prefetch=False)
+    assert torch.equal(a, b)
+    assert relerr(a, ref(x, packed, scales, mins, 32)) < tol(dtype)
     assert counters_are_zero()
 
 
