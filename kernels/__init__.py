@@ -11,12 +11,15 @@ Decode-path ops (batch 1, CUDA-graph capturable: no host syncs, static shapes, o
   gdn_decode_step                         gdn_decode.py
   attention_decode / quantize_kv_int8     attention_decode.py
   rmsnorm / add_rmsnorm / rmsnorm_add     norm.py
+Prefill ops:
+  q4_dequantize_into / q4_dequantize_scratch   dequant.py (one-pass q4 -> bf16 for a tensor-core GEMM)
 Ops that keep scratch buffers (split-K partials, counters) allocate them on first use: call each
 op once before capturing a CUDA graph.
 """
 
 from ._triton import HAS_TRITON, backend, current_backend
 from .attention_decode import attention_decode, quantize_kv_int8
+from .dequant import q4_dequantize_into, q4_dequantize_scratch
 from .gdn_decode import gdn_decode_step
 from .gemv_q4 import q4_dequantize, q4_gemv, q4_gemv_silu_mul
 from .gemv_q8 import q8_gemv, q8_gemv_silu_mul
@@ -30,6 +33,8 @@ __all__ = [
     "current_backend",
     "gdn_decode_step",
     "q4_dequantize",
+    "q4_dequantize_into",
+    "q4_dequantize_scratch",
     "q4_gemv",
     "q4_gemv_silu_mul",
     "q8_gemv",

@@ -136,6 +136,11 @@ class Q4Linear(_QLinearBase):
             from olmo_local.kernels.gemv_q4 import q4_gemv
             y = q4_gemv(x.reshape(-1, self.in_features), self.qweight, self.scales, self.mins, self.group_size)
             return y.reshape(*x.shape[:-1], self.out_features)
+        if x.is_cuda:  # prefill: one-pass dequantize into a shared scratch buffer, one tensor-core GEMM
+            from olmo_local.kernels.dequant import q4_dequantize_scratch
+            fresh = torch.is_grad_enabled() and x.requires_grad  # autograd keeps the weight for backward
+            w = q4_dequantize_scratch(self.qweight, self.scales, self.mins, self.group_size, x.dtype, fresh)
+            return nn.functional.linear(x, w)
         return _chunked_matmul(x, self.out_features, self.in_features, self._deq_rows)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,0 +1,111 @@
+"""q4 one-pass dequantization: the Triton kernel (interpreter) against the torch reference and the
+contract, the scratch buffer, and Q4Linear's prefill path."""
+
+import pytest
+import torch
+from olmo_local.kernels import backend
+from olmo_local.kernels import dequant as dq
+from olmo_local.kernels.gemv_q4 import q4_dequantize
+from olmo_local.quant.formats import dequantize_q4, pack_q4
+
+
+def random_q4(n: int, k: int, group: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    scales = (torch.rand(n, k // group, generator=gen) * 0.05 + 0.005).half()
+    mins = (-scales.float() * (4 + 8 * torch.rand(n, k // group, generator=gen))).half()
+    return q, pack_q4(q, group), scales, mins
+
+
+@pytest.mark.parametrize("n,k,group", [(1, 32, 32), (7, 96, 32), (13, 192, 64), (5, 384, 128), (33, 256, 128)])
+def test_triton_matches_reference_fp32(n, k, group):
+    q, packed, scales, mins = random_q4(n, k, group, seed=n * 1000 + k)
+    expect = torch.empty(n, k, dtype=torch.float64)
+    for col in range(k):  # the contract, one column at a time
+        g = col // group
+        expect[:, col] = q[:, col].double() * scales[:, g].double() + mins[:, g].double()
+    out = torch.full((n, k), float("nan"))
+    got = dq.q4_dequantize_triton(packed, scales, mins, group, out)
+    assert got is out
+    ref = q4_dequantize(packed, scales, mins, group)
+    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(out.double(), expect, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(dequantize_q4(packed, scales, mins, group).double(), expect, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_m", [None, 1, 4])
+def test_triton_half_outputs(dtype, block_m):
+    n, k, group = 9, 256, 64
+    _, packed, scales, mins = random_q4(n, k, group, seed=3)
+    ref = dq.q4_dequantize_into_ref(packed, scales, mins, group, torch.empty(n, k, dtype=dtype))
+    out = dq.q4_dequantize_triton(packed, scales, mins, group, torch.empty(n, k, dtype=dtype), block_m=block_m)
+    # the interpreter truncates to 16 bits instead of rounding: one unit in the last place at most
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    err = (out.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-3)
+    assert err.max().item() <= ulp
+
+
+def test_dispatch_and_shape_checks():
+    _, packed, scales, mins = random_q4(4, 128, 32, seed=5)
+    out = torch.empty(4, 128)
+    with backend("triton"):
+        a = dq.q4_dequantize_into(packed, scales, mins, 32, out).clone()
+    with backend("torch"):
+        b = dq.q4_dequantize_into(packed, scales, mins, 32, torch.empty(4, 128))
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError):
+        dq.q4_dequantize_into(packed, scales, mins, 32, torch.empty(4, 64))
+    with pytest.raises(ValueError):
+        dq.q4_dequantize_into(packed, scales, mins, 32, torch.empty(128, 4).T)
+    with pytest.raises(ValueError):
+        dq.q4_dequantize_into(packed, scales, mins, 64, out)
+
+
+def test_scratch_is_shared_grown_and_fresh_on_request():
+    dq.clear_scratch()
+    _, p1, s1, m1 = random_q4(3, 64, 32, seed=7)
+    _, p2, s2, m2 = random_q4(6, 128, 32, seed=8)
+    w1 = dq.q4_dequantize_scratch(p1, s1, m1, 32, torch.float32)
+    assert torch.equal(w1, q4_dequantize(p1, s1, m1, 32))
+    w2 = dq.q4_dequantize_scratch(p2, s2, m2, 32, torch.float32)  # grows the buffer
+    assert torch.equal(w2, q4_dequantize(p2, s2, m2, 32))
+    w3 = dq.q4_dequantize_scratch(p1, s1, m1, 32, torch.float32)  # reuses it
+    assert w3.data_ptr() == w2.data_ptr()
+    f = dq.q4_dequantize_scratch(p1, s1, m1, 32, torch.float32, fresh=True)
+    assert f.data_ptr() != w3.data_ptr() and torch.equal(f, w3)
+    dq.clear_scratch()
+
+
+def _q4_linear(n, k, group, seed):
+    from olmo_local.quant.linear import Q4Linear
+
+    _, packed, scales, mins = random_q4(n, k, group, seed)
+    return Q4Linear(packed, scales, mins, group)
+
+
+def test_prefill_composition_matches_q4linear_cpu():
+    """What Q4Linear.forward does on CUDA for > 8 rows (scratch dequant in x.dtype, then F.linear),
+    run here with the Triton kernel in the interpreter, against the CPU forward."""
+    lin = _q4_linear(40, 256, 64, seed=11)
+    x = torch.randn(2, 12, 256, generator=torch.Generator().manual_seed(0))
+    with backend("triton"):
+        w = dq.q4_dequantize_scratch(lin.qweight, lin.scales, lin.mins, lin.group_size, x.dtype)
+        y = torch.nn.functional.linear(x, w)
+    assert torch.allclose(y, lin(x), rtol=1e-5, atol=1e-5)
+    dq.clear_scratch()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
+@pytest.mark.parametrize("rows", [9, 300])
+def test_q4linear_cuda_prefill(rows):
+    lin = _q4_linear(1000, 1024, 128, seed=12)
+    x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(1))
+    ref = lin(x)  # CPU, fp32
+    lin = lin.cuda()
+    y = lin(x.cuda().bfloat16()).float().cpu()
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-2
+    w = dq.q4_dequantize_scratch(lin.qweight, lin.scales, lin.mins, 128, torch.bfloat16)
+    exact = dq.q4_dequantize_into_ref(lin.qweight, lin.scales, lin.mins, 128, torch.empty_like(w))
+    assert (w.float() - exact.float()).abs().max().item() <= 2.0 ** -7 * exact.float().abs().max().item()
+    dq.clear_scratch()
