@@ -219,37 +219,50 @@ if HAS_TRITON:
         return ((a0 + a1) + (b0 + b1)) + ((c0 + c1) + (d0 + d1))
 
     @triton.jit
-    def _q4_group(acc, w, s, m, x_row, g, hw, magic, G: tl.constexpr, X_BF16: tl.constexpr,
-                  ASM: tl.constexpr):
-        """acc += the group's contribution s * sum q x + m * sum x (elementwise per word column).
+    def _q4_group(acc, w, s, m, x_row, gx, mcol, magic, G: tl.constexpr, X_BF16: tl.constexpr,
+                  ASM: tl.constexpr, PAIRS: tl.constexpr):
+        """acc += s * sum q x + m * sum x for each word column (elementwise, reduced after the loop).
 
-        w [BN, G/8] int32 words of the group; word m, byte j: low nibble <-> x[g*G + 4m + j],
-        high nibble <-> x[g*G + G/2 + 4m + j]. s, m: [BN, 1] fp32 scale and min of the group."""
-        if X_BF16:  # x_row: int32 view of a bf16 row; packed bf16x2 math (see above)
-            xb = x_row + g * (G // 2) + 2 * hw
-            xa = tl.load(xb)                   # x[4m], x[4m+1]
-            xc = tl.load(xb + 1)               # x[4m+2], x[4m+3]
-            xd = tl.load(xb + G // 4)          # x[H+4m], x[H+4m+1]
-            xe = tl.load(xb + G // 4 + 1)      # x[H+4m+2], x[H+4m+3]
-            x0 = _pair(xa, xc, False, ASM)[None, :]
-            x2 = _pair(xa, xc, True, ASM)[None, :]
-            x1 = _pair(xd, xe, False, ASM)[None, :]
-            x3 = _pair(xd, xe, True, ASM)[None, :]
-            xsum = _pair_sum(x0, x1, x2, x3, ASM)
-            t = _word_dot(w, x0, x1, x2, x3, ASM)  # sum (q - 8) x
-            return acc + s * t + (m + 8.0 * s) * xsum
-        # fp16 / fp32 x: nibble -> 1 + q/128 in fp32 (see _nibble); sum f x = sum x + sum q x / 128
-        t = tl.zeros_like(acc)
-        xsum = tl.zeros([G // 8], dtype=tl.float32)
-        xb = x_row + g * G + 4 * hw
-        for half in tl.static_range(2):
-            for j in tl.static_range(4):
-                xv = tl.load(xb + half * (G // 2) + j).to(tl.float32)
-                t = t + _nibble(w, magic, 2 * j + half) * xv[None, :]
-                xsum = xsum + xv
+        w [BN, GPI, G/8] int32 words: [r, i, c] is word mcol[i, c] of group gx[i, c] (GPI consecutive
+        groups); word m, byte j: low nibble <-> x[g*G + 4m + j], high nibble <-> x[g*G + G/2 + 4m + j].
+        s, m: [BN, GPI, 1] fp32 scale and min of each group."""
+        if X_BF16:  # x_row: int32 view of a bf16 row, two bf16 per load
+            xb = x_row + gx * (G // 2) + 2 * mcol
+            if PAIRS:  # packed bf16x2 math (see above)
+                xa = tl.load(xb)                   # x[4m], x[4m+1]
+                xc = tl.load(xb + 1)               # x[4m+2], x[4m+3]
+                xd = tl.load(xb + G // 4)          # x[H+4m], x[H+4m+1]
+                xe = tl.load(xb + G // 4 + 1)      # x[H+4m+2], x[H+4m+3]
+                x0 = _pair(xa, xc, False, ASM)[None, :, :]
+                x2 = _pair(xa, xc, True, ASM)[None, :, :]
+                x1 = _pair(xd, xe, False, ASM)[None, :, :]
+                x3 = _pair(xd, xe, True, ASM)[None, :, :]
+                xsum = _pair_sum(x0, x1, x2, x3, ASM)
+                t = _word_dot(w, x0, x1, x2, x3, ASM)  # sum (q - 8) x
+                return acc + s * t + (m + 8.0 * s) * xsum
+            # fp32 math: nibble -> 1 + q/128 (see _nibble), sum f x = sum x + sum q x / 128
+            t = tl.zeros_like(acc)
+            xsum = tl.zeros(mcol.shape, dtype=tl.float32)
+            for half in tl.static_range(2):  # low / high nibbles
+                for p in tl.static_range(2):  # bytes j = 2p, 2p + 1
+                    xp = tl.load(xb + half * (G // 4) + p)
+                    x0 = (xp << 16).to(tl.float32, bitcast=True)
+                    x1 = (xp & -65536).to(tl.float32, bitcast=True)
+                    t = t + _nibble(w, magic, 4 * p + half) * x0[None, :, :]
+                    t = t + _nibble(w, magic, 4 * p + 2 + half) * x1[None, :, :]
+                    xsum = xsum + x0 + x1
+        else:  # fp16 / fp32 x, same fp32 math
+            t = tl.zeros_like(acc)
+            xsum = tl.zeros(mcol.shape, dtype=tl.float32)
+            xb = x_row + gx * G + 4 * mcol
+            for half in tl.static_range(2):
+                for j in tl.static_range(4):
+                    xv = tl.load(xb + half * (G // 2) + j).to(tl.float32)
+                    t = t + _nibble(w, magic, 2 * j + half) * xv[None, :, :]
+                    xsum = xsum + xv
         s128 = 128.0 * s
         acc = acc + s128 * t
-        return acc + (m - s128) * xsum[None, :]
+        return acc + (m - s128) * xsum[None, :, :]
 
     @triton.jit
     def _q4_emit(y_ptr, part_ptr, ra, rb, t: tl.constexpr, pid_k, rn, rmask, NR, stride_y,
@@ -279,124 +292,96 @@ if HAS_TRITON:
         SPLIT,  # number of splits (run time: one compiled kernel serves every split count)
         MAGIC,  # 0x3F800000 (the float 1.0), passed at run time on purpose: see _nibble
         T: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
-        GATED: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
+        GATED: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr,
+        GPI: tl.constexpr,
     ):
         HW: tl.constexpr = G // 8  # int32 words per group and row
         pid_k = tl.program_id(0)
         pid_n = tl.program_id(1)
         rn = pid_n * BN + tl.arange(0, BN)
         rmask = rn < NR
-        hw = tl.arange(0, HW)
         # one [BN, HW] accumulator per x row (and per half when gated); unused ones are dropped
-        a0 = tl.zeros([BN, HW], dtype=tl.float32)
-        a1 = tl.zeros([BN, HW], dtype=tl.float32)
-        a2 = tl.zeros([BN, HW], dtype=tl.float32)
-        a3 = tl.zeros([BN, HW], dtype=tl.float32)
-        a4 = tl.zeros([BN, HW], dtype=tl.float32)
-        a5 = tl.zeros([BN, HW], dtype=tl.float32)
-        a6 = tl.zeros([BN, HW], dtype=tl.float32)
-        a7 = tl.zeros([BN, HW], dtype=tl.float32)
-        b0 = tl.zeros([BN, HW], dtype=tl.float32)
-        b1 = tl.zeros([BN, HW], dtype=tl.float32)
-        b2 = tl.zeros([BN, HW], dtype=tl.float32)
-        b3 = tl.zeros([BN, HW], dtype=tl.float32)
-        b4 = tl.zeros([BN, HW], dtype=tl.float32)
-        b5 = tl.zeros([BN, HW], dtype=tl.float32)
-        b6 = tl.zeros([BN, HW], dtype=tl.float32)
-        b7 = tl.zeros([BN, HW], dtype=tl.float32)
+        a0 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+        a1 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+        a2 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+        a3 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+        a4 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+        a5 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+        a6 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+        a7 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+        b0 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+        b1 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+        b2 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+        b3 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+        b4 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+        b5 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+        b6 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+        b7 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
         g_begin = pid_k * GPS
         g_end = tl.minimum(g_begin + GPS, NGR)
-        wa_ptr = qw_ptr + rn[:, None] * (NGR * HW) + hw[None, :]
-        wb_ptr = wa_ptr + NR * (NGR * HW)
-        sa_ptr = s_ptr + rn[:, None] * NGR
-        ma_ptr = m_ptr + rn[:, None] * NGR
-        sb_ptr = sa_ptr + NR * NGR
-        mb_ptr = ma_ptr + NR * NGR
-        # PREFETCH: the next group's words and scales are loaded before this group's math, so each
-        # warp keeps two groups of loads in flight (software pipelining by hand)
-        pm = rn[:, None] < tl.where(g_begin < g_end, NR, 0)
-        wa_n = tl.load(wa_ptr + g_begin * HW, mask=pm, other=0)
-        sa_n = tl.load(sa_ptr + g_begin, mask=pm, other=0)
-        ma_n = tl.load(ma_ptr + g_begin, mask=pm, other=0)
-        if GATED:
-            wb_n = tl.load(wb_ptr + g_begin * HW, mask=pm, other=0)
-            sb_n = tl.load(sb_ptr + g_begin, mask=pm, other=0)
-            mb_n = tl.load(mb_ptr + g_begin, mask=pm, other=0)
-        else:
-            wb_n = wa_n
-            sb_n = sa_n
-            mb_n = ma_n
-        for g in range(g_begin, g_end):
-            if PREFETCH:
-                wa = wa_n
-                sa = sa_n.to(tl.float32)
-                ma = ma_n.to(tl.float32)
-                wb = wb_n
-                sb = sb_n.to(tl.float32)
-                mb = mb_n.to(tl.float32)
-                pm = rn[:, None] < tl.where(g + 1 < g_end, NR, 0)
-                wa_n = tl.load(wa_ptr + (g + 1) * HW, mask=pm, other=0)
-                sa_n = tl.load(sa_ptr + (g + 1), mask=pm, other=0)
-                ma_n = tl.load(ma_ptr + (g + 1), mask=pm, other=0)
-                if GATED:
-                    wb_n = tl.load(wb_ptr + (g + 1) * HW, mask=pm, other=0)
-                    sb_n = tl.load(sb_ptr + (g + 1), mask=pm, other=0)
-                    mb_n = tl.load(mb_ptr + (g + 1), mask=pm, other=0)
-            else:
-                wa = tl.load(wa_ptr + g * HW, mask=rmask[:, None], other=0)
-                sa = tl.load(sa_ptr + g, mask=rmask[:, None], other=0).to(tl.float32)
-                ma = tl.load(ma_ptr + g, mask=rmask[:, None], other=0).to(tl.float32)
-                if GATED:
-                    wb = tl.load(wb_ptr + g * HW, mask=rmask[:, None], other=0)
-                    sb = tl.load(sb_ptr + g, mask=rmask[:, None], other=0).to(tl.float32)
-                    mb = tl.load(mb_ptr + g, mask=rmask[:, None], other=0).to(tl.float32)
-            a0 = _q4_group(a0, wa, sa, ma, x_ptr, g, hw, MAGIC, G, X_BF16, ASM)
+        gi = tl.arange(0, GPI)[:, None]  # [GPI, 1] group within an iteration
+        mcol = tl.arange(0, HW)[None, :]  # [1, HW] word within its group
+        row_w = rn[:, None, None] * (NGR * HW)
+        row_s = rn[:, None, None] * NGR
+        rmask3 = rmask[:, None, None]
+        for g0 in range(g_begin, g_end, GPI):
+            gcol = g0 + gi  # [GPI, 1]
+            gx = tl.minimum(gcol, g_end - 1)  # x of a masked group is read in bounds (its s = m = 0)
+            ms = rmask3 & (gcol < g_end)[None, :, :]  # [BN, GPI, 1]
+            mw = ms & (mcol < HW)[None, :, :]  # [BN, GPI, HW]
+            wa = tl.load(qw_ptr + row_w + (gcol * HW + mcol)[None, :, :], mask=mw, other=0)
+            sa = tl.load(s_ptr + row_s + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
+            ma = tl.load(m_ptr + row_s + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
+            a0 = _q4_group(a0, wa, sa, ma, x_ptr, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
             if T > 1:
-                a1 = _q4_group(a1, wa, sa, ma, x_ptr + stride_x, g, hw, MAGIC, G, X_BF16, ASM)
+                a1 = _q4_group(a1, wa, sa, ma, x_ptr + stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
             if T > 2:
-                a2 = _q4_group(a2, wa, sa, ma, x_ptr + 2 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
+                a2 = _q4_group(a2, wa, sa, ma, x_ptr + 2 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
             if T > 3:
-                a3 = _q4_group(a3, wa, sa, ma, x_ptr + 3 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
+                a3 = _q4_group(a3, wa, sa, ma, x_ptr + 3 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
             if T > 4:
-                a4 = _q4_group(a4, wa, sa, ma, x_ptr + 4 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
+                a4 = _q4_group(a4, wa, sa, ma, x_ptr + 4 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
             if T > 5:
-                a5 = _q4_group(a5, wa, sa, ma, x_ptr + 5 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
+                a5 = _q4_group(a5, wa, sa, ma, x_ptr + 5 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
             if T > 6:
-                a6 = _q4_group(a6, wa, sa, ma, x_ptr + 6 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
+                a6 = _q4_group(a6, wa, sa, ma, x_ptr + 6 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
             if T > 7:
-                a7 = _q4_group(a7, wa, sa, ma, x_ptr + 7 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
+                a7 = _q4_group(a7, wa, sa, ma, x_ptr + 7 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
             if GATED:  # the matching up-projection rows
-                b0 = _q4_group(b0, wb, sb, mb, x_ptr, g, hw, MAGIC, G, X_BF16, ASM)
+                wb = tl.load(qw_ptr + row_w + NR * (NGR * HW) + (gcol * HW + mcol)[None, :, :], mask=mw, other=0)
+                sb = tl.load(s_ptr + row_s + NR * NGR + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
+                mb = tl.load(m_ptr + row_s + NR * NGR + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
+                b0 = _q4_group(b0, wb, sb, mb, x_ptr, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
                 if T > 1:
-                    b1 = _q4_group(b1, wb, sb, mb, x_ptr + stride_x, g, hw, MAGIC, G, X_BF16, ASM)
+                    b1 = _q4_group(b1, wb, sb, mb, x_ptr + stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
                 if T > 2:
-                    b2 = _q4_group(b2, wb, sb, mb, x_ptr + 2 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
+                    b2 = _q4_group(b2, wb, sb, mb, x_ptr + 2 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
                 if T > 3:
-                    b3 = _q4_group(b3, wb, sb, mb, x_ptr + 3 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
+                    b3 = _q4_group(b3, wb, sb, mb, x_ptr + 3 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
                 if T > 4:
-                    b4 = _q4_group(b4, wb, sb, mb, x_ptr + 4 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
+                    b4 = _q4_group(b4, wb, sb, mb, x_ptr + 4 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
                 if T > 5:
-                    b5 = _q4_group(b5, wb, sb, mb, x_ptr + 5 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
+                    b5 = _q4_group(b5, wb, sb, mb, x_ptr + 5 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
                 if T > 6:
-                    b6 = _q4_group(b6, wb, sb, mb, x_ptr + 6 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
+                    b6 = _q4_group(b6, wb, sb, mb, x_ptr + 6 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
                 if T > 7:
-                    b7 = _q4_group(b7, wb, sb, mb, x_ptr + 7 * stride_x, g, hw, MAGIC, G, X_BF16, ASM)
+                    b7 = _q4_group(b7, wb, sb, mb, x_ptr + 7 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
 
-        _q4_emit(y_ptr, part_ptr, tl.sum(a0, 1), tl.sum(b0, 1), 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+        _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a0, 2), 1), tl.sum(tl.sum(b0, 2), 1), 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 1:
-            _q4_emit(y_ptr, part_ptr, tl.sum(a1, 1), tl.sum(b1, 1), 1, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+            _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a1, 2), 1), tl.sum(tl.sum(b1, 2), 1), 1, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 2:
-            _q4_emit(y_ptr, part_ptr, tl.sum(a2, 1), tl.sum(b2, 1), 2, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+            _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a2, 2), 1), tl.sum(tl.sum(b2, 2), 1), 2, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 3:
-            _q4_emit(y_ptr, part_ptr, tl.sum(a3, 1), tl.sum(b3, 1), 3, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+            _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a3, 2), 1), tl.sum(tl.sum(b3, 2), 1), 3, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 4:
-            _q4_emit(y_ptr, part_ptr, tl.sum(a4, 1), tl.sum(b4, 1), 4, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+            _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a4, 2), 1), tl.sum(tl.sum(b4, 2), 1), 4, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 5:
-            _q4_emit(y_ptr, part_ptr, tl.sum(a5, 1), tl.sum(b5, 1), 5, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+            _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a5, 2), 1), tl.sum(tl.sum(b5, 2), 1), 5, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 6:
-            _q4_emit(y_ptr, part_ptr, tl.sum(a6, 1), tl.sum(b6, 1), 6, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+            _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a6, 2), 1), tl.sum(tl.sum(b6, 2), 1), 6, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if T > 7:
-            _q4_emit(y_ptr, part_ptr, tl.sum(a7, 1), tl.sum(b7, 1), 7, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+            _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a7, 2), 1), tl.sum(tl.sum(b7, 2), 1), 7, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
         if SPLIT_K:
             splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y, T, BN, SPLIT, GATED)
 
@@ -409,8 +394,13 @@ def _pick_split(n_blocks: int, iters: int, device: torch.device) -> int:
     return max(1, min(cdiv(6 * sms, n_blocks), iters // 2))
 
 
+# Defaults from the H200 sweep (scripts/gpu_check_kernels.py --sweep, docs/benchmarks.md).
+DEFAULT_PAIRS = False
+DEFAULT_BYTES_PER_ROW = 128  # contiguous weight bytes per row and iteration (GPI = this / (G/2))
+
+
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_k, num_warps, num_stages,
-               prefetch=True):
+               pairs=None, groups_per_iter=None):
     x2 = _as_rows(x)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -439,15 +429,19 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_
     if y2.stride(-1) != 1 or tuple(y2.shape) != (t, nr):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {(t, nr)} with a unit last stride")
 
-    # BN rows x G/8 words per iteration: with 4 warps each thread holds 2 rows x 16 bytes
-    bn = block_n or max(16, min(8192 // g, next_pow2(nr)))
+    # BN rows x GPI groups per iteration: each row contributes GPI * G/2 contiguous bytes (DRAM
+    # bursts: 64-byte row pieces reached only ~40 % of copy bandwidth on the H200)
+    gpi = groups_per_iter or max(1, min(DEFAULT_BYTES_PER_ROW // (g // 2), ngr))
+    gpi = min(next_pow2(gpi), next_pow2(ngr))
+    bn = block_n or max(16, min(8192 // (g * gpi), next_pow2(nr)))
     if block_n is None and t * (2 if gated else 1) > 4:
-        bn = max(16, bn // 2)  # one [BN, G/8] accumulator per row of x (and half): keep them in registers
+        bn = max(16, bn // 2)  # one [BN, W] accumulator per row of x (and half): keep them in registers
     n_blocks = cdiv(nr, bn)
+    iters = cdiv(ngr, gpi)
     if split_k is None:
-        split_k = _pick_split(n_blocks, ngr, x.device)
-    split_k = max(1, min(int(split_k), ngr))
-    gps = cdiv(ngr, split_k)
+        split_k = _pick_split(n_blocks, iters, x.device)
+    split_k = max(1, min(int(split_k), iters))
+    gps = cdiv(iters, split_k) * gpi  # groups per split: whole iterations
     split_k = cdiv(ngr, gps)  # no empty splits
     if split_k > 1:
         part = workspace("q4_part", (split_k, t, n_w), torch.float32, x.device)
@@ -458,7 +452,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
         T=t, G=g, BN=bn, SPLIT_K=split_k > 1, GATED=gated, X_BF16=x_bf16, ASM=x_bf16 and x2.is_cuda,
-        PREFETCH=prefetch,
+        PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -476,11 +470,12 @@ def q4_gemv_triton(
     split_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
-    prefetch: bool = True,
+    pairs: bool | None = None,
+    groups_per_iter: int | None = None,
 ) -> torch.Tensor:
     """Triton version of q4_gemv_ref (the keyword-only knobs are for tests and tuning)."""
     return _q4_launch(x, qweight, scales, mins, group_size, out, False, block_n, split_k,
-                      num_warps, num_stages, prefetch)
+                      num_warps, num_stages, pairs, groups_per_iter)
 
 
 def q4_gemv_silu_mul_triton(
@@ -495,13 +490,14 @@ def q4_gemv_silu_mul_triton(
     split_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
-    prefetch: bool = True,
+    pairs: bool | None = None,
+    groups_per_iter: int | None = None,
 ) -> torch.Tensor:
     """Triton version of q4_gemv_silu_mul_ref (gate and up rows of one block share a program)."""
     if qweight.shape[0] % 2:
         raise ValueError("a merged gate|up weight needs an even number of rows")
     return _q4_launch(x, qweight, scales, mins, group_size, out, True, block_n, split_k,
-                      num_warps, num_stages, prefetch)
+                      num_warps, num_stages, pairs, groups_per_iter)
 
 
 # ----------------------------------------------------------------------------------------------

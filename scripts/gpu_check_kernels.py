@@ -411,12 +411,13 @@ def plan():
     if ARGS.sweep and CUDA:
         shapes = ((3840, 17280, False), (3840, 22016, True), (11008, 3840, False), (5760, 3840, False))
         for k, n, gated in shapes:
-            for bn in (32, 64, 128):
+            for gpi, bn in ((1, 64), (2, 32), (2, 64), (4, 16), (4, 32)):
                 for nw in (4, 8):
-                    for pf in (True, False):
+                    for pairs in (False, True):
                         nm = f"sweep q4{' gated' if gated else ''} {k}x{n}"
-                        checks.append((nm, lambda k=k, n=n, bn=bn, nw=nw, pf=pf, nm=nm, gated=gated: check_q4(
-                            nm, k, n, gated=gated, block_n=bn, num_warps=nw, prefetch=pf)))
+                        checks.append((nm, lambda k=k, n=n, bn=bn, nw=nw, pairs=pairs, gpi=gpi, nm=nm, gated=gated:
+                                       check_q4(nm, k, n, gated=gated, block_n=bn, num_warps=nw, pairs=pairs,
+                                                groups_per_iter=gpi)))
         for split in (4, 8, 16, 32):
             nm = "sweep q4 11008x3840"
             checks.append((nm, lambda split=split, nm=nm: check_q4(nm, 11008, 3840, split_k=split)))
@@ -519,15 +520,15 @@ def aot_report() -> int:
                   "stride_ro": "i32"}
     jobs = [
         ("q4 T=1 (64 rows x 128 cols / iter)", kq4._q4_gemv_kernel, q4_types,
-         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PREFETCH": True}, 4, ()),
-        ("q4 T=1 BN=128 (128 weights/thr)", kq4._q4_gemv_kernel, q4_types,
-         {"T": 1, "G": 128, "BN": 128, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PREFETCH": True}, 4, ()),
+         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 2}, 4, ()),
+        ("q4 T=1 bf16x2 pairs GPI=2", kq4._q4_gemv_kernel, q4_types,
+         {"T": 1, "G": 128, "BN": 32, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": True, "GPI": 2}, 4, ()),
         ("q4 gate|up+silu T=1 (128 weights/thr)", kq4._q4_gemv_kernel, q4_types,
-         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PREFETCH": True}, 4, ()),
+         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 2}, 4, ()),
         ("q4 gate|up+silu T=4", kq4._q4_gemv_kernel, q4_types,
-         {"T": 4, "G": 128, "BN": 32, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PREFETCH": True}, 4, ()),
+         {"T": 4, "G": 128, "BN": 32, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 2}, 4, ()),
         ("q4 T=8", kq4._q4_gemv_kernel, q4_types,
-         {"T": 8, "G": 128, "BN": 32, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PREFETCH": True}, 4, ()),
+         {"T": 8, "G": 128, "BN": 32, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 2}, 4, ()),
         ("q8 T=1 (32 weights/thr)", kq8._q8_gemv_kernel, q8_types,
          {"T": 1, "BN": 64, "BW": 16, "SPLIT_K": False, "GATED": False, "X_BF16": True, "EVEN_K": True}, 4,
          ("KW", "WPS")),

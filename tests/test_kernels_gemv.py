@@ -94,20 +94,21 @@ def test_q4_gemv_triton(n, k, group, t, split_k, dtype):
     assert counters_are_zero()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,pairs", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
 @pytest.mark.parametrize("gated", [False, True])
-def test_q4_gemv_without_prefetch_matches(dtype, gated):
-    """prefetch=False (loads of each group inside its iteration) gives the same result as the
-    default software-pipelined loop, at split boundaries too."""
-    gen = torch.Generator().manual_seed(5)
+@pytest.mark.parametrize("gpi,split_k", [(1, 3), (2, 2), (4, 2), (4, 1)])
+def test_q4_gemv_tiling_variants(dtype, pairs, gated, gpi, split_k):
+    """Every math path (fp32 nibble floats; packed bf16x2 pairs for bf16 x) and several groups per
+    iteration, with a group count (10) that is not a multiple of the groups per iteration, so the last
+    iteration of a split has masked columns, and T = 2 rows of x."""
+    gen = torch.Generator().manual_seed(5 + gpi)
     _, packed, scales, mins = random_q4(36, 320, 32, gen)
     x = torch.randn(2, 320, generator=gen).to(dtype)
     kern = k4.q4_gemv_silu_mul_triton if gated else k4.q4_gemv_triton
     ref = k4.q4_gemv_silu_mul_ref if gated else k4.q4_gemv_ref
-    a = kern(x, packed, scales, mins, 32, split_k=3, block_n=16, prefetch=True)
-    b = kern(x, packed, scales, mins, 32, split_k=3, block_n=16, prefetch=False)
-    assert torch.equal(a, b)
-    assert relerr(a, ref(x, packed, scales, mins, 32)) < tol(dtype)
+    y = kern(x, packed, scales, mins, 32, split_k=split_k, block_n=16, pairs=pairs, groups_per_iter=gpi)
+    assert torch.isfinite(y).all()
+    assert relerr(y, ref(x, packed, scales, mins, 32)) < tol(dtype)
     assert counters_are_zero()
 
 
@@ -184,6 +185,78 @@ def test_q8_gemv_silu_mul_triton(n2, k, t, split_k, dtype):
     y = k8.q8_gemv_silu_mul_triton(x, q, s, split_k=split_k)
     assert relerr(y, k8.q8_gemv_silu_mul_ref(x, q, s)) < tol(dtype)
     assert counters_are_zero()
+
+
+# q8 with group scales [N, K/G]: one scale per group of G input columns
+def random_q8_groups(n: int, k: int, group: int, gen: torch.Generator):
+    q = torch.randint(-127, 128, (n, k), generator=gen).to(torch.int8)
+    scales = (torch.rand(n, k // group, generator=gen) * 0.01 + 0.001).half()
+    return q, scales
+
+
+def test_q8_group_ref_vs_float64():
+    gen = torch.Generator().manual_seed(29)
+    n, k, group = 30, 96, 32
+    q, s = random_q8_groups(n, k, group, gen)
+    w = torch.empty(n, k, dtype=torch.float64)
+    for col in range(k):  # contracts.md: w = q * scales[n, k // G]
+        w[:, col] = q[:, col].double() * s[:, col // group].double()
+    x = torch.randn(2, k, generator=gen)
+    assert relerr(k8.q8_gemv_ref(x, q, s), x.double() @ w.T) < 1e-6
+    full = x.double() @ w.T
+    assert relerr(k8.q8_gemv_silu_mul_ref(x, q, s), torch.nn.functional.silu(full[:, :15]) * full[:, 15:]) < 1e-6
+
+
+Q8_GROUP_CASES = [  # n, k, group, t, split_k, block_k, dtype
+    (40, 256, 64, 1, 1, None, torch.float32),
+    (34, 384, 128, 3, 3, None, torch.bfloat16),  # 2 blocks per group, splits inside groups
+    (24, 512, 128, 1, 2, 256, torch.bfloat16),  # block_k above G: one group per block
+    (20, 96, 32, 8, 2, None, torch.float32),
+    (17, 128, 16, 2, 1, None, torch.float16),
+]
+
+
+@pytest.mark.parametrize("n,k,group,t,split_k,block_k,dtype", Q8_GROUP_CASES)
+def test_q8_group_gemv_triton(n, k, group, t, split_k, block_k, dtype):
+    gen = torch.Generator().manual_seed(31 * n + k + t)
+    q, s = random_q8_groups(n, k, group, gen)
+    x = torch.randn(t, k, generator=gen).to(dtype)
+    out = torch.full((t, n), float("nan"), dtype=dtype)
+    y = k8.q8_gemv_triton(x, q, s, out, split_k=split_k, block_k=block_k)
+    assert y is out and torch.isfinite(y).all()
+    ref = k8.q8_gemv_ref(x, q, s)
+    assert relerr(y, ref) < tol(dtype)
+    # the group scales are really used: one scale per row (the first group's) gives another result
+    assert relerr(k8.q8_gemv_ref(x, q, s[:, 0].contiguous()), ref) > 0.05
+    assert counters_are_zero()
+
+
+@pytest.mark.parametrize("n2,k,group,t,split_k,dtype", [(40, 192, 64, 2, 3, torch.bfloat16),
+                                                         (66, 256, 32, 1, 1, torch.float32)])
+def test_q8_group_gemv_silu_mul_triton(n2, k, group, t, split_k, dtype):
+    gen = torch.Generator().manual_seed(37 * n2 + k)
+    q, s = random_q8_groups(n2, k, group, gen)
+    x = torch.randn(t, k, generator=gen).to(dtype)
+    y = k8.q8_gemv_silu_mul_triton(x, q, s, split_k=split_k)
+    assert y.shape == (t, n2 // 2) and y.dtype == dtype
+    assert relerr(y, k8.q8_gemv_silu_mul_ref(x, q, s)) < tol(dtype)
+    assert counters_are_zero()
+
+
+def test_q8_group_dispatch_and_unsupported_groups():
+    gen = torch.Generator().manual_seed(41)
+    q, s = random_q8_groups(12, 64, 32, gen)
+    x = torch.randn(64, generator=gen)
+    with backend("triton"):
+        y = q8_gemv(x, q, s)
+    assert y.shape == (12,) and relerr(y, k8.q8_gemv_ref(x, q, s)) < 1e-5
+    q, s = random_q8_groups(12, 72, 24, gen)  # G = 24 is not a power of two: the reference runs
+    x = torch.randn(1, 72, generator=gen)
+    with backend("triton"):
+        y = q8_gemv(x, q, s)
+    assert relerr(y, k8.q8_gemv_ref(x, q, s)) < 1e-6
+    with pytest.raises(ValueError, match="scales"):
+        k8.q8_gemv_triton(x, q, s)
 
 
 def test_q8_dispatch():
