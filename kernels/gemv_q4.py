@@ -394,9 +394,13 @@ def _pick_split(n_blocks: int, iters: int, device: torch.device) -> int:
     return max(1, min(cdiv(6 * sms, n_blocks), iters // 2))
 
 
-# Defaults from the H200 sweep (scripts/gpu_check_kernels.py --sweep, docs/benchmarks.md).
+# Defaults from the H200 sweep (scripts/gpu_check_kernels.py --sweep; kernels/NOTES.md "q4 sweep"):
+# neither the bf16x2 pairs (fewer instructions, ~3e-3 relative error) nor more groups per iteration
+# (longer row bursts) beat the plain fp32 kernel with one group per iteration by more than the
+# run-to-run spread, except for the gated gate|up (pairs, 4 groups, 16 rows: ~10 %); the precise
+# path stays the default.
 DEFAULT_PAIRS = False
-DEFAULT_BYTES_PER_ROW = 128  # contiguous weight bytes per row and iteration (GPI = this / (G/2))
+DEFAULT_BYTES_PER_ROW = 64  # contiguous weight bytes per row and iteration (GPI = this / (G/2))
 
 
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_k, num_warps, num_stages,
