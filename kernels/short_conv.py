@@ -14,14 +14,18 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor,
                        state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, C = x.shape
     K = weight.shape[-1]
-    if state is None:
-        state = x.new_zeros(B, C, K - 1)
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xp = torch.cat([state.transpose(1, 2).to(x.dtype), x], dim=1)        # [B, T+K-1, C]
+    # the padded input [B, T+K-1, C] built once in compute precision (one pass over x)
+    xp = x.new_empty(B, T + K - 1, C, dtype=cd)
+    if state is None:
+        xp[:, :K - 1].zero_()
+    else:
+        xp[:, :K - 1].copy_(state.transpose(1, 2).to(x.dtype))
+    xp[:, K - 1:].copy_(x)
     w = weight.to(cd)
-    y = xp[:, 0:T].to(cd) * w[:, 0]
+    y = xp[:, 0:T] * w[:, 0]
     for j in range(1, K):
-        y = y + xp[:, j:j + T].to(cd) * w[:, j]
+        y.addcmul_(xp[:, j:j + T], w[:, j])
     y = torch.nn.functional.silu(y).to(x.dtype)
-    new_state = xp[:, T:].transpose(1, 2)
+    new_state = xp[:, T:].transpose(1, 2).to(x.dtype)
     return y, new_state

@@ -16,9 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from olmo_local.config import OlmoHybridConfig
-from olmo_local.kernels.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from olmo_local.kernels.delta_rule import chunk_gated_delta_rule_heads, recurrent_gated_delta_rule
+from olmo_local.kernels.gdn_prefill import gated_rms_norm as _gated_rms_norm
+from olmo_local.kernels.gdn_prefill import gdn_prefill_prep, l2_norm  # noqa: F401  (l2_norm: public name)
 from olmo_local.kernels.norm import rmsnorm_ref as rms_norm  # Olmo order, torch ops (autograd-safe)
-from olmo_local.kernels.short_conv import causal_conv1d_silu
 from olmo_local.quant.linear import DenseLinear
 
 if TYPE_CHECKING:
@@ -28,15 +29,8 @@ GDN_ONORM_EPS = 1e-5  # hard-coded in FLA / HF, not rms_norm_eps (pitfall P4)
 
 
 def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, w: torch.Tensor, eps: float = GDN_ONORM_EPS) -> torch.Tensor:
-    """Per-head norm-then-gate (spec §5.6): o, z [..., dv]; result in z.dtype."""
-    cd = torch.float64 if o.dtype == torch.float64 else torch.float32
-    of = o.to(cd)
-    y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * w.to(cd) * F.silu(z.to(cd))).to(z.dtype)
-
-
-def l2_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+    """Per-head norm-then-gate (spec §5.6): o, z [..., dv] (any strides); contiguous result in z.dtype."""
+    return _gated_rms_norm(o, z, w, eps)
 
 
 class MLP(nn.Module):
@@ -123,30 +117,27 @@ class GDNLayer(nn.Module):
         qkv, z = self.qkvz(u).split([self.conv_dim, self.value_dim], dim=-1)
         a, b = self.ab(u).float().split([self.hv, self.hv], dim=-1)
         conv_state = None if state is None else state.conv_state[self.idx].unsqueeze(0)
-        qkv, new_conv = causal_conv1d_silu(qkv, self.conv_w, conv_state)
-        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.reshape(B, T, self.hk, self.dk)
-        k = k.reshape(B, T, self.hk, self.dk)
-        v = v.reshape(B, T, self.hv, self.dv)
+        # conv + SiLU, q/k L2 norm: head-first [B, H, T, d] fp32, the layout of the delta rule's matmuls
+        q, k, v, new_conv = gdn_prefill_prep(qkv, self.conv_w, conv_state, self.hk, self.hv, self.dk, self.dv,
+                                             self.dk ** -0.5)
+        cd = q.dtype
         if self.hv != self.hk:
-            q = q.repeat_interleave(self.hv // self.hk, dim=2)
-            k = k.repeat_interleave(self.hv // self.hk, dim=2)
-        cd = torch.float64 if u.dtype == torch.float64 else torch.float32
-        q = l2_norm(q.to(cd)) * self.dk ** -0.5
-        k = l2_norm(k.to(cd))
-        beta = torch.sigmoid(b.to(cd)) * self.beta_scale
-        g = -self.A_log.to(cd).exp() * F.softplus(a.to(cd) + self.dt_bias.to(cd))
+            q = q.repeat_interleave(self.hv // self.hk, dim=1)
+            k = k.repeat_interleave(self.hv // self.hk, dim=1)
+        beta = (torch.sigmoid(b.to(cd)) * self.beta_scale).transpose(1, 2)             # [B, Hv, T]
+        g = (-self.A_log.to(cd).exp() * F.softplus(a.to(cd) + self.dt_bias.to(cd))).transpose(1, 2)
         if state is None:
-            o, _ = chunk_gated_delta_rule(q, k, v, g, beta)
+            o, _ = chunk_gated_delta_rule_heads(q, k, v, g, beta)
         else:
             rec = state.rec_state[self.idx].unsqueeze(0)
             if T == 1:
-                o = recurrent_gated_delta_rule(q, k, v, g, beta, rec)
+                o = recurrent_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               g.transpose(1, 2), beta.transpose(1, 2), rec).transpose(1, 2)
             else:
-                o, S = chunk_gated_delta_rule(q, k, v, g, beta, rec)
+                o, S = chunk_gated_delta_rule_heads(q, k, v, g, beta, rec)
                 rec.copy_(S)
             state.conv_state[self.idx].copy_(new_conv[0])
-        y = gated_rms_norm(o, z.reshape(B, T, self.hv, self.dv), self.o_norm_w)
+        y = gated_rms_norm(o.transpose(1, 2), z.reshape(B, T, self.hv, self.dv), self.o_norm_w)
         return self.o(y.reshape(B, T, self.value_dim))
 
     def forward(self, x: torch.Tensor, state: DecodeState | None, rope: tuple | None = None) -> torch.Tensor:
