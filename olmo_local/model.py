@@ -19,6 +19,7 @@ from olmo_local.config import OlmoHybridConfig
 from olmo_local.kernels.delta_rule import chunk_gated_delta_rule_heads, recurrent_gated_delta_rule
 from olmo_local.kernels.gdn_prefill import gated_rms_norm as _gated_rms_norm
 from olmo_local.kernels.gdn_prefill import gdn_prefill_prep, l2_norm  # noqa: F401  (l2_norm: public name)
+from olmo_local.kernels.norm import rmsnorm
 from olmo_local.kernels.norm import rmsnorm_ref as rms_norm  # Olmo order, torch ops (autograd-safe)
 from olmo_local.quant.linear import DenseLinear
 
@@ -50,6 +51,8 @@ class Norm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return rmsnorm(x, self.weight, self.eps)  # inference on GPU: the one-pass kernel
         return rms_norm(x, self.weight, self.eps)
 
 
