@@ -47,7 +47,8 @@ def _check(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, grou
     if g < 2 or g % 2 or k % g:
         raise ValueError(f"q4: K={k} is not a multiple of the group size {g}")
     if tuple(scales.shape) != (n, k // g) or tuple(mins.shape) != (n, k // g):
-        raise ValueError(f"q4: scales {tuple(scales.shape)} / mins {tuple(mins.shape)}, expected {(n, k // g)}")
+        raise ValueError(f"q4: scales {tuple(scales.shape)} / mins {tuple(mins.shape)}, "
+                         f"expected {(n, k // g)}")
     if tuple(out.shape) != (n, k) or not out.is_contiguous() or not out.is_floating_point():
         raise ValueError(f"q4 dequantize: out must be a contiguous float [{n}, {k}] tensor, "
                          f"got {tuple(out.shape)} {out.dtype}")
@@ -93,7 +94,8 @@ if HAS_TRITON:
 
 
 def q4_dequantize_triton(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
-                         out: torch.Tensor, *, block_m: int | None = None, num_warps: int = 4) -> torch.Tensor:
+                         out: torch.Tensor, *, block_m: int | None = None,
+                         num_warps: int = 4) -> torch.Tensor:
     """Triton version of q4_dequantize_into_ref (block_m / num_warps are tuning knobs)."""
     n, k, g = _check(qweight, scales, mins, group_size, out)
     if g & (g - 1) or g < 8:

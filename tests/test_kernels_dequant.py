@@ -17,7 +17,8 @@ def random_q4(n: int, k: int, group: int, seed: int):
     return q, pack_q4(q, group), scales, mins
 
 
-@pytest.mark.parametrize("n,k,group", [(1, 32, 32), (7, 96, 32), (13, 192, 64), (5, 384, 128), (33, 256, 128)])
+@pytest.mark.parametrize("n,k,group",
+                         [(1, 32, 32), (7, 96, 32), (13, 192, 64), (5, 384, 128), (33, 256, 128)])
 def test_triton_matches_reference_fp32(n, k, group):
     q, packed, scales, mins = random_q4(n, k, group, seed=n * 1000 + k)
     expect = torch.empty(n, k, dtype=torch.float64)
@@ -39,7 +40,8 @@ def test_triton_half_outputs(dtype, block_m):
     n, k, group = 9, 256, 64
     _, packed, scales, mins = random_q4(n, k, group, seed=3)
     ref = dq.q4_dequantize_into_ref(packed, scales, mins, group, torch.empty(n, k, dtype=dtype))
-    out = dq.q4_dequantize_triton(packed, scales, mins, group, torch.empty(n, k, dtype=dtype), block_m=block_m)
+    out = torch.empty(n, k, dtype=dtype)
+    dq.q4_dequantize_triton(packed, scales, mins, group, out, block_m=block_m)
     # the interpreter truncates to 16 bits instead of rounding: one unit in the last place at most
     ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
     err = (out.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-3)
