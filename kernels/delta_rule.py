@@ -24,8 +24,9 @@ def _masks(C: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tens
     """(strictly-above-diagonal mask, identity) for chunk size C, cached (two launches less per call)."""
     key = (C, dtype, str(device))
     if key not in _MASKS:
-        ones = torch.ones(C, C, dtype=torch.bool, device=device)
-        _MASKS[key] = (ones.triu(1), torch.eye(C, dtype=dtype, device=device))
+        with torch.inference_mode(False):  # normal tensors: autograd may save them later
+            ones = torch.ones(C, C, dtype=torch.bool, device=device)
+            _MASKS[key] = (ones.triu(1), torch.eye(C, dtype=dtype, device=device))
     return _MASKS[key]
 
 

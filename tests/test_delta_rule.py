@@ -74,3 +74,17 @@ def test_short_conv_state_continuation_and_taps():
     y2, s2 = causal_conv1d_silu(x[:, 6:], w, s1)
     assert torch.allclose(torch.cat([y1, y2], 1), y, atol=1e-12) and torch.equal(s2, st)
     assert torch.equal(st[0], x[0, -3:].T)  # the last 3 raw inputs, oldest first
+
+
+def test_chunked_differentiable_after_inference_mode_call():
+    """Cached helper tensors made during an inference_mode call must not break a later autograd call."""
+    from olmo_local.kernels import delta_rule
+
+    delta_rule._MASKS.clear()
+    x = [t.float() for t in _inputs(20)]
+    with torch.inference_mode():
+        chunk_gated_delta_rule(*x[:5], chunk_size=8)
+    q, k, v, g, beta = (t.requires_grad_() for t in x[:5])
+    o, _ = chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=8)
+    o.sum().backward()
+    assert q.grad is not None and g.grad is not None
