@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from olmo_local.config import OlmoHybridConfig
+from olmo_local.kernels.attention_prefill import attention_over_int8_cache
 from olmo_local.kernels.delta_rule import chunk_gated_delta_rule_heads, recurrent_gated_delta_rule
 from olmo_local.kernels.gdn_prefill import gated_rms_norm as _gated_rms_norm
 from olmo_local.kernels.gdn_prefill import gdn_prefill_prep, l2_norm  # noqa: F401  (l2_norm: public name)
@@ -81,10 +82,13 @@ class AttentionLayer(nn.Module):
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != KV)
         else:
             pos = state.pos
-            k_all, v_all = state.write_kv(self.idx, k[0], v[0])       # [KV, pos+T, hd]
+            kv_all = state.write_kv(self.idx, k[0], v[0])             # [KV, pos+T, hd] (bf16 cache)
             if pos == 0:  # a fresh sequence: plain causal attention (the flash path on GPU)
                 a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != KV)
+            elif kv_all is None:  # int8 cache: the prefix block by block, merged by log-sum-exp
+                a = attention_over_int8_cache(q, *state.int8_kv(self.idx), pos)
             else:
+                k_all, v_all = kv_all
                 mask = None
                 if T > 1:  # query i sits at pos+i and sees keys 0..pos+i
                     kpos = torch.arange(pos + T, device=x.device)

@@ -88,8 +88,10 @@ class DecodeState:
         self.pos += tokens.numel()
         self.pos_t.fill_(self.pos)
 
-    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [KV, T, hd] at the current position; return the valid cache [KV, pos+T, hd]."""
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Store k, v [KV, T, hd] at the current position. bf16 cache: return the valid cache
+        [KV, pos+T, hd]. int8 cache: return None; the caller reads the quantized prefix through
+        ``int8_kv(layer)`` block by block (dequantizing it whole would need ~4 bytes per cached value)."""
         T = k.shape[1]
         end = self.pos + T
         if not self.kv_int8:
@@ -101,9 +103,11 @@ class DecodeState:
             q, sc = quantize_kv_int8(x.contiguous())
             cache[layer, :, self.pos:end] = q
             scale[layer, :, self.pos:end] = sc
-        deq = [(c[layer, :, :end].float() * s[layer, :, :end, None]).to(k.dtype)
-               for c, s in ((self.k_cache, self.k_scale), (self.v_cache, self.v_scale))]
-        return deq[0], deq[1]
+        return None
+
+    def int8_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k int8 [KV, max_ctx, hd], k scales fp32 [KV, max_ctx], v, v scales) of one attention layer."""
+        return self.k_cache[layer], self.k_scale[layer], self.v_cache[layer], self.v_scale[layer]
 
     # ---- snapshots -----------------------------------------------------------------------
     def reset(self) -> None:
