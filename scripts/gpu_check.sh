@@ -19,6 +19,7 @@ for s in $steps; do
     benchcmp) timeout 200 python3 -m olmo_local.cli bench --synthetic 7b --format q4 -r 1 --compare hf-nf4 -n 16 --depth none 2>&1 | tee "$OUT/benchcmp.log" | tail -20 ;;
     q4prev)  Q4_MODULE=olmo_local.kernels._gemv_q4_prev timeout 120 python3 scripts/gpu_check_kernels.py --only q4 2>&1 | tee "$OUT/q4prev.log" | tail -12 ;;
     sweepq4) timeout 200 python3 scripts/gpu_check_kernels.py --sweep --only "sweep q4" 2>&1 | tee "$OUT/sweepq4.log" | tail -60 ;;
+    probe)   timeout 240 python3 scripts/gpu_stream_probe.py 2>&1 | tee "$OUT/probe.log" | tail -60 ;;
     attnpre) timeout 120 python3 scripts/gpu_check_attn_prefill.py 2>&1 | tee "$OUT/attnpre.log" | tail -6 ;;
     sweep)   timeout 240 python3 scripts/gpu_check_kernels.py --sweep --only sweep 2>&1 | tee "$OUT/sweep.log" | tail -60 ;;
     issue3)  timeout 320 python3 -m olmo_local.cli bench --synthetic 7b --format q4 --compare hf-nf4 -r 1 2>&1 | tee "$OUT/issue3.log" | tail -16 ;;
