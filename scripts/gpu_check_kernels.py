@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import importlib.util
 import json
 import math
@@ -410,14 +411,15 @@ def plan():
     checks.append((f"norms d={norm_d}", lambda: check_norms(f"norms d={norm_d}", norm_d)))
     if ARGS.sweep and CUDA:
         shapes = ((3840, 17280, False), (3840, 22016, True), (11008, 3840, False), (5760, 3840, False))
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
         for k, n, gated in shapes:
-            for gpi, bn in ((1, 64), (2, 32), (2, 64), (4, 16), (4, 32)):
-                for nw in (4, 8):
-                    for pairs in (False, True):
-                        nm = f"sweep q4{' gated' if gated else ''} {k}x{n}"
-                        checks.append((nm, lambda k=k, n=n, bn=bn, nw=nw, pairs=pairs, gpi=gpi, nm=nm, gated=gated:
-                                       check_q4(nm, k, n, gated=gated, block_n=bn, num_warps=nw, pairs=pairs,
-                                                groups_per_iter=gpi)))
+            rows = n // 2 if gated else n
+            for bn, nw, per_sm, pairs in itertools.product((16, 32, 64), (4, 8), (8, 16), (False, True)):
+                split = max(1, min(k // 128, round(per_sm * sms / -(-rows // bn))))
+                nm = f"sweep q4{' gated' if gated else ''} {k}x{n}"
+                checks.append((nm, lambda k=k, n=n, bn=bn, nw=nw, pairs=pairs, split=split, nm=nm, gated=gated:
+                               check_q4(nm, k, n, gated=gated, block_n=bn, num_warps=nw, pairs=pairs,
+                                        split_k=split)))
         for split in (4, 8, 16, 32):
             nm = "sweep q4 11008x3840"
             checks.append((nm, lambda split=split, nm=nm: check_q4(nm, 11008, 3840, split_k=split)))
