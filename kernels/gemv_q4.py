@@ -218,6 +218,135 @@ if HAS_TRITON:
         d0, d1 = _lanes(x3)
         return ((a0 + a1) + (b0 + b1)) + ((c0 + c1) + (d0 + d1))
 
+    # --- tensor-core path (bf16 x, one row of x) ----------------------------------------------------
+    # mma.m16n8k16 (bf16 in, fp32 accumulate) on the nibble floats 128 + q, which (w >> s) & 0x000F000F
+    # | 0x43004300 builds two at a time. The K order inside the mma is a permutation of the group's
+    # columns applied to both operands (a dot product does not care): lane c (= lane % 4) holds words
+    # 4c..4c+3 of a row's group (Triton's [1,4] x [8,4] tile), and at word t its shifts 0/8 give the
+    # A-fragment registers a0/a2 of one k-tile (low nibbles), shifts 4/12 those of a second (high
+    # nibbles); the matching x pairs are the bf16x2 pairs of the packed path. Every B column holds x,
+    # so each lane receives the full 32-column sums of its two rows (rows r and r + BN/2 of the
+    # program); the four lanes of a row hold the same sums, so the row total is divided by 4. A second
+    # pair of MMAs with A = 1.0 gives sum(x) over the same columns for the min term:
+    #   s * sum q x + m * sum x = s * D_w + (m - 128 s) * D_1.
+    # Products of bf16 are exact in fp32: as precise as the fp32 path, ~1.9 instructions per weight.
+    @triton.jit
+    def _mma_word(wa, wb, x0, x1, x2, x3, ASM: tl.constexpr):
+        """(D_w row A, D_w row B, D_1) over the 32 columns of word t (see above), as fp32."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .b32 m, c, one, t, a0, a1, a2, a3, z;
+                .reg .f32 d0, d1, d2, d3, e0, e1, e2, e3;
+                mov.b32 m, 0x000F000F;
+                mov.b32 c, 0x43004300;
+                mov.b32 one, 0x3F803F80;
+                mov.b32 z, 0;
+                lop3.b32 a0, $3, m, c, 0xEA;
+                lop3.b32 a1, $4, m, c, 0xEA;
+                shr.u32 t, $3, 8;
+                lop3.b32 a2, t, m, c, 0xEA;
+                shr.u32 t, $4, 8;
+                lop3.b32 a3, t, m, c, 0xEA;
+                mov.f32 d0, 0f00000000; mov.f32 d1, 0f00000000; mov.f32 d2, 0f00000000; mov.f32 d3, 0f00000000;
+                mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {d0, d1, d2, d3}, {a0, a1, a2, a3}, {$5, $7}, {d0, d1, d2, d3};
+                shr.u32 t, $3, 4;
+                lop3.b32 a0, t, m, c, 0xEA;
+                shr.u32 t, $4, 4;
+                lop3.b32 a1, t, m, c, 0xEA;
+                shr.u32 t, $3, 12;
+                lop3.b32 a2, t, m, c, 0xEA;
+                shr.u32 t, $4, 12;
+                lop3.b32 a3, t, m, c, 0xEA;
+                mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {d0, d1, d2, d3}, {a0, a1, a2, a3}, {$6, $8}, {d0, d1, d2, d3};
+                mov.f32 e0, 0f00000000; mov.f32 e1, 0f00000000; mov.f32 e2, 0f00000000; mov.f32 e3, 0f00000000;
+                mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {e0, e1, e2, e3}, {one, one, one, one}, {$5, $7}, {e0, e1, e2, e3};
+                mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {e0, e1, e2, e3}, {one, one, one, one}, {$6, $8}, {e0, e1, e2, e3};
+                mov.b32 $0, d0;
+                mov.b32 $1, d2;
+                mov.b32 $2, e0;
+                }""",
+                "=r,=r,=r,r,r,r,r,r,r", [wa, wb, x0, x1, x2, x3],
+                dtype=(tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+        # interpreter: this lane's own 8 columns only, times 4 (the MMA gives every lane of a row the
+        # sum over all four lanes; the row total divides by 4 either way)
+        da = tl.zeros(wa.shape, dtype=tl.float32)
+        db = tl.zeros(wa.shape, dtype=tl.float32)
+        d1 = tl.zeros(wa.shape, dtype=tl.float32)
+        for j in tl.static_range(4):
+            if j == 0:
+                xp = x0
+            elif j == 1:
+                xp = x1
+            elif j == 2:
+                xp = x2
+            else:
+                xp = x3
+            xl, xh = _lanes(xp)
+            da = da + (128.0 + ((wa >> (4 * j)) & 0xF).to(tl.float32)) * xl
+            da = da + (128.0 + ((wa >> (16 + 4 * j)) & 0xF).to(tl.float32)) * xh
+            db = db + (128.0 + ((wb >> (4 * j)) & 0xF).to(tl.float32)) * xl
+            db = db + (128.0 + ((wb >> (16 + 4 * j)) & 0xF).to(tl.float32)) * xh
+            d1 = d1 + xl + xh
+        return 4.0 * da, 4.0 * db, 4.0 * d1
+
+    @triton.jit
+    def _mma_rows(acc_a, acc_b, w_ptr, s_ptr, m_ptr, rows_a, mask_a, mask_b, half, NGR, g, x0, x1, x2, x3,
+                  HW: tl.constexpr, ASM: tl.constexpr):
+        """One group of rows_a (and rows_a + half): load words and (scale, min), accumulate."""
+        mw = tl.arange(0, HW)[None, :]
+        wa = tl.load(w_ptr + rows_a[:, None] * (NGR * HW) + g * HW + mw, mask=mask_a[:, None], other=0)
+        wb = tl.load(w_ptr + (rows_a[:, None] + half) * (NGR * HW) + g * HW + mw, mask=mask_b[:, None], other=0)
+        sa = tl.load(s_ptr + rows_a * NGR + g, mask=mask_a, other=0).to(tl.float32)[:, None]
+        ma = tl.load(m_ptr + rows_a * NGR + g, mask=mask_a, other=0).to(tl.float32)[:, None]
+        sb = tl.load(s_ptr + (rows_a + half) * NGR + g, mask=mask_b, other=0).to(tl.float32)[:, None]
+        mb = tl.load(m_ptr + (rows_a + half) * NGR + g, mask=mask_b, other=0).to(tl.float32)[:, None]
+        da, db, d1 = _mma_word(wa, wb, x0, x1, x2, x3, ASM)
+        acc_a = acc_a + sa * da + (ma - 128.0 * sa) * d1
+        acc_b = acc_b + sb * db + (mb - 128.0 * sb) * d1
+        return acc_a, acc_b
+
+    @triton.jit
+    def _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
+                     G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
+                     ASM: tl.constexpr):
+        HW: tl.constexpr = G // 8
+        HALF: tl.constexpr = BN // 2
+        pid_k = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rows_a = pid_n * BN + tl.arange(0, HALF)
+        mask_a = rows_a < NR
+        mask_b = rows_a + HALF < NR
+        hw = tl.arange(0, HW)
+        ga = tl.zeros([HALF, HW], dtype=tl.float32)
+        gb = tl.zeros([HALF, HW], dtype=tl.float32)
+        ua = tl.zeros([HALF, HW], dtype=tl.float32)
+        ub = tl.zeros([HALF, HW], dtype=tl.float32)
+        g_begin = pid_k * GPS
+        g_end = tl.minimum(g_begin + GPS, NGR)
+        for g in range(g_begin, g_end):
+            xb = x_ptr + g * (G // 2) + 2 * hw
+            xa = tl.load(xb)
+            xc = tl.load(xb + 1)
+            xd = tl.load(xb + G // 4)
+            xe = tl.load(xb + G // 4 + 1)
+            x0 = _pair(xa, xc, False, ASM)[None, :]
+            x2 = _pair(xa, xc, True, ASM)[None, :]
+            x1 = _pair(xd, xe, False, ASM)[None, :]
+            x3 = _pair(xd, xe, True, ASM)[None, :]
+            ga, gb = _mma_rows(ga, gb, qw_ptr, s_ptr, m_ptr, rows_a, mask_a, mask_b, HALF, NGR, g,
+                               x0, x1, x2, x3, HW, ASM)
+            if GATED:  # the matching up-projection rows
+                ua, ub = _mma_rows(ua, ub, qw_ptr, s_ptr, m_ptr, rows_a + NR, mask_a, mask_b, HALF, NGR, g,
+                                   x0, x1, x2, x3, HW, ASM)
+        _q4_emit(y_ptr, part_ptr, tl.sum(ga, 1) * 0.25, tl.sum(ua, 1) * 0.25, 0, pid_k, rows_a, mask_a, NR,
+                 stride_y, 1, SPLIT_K, GATED)
+        _q4_emit(y_ptr, part_ptr, tl.sum(gb, 1) * 0.25, tl.sum(ub, 1) * 0.25, 0, pid_k, rows_a + HALF, mask_b,
+                 NR, stride_y, 1, SPLIT_K, GATED)
+        if SPLIT_K:
+            rn = pid_n * BN + tl.arange(0, BN)
+            splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT, GATED)
+
     @triton.jit
     def _q4_group(acc, w, s, m, x_row, gx, mcol, magic, G: tl.constexpr, X_BF16: tl.constexpr,
                   ASM: tl.constexpr, PAIRS: tl.constexpr):
@@ -293,97 +422,101 @@ if HAS_TRITON:
         MAGIC,  # 0x3F800000 (the float 1.0), passed at run time on purpose: see _nibble
         T: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
         GATED: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr,
-        GPI: tl.constexpr,
+        GPI: tl.constexpr, MMA: tl.constexpr,
     ):
-        HW: tl.constexpr = G // 8  # int32 words per group and row
-        pid_k = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        rn = pid_n * BN + tl.arange(0, BN)
-        rmask = rn < NR
-        # one [BN, HW] accumulator per x row (and per half when gated); unused ones are dropped
-        a0 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
-        a1 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
-        a2 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
-        a3 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
-        a4 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
-        a5 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
-        a6 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
-        a7 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
-        b0 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
-        b1 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
-        b2 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
-        b3 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
-        b4 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
-        b5 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
-        b6 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
-        b7 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
-        g_begin = pid_k * GPS
-        g_end = tl.minimum(g_begin + GPS, NGR)
-        gi = tl.arange(0, GPI)[:, None]  # [GPI, 1] group within an iteration
-        mcol = tl.arange(0, HW)[None, :]  # [1, HW] word within its group
-        row_w = rn[:, None, None] * (NGR * HW)
-        row_s = rn[:, None, None] * NGR
-        rmask3 = rmask[:, None, None]
-        for g0 in range(g_begin, g_end, GPI):
-            gcol = g0 + gi  # [GPI, 1]
-            gx = tl.minimum(gcol, g_end - 1)  # x of a masked group is read in bounds (its s = m = 0)
-            ms = rmask3 & (gcol < g_end)[None, :, :]  # [BN, GPI, 1]
-            mw = ms & (mcol < HW)[None, :, :]  # [BN, GPI, HW]
-            wa = tl.load(qw_ptr + row_w + (gcol * HW + mcol)[None, :, :], mask=mw, other=0)
-            sa = tl.load(s_ptr + row_s + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
-            ma = tl.load(m_ptr + row_s + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
-            a0 = _q4_group(a0, wa, sa, ma, x_ptr, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-            if T > 1:
-                a1 = _q4_group(a1, wa, sa, ma, x_ptr + stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-            if T > 2:
-                a2 = _q4_group(a2, wa, sa, ma, x_ptr + 2 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-            if T > 3:
-                a3 = _q4_group(a3, wa, sa, ma, x_ptr + 3 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-            if T > 4:
-                a4 = _q4_group(a4, wa, sa, ma, x_ptr + 4 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-            if T > 5:
-                a5 = _q4_group(a5, wa, sa, ma, x_ptr + 5 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-            if T > 6:
-                a6 = _q4_group(a6, wa, sa, ma, x_ptr + 6 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-            if T > 7:
-                a7 = _q4_group(a7, wa, sa, ma, x_ptr + 7 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-            if GATED:  # the matching up-projection rows
-                wb = tl.load(qw_ptr + row_w + NR * (NGR * HW) + (gcol * HW + mcol)[None, :, :], mask=mw, other=0)
-                sb = tl.load(s_ptr + row_s + NR * NGR + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
-                mb = tl.load(m_ptr + row_s + NR * NGR + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
-                b0 = _q4_group(b0, wb, sb, mb, x_ptr, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+        if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
+            _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
+                         G, BN, SPLIT_K, GATED, ASM)
+        else:
+            HW: tl.constexpr = G // 8  # int32 words per group and row
+            pid_k = tl.program_id(0)
+            pid_n = tl.program_id(1)
+            rn = pid_n * BN + tl.arange(0, BN)
+            rmask = rn < NR
+            # one [BN, HW] accumulator per x row (and per half when gated); unused ones are dropped
+            a0 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+            a1 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+            a2 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+            a3 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+            a4 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+            a5 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+            a6 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+            a7 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+            b0 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+            b1 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+            b2 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+            b3 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+            b4 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+            b5 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+            b6 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+            b7 = tl.zeros([BN, GPI, HW], dtype=tl.float32)
+            g_begin = pid_k * GPS
+            g_end = tl.minimum(g_begin + GPS, NGR)
+            gi = tl.arange(0, GPI)[:, None]  # [GPI, 1] group within an iteration
+            mcol = tl.arange(0, HW)[None, :]  # [1, HW] word within its group
+            row_w = rn[:, None, None] * (NGR * HW)
+            row_s = rn[:, None, None] * NGR
+            rmask3 = rmask[:, None, None]
+            for g0 in range(g_begin, g_end, GPI):
+                gcol = g0 + gi  # [GPI, 1]
+                gx = tl.minimum(gcol, g_end - 1)  # x of a masked group is read in bounds (its s = m = 0)
+                ms = rmask3 & (gcol < g_end)[None, :, :]  # [BN, GPI, 1]
+                mw = ms & (mcol < HW)[None, :, :]  # [BN, GPI, HW]
+                wa = tl.load(qw_ptr + row_w + (gcol * HW + mcol)[None, :, :], mask=mw, other=0)
+                sa = tl.load(s_ptr + row_s + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
+                ma = tl.load(m_ptr + row_s + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
+                a0 = _q4_group(a0, wa, sa, ma, x_ptr, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
                 if T > 1:
-                    b1 = _q4_group(b1, wb, sb, mb, x_ptr + stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                    a1 = _q4_group(a1, wa, sa, ma, x_ptr + stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
                 if T > 2:
-                    b2 = _q4_group(b2, wb, sb, mb, x_ptr + 2 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                    a2 = _q4_group(a2, wa, sa, ma, x_ptr + 2 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
                 if T > 3:
-                    b3 = _q4_group(b3, wb, sb, mb, x_ptr + 3 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                    a3 = _q4_group(a3, wa, sa, ma, x_ptr + 3 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
                 if T > 4:
-                    b4 = _q4_group(b4, wb, sb, mb, x_ptr + 4 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                    a4 = _q4_group(a4, wa, sa, ma, x_ptr + 4 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
                 if T > 5:
-                    b5 = _q4_group(b5, wb, sb, mb, x_ptr + 5 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                    a5 = _q4_group(a5, wa, sa, ma, x_ptr + 5 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
                 if T > 6:
-                    b6 = _q4_group(b6, wb, sb, mb, x_ptr + 6 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                    a6 = _q4_group(a6, wa, sa, ma, x_ptr + 6 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
                 if T > 7:
-                    b7 = _q4_group(b7, wb, sb, mb, x_ptr + 7 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                    a7 = _q4_group(a7, wa, sa, ma, x_ptr + 7 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                if GATED:  # the matching up-projection rows
+                    wb = tl.load(qw_ptr + row_w + NR * (NGR * HW) + (gcol * HW + mcol)[None, :, :], mask=mw, other=0)
+                    sb = tl.load(s_ptr + row_s + NR * NGR + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
+                    mb = tl.load(m_ptr + row_s + NR * NGR + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
+                    b0 = _q4_group(b0, wb, sb, mb, x_ptr, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                    if T > 1:
+                        b1 = _q4_group(b1, wb, sb, mb, x_ptr + stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                    if T > 2:
+                        b2 = _q4_group(b2, wb, sb, mb, x_ptr + 2 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                    if T > 3:
+                        b3 = _q4_group(b3, wb, sb, mb, x_ptr + 3 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                    if T > 4:
+                        b4 = _q4_group(b4, wb, sb, mb, x_ptr + 4 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                    if T > 5:
+                        b5 = _q4_group(b5, wb, sb, mb, x_ptr + 5 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                    if T > 6:
+                        b6 = _q4_group(b6, wb, sb, mb, x_ptr + 6 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                    if T > 7:
+                        b7 = _q4_group(b7, wb, sb, mb, x_ptr + 7 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
 
-        _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a0, 2), 1), tl.sum(tl.sum(b0, 2), 1), 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
-        if T > 1:
-            _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a1, 2), 1), tl.sum(tl.sum(b1, 2), 1), 1, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
-        if T > 2:
-            _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a2, 2), 1), tl.sum(tl.sum(b2, 2), 1), 2, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
-        if T > 3:
-            _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a3, 2), 1), tl.sum(tl.sum(b3, 2), 1), 3, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
-        if T > 4:
-            _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a4, 2), 1), tl.sum(tl.sum(b4, 2), 1), 4, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
-        if T > 5:
-            _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a5, 2), 1), tl.sum(tl.sum(b5, 2), 1), 5, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
-        if T > 6:
-            _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a6, 2), 1), tl.sum(tl.sum(b6, 2), 1), 6, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
-        if T > 7:
-            _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a7, 2), 1), tl.sum(tl.sum(b7, 2), 1), 7, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
-        if SPLIT_K:
-            splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y, T, BN, SPLIT, GATED)
+            _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a0, 2), 1), tl.sum(tl.sum(b0, 2), 1), 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+            if T > 1:
+                _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a1, 2), 1), tl.sum(tl.sum(b1, 2), 1), 1, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+            if T > 2:
+                _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a2, 2), 1), tl.sum(tl.sum(b2, 2), 1), 2, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+            if T > 3:
+                _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a3, 2), 1), tl.sum(tl.sum(b3, 2), 1), 3, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+            if T > 4:
+                _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a4, 2), 1), tl.sum(tl.sum(b4, 2), 1), 4, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+            if T > 5:
+                _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a5, 2), 1), tl.sum(tl.sum(b5, 2), 1), 5, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+            if T > 6:
+                _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a6, 2), 1), tl.sum(tl.sum(b6, 2), 1), 6, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+            if T > 7:
+                _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a7, 2), 1), tl.sum(tl.sum(b7, 2), 1), 7, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+            if SPLIT_K:
+                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y, T, BN, SPLIT, GATED)
 
 
 def _pick_split(n_blocks: int, iters: int, device: torch.device) -> int:
@@ -401,10 +534,11 @@ def _pick_split(n_blocks: int, iters: int, device: torch.device) -> int:
 # path stays the default.
 DEFAULT_PAIRS = False
 DEFAULT_BYTES_PER_ROW = 64  # contiguous weight bytes per row and iteration (GPI = this / (G/2))
+DEFAULT_MMA = True  # tensor cores for one bf16 row of x at group size 128 (decode)
 
 
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_k, num_warps, num_stages,
-               pairs=None, groups_per_iter=None):
+               pairs=None, groups_per_iter=None, mma=None):
     x2 = _as_rows(x)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -433,6 +567,14 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_
     if y2.stride(-1) != 1 or tuple(y2.shape) != (t, nr):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {(t, nr)} with a unit last stride")
 
+    use_mma = (DEFAULT_MMA and t == 1 and x_bf16 and g == 128) if mma is None else bool(mma)
+    if use_mma and not (t == 1 and x_bf16 and g == 128):
+        raise ValueError("the tensor-core q4 path takes one bf16 row of x and group size 128")
+    if use_mma:
+        groups_per_iter = 1
+        block_n = block_n or 16 * num_warps  # two row halves of 8 rows per warp: one m16 tile
+        if block_n % 16:
+            raise ValueError("the tensor-core q4 path needs a block_n that is a multiple of 16")
     # BN rows x GPI groups per iteration: each row contributes GPI * G/2 contiguous bytes (DRAM
     # bursts: 64-byte row pieces reached only ~40 % of copy bandwidth on the H200)
     gpi = groups_per_iter or max(1, min(DEFAULT_BYTES_PER_ROW // (g // 2), ngr))
@@ -456,7 +598,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
         T=t, G=g, BN=bn, SPLIT_K=split_k > 1, GATED=gated, X_BF16=x_bf16, ASM=x_bf16 and x2.is_cuda,
-        PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi,
+        PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi, MMA=use_mma,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -476,10 +618,11 @@ def q4_gemv_triton(
     num_stages: int = 2,
     pairs: bool | None = None,
     groups_per_iter: int | None = None,
+    mma: bool | None = None,
 ) -> torch.Tensor:
     """Triton version of q4_gemv_ref (the keyword-only knobs are for tests and tuning)."""
     return _q4_launch(x, qweight, scales, mins, group_size, out, False, block_n, split_k,
-                      num_warps, num_stages, pairs, groups_per_iter)
+                      num_warps, num_stages, pairs, groups_per_iter, mma)
 
 
 def q4_gemv_silu_mul_triton(
@@ -496,12 +639,13 @@ def q4_gemv_silu_mul_triton(
     num_stages: int = 2,
     pairs: bool | None = None,
     groups_per_iter: int | None = None,
+    mma: bool | None = None,
 ) -> torch.Tensor:
     """Triton version of q4_gemv_silu_mul_ref (gate and up rows of one block share a program)."""
     if qweight.shape[0] % 2:
         raise ValueError("a merged gate|up weight needs an even number of rows")
     return _q4_launch(x, qweight, scales, mins, group_size, out, True, block_n, split_k,
-                      num_warps, num_stages, pairs, groups_per_iter)
+                      num_warps, num_stages, pairs, groups_per_iter, mma)
 
 
 # ----------------------------------------------------------------------------------------------

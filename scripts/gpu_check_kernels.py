@@ -414,11 +414,11 @@ def plan():
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         for k, n, gated in shapes:
             rows = n // 2 if gated else n
-            for bn, nw, per_sm, pairs in itertools.product((16, 32, 64), (4, 8), (8, 16), (False, True)):
+            for bn, nw, per_sm in itertools.product((32, 64, 128), (2, 4, 8), (4, 8, 16)):
                 split = max(1, min(k // 128, round(per_sm * sms / -(-rows // bn))))
-                nm = f"sweep q4{' gated' if gated else ''} {k}x{n}"
-                checks.append((nm, lambda k=k, n=n, bn=bn, nw=nw, pairs=pairs, split=split, nm=nm, gated=gated:
-                               check_q4(nm, k, n, gated=gated, block_n=bn, num_warps=nw, pairs=pairs,
+                nm = f"sweep q4 mma{' gated' if gated else ''} {k}x{n}"
+                checks.append((nm, lambda k=k, n=n, bn=bn, nw=nw, split=split, nm=nm, gated=gated:
+                               check_q4(nm, k, n, gated=gated, block_n=bn, num_warps=nw, mma=True,
                                         split_k=split)))
         for split in (4, 8, 16, 32):
             nm = "sweep q4 11008x3840"
@@ -522,15 +522,19 @@ def aot_report() -> int:
                   "stride_ro": "i32"}
     jobs = [
         ("q4 T=1 (64 rows x 128 cols / iter)", kq4._q4_gemv_kernel, q4_types,
-         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 2}, 4, ()),
-        ("q4 T=1 bf16x2 pairs GPI=2", kq4._q4_gemv_kernel, q4_types,
-         {"T": 1, "G": 128, "BN": 32, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": True, "GPI": 2}, 4, ()),
+         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 1, "MMA": False}, 4, ()),
+        ("q4 T=1 tensor cores (mma)", kq4._q4_gemv_kernel, q4_types,
+         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False,
+          "GPI": 1, "MMA": True}, 4, ()),
+        ("q4 gate|up+silu T=1 tensor cores", kq4._q4_gemv_kernel, q4_types,
+         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
+          "GPI": 1, "MMA": True}, 4, ()),
         ("q4 gate|up+silu T=1 (128 weights/thr)", kq4._q4_gemv_kernel, q4_types,
-         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 2}, 4, ()),
+         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 1, "MMA": False}, 4, ()),
         ("q4 gate|up+silu T=4", kq4._q4_gemv_kernel, q4_types,
-         {"T": 4, "G": 128, "BN": 32, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 2}, 4, ()),
+         {"T": 4, "G": 128, "BN": 32, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 1, "MMA": False}, 4, ()),
         ("q4 T=8", kq4._q4_gemv_kernel, q4_types,
-         {"T": 8, "G": 128, "BN": 32, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 2}, 4, ()),
+         {"T": 8, "G": 128, "BN": 32, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 1, "MMA": False}, 4, ()),
         ("q8 T=1 (32 weights/thr)", kq8._q8_gemv_kernel, q8_types,
          {"T": 1, "BN": 64, "BW": 16, "SPLIT_K": False, "GATED": False, "X_BF16": True, "EVEN_K": True}, 4,
          ("KW", "WPS")),

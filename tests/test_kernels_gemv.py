@@ -112,6 +112,33 @@ def test_q4_gemv_tiling_variants(dtype, pairs, gated, gpi, split_k):
     assert counters_are_zero()
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("n,split_k,block_n,warps", [(70, 3, None, 4), (32, 1, 32, 4), (16, 2, 16, 1), (100, 1, 64, 2)])
+def test_q4_gemv_tensor_core_path(gated, n, split_k, block_n, warps):
+    """The T = 1, bf16, group-128 path that uses mma.m16n8k16 on the GPU (the interpreter runs its
+    per-lane emulation): odd N (masked rows in both row halves), split-K, several tile heights."""
+    gen = torch.Generator().manual_seed(n + split_k)
+    n_rows = 2 * n if gated else n
+    _, packed, scales, mins = random_q4(n_rows, 512, 128, gen)
+    x = torch.randn(1, 512, generator=gen).to(torch.bfloat16)
+    kern = k4.q4_gemv_silu_mul_triton if gated else k4.q4_gemv_triton
+    ref = k4.q4_gemv_silu_mul_ref if gated else k4.q4_gemv_ref
+    y = kern(x, packed, scales, mins, 128, split_k=split_k, block_n=block_n, num_warps=warps, mma=True)
+    assert torch.isfinite(y).all()
+    assert relerr(y, ref(x, packed, scales, mins, 128)) < tol(torch.bfloat16)
+    y_fp = kern(x, packed, scales, mins, 128, split_k=split_k, mma=False)
+    assert relerr(y_fp, y) < tol(torch.bfloat16)
+    assert counters_are_zero()
+
+
+def test_q4_tensor_core_path_rejects_what_it_cannot_do():
+    gen = torch.Generator().manual_seed(1)
+    _, packed, scales, mins = random_q4(16, 256, 64, gen)
+    x = torch.randn(1, 256, generator=gen).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="group size 128"):
+        k4.q4_gemv_triton(x, packed, scales, mins, 64, mma=True)
+
+
 @pytest.mark.parametrize("n2,k,group,t,split_k,dtype", [
     (40, 96, 32, 1, 1, torch.float32),
     (100, 256, 64, 2, 2, torch.bfloat16),
