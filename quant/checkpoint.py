@@ -3,7 +3,8 @@
 For a linear stored as ``PREFIX.weight`` (bf16) in the source checkpoint:
 
 - q4:  ``PREFIX.qweight`` uint8 [N, K/2], ``PREFIX.scales`` fp16 [N, K/G], ``PREFIX.mins`` fp16 [N, K/G]
-- q8:  ``PREFIX.qweight`` int8 [N, K], ``PREFIX.scales`` fp16 [N]
+- q8:  ``PREFIX.qweight`` int8 [N, K], ``PREFIX.scales`` fp16 [N, K/G] (G = 32/64/128), or fp16 [N]
+  (one scale per row: written by olmo-local before group scales, and by ``--group-size 0``)
 - nf4: exactly what transformers + bitsandbytes write for a Linear4bit: ``PREFIX.weight`` uint8
   [N*K/2, 1], ``PREFIX.weight.absmax``, ``PREFIX.weight.quant_map``,
   ``PREFIX.weight.quant_state.bitsandbytes__nf4`` (JSON packed as uint8), and with double quant
@@ -23,7 +24,7 @@ from torch import nn
 from olmo_local.errors import OlmoError
 
 from ._bnb import bnb_functional
-from .formats import Q4_GROUP_SIZES, quantize_nf4, quantize_q4, quantize_q8
+from .formats import Q4_GROUP_SIZES, Q8_GROUP_SIZES, q8_group_for, quantize_nf4, quantize_q4, quantize_q8
 from .linear import DenseLinear, NF4Linear, Q4Linear, Q8Linear, QEmbedding
 
 FORMATS = ("q4", "q8", "nf4", "nf4-dq", "bf16")
@@ -61,14 +62,17 @@ def expected_names(prefix: str, fmt: str, double_quant: bool = False) -> list[st
 def quantize_linear_tensors(
     prefix: str, weight: torch.Tensor, fmt: str, group_size: int = 128, double_quant: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Quantize one linear's weight [N, K]; returns checkpoint names -> tensors to write."""
+    """Quantize one linear's weight [N, K]; returns checkpoint names -> tensors to write.
+
+    q8 uses the largest group size of 128/64/32 that is at most ``group_size`` and divides K, and one
+    scale per row when none does or ``group_size`` is 0 (quant.formats.q8_group_for)."""
     fmt, dq = _norm_fmt(fmt, double_quant)
     p = prefix
     if fmt == "q4":
         d = quantize_q4(weight, group_size)
         return {f"{p}.qweight": d["qweight"], f"{p}.scales": d["scales"], f"{p}.mins": d["mins"]}
     if fmt == "q8":
-        d = quantize_q8(weight)
+        d = quantize_q8(weight, group_size=q8_group_for(weight.shape[1], group_size))
         return {f"{p}.qweight": d["qweight"], f"{p}.scales": d["scales"]}
     if fmt == "nf4":
         d = quantize_nf4(weight, double_quant=dq)
@@ -151,10 +155,19 @@ def _load_q4(p: str, qweight, scales, mins, device) -> Q4Linear:
 
 
 def _load_q8(p: str, qweight, scales, device) -> Q8Linear:
+    """q8 with group scales fp16 [N, K/G] or per-row scales float [N] (told apart by the rank)."""
     if qweight.dtype != torch.int8 or qweight.dim() != 2:
         raise _bad(p, f"q8 qweight must be int8 [N, K], got {qweight.dtype} {_shape(qweight)}")
-    if not scales.is_floating_point() or _shape(scales) != (qweight.shape[0],):
-        raise _bad(p, f"q8 scales must be float [{qweight.shape[0]}], got {scales.dtype} {_shape(scales)}")
+    n, k = qweight.shape
+    if scales.dim() == 2:
+        ng = scales.shape[1]
+        if scales.dtype != torch.float16 or scales.shape[0] != n or ng == 0 or k % ng \
+                or k // ng not in Q8_GROUP_SIZES:
+            raise _bad(p, f"q8 group scales must be fp16 [{n}, K/G] with G in {Q8_GROUP_SIZES} dividing "
+                          f"K = {k}, got {scales.dtype} {_shape(scales)}")
+    elif not scales.is_floating_point() or _shape(scales) != (n,):
+        raise _bad(p, f"q8 scales must be fp16 [{n}, K/G] (groups) or float [{n}] (rows), got "
+                      f"{scales.dtype} {_shape(scales)}")
     return Q8Linear(qweight.to(device), scales.to(device))
 
 
@@ -225,7 +238,8 @@ def load_embedding(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
 ) -> nn.Module:
-    """Embedding at ``prefix``: q8 rows (``qweight`` + ``scales``) -> QEmbedding, else nn.Embedding."""
+    """Embedding at ``prefix``: q8 (``qweight`` + group or row ``scales``) -> QEmbedding, else
+    nn.Embedding."""
     p = prefix
     if has(f"{p}.qweight"):
         m = _load_q8(p, get(f"{p}.qweight"), _need(get, has, f"{p}.scales", p), device)

@@ -1,4 +1,4 @@
-"""Weight formats: q4 (asymmetric 4-bit groups), q8 (symmetric int8 rows), nf4 (bitsandbytes).
+"""Weight formats: q4 (asymmetric 4-bit groups), q8 (symmetric int8 groups or rows), nf4 (bitsandbytes).
 
 Layouts are fixed by docs/contracts.md (the Triton kernels read them directly):
 
@@ -6,8 +6,11 @@ Layouts are fixed by docs/contracts.md (the Triton kernels read them directly):
   byte i holds column g*G + i in its low nibble and column g*G + G/2 + i in its high nibble.
   ``scales``, ``mins`` fp16 ``[N, K // G]``; w = q * scale + min, q in 0..15.
   Bits per weight: 4 + 32/G (4.25 at G = 128, 4.5 at 64, 5.0 at 32).
-- q8: ``qweight`` int8 ``[N, K]``, ``scales`` fp16 ``[N]``; w = q * scale, q in -127..127.
-  Bits per weight: 8 + 16/K (8.0042 at K = 3840).
+- q8: ``qweight`` int8 ``[N, K]`` and ``scales`` fp16 ``[N, K // G]`` (one scale per group of G = 32, 64
+  or 128 input columns; w = q * scales[n, k // G], q in -127..127; 8 + 16/G bits per weight, 8.125 at
+  G = 128), or the older per-row layout ``scales`` ``[N]`` (w = q * scales[n]; 8 + 16/K bits, 8.0042 at
+  K = 3840), which still loads and which ``quantize_q8(w)`` still writes by default. The two are told
+  apart by the rank of ``scales``.
 - nf4: bitsandbytes' own packing (``quantize_4bit(quant_type="nf4", blocksize=64)``), data uint8
   ``[N*K/2, 1]`` plus an fp32 absmax per 64 weights: 4 + 32/64 = 4.5 bits per weight; with double
   quant the absmax is stored as uint8 with one fp32 per 256 absmax: 4 + 8/64 + 32/(64*256)
@@ -17,7 +20,7 @@ Quantization is data-free. For q4 each group's (scale, min) is searched to minim
 reconstruction error: a grid of (offset, shrink) candidates of the min/max range is evaluated for
 all groups at once, each candidate's rounded q gets a closed-form least-squares refit of (scale, min),
 the best per group is kept, then a few alternating rounds (re-round q, refit) polish it. q8 does the
-same per row for the clipping range of its symmetric scale. Rows are processed in chunks so memory
+same per group (or row) for the clipping range of its symmetric scale. Rows are processed in chunks so memory
 stays bounded; everything is plain torch, so CUDA tensors work unchanged.
 """
 
@@ -30,6 +33,7 @@ from olmo_local.errors import OlmoError
 from ._bnb import bnb_functional
 
 Q4_GROUP_SIZES = (32, 64, 128)
+Q8_GROUP_SIZES = (32, 64, 128)  # q8 with per-group scales; 0 (or None) means one scale per output row
 NF4_BLOCKSIZE = 64
 _CHUNK_ELEMS = 1 << 20  # elements per row chunk in the searches (~4 MB fp32 per temporary)
 
@@ -41,7 +45,9 @@ _Q4_GRID = [(0.0, 1.0)] + [
     for off in ((1.0 - w) * 0.5, 0.0, 1.0 - w)
 ]
 _Q4_REFINE_ITERS = 3
-_Q8_CLIPS = (1.0, 0.97, 0.94, 0.90, 0.86, 0.82, 0.78, 0.74, 0.70, 0.65, 0.60)
+# shrink factors of the absmax scale tried by the q8 search (255 levels rarely gain from clipping a
+# Gaussian-like group, so most candidates sit close to 1; the low ones are for heavy tails)
+_Q8_CLIPS = (1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.92, 0.90, 0.86, 0.82, 0.78, 0.74, 0.70, 0.65, 0.60)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -51,7 +57,8 @@ _Q8_CLIPS = (1.0, 0.97, 0.94, 0.90, 0.86, 0.82, 0.78, 0.74, 0.70, 0.65, 0.60)
 def bits_per_weight(fmt: str, group_size: int = 128, in_features: int = 3840) -> float:
     """Exact storage bits per weight of a format (tensor-level code tables excluded).
 
-    q4: 4 + 32/G. q8: 8 + 16/K (one fp16 scale per row of K). nf4: 4 + 32/64 = 4.5.
+    q4: 4 + 32/G. q8: 8 + 16/G with group_size G, 8 + 16/K (one fp16 scale per row of K) with
+    group_size 0. nf4: 4 + 32/64 = 4.5.
     nf4-dq (double quant): 4 + 8/64 + 32/(64*256) = 4.126953125. bnb-int8: 8 + 32/K (fp32 SCB).
     bf16/fp16: 16, fp32: 32.
     """
@@ -60,7 +67,9 @@ def bits_per_weight(fmt: str, group_size: int = 128, in_features: int = 3840) ->
             raise OlmoError(f"q4 group size must be one of {Q4_GROUP_SIZES}, got {group_size}")
         return 4.0 + 32.0 / group_size
     if fmt == "q8":
-        return 8.0 + 16.0 / in_features
+        if group_size and group_size not in Q8_GROUP_SIZES:
+            raise OlmoError(f"q8 group size must be one of {Q8_GROUP_SIZES} or 0 (per row), got {group_size}")
+        return 8.0 + 16.0 / (group_size or in_features)
     if fmt == "nf4":
         return 4.0 + 32.0 / NF4_BLOCKSIZE
     if fmt in ("nf4-dq", "nf4dq"):
@@ -220,54 +229,93 @@ def dequantize_q4(
 # q8
 
 
-def quantize_q8(w: torch.Tensor, search: bool = True) -> dict[str, torch.Tensor]:
-    """Quantize W [N, K] to q8 (8 + 16/K bits per weight): dict(qweight int8 [N, K], scales fp16 [N]).
+def q8_group_for(in_features: int, want: int | None) -> int:
+    """The q8 group size used for a weight with ``in_features`` columns when ``want`` is asked for: the
+    largest of 128/64/32 that is at most ``want`` and divides K, or 0 (one scale per row) when none
+    does or ``want`` is 0/None."""
+    if not want:
+        return 0
+    for g in sorted(Q8_GROUP_SIZES, reverse=True):
+        if g <= want and in_features % g == 0:
+            return g
+    return 0
 
-    Symmetric per output row; the clipping range is searched (least-squares refit per candidate)
-    to minimise the row's squared error. ``search=False``: scale = absmax / 127.
+
+def q8_group_size(qweight: torch.Tensor, scales: torch.Tensor) -> int:
+    """The group size of stored q8 tensors: 0 for per-row scales [N], else K // scales.shape[1]."""
+    return 0 if scales.dim() == 1 else qweight.shape[1] // scales.shape[1]
+
+
+def _q8_search_chunk(x: torch.Tensor) -> torch.Tensor:
+    """x: fp32 [R, ng, G] -> scale fp32 [R, ng] minimising the squared error of round(x / s) * s per group.
+
+    Candidates: the absmax scale shrunk by each of _Q8_CLIPS; each candidate's rounded q gets the
+    least-squares scale sum(x*q) / sum(q*q), and the candidate with the lowest error is kept."""
+    s = x.abs().amax(-1) / 127.0
+    sxx = torch.linalg.vecdot(x, x)
+    best_s, best_e = s, None
+    q = torch.empty_like(x)
+    for c in _Q8_CLIPS:
+        cs = s * c
+        inv = torch.where(cs > 0, 1.0 / torch.where(cs > 0, cs, torch.ones_like(cs)), 0.0)
+        torch.mul(x, inv[..., None], out=q).round_().clamp_(-127, 127)
+        sqq = torch.linalg.vecdot(q, q)
+        sxq = torch.linalg.vecdot(x, q)
+        ok = sqq > 0
+        fit = torch.where(ok, sxq / torch.where(ok, sqq, torch.ones_like(sqq)), cs)
+        e = sxx - torch.where(ok, sxq * fit, torch.zeros_like(sxq))
+        if best_e is None:
+            best_s, best_e = fit, e
+        else:
+            better = e < best_e
+            best_s = torch.where(better, fit, best_s)
+            best_e = torch.where(better, e, best_e)
+    return best_s
+
+
+def quantize_q8(w: torch.Tensor, search: bool = True,
+                group_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Quantize W [N, K] to q8: dict(qweight int8 [N, K], scales fp16 [N, K // G]) with ``group_size`` G
+    (8 + 16/G bits per weight), or scales fp16 [N] (one per output row, 8 + 16/K bits) when
+    ``group_size`` is 0/None (the default).
+
+    Symmetric; the clipping range of each group's (row's) scale is searched (least-squares refit per
+    candidate) to minimise its squared error. ``search=False``: scale = absmax / 127.
     """
     _check_weight(w, "q8")
     n, k = w.shape
+    g = group_size or 0
+    if g and g not in Q8_GROUP_SIZES:
+        raise OlmoError(f"q8 group size must be one of {Q8_GROUP_SIZES} or 0 (per row), got {g}")
+    if g and k % g:
+        raise OlmoError(f"q8: in_features {k} is not a multiple of the group size {g}")
+    ng = k // g if g else 1
     qweight = torch.empty(n, k, dtype=torch.int8, device=w.device)
-    scales = torch.empty(n, dtype=torch.float16, device=w.device)
+    scales = torch.empty(n, ng, dtype=torch.float16, device=w.device)
     rows = max(1, _CHUNK_ELEMS // k)
     for r0 in range(0, n, rows):
         x = w[r0 : r0 + rows].float()
         if not torch.isfinite(x).all():
             raise OlmoError("q8: the weight contains NaN or Inf values; the checkpoint is corrupt")
-        amax = x.abs().amax(-1)
-        s = amax / 127.0
-        if search:
-            sxx = torch.linalg.vecdot(x, x)
-            best_s, best_e = s, None
-            q = torch.empty_like(x)
-            for c in _Q8_CLIPS:
-                cs = s * c
-                inv = torch.where(cs > 0, 1.0 / torch.where(cs > 0, cs, torch.ones_like(cs)), 0.0)
-                torch.mul(x, inv[:, None], out=q).round_().clamp_(-127, 127)
-                sqq = torch.linalg.vecdot(q, q)
-                sxq = torch.linalg.vecdot(x, q)
-                ok = sqq > 0
-                fit = torch.where(ok, sxq / torch.where(ok, sqq, torch.ones_like(sqq)), cs)
-                e = sxx - torch.where(ok, sxq * fit, torch.zeros_like(sxq))
-                if best_e is None:
-                    best_s, best_e = fit, e
-                else:
-                    better = e < best_e
-                    best_s = torch.where(better, fit, best_s)
-                    best_e = torch.where(better, e, best_e)
-            s = best_s
+        x = x.reshape(x.shape[0], ng, k // ng)
+        s = _q8_search_chunk(x) if search else x.abs().amax(-1) / 127.0
         s16 = s.clamp(0, 65504).half()
         sf = s16.float()
         inv = torch.where(sf > 0, 1.0 / torch.where(sf > 0, sf, torch.ones_like(sf)), 0.0)
-        qweight[r0 : r0 + rows] = (x * inv[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        q = (x * inv[..., None]).round_().clamp_(-127, 127)
+        qweight[r0 : r0 + rows] = q.reshape(-1, k).to(torch.int8)
         scales[r0 : r0 + rows] = s16
-    return {"qweight": qweight, "scales": scales}
+    return {"qweight": qweight, "scales": scales if g else scales.reshape(n)}
 
 
 def dequantize_q8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q8 -> dense [N, K] in ``dtype`` (computed in fp32)."""
-    return (qweight.float() * scales.float()[:, None]).to(dtype)
+    """q8 -> dense [N, K] in ``dtype`` (computed in fp32); per-row scales [N] or group scales [N, K // G]."""
+    if scales.dim() == 1:
+        return (qweight.float() * scales.float()[:, None]).to(dtype)
+    n, k = qweight.shape
+    ng = scales.shape[1]
+    w = qweight.float().reshape(n, ng, k // ng) * scales.float()[..., None]
+    return w.reshape(n, k).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -6,8 +6,10 @@ and the classmethod ``cat_rows(mods)`` that stacks modules of one format along t
 (fusing q|k|v|g or gate|up at load time). Weights are buffers, so ``.to(device)`` moves them.
 
 The torch forward never keeps a dequantized copy: it dequantizes row chunks into temporaries per
-call (bounded by ``_FWD_CHUNK_ELEMS``; 16 MB in fp32). q8 with bf16 activations on CPU uses torch's int8
-weight-only op ``torch._weight_int8pack_mm`` for small batches (decode).
+call (bounded by ``_FWD_CHUNK_ELEMS``; 16 MB in fp32). q8 with per-row scales and bf16 activations on CPU
+uses torch's int8 weight-only op ``torch._weight_int8pack_mm`` for small batches (decode). With fp32
+activations every format computes in fp32 (no bf16 step anywhere), so a quality comparison in fp32
+measures the weight format alone.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 from olmo_local.errors import OlmoError
 
 from ._bnb import bnb_functional
-from .formats import dequantize_4bit_range, dequantize_q4, dequantize_q8, nf4_absmax, unpack_q4
+from .formats import dequantize_4bit_range, dequantize_q4, dequantize_q8, nf4_absmax, q8_group_size, unpack_q4
 
 _FWD_CHUNK_ELEMS = 1 << 22  # weight elements dequantized at once in a forward (16 MB in fp32)
 _FWD_CHUNK_ELEMS_DECODE = 1 << 18  # for <= 16 input rows: small cache-resident chunks are ~3x faster
@@ -47,10 +49,11 @@ def _chunked_matmul(x: torch.Tensor, n: int, k: int, deq: Callable[[int, int, to
 
 
 def _q8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ (qweight * scales[:, None]).T for int8 rows; output in x.dtype."""
+    """x [..., K] @ W.T for q8 (per-row scales [N] or group scales [N, K/G]); output in x.dtype."""
     n, k = qweight.shape
     if (
         _HAS_INT8PACK
+        and scales.dim() == 1
         and x.device.type == "cpu"
         and x.dtype == torch.bfloat16
         and x.shape[-1] == k
@@ -175,12 +178,15 @@ def q4_linear_ref(
 
 
 class Q8Linear(_QLinearBase):
-    """q8: qweight int8 [N, K], per-row scales [N] (fp16 for q8; fp32 SCB/127 for bitsandbytes int8);
-    w = q * scale. 8 + 16/K bits per weight (8 + 32/K with fp32 scales)."""
+    """q8: qweight int8 [N, K] and either group scales fp16 [N, K/G] (w = q * scales[n, k // G]; 8 + 16/G
+    bits per weight) or per-row scales [N] (fp16 for older q8 checkpoints, fp32 SCB/127 for
+    bitsandbytes int8; w = q * scales[n]; 8 + 16/K bits, 8 + 32/K with fp32). ``group_size`` is 0 for
+    per-row scales."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
+        self.group_size = q8_group_size(qweight, scales)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
 
@@ -197,13 +203,29 @@ class Q8Linear(_QLinearBase):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self._deq_rows(0, self.out_features, dtype)
 
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size or 'row'}"
+
     @classmethod
     def cat_rows(cls, mods: Sequence[Q8Linear]) -> Q8Linear:
+        """Stack along the output dim. Mixed layouts are made common without changing any value: per-row
+        scales are repeated over the groups, and groups are split down to the smallest group size."""
         cls._check_cat(mods, cls)
         sdt = mods[0].scales.dtype
         for m in mods[1:]:
             sdt = torch.promote_types(sdt, m.scales.dtype)
-        return cls(torch.cat([m.qweight for m in mods], 0), torch.cat([m.scales.to(sdt) for m in mods], 0))
+        sizes = {m.group_size for m in mods}
+        if sizes == {0}:
+            return cls(torch.cat([m.qweight for m in mods], 0),
+                       torch.cat([m.scales.to(sdt) for m in mods], 0))
+        g = min(sizes - {0})
+        k = mods[0].in_features
+        scales = []
+        for m in mods:
+            s = m.scales.to(sdt)
+            scales.append(s[:, None].expand(-1, k // g) if m.group_size == 0
+                          else s.repeat_interleave(m.group_size // g, dim=1))
+        return cls(torch.cat([m.qweight for m in mods], 0), torch.cat(scales, 0).contiguous())
 
 
 class NF4Linear(_QLinearBase):
@@ -317,8 +339,8 @@ class NF4Linear(_QLinearBase):
 
 
 class QEmbedding(nn.Module):
-    """Embedding table in q8 rows (int8 [V, D] + per-row scales [V]); only looked-up rows are
-    dequantized. Output dtype is ``dtype``."""
+    """Embedding table in q8 (int8 [V, D] + group scales [V, D/G] or per-row scales [V]); only looked-up
+    rows are dequantized. Output dtype is ``dtype``."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -328,10 +350,11 @@ class QEmbedding(nn.Module):
         self.register_buffer("scales", scales)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype | None = None) -> QEmbedding:
+    def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype | None = None,
+                    group_size: int | None = None) -> QEmbedding:
         from .formats import quantize_q8
 
-        d = quantize_q8(weight)
+        d = quantize_q8(weight, group_size=group_size)
         return cls(d["qweight"], d["scales"], dtype or weight.dtype)
 
     @property
@@ -339,9 +362,12 @@ class QEmbedding(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        q = self.qweight[ids]
-        s = self.scales[ids]
-        return (q.float() * s.float().unsqueeze(-1)).to(self.dtype)
+        q = self.qweight[ids].float()
+        s = self.scales[ids].float()
+        if s.dim() == q.dim():  # group scales [..., D/G]
+            ng = s.shape[-1]
+            return (q.unflatten(-1, (ng, -1)) * s.unsqueeze(-1)).flatten(-2).to(self.dtype)
+        return (q * s.unsqueeze(-1)).to(self.dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_q8(self.qweight, self.scales, dtype)

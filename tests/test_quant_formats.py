@@ -39,7 +39,10 @@ def test_bits_per_weight():
     assert F.bits_per_weight("q4", 128) == 4.25
     assert F.bits_per_weight("q4", 64) == 4.5
     assert F.bits_per_weight("q4", 32) == 5.0
-    assert F.bits_per_weight("q8", in_features=3840) == 8 + 16 / 3840
+    assert F.bits_per_weight("q8", 0, in_features=3840) == 8 + 16 / 3840  # one scale per row
+    assert F.bits_per_weight("q8", 128) == 8.125
+    assert F.bits_per_weight("q8", 64) == 8.25
+    assert F.bits_per_weight("q8", 32) == 8.5
     assert F.bits_per_weight("nf4") == 4.5
     assert F.bits_per_weight("nf4-dq") == 4 + 8 / 64 + 32 / (64 * 256)
     assert F.bits_per_weight("bf16") == 16
@@ -47,6 +50,8 @@ def test_bits_per_weight():
         F.bits_per_weight("q4", 96)
     with pytest.raises(OlmoError):
         F.bits_per_weight("q3")
+    with pytest.raises(OlmoError):
+        F.bits_per_weight("q8", 48)
 
 
 def test_bits_per_weight_matches_stored_bytes():
@@ -55,7 +60,10 @@ def test_bits_per_weight_matches_stored_bytes():
         m = L.Q4Linear(**F.quantize_q4(w, g))
         assert m.nbytes * 8 / w.numel() == F.bits_per_weight("q4", g)
     m = L.Q8Linear(**F.quantize_q8(w))
-    assert m.nbytes * 8 / w.numel() == F.bits_per_weight("q8", in_features=256)
+    assert m.nbytes * 8 / w.numel() == F.bits_per_weight("q8", 0, in_features=256)
+    for g in F.Q8_GROUP_SIZES:
+        m = L.Q8Linear(**F.quantize_q8(w, group_size=g))
+        assert m.group_size == g and m.nbytes * 8 / w.numel() == F.bits_per_weight("q8", g)
     d = F.quantize_nf4(w)
     assert (d["qweight"].numel() + d["quant_state"].absmax.numel() * 4) * 8 / w.numel() == 4.5
 
@@ -136,6 +144,54 @@ def test_q8_roundtrip_and_search(make):
     assert _mse(wq, w) < _mse(wr, w)
 
 
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("make", [_gauss, _heavy])
+def test_q8_group_roundtrip_bounds(g, make):
+    w = make()
+    d = F.quantize_q8(w, group_size=g)
+    assert d["qweight"].dtype == torch.int8 and d["qweight"].shape == w.shape
+    assert d["scales"].dtype == torch.float16 and d["scales"].shape == (256, 512 // g)
+    assert int(d["qweight"].abs().max()) <= 127
+    wq = F.dequantize_q8(**d)
+    # plain RTN: every weight lies within half a step (+ fp16 rounding of the scale) of its value
+    r = F.quantize_q8(w, search=False, group_size=g)
+    wr = F.dequantize_q8(**r).reshape(256, -1, g)
+    step = r["scales"].float()[..., None]
+    assert ((wr - w.reshape(256, -1, g)).abs() <= 0.5 * step * (1 + 2**-9) + 1e-7).all()
+    # the search never loses to RTN, and groups beat one scale per row (same search)
+    assert _mse(wq, w) <= _mse(wr.reshape(w.shape), w)
+    row = _mse(F.dequantize_q8(**F.quantize_q8(w)), w)
+    assert _mse(wq, w) < {32: 0.55, 64: 0.65, 128: 0.8}[g] * row
+
+
+def test_q8_group_values_on_the_grid_are_exact():
+    """Weights that are exactly q * s (s an fp16 scale per group, max |q| = 127 in every group) come back
+    bit for bit: the int8 codes and the scale are recovered, with and without the search."""
+    gen = torch.Generator().manual_seed(3)
+    n, k, g = 16, 256, 64
+    q = torch.randint(-127, 128, (n, k), generator=gen)
+    q[:, ::g] = 127  # every group reaches the end of the range
+    s = (torch.rand(n, k // g, generator=gen) * 0.01 + 1e-3).half()
+    w = (q.float().reshape(n, -1, g) * s.float()[..., None]).reshape(n, k)
+    for search in (False, True):
+        d = F.quantize_q8(w, search=search, group_size=g)
+        assert torch.equal(d["scales"], s) and torch.equal(d["qweight"], q.to(torch.int8))
+        assert torch.equal(F.dequantize_q8(**d), w)
+
+
+def test_q8_group_for():
+    assert F.q8_group_for(3840, 128) == 128
+    assert F.q8_group_for(192, 128) == 64
+    assert F.q8_group_for(288, 128) == 32
+    assert F.q8_group_for(512, 64) == 64
+    assert F.q8_group_for(100, 128) == 0  # no group size divides: one scale per row
+    assert F.q8_group_for(3840, 0) == F.q8_group_for(3840, None) == 0
+    with pytest.raises(OlmoError):
+        F.quantize_q8(torch.randn(4, 96), group_size=64)  # K not a multiple of G
+    with pytest.raises(OlmoError):
+        F.quantize_q8(torch.randn(4, 96), group_size=48)
+
+
 def test_constant_and_zero_groups_exact():
     w = torch.zeros(4, 256)
     w[1] = 0.5
@@ -144,6 +200,8 @@ def test_constant_and_zero_groups_exact():
     wq = F.dequantize_q4(**F.quantize_q4(w, 128))
     assert torch.equal(wq[:3], w[:3])
     assert torch.equal(F.dequantize_q8(**F.quantize_q8(w))[0], w[0])
+    wq8 = F.dequantize_q8(**F.quantize_q8(w, group_size=128))
+    assert torch.equal(wq8[0], w[0]) and torch.equal(wq8[2, 128:], w[2, 128:])  # all-zero groups
 
 
 def test_quantize_rejects_bad_input():
@@ -232,11 +290,12 @@ def _modules(w):
         "dense": L.DenseLinear(w.clone()),
         "q4": L.Q4Linear(**d4),
         "q8": L.Q8Linear(**d8),
+        "q8g": L.Q8Linear(**F.quantize_q8(w, group_size=32)),
         "nf4": L.NF4Linear(dn["qweight"], dn["quant_state"]),
     }
 
 
-@pytest.mark.parametrize("fmt", ["dense", "q4", "q8", "nf4"])
+@pytest.mark.parametrize("fmt", ["dense", "q4", "q8", "q8g", "nf4"])
 def test_forward_matches_dequantize(fmt, monkeypatch):
     w = _gauss(96, 256, seed=5)
     mod = _modules(w)[fmt]
@@ -267,7 +326,8 @@ def test_q4_linear_ref_matches_module():
     torch.testing.assert_close(y, x @ F.dequantize_q4(**d).T, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt,dq", [("dense", False), ("q4", False), ("q8", False), ("nf4", False), ("nf4", True)])
+@pytest.mark.parametrize("fmt,dq", [("dense", False), ("q4", False), ("q8", False), ("q8g", False),
+                                    ("nf4", False), ("nf4", True)])
 def test_cat_rows(fmt, dq):
     ws = [_gauss(n, 128, seed=10 + i) for i, n in enumerate((32, 64, 96))]
     if fmt == "nf4":
@@ -283,6 +343,16 @@ def test_cat_rows(fmt, dq):
         assert torch.equal(fused.dequantize(), ref)
     x = torch.randn(4, 128)
     torch.testing.assert_close(fused(x), torch.cat([m(x) for m in mods], -1), rtol=1e-5, atol=1e-5)
+
+
+def test_q8_cat_rows_mixed_layouts_are_lossless():
+    """Per-row and group scales (and different group sizes) stack into one group layout, values unchanged."""
+    ws = [_gauss(n, 128, seed=20 + i) for i, n in enumerate((16, 24, 8))]
+    mods = [L.Q8Linear(**F.quantize_q8(ws[0])), L.Q8Linear(**F.quantize_q8(ws[1], group_size=64)),
+            L.Q8Linear(**F.quantize_q8(ws[2], group_size=32))]
+    fused = L.Q8Linear.cat_rows(mods)
+    assert fused.group_size == 32 and fused.scales.shape == (48, 4)
+    assert torch.equal(fused.dequantize(), torch.cat([m.dequantize() for m in mods], 0))
 
 
 def test_cat_rows_rejects_mixed():
@@ -307,6 +377,11 @@ def test_qembedding():
     assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 64)
     torch.testing.assert_close(out, emb.dequantize(torch.bfloat16)[ids])
     assert emb.nbytes == 100 * 64 + 100 * 2
+    embg = L.QEmbedding.from_weight(w, torch.float32, group_size=32)
+    assert embg.scales.shape == (100, 2) and embg.nbytes == 100 * 64 + 100 * 2 * 2
+    assert torch.equal(embg(ids), embg.dequantize()[ids])
+    assert _mse(embg.dequantize(), w) < _mse(emb.dequantize(), w)
+    assert torch.equal(embg.as_linear().dequantize(), embg.dequantize())  # the tied head: same table
     sd = ck.quantize_linear_tensors("model.embed_tokens", w, "q8")
     e2 = ck.load_embedding(*_dict_io(sd), "model.embed_tokens", "cpu", torch.float32)
     assert isinstance(e2, L.QEmbedding)
@@ -352,6 +427,28 @@ def test_corrupt_q4_raises(mutate):
     mutate(sd)
     with pytest.raises(OlmoError, match="p"):
         ck.load_linear(*_dict_io(sd), "p", "cpu", torch.float32)
+
+
+def test_q8_checkpoint_layouts():
+    """quantize_linear_tensors writes group scales (largest of 128/64/32 dividing K, at most the group
+    size asked for); per-row q8 (olmo-local's older layout, and --group-size 0) still loads."""
+    w = _gauss(32, 192, seed=9)
+    sd = ck.quantize_linear_tensors("p", w, "q8")  # default group size 128: 192 takes 64
+    assert sd["p.scales"].shape == (32, 3) and sd["p.scales"].dtype == torch.float16
+    mod = ck.load_linear(*_dict_io(sd), "p", "cpu", torch.float32)
+    assert mod.group_size == 64
+    assert torch.equal(mod.dequantize(), F.dequantize_q8(sd["p.qweight"], sd["p.scales"]))
+    row = ck.quantize_linear_tensors("p", w, "q8", group_size=0)
+    assert row["p.scales"].shape == (32,)
+    old = ck.load_linear(*_dict_io(row), "p", "cpu", torch.float32)
+    assert type(old) is L.Q8Linear and old.group_size == 0
+    assert torch.equal(old.dequantize(), F.dequantize_q8(**F.quantize_q8(w)))
+    assert ck.quantize_linear_tensors("p", _gauss(8, 100), "q8")["p.scales"].shape == (8,)  # no group fits
+    for bad in ({"p.scales": sd["p.scales"].float()},  # group scales must be fp16
+                {"p.scales": sd["p.scales"][:, :2]},  # 2 groups of 96: not a q8 group size
+                {"p.scales": sd["p.scales"][:-1]}):
+        with pytest.raises(OlmoError, match="q8"):
+            ck.load_linear(*_dict_io({**sd, **bad}), "p", "cpu", torch.float32)
 
 
 def test_corrupt_other_formats_raise():
