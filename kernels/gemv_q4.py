@@ -573,8 +573,10 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_
     if use_mma:
         groups_per_iter = 1
         block_n = block_n or 16 * num_warps  # two row halves of 8 rows per warp: one m16 tile
-        if block_n % 16:
-            raise ValueError("the tensor-core q4 path needs a block_n that is a multiple of 16")
+        if block_n % (16 * num_warps):
+            # each warp must own whole m16 tiles (8 rows in each half); replicated layouts break the MMA
+            # lane mapping (measured: wrong results for block_n=32 with 4 or 8 warps)
+            raise ValueError("the tensor-core q4 path needs block_n to be a multiple of 16 * num_warps")
     # BN rows x GPI groups per iteration: each row contributes GPI * G/2 contiguous bytes (DRAM
     # bursts: 64-byte row pieces reached only ~40 % of copy bandwidth on the H200)
     gpi = groups_per_iter or max(1, min(DEFAULT_BYTES_PER_ROW // (g // 2), ngr))

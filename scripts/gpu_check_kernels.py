@@ -414,7 +414,7 @@ def plan():
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         for k, n, gated in shapes:
             rows = n // 2 if gated else n
-            for bn, nw, per_sm in itertools.product((32, 64, 128), (2, 4, 8), (4, 8, 16)):
+            for bn, nw, per_sm in [c for c in itertools.product((32, 64, 128), (2, 4, 8), (4, 8, 16)) if c[0] % (16 * c[1]) == 0]:
                 split = max(1, min(k // 128, round(per_sm * sms / -(-rows // bn))))
                 nm = f"sweep q4 mma{' gated' if gated else ''} {k}x{n}"
                 checks.append((nm, lambda k=k, n=n, bn=bn, nw=nw, split=split, nm=nm, gated=gated:

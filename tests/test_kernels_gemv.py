@@ -113,7 +113,7 @@ def test_q4_gemv_tiling_variants(dtype, pairs, gated, gpi, split_k):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("n,split_k,block_n,warps", [(70, 3, None, 4), (32, 1, 32, 4), (16, 2, 16, 1), (100, 1, 64, 2)])
+@pytest.mark.parametrize("n,split_k,block_n,warps", [(70, 3, None, 4), (32, 1, 32, 2), (16, 2, 16, 1), (100, 1, 128, 4)])
 def test_q4_gemv_tensor_core_path(gated, n, split_k, block_n, warps):
     """The T = 1, bf16, group-128 path that uses mma.m16n8k16 on the GPU (the interpreter runs its
     per-lane emulation): odd N (masked rows in both row halves), split-K, several tile heights."""
@@ -137,6 +137,9 @@ def test_q4_tensor_core_path_rejects_what_it_cannot_do():
     x = torch.randn(1, 256, generator=gen).to(torch.bfloat16)
     with pytest.raises(ValueError, match="group size 128"):
         k4.q4_gemv_triton(x, packed, scales, mins, 64, mma=True)
+    _, packed, scales, mins = random_q4(64, 256, 128, gen)
+    with pytest.raises(ValueError, match="16 \\* num_warps"):
+        k4.q4_gemv_triton(x, packed, scales, mins, 128, mma=True, block_n=32, num_warps=4)
 
 
 @pytest.mark.parametrize("n2,k,group,t,split_k,dtype", [
