@@ -4,8 +4,10 @@ What goes where (tensor names: quant/checkpoint.py, layouts: docs/contracts.md):
 
 - every decoder linear (attention q/k/v/o, GDN q/k/v/g/o, MLP gate/up/down) in ``--format``: q4 (groups
   of ``--group-size``; a linear whose input width is not a multiple of it uses the largest of 64/32 that
-  divides it, else q8; recorded in the report), q8, or nf4 (bitsandbytes, blocksize 64);
-- lm_head 8-bit by default (``--lm-head q4|bf16``); the embedding as q8 rows (``--embed bf16``); for nf4
+  divides it, else q8; recorded in the report), q8 (int8 with an fp16 scale per group of
+  ``--group-size`` inputs, the same fallback to 64/32, and one scale per row where none divides or with
+  ``--group-size 0``), or nf4 (bitsandbytes, blocksize 64);
+- lm_head 8-bit by default (``--lm-head q4|bf16``); the embedding as q8 (``--embed bf16``); for nf4
   both default to bf16 so the result is exactly what transformers + bitsandbytes write;
 - with tied embeddings the one table serves as both, stored once in the more precise of the two choices;
 - small tensors stay high precision: norms, conv weights and the GDN a/b projections in bf16 (or fp16
@@ -67,11 +69,16 @@ class QuantOptions:
     double_quant: bool = False
 
     def __post_init__(self) -> None:
-        from olmo_local.quant.formats import Q4_GROUP_SIZES
+        from olmo_local.quant.formats import Q4_GROUP_SIZES, Q8_GROUP_SIZES
 
         if self.fmt not in FORMATS:
             raise OlmoError(f"unknown --format {self.fmt!r} (choose {', '.join(FORMATS)})")
-        if self.group_size not in Q4_GROUP_SIZES:
+        if self.fmt == "q8":
+            if self.group_size not in (0, *Q8_GROUP_SIZES):
+                sizes = ", ".join(map(str, Q8_GROUP_SIZES))
+                raise OlmoError(f"--group-size for q8 must be one of {sizes} or 0 (one scale per row), "
+                                f"got {self.group_size}")
+        elif self.group_size not in Q4_GROUP_SIZES:
             sizes = ", ".join(map(str, Q4_GROUP_SIZES))
             raise OlmoError(f"--group-size must be one of {sizes}, got {self.group_size}")
         if self.lm_head is None:
@@ -91,7 +98,7 @@ class QuantOptions:
             return f"q4 g{self.group_size}"
         if self.fmt == "nf4":
             return "nf4" + (" dq" if self.double_quant else "")
-        return self.fmt
+        return f"q8 g{self.group_size}" if self.group_size else "q8 per-row"
 
 
 @dataclass
@@ -101,7 +108,7 @@ class Item:
     name: str  # canonical source name (for a linear: PREFIX.weight)
     kind: str  # "linear" (decoder linear), "head", "embed", "keep" (tiny / high precision), "drop"
     fmt: str  # q4 / q8 / nf4 / bf16 (linears, head, embed) or the dtype name kept
-    group_size: int = 0
+    group_size: int = 0  # q4: its group size; q8: its group size, 0 for one scale per row
     note: str = ""
 
 
@@ -130,7 +137,7 @@ def plan_tensors(names: list[str], cfg, opts: QuantOptions) -> list[Item]:
             else:
                 items.append(_linear_item(name, "linear", opts.fmt, k, opts.group_size))
         elif name == "model.embed_tokens.weight":
-            items.append(Item(name, "embed", embed_fmt))
+            items.append(_embed_item(name, embed_fmt, cfg.hidden_size, opts.group_size))
         elif name.startswith("lm_head.") and tied:
             items.append(Item(name, "drop", "", note="tied copy of the embedding"))
         elif name.endswith(("A_log", "dt_bias")):
@@ -149,17 +156,40 @@ def effective_embed(opts: QuantOptions, tied: bool) -> str:
     return "q8" if fmt == "q4" else fmt
 
 
+def _q8_item(name: str, kind: str, k: int, group_size: int, note: str = "") -> Item:
+    from olmo_local.quant.formats import q8_group_for
+
+    g = q8_group_for(k, group_size)
+    if group_size and g != group_size:
+        why = f"in_features {k} is not a multiple of {group_size}: " + \
+              (f"q8 group size {g}" if g else "q8 with one scale per row")
+        note = f"{note}; {why}" if note else why
+    return Item(name, kind, "q8", g, note)
+
+
+def _embed_item(name: str, fmt: str, dim: int, group_size: int) -> Item:
+    if fmt != "q8":
+        return Item(name, "embed", fmt)
+    it = _q8_item(name, "embed", dim, group_size or 0)
+    return Item(name, "embed", "q8", it.group_size, it.note.replace("in_features", "hidden size"))
+
+
 def _linear_item(name: str, kind: str, fmt: str, k: int, group_size: int) -> Item:
+    # group_size is --group-size: 0 only with --format q8 (per-row q8); q4 parts then use 128
     if fmt == "q4":
-        g = _q4_group(k, group_size)
+        g = _q4_group(k, group_size or 128)
         if g is None:
-            return Item(name, kind, "q8", note=f"in_features {k} is not a multiple of 32: q8 instead of q4")
-        note = "" if g == group_size else f"in_features {k} is not a multiple of {group_size}: group size {g}"
+            return _q8_item(name, kind, k, group_size,
+                            note=f"in_features {k} is not a multiple of 32: q8 instead of q4")
+        want = group_size or 128
+        note = "" if g == want else f"in_features {k} is not a multiple of {want}: group size {g}"
         return Item(name, kind, "q4", g, note)
+    if fmt == "q8":
+        return _q8_item(name, kind, k, group_size)
     if fmt == "nf4" and k % 64 and name.endswith(_FUSED):
         # bitsandbytes blocks may straddle rows, but then the loader cannot stack q|k|v|g or gate|up
-        return Item(name, kind, "q8", note=f"in_features {k} is not a multiple of 64 (nf4 blocks of a fused "
-                                           "projection): q8")
+        return _q8_item(name, kind, k, group_size, note=f"in_features {k} is not a multiple of 64 (nf4 blocks "
+                                                           "of a fused projection): q8")
     return Item(name, kind, fmt)
 
 
@@ -327,6 +357,16 @@ class Tally:
         return self.bpw("linear", "ab")
 
 
+def item_format(it: Item) -> str:
+    """How one planned tensor is stored, for the report and the progress lines ("q4 g128", "q8 g64",
+    "q8 per-row", "nf4", "bf16", ...)."""
+    if it.fmt == "q4":
+        return f"q4 g{it.group_size}"
+    if it.fmt == "q8":
+        return f"q8 g{it.group_size}" if it.group_size else "q8 per-row"
+    return it.fmt
+
+
 def _keep_dtype(fmt: str, t: torch.Tensor) -> torch.dtype:
     if fmt == "fp32":
         return torch.float32
@@ -350,12 +390,12 @@ def quantize_tensors(src: SourceTensors, items: list[Item], opts: QuantOptions, 
         nin, numel = t.numel() * t.element_size(), t.numel()
         if it.kind in ("linear", "head") and it.fmt != "bf16":
             out = quantize_linear_tensors(it.name[: -len(".weight")], t.to(device), it.fmt,
-                                          it.group_size or opts.group_size,
+                                          it.group_size if it.fmt in ("q4", "q8") else opts.group_size,
                                           double_quant=opts.double_quant and it.fmt == "nf4")
-            label = f"q4 g{it.group_size}" if it.fmt == "q4" else it.fmt
+            label = item_format(it)
             tally.formats[label] = tally.formats.get(label, 0) + 1
         elif it.kind == "embed" and it.fmt == "q8":
-            d = quantize_q8(t.to(device))
+            d = quantize_q8(t.to(device), group_size=it.group_size)
             out = {"model.embed_tokens.qweight": d["qweight"], "model.embed_tokens.scales": d["scales"]}
             del d
         else:
@@ -387,8 +427,8 @@ def quantization_config(opts: QuantOptions, tally: Tally, tied: bool) -> dict:
                 "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": opts.double_quant,
                 "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8",
                 "load_in_4bit": True, "load_in_8bit": False, "group_size": 64, **extra}
-    if opts.fmt == "q4":
-        return {"quant_method": "olmo-local", "format": "q4", "group_size": opts.group_size, **extra}
+    if opts.fmt in ("q4", "q8"):
+        return {"quant_method": "olmo-local", "format": opts.fmt, "group_size": opts.group_size, **extra}
     return {"quant_method": "olmo-local", **extra}
 
 
@@ -488,7 +528,7 @@ class Progress:
         self.done_in += nin
         self.done_out += nout
         self.count += 1
-        fmt = f"q4 g{it.group_size}" if it.fmt == "q4" else it.fmt
+        fmt = item_format(it)
         if self._bar is not None:
             desc = f"{it.name} ({fmt})"
             room = max(16, self._bar.console.width - 66)  # keep bar and times at full width
@@ -675,7 +715,8 @@ def quantize(
     src: str = typer.Argument(..., help="unquantized checkpoint: directory, Hugging Face repo id or 'demo'"),
     dst: Path = typer.Argument(..., help="directory to create"),
     fmt: str = typer.Option(..., "--format", "-f", help="q4, q8 or nf4 (bitsandbytes)"),
-    group_size: int = typer.Option(128, "--group-size", "-g", help="q4 group size: 32, 64 or 128"),
+    group_size: int = typer.Option(128, "--group-size", "-g",
+                                   help="inputs per scale: 32, 64 or 128 (q4, q8); q8 also 0: one per row"),
     lm_head: Optional[str] = typer.Option(None, "--lm-head", help="q8 (default), q4, bf16 (default for nf4)"),
     embed: Optional[str] = typer.Option(None, "--embed", help="q8 (default) or bf16 (default for nf4)"),
     double_quant: bool = typer.Option(False, "--double-quant", help="nf4: quantize the block scales too"),
@@ -748,7 +789,7 @@ def base_report(src_path: Path, out: Path, cfg, opts: QuantOptions, tally: Tally
     lin, allb = source_bpw(src_path, cfg)
     return {
         "source": str(src_path), "format": opts.fmt,
-        "group_size": {"q4": opts.group_size, "nf4": 64}.get(opts.fmt),
+        "group_size": {"q4": opts.group_size, "q8": opts.group_size, "nf4": 64}.get(opts.fmt),
         "lm_head": "tied" if cfg.tie_word_embeddings else opts.lm_head,
         "embed": effective_embed(opts, cfg.tie_word_embeddings),
         "double_quant": opts.double_quant, "files": files, "linear_formats": tally.formats,

@@ -160,6 +160,64 @@ def test_eval_of_quantized_matches_report(src, tmp_path, capsys):
     assert got["kld_mean"] == pytest.approx(row["kld_mean"], rel=1e-6, abs=1e-12)
 
 
+def test_q8_group_layout_and_what_the_report_measures(src, tmp_path, capsys):
+    """q8 writes fp16 scales per group of 128 inputs (8.125 bits per weight), and the quality report runs
+    the reference and the q8 model with the same fp32 compute on CPU: the q8 model's logits are those of
+    a dense fp32 model holding its dequantized weights, so KLD / same-top measure the weights alone."""
+    from olmo_local.quant.formats import dequantize_q8
+
+    dst = tmp_path / "q8"
+    rc, out, err = cli(capsys, "quantize", src, dst, "--format", "q8", *EVAL_ARGS, "--device", "cpu")
+    assert rc == 0, err
+    rep = json.loads((dst / "quant_report.json").read_text())
+    assert rep["group_size"] == 128 and set(rep["linear_formats"]) == {"q8 g128"}
+    assert rep["bits_per_weight"]["linear"] == pytest.approx(8.125, abs=0.03)  # + the bf16 GDN a/b
+    assert rep["bits_per_weight"]["embed"] == pytest.approx(8.125)
+    assert rep["eval"]["compute_dtype"] == "float32" and rep["eval"]["device"] == "cpu"
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["group_size"] == 128
+    sd = load_file(str(dst / "model.safetensors"))
+    n, k = sd["model.layers.0.mlp.down_proj.qweight"].shape
+    assert sd["model.layers.0.mlp.down_proj.scales"].shape == (n, k // 128)
+    # the same model as dense fp32 weights (the dequantized q8 values) in a plain checkpoint
+    dense = {}
+    for name, t in sd.items():
+        if name.endswith(".qweight"):
+            p = name[: -len(".qweight")]
+            dense[p + ".weight"] = dequantize_q8(t, sd[p + ".scales"])
+        elif not name.endswith(".scales"):
+            dense[name] = t
+    dd = tmp_path / "dense"
+    dd.mkdir()
+    save_file(dense, str(dd / "model.safetensors"))
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.pop("quantization_config")
+    (dd / "config.json").write_text(json.dumps(cfg))
+    ids = torch.randint(0, 256, (1, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        yq = load_model(dst, "cpu", torch.float32)(ids)
+        yd = load_model(dd, "cpu", torch.float32)(ids)
+    assert yq.dtype == torch.float32
+    torch.testing.assert_close(yq, yd, rtol=1e-5, atol=1e-5)
+
+
+def test_q8_per_row_option(src, tmp_path):
+    """--group-size 0: one fp16 scale per output row (the layout of earlier olmo-local q8 checkpoints)."""
+    out = tmp_path / "q8row"
+    out.mkdir()
+    tally, _ = write_quantized(src, out, QuantOptions("q8", group_size=0))
+    assert set(tally.formats) == {"q8 per-row"}
+    sd = load_file(str(out / "model.safetensors"))
+    n, k = sd["model.layers.0.mlp.down_proj.qweight"].shape
+    assert sd["model.layers.0.mlp.down_proj.scales"].shape == (n,)
+    assert sd["model.embed_tokens.scales"].dim() == 1
+    m = load_model(out, "cpu", torch.float32)
+    assert m.layers[0].mlp.down.group_size == 0
+    with torch.no_grad():
+        assert torch.isfinite(m(torch.arange(20)[None])).all()
+    with pytest.raises(OlmoError, match="group-size"):
+        QuantOptions("q4", group_size=0)
+
+
 def test_refuses_to_overwrite_and_force_replaces(src, tmp_path, capsys):
     dst = tmp_path / "out"
     dst.mkdir()
@@ -178,6 +236,7 @@ def test_refuses_to_overwrite_and_force_replaces(src, tmp_path, capsys):
 @pytest.mark.parametrize("args,msg", [
     (("--format", "q3"), "unknown --format"),
     (("--format", "q4", "--group-size", "96"), "--group-size"),
+    (("--format", "q8", "--group-size", "96"), "--group-size"),
     (("--format", "q8", "--lm-head", "q2"), "--lm-head"),
     (("--format", "q8", "--double-quant"), "nf4 only"),
     (("--format", "q8", "--baseline", "gptq"), "--baseline"),
