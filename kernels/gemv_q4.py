@@ -291,25 +291,37 @@ if HAS_TRITON:
         return 4.0 * da, 4.0 * db, 4.0 * d1
 
     @triton.jit
-    def _mma_rows(acc_a, acc_b, w_ptr, s_ptr, m_ptr, rows_a, mask_a, mask_b, half, NGR, g, x0, x1, x2, x3,
-                  HW: tl.constexpr, ASM: tl.constexpr):
-        """One group of rows_a (and rows_a + half): load words and (scale, min), accumulate."""
+    def _mma_load(w_ptr, s_ptr, m_ptr, rows_a, half, lim_a, lim_b, NGR, g, HW: tl.constexpr):
+        """Words and (scale, min) of group g for rows_a and rows_a + half; rows at or past lim_* read 0."""
         mw = tl.arange(0, HW)[None, :]
+        mask_a = rows_a < lim_a
+        mask_b = rows_a + half < lim_b
         wa = tl.load(w_ptr + rows_a[:, None] * (NGR * HW) + g * HW + mw, mask=mask_a[:, None], other=0)
         wb = tl.load(w_ptr + (rows_a[:, None] + half) * (NGR * HW) + g * HW + mw, mask=mask_b[:, None], other=0)
-        sa = tl.load(s_ptr + rows_a * NGR + g, mask=mask_a, other=0).to(tl.float32)[:, None]
-        ma = tl.load(m_ptr + rows_a * NGR + g, mask=mask_a, other=0).to(tl.float32)[:, None]
-        sb = tl.load(s_ptr + (rows_a + half) * NGR + g, mask=mask_b, other=0).to(tl.float32)[:, None]
-        mb = tl.load(m_ptr + (rows_a + half) * NGR + g, mask=mask_b, other=0).to(tl.float32)[:, None]
+        sa = tl.load(s_ptr + rows_a * NGR + g, mask=mask_a, other=0)
+        ma = tl.load(m_ptr + rows_a * NGR + g, mask=mask_a, other=0)
+        sb = tl.load(s_ptr + (rows_a + half) * NGR + g, mask=mask_b, other=0)
+        mb = tl.load(m_ptr + (rows_a + half) * NGR + g, mask=mask_b, other=0)
+        return wa, wb, sa, ma, sb, mb
+
+    @triton.jit
+    def _mma_acc(acc_a, acc_b, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM: tl.constexpr):
         da, db, d1 = _mma_word(wa, wb, x0, x1, x2, x3, ASM)
-        acc_a = acc_a + sa * da + (ma - 128.0 * sa) * d1
-        acc_b = acc_b + sb * db + (mb - 128.0 * sb) * d1
+        sa = sa.to(tl.float32)[:, None]
+        sb = sb.to(tl.float32)[:, None]
+        acc_a = acc_a + sa * da + (ma.to(tl.float32)[:, None] - 128.0 * sa) * d1
+        acc_b = acc_b + sb * db + (mb.to(tl.float32)[:, None] - 128.0 * sb) * d1
         return acc_a, acc_b
+
+    @triton.jit
+    def _x_words(x_ptr, g, hw, G: tl.constexpr):
+        xb = x_ptr + g * (G // 2) + 2 * hw
+        return tl.load(xb), tl.load(xb + 1), tl.load(xb + G // 4), tl.load(xb + G // 4 + 1)
 
     @triton.jit
     def _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                      G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
-                     ASM: tl.constexpr):
+                     ASM: tl.constexpr, PREFETCH: tl.constexpr):
         HW: tl.constexpr = G // 8
         HALF: tl.constexpr = BN // 2
         pid_k = tl.program_id(0)
@@ -324,21 +336,41 @@ if HAS_TRITON:
         ub = tl.zeros([HALF, HW], dtype=tl.float32)
         g_begin = pid_k * GPS
         g_end = tl.minimum(g_begin + GPS, NGR)
+        # PREFETCH: group g+1's words, scales and x are loaded before group g's math (two groups of
+        # loads in flight per warp); the loads past the split's end are masked off (limit 0)
+        lim = tl.where(g_begin < g_end, NR, 0)
+        n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, HALF, lim, lim, NGR, g_begin, HW)
+        if GATED:
+            n_ua, n_ub, n_usa, n_uma, n_usb, n_umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR, HALF, lim + NR,
+                                                               lim + NR, NGR, g_begin, HW)
+        else:
+            n_ua, n_ub, n_usa, n_uma, n_usb, n_umb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
+        n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g_begin, NGR - 1), hw, G)
         for g in range(g_begin, g_end):
-            xb = x_ptr + g * (G // 2) + 2 * hw
-            xa = tl.load(xb)
-            xc = tl.load(xb + 1)
-            xd = tl.load(xb + G // 4)
-            xe = tl.load(xb + G // 4 + 1)
+            if PREFETCH:
+                wa, wb, sa, ma, sb, mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
+                ua_w, ub_w, usa, uma, usb, umb = n_ua, n_ub, n_usa, n_uma, n_usb, n_umb
+                xa, xc, xd, xe = n_xa, n_xc, n_xd, n_xe
+                lim = tl.where(g + 1 < g_end, NR, 0)
+                n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, HALF, lim, lim, NGR,
+                                                               g + 1, HW)
+                if GATED:
+                    n_ua, n_ub, n_usa, n_uma, n_usb, n_umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR, HALF,
+                                                                       lim + NR, lim + NR, NGR, g + 1, HW)
+                n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g + 1, g_end - 1), hw, G)
+            else:
+                wa, wb, sa, ma, sb, mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, HALF, NR, NR, NGR, g, HW)
+                if GATED:
+                    ua_w, ub_w, usa, uma, usb, umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR, HALF, 2 * NR,
+                                                               2 * NR, NGR, g, HW)
+                xa, xc, xd, xe = _x_words(x_ptr, g, hw, G)
             x0 = _pair(xa, xc, False, ASM)[None, :]
             x2 = _pair(xa, xc, True, ASM)[None, :]
             x1 = _pair(xd, xe, False, ASM)[None, :]
             x3 = _pair(xd, xe, True, ASM)[None, :]
-            ga, gb = _mma_rows(ga, gb, qw_ptr, s_ptr, m_ptr, rows_a, mask_a, mask_b, HALF, NGR, g,
-                               x0, x1, x2, x3, HW, ASM)
+            ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
             if GATED:  # the matching up-projection rows
-                ua, ub = _mma_rows(ua, ub, qw_ptr, s_ptr, m_ptr, rows_a + NR, mask_a, mask_b, HALF, NGR, g,
-                                   x0, x1, x2, x3, HW, ASM)
+                ua, ub = _mma_acc(ua, ub, ua_w, ub_w, usa, uma, usb, umb, x0, x1, x2, x3, ASM)
         _q4_emit(y_ptr, part_ptr, tl.sum(ga, 1) * 0.25, tl.sum(ua, 1) * 0.25, 0, pid_k, rows_a, mask_a, NR,
                  stride_y, 1, SPLIT_K, GATED)
         _q4_emit(y_ptr, part_ptr, tl.sum(gb, 1) * 0.25, tl.sum(ub, 1) * 0.25, 0, pid_k, rows_a + HALF, mask_b,
@@ -422,11 +454,11 @@ if HAS_TRITON:
         MAGIC,  # 0x3F800000 (the float 1.0), passed at run time on purpose: see _nibble
         T: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
         GATED: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr,
-        GPI: tl.constexpr, MMA: tl.constexpr,
+        GPI: tl.constexpr, MMA: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
-                         G, BN, SPLIT_K, GATED, ASM)
+                         G, BN, SPLIT_K, GATED, ASM, PREFETCH)
         else:
             HW: tl.constexpr = G // 8  # int32 words per group and row
             pid_k = tl.program_id(0)
@@ -535,10 +567,11 @@ def _pick_split(n_blocks: int, iters: int, device: torch.device) -> int:
 DEFAULT_PAIRS = False
 DEFAULT_BYTES_PER_ROW = 64  # contiguous weight bytes per row and iteration (GPI = this / (G/2))
 DEFAULT_MMA = True  # tensor cores for one bf16 row of x at group size 128 (decode)
+DEFAULT_PREFETCH = True  # tensor-core path: next group's loads issued before this group's math
 
 
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_k, num_warps, num_stages,
-               pairs=None, groups_per_iter=None, mma=None):
+               pairs=None, groups_per_iter=None, mma=None, prefetch=None):
     x2 = _as_rows(x)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -600,7 +633,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
         T=t, G=g, BN=bn, SPLIT_K=split_k > 1, GATED=gated, X_BF16=x_bf16, ASM=x_bf16 and x2.is_cuda,
-        PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi, MMA=use_mma,
+        PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi, MMA=use_mma, PREFETCH=DEFAULT_PREFETCH if prefetch is None else bool(prefetch),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -621,10 +654,11 @@ def q4_gemv_triton(
     pairs: bool | None = None,
     groups_per_iter: int | None = None,
     mma: bool | None = None,
+    prefetch: bool | None = None,
 ) -> torch.Tensor:
     """Triton version of q4_gemv_ref (the keyword-only knobs are for tests and tuning)."""
     return _q4_launch(x, qweight, scales, mins, group_size, out, False, block_n, split_k,
-                      num_warps, num_stages, pairs, groups_per_iter, mma)
+                      num_warps, num_stages, pairs, groups_per_iter, mma, prefetch)
 
 
 def q4_gemv_silu_mul_triton(
@@ -642,12 +676,13 @@ def q4_gemv_silu_mul_triton(
     pairs: bool | None = None,
     groups_per_iter: int | None = None,
     mma: bool | None = None,
+    prefetch: bool | None = None,
 ) -> torch.Tensor:
     """Triton version of q4_gemv_silu_mul_ref (gate and up rows of one block share a program)."""
     if qweight.shape[0] % 2:
         raise ValueError("a merged gate|up weight needs an even number of rows")
     return _q4_launch(x, qweight, scales, mins, group_size, out, True, block_n, split_k,
-                      num_warps, num_stages, pairs, groups_per_iter, mma)
+                      num_warps, num_stages, pairs, groups_per_iter, mma, prefetch)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -112,9 +112,10 @@ def test_q4_gemv_tiling_variants(dtype, pairs, gated, gpi, split_k):
     assert counters_are_zero()
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("n,split_k,block_n,warps", [(70, 3, None, 4), (32, 1, 32, 2), (16, 2, 16, 1), (100, 1, 128, 4)])
-def test_q4_gemv_tensor_core_path(gated, n, split_k, block_n, warps):
+def test_q4_gemv_tensor_core_path(gated, n, split_k, block_n, warps, prefetch):
     """The T = 1, bf16, group-128 path that uses mma.m16n8k16 on the GPU (the interpreter runs its
     per-lane emulation): odd N (masked rows in both row halves), split-K, several tile heights."""
     gen = torch.Generator().manual_seed(n + split_k)
@@ -123,7 +124,8 @@ def test_q4_gemv_tensor_core_path(gated, n, split_k, block_n, warps):
     x = torch.randn(1, 512, generator=gen).to(torch.bfloat16)
     kern = k4.q4_gemv_silu_mul_triton if gated else k4.q4_gemv_triton
     ref = k4.q4_gemv_silu_mul_ref if gated else k4.q4_gemv_ref
-    y = kern(x, packed, scales, mins, 128, split_k=split_k, block_n=block_n, num_warps=warps, mma=True)
+    y = kern(x, packed, scales, mins, 128, split_k=split_k, block_n=block_n, num_warps=warps, mma=True,
+             prefetch=prefetch)
     assert torch.isfinite(y).all()
     assert relerr(y, ref(x, packed, scales, mins, 128)) < tol(torch.bfloat16)
     y_fp = kern(x, packed, scales, mins, 128, split_k=split_k, mma=False)
