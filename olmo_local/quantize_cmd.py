@@ -7,7 +7,8 @@ What goes where (tensor names: quant/checkpoint.py, layouts: docs/contracts.md):
   divides it, else q8; recorded in the report), q8 (int8 with an fp16 scale per group of
   ``--group-size`` inputs, the same fallback to 64/32, and one scale per row where none divides or with
   ``--group-size 0``), or nf4 (bitsandbytes, blocksize 64);
-- lm_head 8-bit by default (``--lm-head q4|bf16``); the embedding as q8 (``--embed bf16``); for nf4
+- lm_head 8-bit by default (``--lm-head q4|bf16``); the embedding as q8 (``--embed bf16``); q8 parts of
+  q4 / nf4 checkpoints use groups of 128 whatever ``--group-size`` says (it sets q4's groups); for nf4
   both default to bf16 so the result is exactly what transformers + bitsandbytes write;
 - with tied embeddings the one table serves as both, stored once in the more precise of the two choices;
 - small tensors stay high precision: norms, conv weights and the GDN a/b projections in bf16 (or fp16
@@ -93,6 +94,12 @@ class QuantOptions:
             raise OlmoError("--double-quant applies to --format nf4 only")
 
     @property
+    def q8_group_size(self) -> int:
+        """Group size of every q8 part (linears, lm_head, embedding): --group-size with --format q8, else
+        128 (q4's --group-size is for the 4-bit codes; the q8 table of a q4 g32 model stays at 8.125 bits)."""
+        return self.group_size if self.fmt == "q8" else 128
+
+    @property
     def label(self) -> str:
         if self.fmt == "q4":
             return f"q4 g{self.group_size}"
@@ -131,13 +138,13 @@ def plan_tensors(names: list[str], cfg, opts: QuantOptions) -> list[Item]:
             prefix = name[: -len(".weight")]
             n, k = shapes[prefix]
             if prefix == "lm_head":
-                items.append(_linear_item(name, "head", head_fmt, k, opts.group_size))
+                items.append(_linear_item(name, "head", head_fmt, k, opts.group_size, opts.q8_group_size))
             elif prefix.endswith(("linear_attn.a_proj", "linear_attn.b_proj")):
                 items.append(Item(name, "keep", "bf16", note="GDN a/b projection (kept high precision)"))
             else:
-                items.append(_linear_item(name, "linear", opts.fmt, k, opts.group_size))
+                items.append(_linear_item(name, "linear", opts.fmt, k, opts.group_size, opts.q8_group_size))
         elif name == "model.embed_tokens.weight":
-            items.append(_embed_item(name, embed_fmt, cfg.hidden_size, opts.group_size))
+            items.append(_embed_item(name, embed_fmt, cfg.hidden_size, opts.q8_group_size))
         elif name.startswith("lm_head.") and tied:
             items.append(Item(name, "drop", "", note="tied copy of the embedding"))
         elif name.endswith(("A_log", "dt_bias")):
@@ -174,22 +181,23 @@ def _embed_item(name: str, fmt: str, dim: int, group_size: int) -> Item:
     return Item(name, "embed", "q8", it.group_size, it.note.replace("in_features", "hidden size"))
 
 
-def _linear_item(name: str, kind: str, fmt: str, k: int, group_size: int) -> Item:
-    # group_size is --group-size: 0 only with --format q8 (per-row q8); q4 parts then use 128
+def _linear_item(name: str, kind: str, fmt: str, k: int, group_size: int, q8_group: int) -> Item:
+    # group_size is --group-size (0 only with --format q8: per-row q8; q4 parts then use 128);
+    # q8_group is the group size of q8 parts (QuantOptions.q8_group_size)
     if fmt == "q4":
         g = _q4_group(k, group_size or 128)
         if g is None:
-            return _q8_item(name, kind, k, group_size,
+            return _q8_item(name, kind, k, q8_group,
                             note=f"in_features {k} is not a multiple of 32: q8 instead of q4")
         want = group_size or 128
         note = "" if g == want else f"in_features {k} is not a multiple of {want}: group size {g}"
         return Item(name, kind, "q4", g, note)
     if fmt == "q8":
-        return _q8_item(name, kind, k, group_size)
+        return _q8_item(name, kind, k, q8_group)
     if fmt == "nf4" and k % 64 and name.endswith(_FUSED):
         # bitsandbytes blocks may straddle rows, but then the loader cannot stack q|k|v|g or gate|up
-        return _q8_item(name, kind, k, group_size, note=f"in_features {k} is not a multiple of 64 (nf4 blocks "
-                                                           "of a fused projection): q8")
+        return _q8_item(name, kind, k, q8_group, note=f"in_features {k} is not a multiple of 64 (nf4 blocks "
+                                                         "of a fused projection): q8")
     return Item(name, kind, fmt)
 
 

@@ -218,6 +218,18 @@ def test_q8_per_row_option(src, tmp_path):
         QuantOptions("q4", group_size=0)
 
 
+def test_q8_parts_of_a_q4_model_use_groups_of_128(src, tmp_path):
+    """--group-size sets q4's groups; the q8 embedding and lm_head of a q4 g32 model stay at g128."""
+    out = tmp_path / "q4g32"
+    out.mkdir()
+    tally, _ = write_quantized(src, out, QuantOptions("q4", group_size=32, lm_head="q8"))
+    assert set(tally.formats) == {"q4 g32", "q8 g128"}  # the decoder linears and the lm_head
+    r = TensorReader(out)
+    v, d = r.shape("model.embed_tokens.qweight")
+    assert r.shape("model.embed_tokens.scales") == (v, d // 128)
+    assert r.shape("lm_head.scales") == (v, d // 128)
+
+
 def test_refuses_to_overwrite_and_force_replaces(src, tmp_path, capsys):
     dst = tmp_path / "out"
     dst.mkdir()
