@@ -69,6 +69,36 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
+# Programmatic dependent launch (Hopper+): a kernel launched with it may start while the previous
+# kernel of the stream is still running; it waits (griddepcontrol.wait) before touching anything the
+# previous kernel writes or reads, and lets its own successor launch early (launch_dependents). The
+# decode kernels use it so that the next kernel's blocks fill the SMs the previous one leaves idle at
+# its tail and can start on data that no kernel writes (weights) before the wait.
+# OLMO_LOCAL_PDL=0 turns it off.
+_PDL_ENV = os.environ.get("OLMO_LOCAL_PDL", "1") != "0"
+_PDL_OK: dict[int, bool] = {}
+
+
+def use_pdl(t: torch.Tensor) -> bool:
+    """Whether kernels on tensor ``t`` are launched with programmatic dependent launch."""
+    if not (_PDL_ENV and HAS_TRITON and not INTERPRET and t.is_cuda):
+        return False
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL_OK:
+        try:
+            from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+
+            _PDL_OK[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+        except Exception:  # noqa: BLE001  (older Triton: no PDL)
+            _PDL_OK[idx] = False
+    return _PDL_OK[idx]
+
+
+def pdl_kwargs(on: bool) -> dict:
+    """Extra launch arguments: launch_pdl only when used (older Triton does not know it)."""
+    return {"launch_pdl": True} if on else {}
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -110,6 +140,18 @@ def workspace(tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torc
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def pdl_wait(ON: tl.constexpr):
+        """Wait for the previous kernel of the stream (programmatic dependent launch); no-op when off."""
+        if ON:
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def pdl_launch_dependents(ON: tl.constexpr):
+        """Let the next kernel of the stream launch now (it waits in pdl_wait before using our data)."""
+        if ON:
+            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y,

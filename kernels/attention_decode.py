@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, tl, triton, use_triton, workspace
+from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, tl, triton, pdl_kwargs, use_pdl, use_triton, workspace
 
 __all__ = [
     "attention_decode",
@@ -103,6 +103,7 @@ def quantize_kv_int8_ref(
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    from ._triton import pdl_launch_dependents, pdl_wait
 
     @triton.jit
     def _kv_to_f32(x, QUANT: tl.constexpr):
@@ -117,8 +118,10 @@ if HAS_TRITON:
         stride_qh, stride_kh, stride_kt, stride_vh, stride_vt, stride_ksh, stride_vsh, stride_oh,
         sm_scale, HD,
         G: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-        NS: tl.constexpr, NSP: tl.constexpr, QUANT: tl.constexpr,
+        NS: tl.constexpr, NSP: tl.constexpr, QUANT: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        pdl_launch_dependents(USE_PDL)
+        pdl_wait(USE_PDL)
         hq = tl.program_id(0)  # query head
         sp = tl.program_id(1)  # split
         kvh = hq // G
@@ -177,7 +180,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _quantize_kv_kernel(k_ptr, q_ptr, s_ptr, pos_ptr, T, HD, stride_kh, stride_kt,
-                            stride_qh, stride_qt, stride_sh, BD: tl.constexpr, HAS_POS: tl.constexpr):
+                            stride_qh, stride_qt, stride_sh, BD: tl.constexpr, HAS_POS: tl.constexpr,
+                            USE_PDL: tl.constexpr):
+        pdl_launch_dependents(USE_PDL)
+        pdl_wait(USE_PDL)
         r = tl.program_id(0)
         h = r // T
         t = r % T
@@ -239,13 +245,14 @@ def attention_decode_triton(
     lws = workspace("attn_l", (h, ns), torch.float32, q.device)
     aws = workspace("attn_acc", (h, ns, hd), torch.float32, q.device)
     cnt = workspace("attn_cnt", (h,), torch.int32, q.device)
+    pdl = use_pdl(q)
     _attn_decode_kernel[(h, ns)](
         q, kc, vc, ks, vs, length, out, mws, lws, aws, cnt,
         q.stride(0), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
         ks.stride(0) if quant else 0, vs.stride(0) if quant else 0, out.stride(0),
         float(hd) ** -0.5, hd,
-        G=g, BD=next_pow2(hd), BS=block_s, NS=ns, NSP=next_pow2(ns), QUANT=quant,
-        num_warps=num_warps, num_stages=num_stages,
+        G=g, BD=next_pow2(hd), BS=block_s, NS=ns, NSP=next_pow2(ns), QUANT=quant, USE_PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     return out
 
@@ -270,10 +277,11 @@ def quantize_kv_int8_triton(
         result = out
     if q_out.stride(-1) != 1 or s_out.stride(-1) != 1 or s_out.dtype != torch.float32:
         raise ValueError("quantize_kv_int8: outputs need a unit last stride and fp32 scales")
+    pdl = t == 1 and use_pdl(k3)  # decode: one block per head
     _quantize_kv_kernel[(kvh * t,)](
         k3, q_out, s_out, pos if pos is not None else s_out, t, hd,
         k3.stride(0), k3.stride(1), q_out.stride(0), q_out.stride(1), s_out.stride(0),
-        BD=next_pow2(hd), HAS_POS=pos is not None, num_warps=1,
+        BD=next_pow2(hd), HAS_POS=pos is not None, USE_PDL=pdl, num_warps=1, **pdl_kwargs(pdl),
     )
     return result
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, cdiv, next_pow2, tl, triton, use_triton, workspace
+from ._triton import HAS_TRITON, cdiv, next_pow2, tl, triton, pdl_kwargs, use_pdl, use_triton, workspace
 
 __all__ = ["gdn_decode_step", "gdn_decode_step_ref", "gdn_decode_step_triton"]
 
@@ -112,6 +112,7 @@ def gdn_decode_step_ref(
 # Triton kernel
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    from ._triton import pdl_launch_dependents, pdl_wait
 
     @triton.jit
     def _conv_window(qkv_ptr, cs_ptr, ch, cmask, jj, KC: tl.constexpr):
@@ -143,8 +144,10 @@ if HAS_TRITON:
         HK, DK, DV, R, NVB,  # key heads, head dims, value heads per key head, dv blocks
         q_scale,
         KC: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
-        NEG: tl.constexpr,
+        NEG: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        pdl_launch_dependents(USE_PDL)
+        pdl_wait(USE_PDL)
         h = tl.program_id(0)
         vb = tl.program_id(1)
         kh = h // R
@@ -243,6 +246,7 @@ def gdn_decode_step_triton(
     nvb = cdiv(dv, bv)
     ows = workspace("gdn_o", (hv * dv,), torch.float32, z.device)
     cnt = workspace("gdn_cnt", (hk,), torch.int32, z.device)
+    pdl = use_pdl(z)
     _gdn_decode_kernel[(hv, nvb)](
         qkv.reshape(-1), z.reshape(-1), a.reshape(-1), b.reshape(-1), conv_weight.reshape(conv_dim, kconv),
         conv_state, A_log.reshape(-1), dt_bias.reshape(-1), norm_weight.reshape(-1),
@@ -250,8 +254,8 @@ def gdn_decode_step_triton(
         hk, dk, dv, hv // hk, nvb,
         float(dk) ** -0.5,
         KC=kconv, KP=next_pow2(kconv), BK=next_pow2(dk), BV=bv, BDV=next_pow2(dv),
-        NEG=bool(allow_neg_eigval),
-        num_warps=num_warps,
+        NEG=bool(allow_neg_eigval), USE_PDL=pdl,
+        num_warps=num_warps, **pdl_kwargs(pdl),
     )
     return out
 

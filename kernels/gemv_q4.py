@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, tl, triton, use_triton, workspace
+from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, tl, triton, pdl_kwargs, use_pdl, use_triton, workspace
 
 if HAS_TRITON:
-    from ._triton import splitk_finish
+    from ._triton import pdl_launch_dependents, pdl_wait, splitk_finish
 
 __all__ = [
     "q4_dequantize",
@@ -321,7 +321,7 @@ if HAS_TRITON:
     @triton.jit
     def _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                      G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
-                     ASM: tl.constexpr, PREFETCH: tl.constexpr):
+                     ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
         HW: tl.constexpr = G // 8
         HALF: tl.constexpr = BN // 2
         pid_k = tl.program_id(0)
@@ -345,6 +345,9 @@ if HAS_TRITON:
                                                                lim + NR, NGR, g_begin, HW)
         else:
             n_ua, n_ub, n_usa, n_uma, n_usb, n_umb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
+        # weights and scales are written by no kernel: loaded before waiting for the previous kernel
+        # (programmatic dependent launch), x and the workspaces after
+        pdl_wait(USE_PDL)
         n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g_begin, NGR - 1), hw, G)
         for g in range(g_begin, g_end):
             if PREFETCH:
@@ -454,12 +457,14 @@ if HAS_TRITON:
         MAGIC,  # 0x3F800000 (the float 1.0), passed at run time on purpose: see _nibble
         T: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
         GATED: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr,
-        GPI: tl.constexpr, MMA: tl.constexpr, PREFETCH: tl.constexpr,
+        GPI: tl.constexpr, MMA: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
-                         G, BN, SPLIT_K, GATED, ASM, PREFETCH)
+                         G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL)
         else:
+            pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
             pid_k = tl.program_id(0)
             pid_n = tl.program_id(1)
@@ -629,12 +634,13 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_
         cnt = workspace("q4_cnt", (n_blocks,), torch.int32, x.device)
     else:
         part = cnt = y2  # unused
+    pdl = use_pdl(x2)
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
         T=t, G=g, BN=bn, SPLIT_K=split_k > 1, GATED=gated, X_BF16=x_bf16, ASM=x_bf16 and x2.is_cuda,
-        PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi, MMA=use_mma, PREFETCH=DEFAULT_PREFETCH if prefetch is None else bool(prefetch),
-        num_warps=num_warps, num_stages=num_stages,
+        PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi, MMA=use_mma, PREFETCH=DEFAULT_PREFETCH if prefetch is None else bool(prefetch), USE_PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     return out
 

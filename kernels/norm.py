@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, tl, triton, use_triton
+from ._triton import HAS_TRITON, next_pow2, tl, triton, pdl_kwargs, use_pdl, use_triton
 
 __all__ = [
     "add_rmsnorm",
@@ -77,12 +77,15 @@ def rmsnorm_add_ref(
 # Triton kernel
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    from ._triton import pdl_launch_dependents, pdl_wait
 
     @triton.jit
     def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, ro_ptr, D, eps,
                         stride_x, stride_r, stride_y, stride_ro,
-                        BD: tl.constexpr, MODE: tl.constexpr):
+                        BD: tl.constexpr, MODE: tl.constexpr, USE_PDL: tl.constexpr):
         # MODE 0: y = norm(x); 1: ro = r + x, y = norm(ro); 2: y = r + norm(x)
+        pdl_launch_dependents(USE_PDL)
+        pdl_wait(USE_PDL)
         row = tl.program_id(0)
         d = tl.arange(0, BD)
         m = d < D
@@ -120,10 +123,11 @@ def _launch(x, residual, w, eps, y, ro, mode):
     n, d = x2.shape
     bd = next_pow2(d)
     nw = 4 if bd <= 1024 else 8 if bd <= 4096 else 16
+    pdl = n == 1 and use_pdl(x2)  # decode rows only (one block: nothing to steal from a later wave)
     _rmsnorm_kernel[(n,)](
         x2, r2, w, y2, ro2, d, float(eps),
         x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0),
-        BD=bd, MODE=mode, num_warps=nw,
+        BD=bd, MODE=mode, USE_PDL=pdl, num_warps=nw, **pdl_kwargs(pdl),
     )
 
 

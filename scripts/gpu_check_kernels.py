@@ -473,6 +473,8 @@ def aot_report() -> int:
 
     def build(fn, types, consts, num_warps, div16=()):
         names = fn.arg_names
+        if "USE_PDL" in names and "USE_PDL" not in consts:
+            consts = {**consts, "USE_PDL": True}  # as launched in the decode step on Hopper
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
         cst = {(names.index(k),): v for k, v in consts.items()}
         # what the JIT assumes at run time for 16-aligned pointers and ints divisible by 16
