@@ -57,7 +57,8 @@ def hf_tensors(model, dtype: torch.dtype = torch.bfloat16, fused_conv: bool = Tr
     shared, not copied; quantized ones are dequantized one module at a time)."""
     cfg = model.config
     H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.embed.weight.data.to(dtype),
+    emb = model.embed.weight.data.to(dtype) if hasattr(model.embed, "weight") else _deq(model.embed, dtype)
+    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": emb,
                                     "model.norm.weight": model.norm.weight.data.to(dtype)}
     if model.lm_head is not None:
         out["lm_head.weight"] = _deq(model.lm_head, dtype)

@@ -57,15 +57,27 @@ def linear_format(kind: str, fmt: str, head_fmt: str = "q8") -> str:
     return fmt
 
 
+Q8_GROUP = 128  # what ``olmo-local quantize`` writes for q8 tables (linears, lm_head, embedding)
+
+
+def q8_nbytes(n: int, k: int) -> int:
+    """int8 [n, k] + fp16 scales per group of q8_group_for(k, 128) inputs (per row when none divides k)."""
+    from olmo_local.quant.formats import q8_group_for
+
+    g = q8_group_for(k, Q8_GROUP)
+    return n * k + 2 * n * (k // g if g else 1)
+
+
 def linear_nbytes(fmt: str, n: int, k: int, dtype: torch.dtype = torch.bfloat16, group_size: int = 128) -> int:
     """Bytes a linear [n, k] occupies in ``fmt`` (exactly what the quant modules hold as buffers).
 
-    bf16: n*k*elem · q8: n*k int8 + n fp16 scales · q4: n*k/2 packed + fp16 scale and min per group ·
-    nf4: n*k/2 packed + one fp32 absmax per 64 weights + the 16-entry fp32 code table."""
+    bf16: n*k*elem · q8: n*k int8 + fp16 scales per group of 128 (``q8_nbytes``) · q4: n*k/2 packed +
+    fp16 scale and min per group · nf4: n*k/2 packed + one fp32 absmax per 64 weights + the 16-entry
+    fp32 code table."""
     if fmt == "bf16":
         return n * k * esize(dtype)
     if fmt == "q8":
-        return n * k + 2 * n
+        return q8_nbytes(n, k)
     if fmt == "q4":
         g = q4_group_for(k, group_size)
         return n * k // 2 + 2 * 2 * n * (k // g)
@@ -101,15 +113,25 @@ def other_nbytes(cfg: OlmoHybridConfig, dtype: torch.dtype = torch.bfloat16) -> 
     return n * e + len(cfg.gdn_layers) * 2 * cfg.linear_num_value_heads * 4
 
 
+def embed_format(cfg: OlmoHybridConfig, fmt: str) -> str:
+    """The embedding table's format in a model quantized to ``fmt``, as ``olmo-local quantize`` stores
+    it by default: q8 for q4/q8 models, the model dtype for bf16 and nf4 (and for a tied table, which
+    the synthetic model keeps dense so the head can read it)."""
+    return "q8" if fmt in ("q4", "q8") and not cfg.tie_word_embeddings else "bf16"
+
+
 def format_weight_bytes(cfg: OlmoHybridConfig, fmt: str, dtype: torch.dtype = torch.bfloat16,
                         group_size: int = 128, head_fmt: str = "q8") -> dict[str, int]:
-    """Bytes by kind of a model of ``cfg`` stored in ``fmt`` (policy: ``linear_format``), embedding in
-    ``dtype``. Equals ``model_weight_bytes`` of bench's synthetic model of that format."""
+    """Bytes by kind of a model of ``cfg`` stored in ``fmt`` (policy: ``linear_format``, ``embed_format``).
+    Equals ``model_weight_bytes`` of bench's synthetic model of that format."""
     out = dict.fromkeys(KINDS, 0)
     for kind, n, k in linear_inventory(cfg):
         out[kind] += linear_nbytes(linear_format(kind, fmt, head_fmt), n, k, dtype, group_size)
     out["other"] = other_nbytes(cfg, dtype)
-    out["embedding"] = cfg.vocab_size * cfg.hidden_size * esize(dtype)
+    if embed_format(cfg, fmt) == "q8":
+        out["embedding"] = q8_nbytes(cfg.vocab_size, cfg.hidden_size)
+    else:
+        out["embedding"] = cfg.vocab_size * cfg.hidden_size * esize(dtype)
     return out
 
 

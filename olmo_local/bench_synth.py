@@ -42,8 +42,11 @@ def make_linear(w: torch.Tensor, fmt: str, group_size: int = 128) -> nn.Module:
 
     if fmt == "bf16":
         return DenseLinear(w)
-    if fmt == "q8":
-        d = quantize_q8(w, search=False)
+    if fmt == "q8":  # group scales as ``olmo-local quantize`` writes them
+        from olmo_local.bench_roofline import Q8_GROUP
+        from olmo_local.quant.formats import q8_group_for
+
+        d = quantize_q8(w, search=False, group_size=q8_group_for(w.shape[1], Q8_GROUP))
         return Q8Linear(d["qweight"], d["scales"])
     if fmt == "q4":
         g = q4_group_for(w.shape[1], group_size)
@@ -61,6 +64,7 @@ def build_synthetic(cfg: OlmoHybridConfig, device: torch.device | str, fmt: str 
                     head_fmt: str = "q8", progress: Callable[[int, int], None] | None = None):
     """A random OlmoHybridModel of ``cfg`` on ``device`` with linears stored in ``fmt``."""
     from olmo_local.model import MLP, AttentionLayer, Embedding, GDNLayer, Norm, OlmoHybridModel
+    from olmo_local.quant.formats import quantize_q8
 
     check_format(fmt)
     device = torch.device(device)
@@ -107,7 +111,18 @@ def build_synthetic(cfg: OlmoHybridConfig, device: torch.device | str, fmt: str 
             g_i += 1
         if progress:
             progress(i + 1, n_layers + 1)
-    embed = Embedding(randn(cfg.vocab_size, d))
+    from olmo_local.bench_roofline import Q8_GROUP, embed_format
+
+    if embed_format(cfg, fmt) == "q8":  # as quantize stores it: only looked-up rows are dequantized
+        from olmo_local.quant.formats import q8_group_for
+        from olmo_local.quant.linear import QEmbedding
+
+        table = randn(cfg.vocab_size, d)
+        q = quantize_q8(table, search=False, group_size=q8_group_for(d, Q8_GROUP))
+        embed = QEmbedding(q["qweight"], q["scales"], dtype)
+        del table, q
+    else:
+        embed = Embedding(randn(cfg.vocab_size, d))
     lm_head = None if cfg.tie_word_embeddings else lin("lm_head", cfg.vocab_size, d)
     model = OlmoHybridModel(cfg, layers, embed, norm(d), lm_head).eval()
     if progress:

@@ -167,15 +167,17 @@ def test_decode_bytes_7b_q4_hand_count():
     n_q4 = attn + mlp + gdn
     assert n_q4 == 6_653_214_720
     q4 = n_q4 * 17 // 32
-    head = 100352 * 3840 + 2 * 100352                                 # q8 lm_head: int8 + fp16 row scales
+    head = 100352 * 3840 + 2 * 100352 * 30                            # q8 lm_head: int8 + fp16 scale per 128
     ab = 24 * 2 * 30 * 3840 * 2                                       # a|b stay bf16
     other = TOTAL_7B - EMB_7B - n_q4 - EMB_7B - ab // 2               # norms, convs, A_log, dt_bias, o_norm
     assert other == 1_423_008
     other_bytes = 2 * (other - A_LOG_DT_BIAS) + 4 * A_LOG_DT_BIAS
-    weights = q4 + head + ab + other_bytes + 3840 * 2                 # + one bf16 embedding row
+    emb_row = 3840 + 2 * 30                                           # one q8 embedding row (int8 + 30 scales)
+    weights = q4 + head + ab + other_bytes + emb_row
     wb = roof.format_weight_bytes(cfg, "q4", group_size=128, head_fmt="q8")
     assert (wb["linear"], wb["lm_head"], wb["ab"], wb["other"]) == (q4, head, ab, other_bytes)
-    assert roof.decode_bytes_per_token(cfg, wb, 0) == weights + 2 * STATE == 4_043_474_560
+    assert wb["embedding"] == 100352 * emb_row                        # q8 table, as quantize writes it
+    assert roof.decode_bytes_per_token(cfg, wb, 0) == weights + 2 * STATE == 4_049_291_196
     assert roof.decode_bytes_per_token(cfg, wb, 4096) == weights + 2 * STATE + 4096 * KV_TOK
     # bits per weight of the quantized linears agree with quant/
     from olmo_local.quant.formats import bits_per_weight
