@@ -232,13 +232,15 @@ def check_q4(name, k, n, t=1, gated=False, group=128, **tune):
                   lambda: kern(x, *copies[-1], group, out.clone(), **tune), nbytes, _tune_note(tune))
 
 
-def check_q8(name, k, n, t=1, gated=False, **tune):
+def check_q8(name, k, n, t=1, gated=False, group=0, **tune):
     g = gen()
-    nbytes_w = n * k + 2 * n
+    ns = k // group if group else 1  # group scales [n, k/G] (what quantize writes) or one per row
+    nbytes_w = n * k + 2 * n * ns
     copies = []
     for _ in range(n_copies(nbytes_w)):
         qw = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV, generator=g)
-        s = (torch.rand(n, device=DEV, generator=g) * 2e-4 + 1e-4).half()
+        shape = (n, ns) if group else (n,)
+        s = (torch.rand(shape, device=DEV, generator=g) * 2e-4 + 1e-4).half()
         copies.append((qw, s))
     x = randn(t, k, g=g, dtype=BF16)
     nout = n // 2 if gated else n
@@ -399,6 +401,9 @@ def plan():
         checks.append((nm, lambda k=k, n=n, t=t, gated=gated, nm=nm: check_q4(nm, k, n, t, gated)))
     for nm, k, n, t, gated in q8:
         checks.append((nm, lambda k=k, n=n, t=t, gated=gated, nm=nm: check_q8(nm, k, n, t, gated)))
+    if CUDA:  # the head as `olmo-local quantize` writes it: scales per group of 128
+        checks.append(("q8 lm_head g128 3840x100352",
+                       lambda: check_q8("q8 lm_head g128 3840x100352", 3840, 100352, group=128)))
     checks.append(("gdn_step", lambda: check_gdn("gdn_step", **gdn)))
     for length in lengths:
         nm = f"attn bf16 L={length}"
@@ -451,7 +456,8 @@ def per_token_estimate():
         if key not in t:
             continue
         attn_layer = t["q4 attn_qkv 3840x11520"] + 2 * norm + t[key] + t["q4 attn_o 3840x3840"] + mlp + 2 * norm
-        total = 24 * gdn_layer + 8 * attn_layer + norm + t["q8 lm_head 3840x100352"]
+        head = t.get("q8 lm_head g128 3840x100352", t["q8 lm_head 3840x100352"])
+        total = 24 * gdn_layer + 8 * attn_layer + norm + head
         print(f"kernel-only decode step at L={length:>5}: {total:8.1f} us  -> {1e6 / total:6.1f} tok/s "
               f"(gdn layer {gdn_layer:.1f} us, attn layer {attn_layer:.1f} us; a/b proj and launches not counted)")
 

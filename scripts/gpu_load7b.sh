@@ -10,3 +10,6 @@ du -sh "$D-q4"
 for i in 1 2; do
   ol bench "$D-q4" -p 0 -n 16 --depth none -r 1 -q 2>&1 | tail -5
 done
+echo "== the quantized checkpoint at a 4K context (512-token prompt) and at 32K with int8 KV"
+ol bench "$D-q4" --ctx 4096 --depth none -r 2 -q 2>&1 | grep -E "^\| olmo|load "
+ol bench "$D-q4" --ctx 33000 --kv-cache int8 --depth 32768 -p 0 -r 1 -q 2>&1 | grep -E "^\| olmo|load "
