@@ -30,7 +30,7 @@ for s in $steps; do
              timeout 160 python3 -m olmo_local.cli bench --synthetic 7b --format q4 --ctx 33000 --kv-cache int8 --depth 32768 -p 0 -r 1 -q 2>&1 | tee "$OUT/mem32k.log" | tail -8 ;;
     profile) timeout 200 python3 scripts/gpu_profile_prefill.py --tokens 512 2048 2>&1 | tee "$OUT/profile.log" | grep -v USDT | tail -70 ;;
     disk)    timeout 240 bash scripts/gpu_disk_check.sh 2>&1 | tee "$OUT/disk.log" | tail -40 ;;
-    load7b)  timeout 300 bash scripts/gpu_load7b.sh 2>&1 | tee "$OUT/load7b.log" | tail -20 ;;
+    load7b)  timeout 420 bash scripts/gpu_load7b.sh 2>&1 | tee "$OUT/load7b.log" | tail -20 ;;
     *) python3 -m olmo_local.cli $s 2>&1 | tee -a "$OUT/extra.log" | tail -20 ;;
   esac
 done
