@@ -119,6 +119,9 @@ class DenseLinear(_QLinearBase):
         return cls(torch.cat([m.weight.detach() for m in mods], 0))
 
 
+PREFILL_SCRATCH_ELEMS = 32 * 2**20  # dequantized weight elements a prefill GEMM may hold on CUDA
+
+
 class Q4Linear(_QLinearBase):
     """q4 (contracts.md): qweight uint8 [N, K/2], scales/mins fp16 [N, K/G]; 4 + 32/G bits per weight."""
 
@@ -139,11 +142,23 @@ class Q4Linear(_QLinearBase):
             from olmo_local.kernels.gemv_q4 import q4_gemv
             y = q4_gemv(x.reshape(-1, self.in_features), self.qweight, self.scales, self.mins, self.group_size)
             return y.reshape(*x.shape[:-1], self.out_features)
-        if x.is_cuda:  # prefill: one-pass dequantize into a shared scratch buffer, one tensor-core GEMM
+        if x.is_cuda:  # prefill: one-pass dequantize into a shared scratch buffer, tensor-core GEMMs
             from olmo_local.kernels.dequant import q4_dequantize_scratch
             fresh = torch.is_grad_enabled() and x.requires_grad  # autograd keeps the weight for backward
-            w = q4_dequantize_scratch(self.qweight, self.scales, self.mins, self.group_size, x.dtype, fresh)
-            return nn.functional.linear(x, w)
+            n, k = self.out_features, self.in_features
+            rows = n if fresh else max(64, PREFILL_SCRATCH_ELEMS // k // 64 * 64)
+            if rows >= n:
+                w = q4_dequantize_scratch(self.qweight, self.scales, self.mins, self.group_size, x.dtype, fresh)
+                return nn.functional.linear(x, w)
+            # large layers in row blocks: the scratch stays at PREFILL_SCRATCH_ELEMS (64 MB in bf16)
+            # instead of the largest layer (169 MB for the 7B gate|up), which counts at a 4K context
+            parts = []
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                w = q4_dequantize_scratch(self.qweight[r0:r1], self.scales[r0:r1], self.mins[r0:r1],
+                                          self.group_size, x.dtype)
+                parts.append(nn.functional.linear(x, w))
+            return torch.cat(parts, dim=-1)
         return _chunked_matmul(x, self.out_features, self.in_features, self._deq_rows)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -111,3 +111,19 @@ def test_q4linear_cuda_prefill(rows):
     exact = dq.q4_dequantize_into_ref(lin.qweight, lin.scales, lin.mins, 128, torch.empty_like(w))
     assert (w.float() - exact.float()).abs().max().item() <= 2.0 ** -7 * exact.float().abs().max().item()
     dq.clear_scratch()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
+def test_q4linear_cuda_prefill_in_row_blocks(monkeypatch):
+    """A layer larger than the prefill scratch is dequantized and multiplied in row blocks (the last
+    one partial); the result equals the one-block GEMM."""
+    import olmo_local.quant.linear as ql
+
+    lin = _q4_linear(1000, 1024, 128, seed=13).cuda()
+    x = torch.randn(70, 1024, generator=torch.Generator().manual_seed(2)).cuda().bfloat16()
+    whole = lin(x)
+    monkeypatch.setattr(ql, "PREFILL_SCRATCH_ELEMS", 192 * 1024)  # 192 rows per block: 6 blocks
+    blocks = lin(x)
+    assert blocks.shape == whole.shape == (70, 1000)
+    assert torch.equal(blocks, whole)
+    dq.clear_scratch()
