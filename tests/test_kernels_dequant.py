@@ -116,7 +116,7 @@ def test_q4linear_cuda_prefill(rows):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
 def test_q4linear_cuda_prefill_in_row_blocks(monkeypatch):
     """A layer larger than the prefill scratch is dequantized and multiplied in row blocks (the last
-    one partial); the result equals the one-block GEMM."""
+    one partial); the result equals the one-block GEMM up to summation order."""
     import olmo_local.quant.linear as ql
 
     lin = _q4_linear(1000, 1024, 128, seed=13).cuda()
@@ -125,5 +125,6 @@ def test_q4linear_cuda_prefill_in_row_blocks(monkeypatch):
     monkeypatch.setattr(ql, "PREFILL_SCRATCH_ELEMS", 192 * 1024)  # 192 rows per block: 6 blocks
     blocks = lin(x)
     assert blocks.shape == whole.shape == (70, 1000)
-    assert torch.equal(blocks, whole)
+    # the same products; only cuBLAS's kernel choice for the block shape may reorder the sums
+    assert ((blocks.float() - whole.float()).norm() / whole.float().norm()).item() < 1e-3
     dq.clear_scratch()
