@@ -71,9 +71,14 @@ def gdn_decode_step_ref(
     rec_state: torch.Tensor,
     allow_neg_eigval: bool = True,
     out: torch.Tensor | None = None,
+    *,
+    ab_from: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     hk, hv, dk, dv, conv_dim, kconv = _shapes(qkv, A_log, rec_state, conv_weight)
     f32 = torch.float32
+    if ab_from is not None:  # a|b = u @ W_ab.T computed here, in fp32 (the fused kernel does the same)
+        u, w_ab = ab_from
+        a, b = (w_ab.to(f32) @ u.reshape(-1).to(f32)).split([hv, hv])
     # short causal conv over [old K-1 inputs, current], then SiLU
     x = qkv.reshape(conv_dim, 1).to(f32)
     win = torch.cat([conv_state.to(f32), x], dim=1)  # [conv_dim, K]
@@ -145,6 +150,7 @@ if HAS_TRITON:
         q_scale,
         KC: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
         NEG: tl.constexpr, USE_PDL: tl.constexpr,
+        u_ptr=None, wab_ptr=None, D=0, FUSED_AB: tl.constexpr = False, BU: tl.constexpr = 512,
     ):
         pdl_launch_dependents(USE_PDL)
         pdl_wait(USE_PDL)
@@ -173,10 +179,24 @@ if HAS_TRITON:
         v = _conv_silu(cw_ptr, win_v, vch, mv, jj, KC)
 
         # gates (fp32)
-        x = tl.load(a_ptr + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+        if FUSED_AB:  # a_h, b_h = u . W_ab[h], u . W_ab[Hv + h] (fp32 sums; saves a GEMV launch)
+            du = tl.arange(0, BU)
+            sa = tl.zeros([BU], dtype=tl.float32)
+            sb = tl.zeros([BU], dtype=tl.float32)
+            for d0 in range(0, D, BU):
+                mu = d0 + du < D
+                uu = tl.load(u_ptr + d0 + du, mask=mu, other=0).to(tl.float32)
+                sa += uu * tl.load(wab_ptr + h * D + d0 + du, mask=mu, other=0).to(tl.float32)
+                sb += uu * tl.load(wab_ptr + (HK * R + h) * D + d0 + du, mask=mu, other=0).to(tl.float32)
+            a_h = tl.sum(sa, axis=0)
+            b_h = tl.sum(sb, axis=0)
+        else:
+            a_h = tl.load(a_ptr + h).to(tl.float32)
+            b_h = tl.load(b_ptr + h).to(tl.float32)
+        x = a_h + tl.load(dtb_ptr + h).to(tl.float32)
         sp = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
         alpha = tl.exp(-tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * sp)
-        beta = 1.0 / (1.0 + tl.exp(-tl.load(b_ptr + h).to(tl.float32)))
+        beta = 1.0 / (1.0 + tl.exp(-b_h))
         if NEG:
             beta = beta * 2.0
 
@@ -227,11 +247,22 @@ def gdn_decode_step_triton(
     allow_neg_eigval: bool = True,
     out: torch.Tensor | None = None,
     *,
+    ab_from: tuple[torch.Tensor, torch.Tensor] | None = None,
     block_v: int = 32,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Triton version of gdn_decode_step_ref (block_v: state columns per program)."""
     hk, hv, dk, dv, conv_dim, kconv = _shapes(qkv, A_log, rec_state, conv_weight)
+    if ab_from is not None:
+        u, w_ab = ab_from
+        u = u.reshape(-1)
+        if tuple(w_ab.shape) != (2 * hv, u.numel()) or not (u.is_contiguous() and w_ab.is_contiguous()):
+            raise ValueError(f"ab_from: u [D] and a contiguous W_ab [{2 * hv}, D] expected, got "
+                             f"{tuple(u.shape)} and {tuple(w_ab.shape)}")
+        a = b = u  # unused by the kernel
+        fused = dict(u_ptr=u, wab_ptr=w_ab, D=u.numel(), FUSED_AB=True)
+    else:
+        fused = {}
     if rec_state.dtype != torch.float32 or not rec_state.is_contiguous():
         raise ValueError("rec_state must be a contiguous fp32 [Hv, dk, dv] tensor")
     if not conv_state.is_contiguous() or tuple(conv_state.shape) != (conv_dim, kconv - 1):
@@ -254,7 +285,7 @@ def gdn_decode_step_triton(
         hk, dk, dv, hv // hk, nvb,
         float(dk) ** -0.5,
         KC=kconv, KP=next_pow2(kconv), BK=next_pow2(dk), BV=bv, BDV=next_pow2(dv),
-        NEG=bool(allow_neg_eigval), USE_PDL=pdl,
+        NEG=bool(allow_neg_eigval), USE_PDL=pdl, **fused,
         num_warps=num_warps, **pdl_kwargs(pdl),
     )
     return out
@@ -276,7 +307,11 @@ def gdn_decode_step(
     rec_state: torch.Tensor,
     allow_neg_eigval: bool = True,
     out: torch.Tensor | None = None,
+    *,
+    ab_from: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
+    """One decode step of a GDN layer. With ``ab_from=(u, W_ab)`` the a|b projection of the normed
+    input u is computed inside the step (a and b are then ignored: pass None)."""
     fn = gdn_decode_step_triton if use_triton(rec_state) else gdn_decode_step_ref
     return fn(qkv, z, a, b, conv_weight, conv_state, A_log, dt_bias, norm_weight, rec_state,
-              allow_neg_eigval, out)
+              allow_neg_eigval, out, ab_from=ab_from)

@@ -74,25 +74,43 @@ class DecodeStep:
             f = st.pos_t.float()[:, None] * self.inv_freq[None]
             emb = torch.cat([f, f], -1)
             rope = (emb.cos(), emb.sin())
+        pending = None  # a GDN layer's MLP output, added to x inside the next norm (one launch fewer)
         for layer in m.layers:
             if isinstance(layer, GDNLayer):
-                x = self._gdn(layer, x)
+                x, pending = self._gdn(layer, x, pending)
             else:
+                if pending is not None:
+                    x = x + pending
+                    pending = None
                 x = self._attn(layer, x, rope)
-        h = rmsnorm(x, m.norm.weight, m.norm.eps)
+        if pending is not None:
+            h, x = add_rmsnorm(pending, x, m.norm.weight, m.norm.eps)
+        else:
+            h = rmsnorm(x, m.norm.weight, m.norm.eps)
         logits = (linear(m.lm_head, h) if m.lm_head is not None else m.head(h))[0]
         st.pos_t.add_(1)
         return logits
 
-    def _gdn(self, L: GDNLayer, x: torch.Tensor) -> torch.Tensor:
+    def _gdn(self, L: GDNLayer, x: torch.Tensor, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (x without this layer's MLP output, that output): the caller adds it later."""
         st = self.state
-        u = rmsnorm(x, L.in_norm.weight, L.in_norm.eps)
+        if pending is not None:  # x += previous layer's MLP output, fused into this layer's input norm
+            u, x = add_rmsnorm(pending, x, L.in_norm.weight, L.in_norm.eps)
+        else:
+            u = rmsnorm(x, L.in_norm.weight, L.in_norm.eps)
         qkv, z = linear(L.qkvz, u)[0].split([L.conv_dim, L.value_dim])
-        a, b = linear(L.ab, u)[0].split([L.hv, L.hv])
-        y = gdn_decode_step(qkv, z, a, b, L.conv_w, st.conv_state[L.idx], L.A_log, L.dt_bias, L.o_norm_w,
-                            st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0)
+        w_ab = getattr(L.ab, "weight", None)
+        if isinstance(w_ab, torch.Tensor) and w_ab.dtype == u.dtype and w_ab.is_contiguous():
+            # dense a|b (the usual case): projected inside the GDN step, one launch fewer per layer
+            y = gdn_decode_step(qkv, z, None, None, L.conv_w, st.conv_state[L.idx], L.A_log, L.dt_bias,
+                                L.o_norm_w, st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0,
+                                ab_from=(u.view(-1), w_ab))
+        else:
+            a, b = linear(L.ab, u)[0].split([L.hv, L.hv])
+            y = gdn_decode_step(qkv, z, a, b, L.conv_w, st.conv_state[L.idx], L.A_log, L.dt_bias, L.o_norm_w,
+                                st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0)
         h, x = add_rmsnorm(linear(L.o, y.view(1, -1)), x, L.post_norm.weight, L.post_norm.eps)  # x += o
-        return x + gated_mlp(L.mlp, h)
+        return x, gated_mlp(L.mlp, h)
 
     def _attn(self, L: AttentionLayer, x: torch.Tensor, rope) -> torch.Tensor:
         st = self.state

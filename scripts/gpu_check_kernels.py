@@ -517,7 +517,7 @@ def aot_report() -> int:
     gdn_types = {"qkv_ptr": "*bf16", "z_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "cw_ptr": "*bf16",
                  "cs_ptr": "*bf16", "alog_ptr": "*fp32", "dtb_ptr": "*fp32", "nw_ptr": "*bf16", "s_ptr": "*fp32",
                  "out_ptr": "*bf16", "ows_ptr": "*fp32", "cnt_ptr": "*i32", "HK": "i32", "DK": "i32", "DV": "i32",
-                 "R": "i32", "NVB": "i32", "q_scale": "fp32"}
+                 "R": "i32", "NVB": "i32", "q_scale": "fp32", "u_ptr": "*bf16", "wab_ptr": "*bf16", "D": "i32"}
     att_types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
                  "len_ptr": "*i32", "out_ptr": "*bf16", "mws_ptr": "*fp32", "lws_ptr": "*fp32", "aws_ptr": "*fp32",
                  "cnt_ptr": "*i32", "stride_qh": "i32", "stride_kh": "i32", "stride_kt": "i32", "stride_vh": "i32",
@@ -550,7 +550,11 @@ def aot_report() -> int:
          {"T": 1, "BN": 64, "BW": 16, "SPLIT_K": True, "GATED": True, "X_BF16": True, "EVEN_K": True}, 4,
          ("KW", "WPS")),
         ("gdn step dk=96 dv=192 BV=32", kgdn._gdn_decode_kernel, gdn_types,
-         {"KC": 4, "KP": 4, "BK": 128, "BV": 32, "BDV": 256, "NEG": True}, 4, ("HK", "DK", "DV")),
+         {"KC": 4, "KP": 4, "BK": 128, "BV": 32, "BDV": 256, "NEG": True, "FUSED_AB": False, "BU": 512}, 4,
+         ("HK", "DK", "DV")),
+        ("gdn step + fused a|b (D=3840)", kgdn._gdn_decode_kernel, gdn_types,
+         {"KC": 4, "KP": 4, "BK": 128, "BV": 32, "BDV": 256, "NEG": True, "FUSED_AB": True, "BU": 512}, 4,
+         ("HK", "DK", "DV", "D")),
         ("attention bf16 hd=128 BS=64", katt._attn_decode_kernel, att_types,
          {"G": 1, "BD": 128, "BS": 64, "NS": 18, "NSP": 32, "QUANT": False}, 8, att_div),
         ("attention int8 hd=128 BS=64", katt._attn_decode_kernel, dict(att_types, k_ptr="*u8", v_ptr="*u8"),

@@ -143,3 +143,32 @@ def test_gdn_step_slices_of_one_projection():
         y = call(gdn_decode_step, ker_in, True)
     assert relerr(y, r) < 1e-5
     assert relerr(ker_in["rec_state"], ref_in["rec_state"]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d_model", [96, 600])  # one block of u, several blocks with a masked tail
+def test_gdn_step_with_fused_ab_projection(dtype, d_model):
+    """ab_from=(u, W_ab): the a|b projection computed inside the step equals projecting first (in
+    fp32) and passing a, b — for the reference and the Triton kernel, states included."""
+    hk, hv, dk, dv = 2, 4, 16, 24
+    gen = torch.Generator().manual_seed(d_model)
+    inp = make_inputs(hk, hv, dk, dv, 4, dtype, gen)
+    u = torch.randn(d_model, generator=gen).to(dtype)
+    w_ab = (torch.randn(2 * hv, d_model, generator=gen) * d_model ** -0.5).to(dtype)
+    ab = w_ab.float() @ u.float()
+    plain = clone(inp)
+    plain["a"], plain["b"] = ab[:hv], ab[hv:]
+    want = call(kg.gdn_decode_step_ref, plain, True)
+    fused_ref = clone(inp)
+    got_ref = kg.gdn_decode_step_ref(fused_ref["qkv"], fused_ref["z"], None, None, fused_ref["conv_weight"],
+                                     fused_ref["conv_state"], fused_ref["A_log"], fused_ref["dt_bias"],
+                                     fused_ref["norm_weight"], fused_ref["rec_state"], True, ab_from=(u, w_ab))
+    assert relerr(got_ref, want) < 1e-6
+    fused = clone(inp)
+    got = kg.gdn_decode_step_triton(fused["qkv"], fused["z"], None, None, fused["conv_weight"], fused["conv_state"],
+                                    fused["A_log"], fused["dt_bias"], fused["norm_weight"], fused["rec_state"], True,
+                                    ab_from=(u, w_ab), block_v=8)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert relerr(got, want) < tol
+    assert relerr(fused["rec_state"], plain["rec_state"]) < 1e-5
+    assert torch.equal(fused["conv_state"], plain["conv_state"])
