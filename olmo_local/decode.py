@@ -159,10 +159,10 @@ class DecodeStep:
     def __call__(self, token: int) -> torch.Tensor:
         st = self.state
         st.check_room(1)
+        if self.use_graph and self.graph is None:
+            self.capture()  # before the token is set: capturing runs warm-up steps on token 0
         self.token.fill_(token)
         if self.use_graph:
-            if self.graph is None:
-                self.capture()
             self.graph.replay()
             logits = self.logits
         else:

@@ -71,3 +71,43 @@ def test_int8_kv_cache_stays_close_to_bf16(tmp_path):
     assert b.k_cache.dtype == torch.int8 and b.nbytes < a.nbytes
     rel = (la - lb).norm() / la.norm()
     assert 0 < rel.item() < 2e-2
+
+
+def test_first_graph_step_decodes_its_own_token(tmp_path):
+    """Capturing the graph runs warm-up steps on token 0 and restores the state; the token of the
+    call that triggers the capture must still be the one decoded (a regression: the first step after
+    capture decoded token 0, which the GPU state check found). The graph is faked so that this runs
+    on CPU: capture = the real warm-up side effects, replay = the static forward."""
+    cfg = tiny_config()
+    model = load_model(write_checkpoint(hf_model(cfg, seed=3), cfg, tmp_path / "c"), "cpu", torch.float32)
+
+    class Replay:
+        def __init__(self, step):
+            self.step = step
+
+        def replay(self):
+            self.step.logits = self.step.forward()
+
+    class FakeGraphStep(DecodeStep):
+        def capture(self):
+            snap = self.state.snapshot()
+            self.token.fill_(0)
+            for _ in range(2):
+                self.forward()
+                self.state.pos_t.fill_(snap.pos)
+            self.state.restore(snap)
+            self.graph = Replay(self)
+
+    prompt = torch.randint(1, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4))
+    eager, static = DecodeState(cfg, 64), DecodeState(cfg, 64)
+    toks = [7, 11, 13]
+    with torch.no_grad():
+        model(prompt, eager)
+        model(prompt, static)
+        step = FakeGraphStep(model, static, use_graph=True)
+        for t in toks:
+            want = model(torch.tensor([[t]]), eager)[0, -1]
+            got = step(t)
+            assert (want - got).abs().max().item() < 2e-4
+    assert static.tokens == eager.tokens
+    assert torch.allclose(static.rec_state, eager.rec_state, atol=1e-5)
