@@ -5,8 +5,11 @@ float dtype (returns x.dtype), ``nbytes`` (bytes of stored weights), ``dequantiz
 and the classmethod ``cat_rows(mods)`` that stacks modules of one format along the output dim
 (fusing q|k|v|g or gate|up at load time). Weights are buffers, so ``.to(device)`` moves them.
 
-The torch forward never keeps a dequantized copy: it dequantizes row chunks into temporaries per
-call (bounded by ``_FWD_CHUNK_ELEMS``; 16 MB in fp32). q8 with per-row scales and bf16 activations on CPU
+On CPU the forward never keeps a dequantized copy: it dequantizes row chunks into temporaries per
+call (bounded by ``_FWD_CHUNK_ELEMS``; 16 MB in fp32). On CUDA, q4/q8 decode (<= 8 rows) runs the fused
+dequant-GEMV kernels (no dequantized weight at all) and q4 prefill dequantizes into one shared scratch
+buffer of at most ``PREFILL_SCRATCH_ELEMS`` weights (row blocks for larger layers) followed by tensor-core
+GEMMs; kernels/dequant.py ``clear_scratch()`` frees it. q8 with per-row scales and bf16 activations on CPU
 uses torch's int8 weight-only op ``torch._weight_int8pack_mm`` for small batches (decode). With fp32
 activations every format computes in fp32 (no bf16 step anywhere), so a quality comparison in fp32
 measures the weight format alone.
