@@ -25,6 +25,7 @@ for s in $steps; do
     blocks)  timeout 120 python3 scripts/gpu_prefill_blocks_check.py 2>&1 | tee "$OUT/blocks.log" | tail -3 ;;
     probe)   timeout 240 python3 scripts/gpu_stream_probe.py 2>&1 | tee "$OUT/probe.log" | tail -60 ;;
     attnpre) timeout 120 python3 scripts/gpu_check_attn_prefill.py 2>&1 | tee "$OUT/attnpre.log" | tail -6 ;;
+    sweepattn) timeout 200 python3 scripts/gpu_check_kernels.py --sweep --only "sweep attn" > "$OUT/sweepattn.log" 2>&1; python3 scripts/gpu_sweep_summary.py | cut -c1-110 ;;
     sweep)   timeout 240 python3 scripts/gpu_check_kernels.py --sweep --only sweep 2>&1 | tee "$OUT/sweep.log" | tail -60 ;;
     issue3)  timeout 320 python3 -m olmo_local.cli bench --synthetic 7b --format q4 --compare hf-nf4 -r 1 2>&1 | tee "$OUT/issue3.log" | tail -16 ;;
     mem)     timeout 120 python3 -m olmo_local.cli bench --synthetic 7b --format q4 --ctx 4096 --depth none -r 1 -q 2>&1 | tee "$OUT/mem4k.log" | tail -8

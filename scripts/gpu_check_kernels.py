@@ -431,11 +431,13 @@ def plan():
         for bn, bk in ((32, 128), (64, 128), (32, 256), (16, 256)):
             nm = "sweep q8 3840x100352"
             checks.append((nm, lambda bn=bn, bk=bk, nm=nm: check_q8(nm, 3840, 100352, block_n=bn, block_k=bk)))
-        for ns in (8, 16, 32, 64):
-            for bs in (32, 64):
-                nm = "sweep attn L=32768"
-                checks.append((nm, lambda ns=ns, bs=bs, nm=nm: check_attention(
-                    nm, 32768, num_splits=ns, block_s=bs, **att)))
+        for int8 in (False, True):
+            for length in (4096, 32768):
+                for ns in (9, 18, 36):
+                    for bs in (32, 64, 128):
+                        nm = f"sweep attn {'int8' if int8 else 'bf16'} L={length}"
+                        checks.append((nm, lambda ns=ns, bs=bs, nm=nm, length=length, int8=int8: check_attention(
+                            nm, length, int8=int8, num_splits=ns, block_s=bs, **att)))
         for bv in (16, 32, 64):
             checks.append(("sweep gdn", lambda bv=bv: check_gdn("sweep gdn", block_v=bv, **gdn)))
     return checks
