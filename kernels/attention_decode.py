@@ -202,9 +202,13 @@ if HAS_TRITON:
         tl.store(s_ptr + h * stride_sh + p, amax / 127.0)
 
 
-def default_num_splits(max_ctx: int, num_heads: int, device: torch.device, block_s: int = 64) -> int:
-    """Splits per query head: ~4 programs per SM at full length, never more than blocks of work."""
-    return max(1, min(cdiv(max_ctx, block_s), cdiv(4 * num_sms(device), num_heads), 64))
+def default_num_splits(max_ctx: int, num_heads: int, device: torch.device, block_s: int = 32) -> int:
+    """Splits per query head, fixed by the context size (the split length follows the actual length):
+    ~8 programs per SM for contexts of 16K and more, ~4 below, never more than blocks of work. H200
+    sweep (30 heads x 128): at L=32768, 36 splits of 32-position blocks took 131 us (bf16) / 109 us
+    (int8) vs 152 / 116 us at 18 x 64; at L=4096, 18 x 32 took 26.7 us vs 29.6 at 18 x 64."""
+    per_sm = 8 if max_ctx >= 16384 else 4
+    return max(1, min(cdiv(max_ctx, block_s), cdiv(per_sm * num_sms(device), num_heads), 64))
 
 
 def attention_decode_triton(
@@ -217,7 +221,7 @@ def attention_decode_triton(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     num_splits: int | None = None,
-    block_s: int = 64,
+    block_s: int = 32,
     num_warps: int = 8,
     num_stages: int = 2,
 ) -> torch.Tensor:
