@@ -429,6 +429,28 @@ if HAS_TRITON:
         return acc + (m - s128) * xsum[None, :, :]
 
     @triton.jit
+    def _q4_rows(a0, a1, a2, a3, a4, a5, a6, a7, w, s, m, x_ptr, stride_x, gx, mcol, magic,
+                 T: tl.constexpr, G: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr):
+        """One group for each of the T rows of x (one accumulator per row: Triton unrolls at compile
+        time, so the T accumulators are named; the unused ones are dropped)."""
+        a0 = _q4_group(a0, w, s, m, x_ptr, gx, mcol, magic, G, X_BF16, ASM, PAIRS)
+        if T > 1:
+            a1 = _q4_group(a1, w, s, m, x_ptr + stride_x, gx, mcol, magic, G, X_BF16, ASM, PAIRS)
+        if T > 2:
+            a2 = _q4_group(a2, w, s, m, x_ptr + 2 * stride_x, gx, mcol, magic, G, X_BF16, ASM, PAIRS)
+        if T > 3:
+            a3 = _q4_group(a3, w, s, m, x_ptr + 3 * stride_x, gx, mcol, magic, G, X_BF16, ASM, PAIRS)
+        if T > 4:
+            a4 = _q4_group(a4, w, s, m, x_ptr + 4 * stride_x, gx, mcol, magic, G, X_BF16, ASM, PAIRS)
+        if T > 5:
+            a5 = _q4_group(a5, w, s, m, x_ptr + 5 * stride_x, gx, mcol, magic, G, X_BF16, ASM, PAIRS)
+        if T > 6:
+            a6 = _q4_group(a6, w, s, m, x_ptr + 6 * stride_x, gx, mcol, magic, G, X_BF16, ASM, PAIRS)
+        if T > 7:
+            a7 = _q4_group(a7, w, s, m, x_ptr + 7 * stride_x, gx, mcol, magic, G, X_BF16, ASM, PAIRS)
+        return a0, a1, a2, a3, a4, a5, a6, a7
+
+    @triton.jit
     def _q4_emit(y_ptr, part_ptr, ra, rb, t: tl.constexpr, pid_k, rn, rmask, NR, stride_y,
                  T: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr):
         """Row t of the result: stored (one split) or written as this split's fp32 partial."""
@@ -502,40 +524,14 @@ if HAS_TRITON:
                 wa = tl.load(qw_ptr + row_w + (gcol * HW + mcol)[None, :, :], mask=mw, other=0)
                 sa = tl.load(s_ptr + row_s + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
                 ma = tl.load(m_ptr + row_s + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
-                a0 = _q4_group(a0, wa, sa, ma, x_ptr, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-                if T > 1:
-                    a1 = _q4_group(a1, wa, sa, ma, x_ptr + stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-                if T > 2:
-                    a2 = _q4_group(a2, wa, sa, ma, x_ptr + 2 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-                if T > 3:
-                    a3 = _q4_group(a3, wa, sa, ma, x_ptr + 3 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-                if T > 4:
-                    a4 = _q4_group(a4, wa, sa, ma, x_ptr + 4 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-                if T > 5:
-                    a5 = _q4_group(a5, wa, sa, ma, x_ptr + 5 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-                if T > 6:
-                    a6 = _q4_group(a6, wa, sa, ma, x_ptr + 6 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-                if T > 7:
-                    a7 = _q4_group(a7, wa, sa, ma, x_ptr + 7 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _q4_rows(a0, a1, a2, a3, a4, a5, a6, a7, wa, sa, ma, x_ptr,
+                                                          stride_x, gx, mcol, MAGIC, T, G, X_BF16, ASM, PAIRS)
                 if GATED:  # the matching up-projection rows
                     wb = tl.load(qw_ptr + row_w + NR * (NGR * HW) + (gcol * HW + mcol)[None, :, :], mask=mw, other=0)
                     sb = tl.load(s_ptr + row_s + NR * NGR + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
                     mb = tl.load(m_ptr + row_s + NR * NGR + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
-                    b0 = _q4_group(b0, wb, sb, mb, x_ptr, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-                    if T > 1:
-                        b1 = _q4_group(b1, wb, sb, mb, x_ptr + stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-                    if T > 2:
-                        b2 = _q4_group(b2, wb, sb, mb, x_ptr + 2 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-                    if T > 3:
-                        b3 = _q4_group(b3, wb, sb, mb, x_ptr + 3 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-                    if T > 4:
-                        b4 = _q4_group(b4, wb, sb, mb, x_ptr + 4 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-                    if T > 5:
-                        b5 = _q4_group(b5, wb, sb, mb, x_ptr + 5 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-                    if T > 6:
-                        b6 = _q4_group(b6, wb, sb, mb, x_ptr + 6 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
-                    if T > 7:
-                        b7 = _q4_group(b7, wb, sb, mb, x_ptr + 7 * stride_x, gx, mcol, MAGIC, G, X_BF16, ASM, PAIRS)
+                    b0, b1, b2, b3, b4, b5, b6, b7 = _q4_rows(b0, b1, b2, b3, b4, b5, b6, b7, wb, sb, mb, x_ptr,
+                                                              stride_x, gx, mcol, MAGIC, T, G, X_BF16, ASM, PAIRS)
 
             _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a0, 2), 1), tl.sum(tl.sum(b0, 2), 1), 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
             if T > 1:
