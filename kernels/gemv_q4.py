@@ -150,6 +150,17 @@ if HAS_TRITON:
         return (p << 16).to(tl.float32, bitcast=True), (p & -65536).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _xpair(j: tl.constexpr, x0, x1, x2, x3):
+        """The x pair that goes with nibble shift 4j (interpreter emulations)."""
+        if j == 0:
+            return x0
+        elif j == 1:
+            return x1
+        elif j == 2:
+            return x2
+        return x3
+
+    @triton.jit
     def _word_dot(w, x0, x1, x2, x3, ASM: tl.constexpr):
         """sum over the 8 nibbles q of word w of (q - 8) * x, as fp32 (x0..x3: the bf16x2 pairs)."""
         if ASM:
@@ -182,15 +193,7 @@ if HAS_TRITON:
                 "=r,r,r,r,r,r", [w, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1)
         r = tl.zeros(w.shape, dtype=tl.float32)
         for j in tl.static_range(4):
-            if j == 0:
-                xp = x0
-            elif j == 1:
-                xp = x1
-            elif j == 2:
-                xp = x2
-            else:
-                xp = x3
-            xl, xh = _lanes(xp)
+            xl, xh = _lanes(_xpair(j, x0, x1, x2, x3))
             ql = ((w >> (4 * j)) & 0xF).to(tl.float32) - 8.0
             qh = ((w >> (16 + 4 * j)) & 0xF).to(tl.float32) - 8.0
             r = r + ql * xl + qh * xh
@@ -274,15 +277,7 @@ if HAS_TRITON:
         db = tl.zeros(wa.shape, dtype=tl.float32)
         d1 = tl.zeros(wa.shape, dtype=tl.float32)
         for j in tl.static_range(4):
-            if j == 0:
-                xp = x0
-            elif j == 1:
-                xp = x1
-            elif j == 2:
-                xp = x2
-            else:
-                xp = x3
-            xl, xh = _lanes(xp)
+            xl, xh = _lanes(_xpair(j, x0, x1, x2, x3))
             da = da + (128.0 + ((wa >> (4 * j)) & 0xF).to(tl.float32)) * xl
             da = da + (128.0 + ((wa >> (16 + 4 * j)) & 0xF).to(tl.float32)) * xh
             db = db + (128.0 + ((wb >> (4 * j)) & 0xF).to(tl.float32)) * xl
