@@ -370,7 +370,8 @@ def _q8_launch(x, qweight, scales, out, gated, block_n, block_k, split_k, num_wa
         # a block never crosses a scale group (both are powers of two). Default: the group as K block
         # and, ungated, 8 KB tiles (64 weights per thread), which spread the per-block costs (x, the
         # scale, one sum of x) over twice the weights: sm_90 SASS 4.8 vs 5.9 instructions per weight
-        # for G = 128 (per-row q8: 4.8 at its default tile, 4.0 at BN=32, BK=256). Not yet timed.
+        # for G = 128 (per-row q8: 4.8 at its default tile, 4.0 at BN=32, BK=256). H200: the g128
+        # 3840x100352 lm_head takes 112 us (86 % of copy) at this default.
         bk = min(block_k or g, g)
         tile = 4096 if gated else 8192
     else:
