@@ -19,7 +19,7 @@ from olmo_local.cli import app
 from olmo_local.errors import OlmoError
 
 DEFAULT_MODEL = "allenai/Olmo-Hybrid-Instruct-DPO-7B"
-KV_CACHE_KINDS = ("bf16", "int8")
+KV_CACHE_KINDS = ("auto", "bf16", "int8")
 
 
 def _cache_root() -> Path:
@@ -127,7 +127,7 @@ def chat(
     ctx: Annotated[int | None, typer.Option(help="context size in tokens")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="weight format to use (shown by /show)")] = None,
-    kv_cache: Annotated[str, typer.Option("--kv-cache", help="bf16 or int8")] = "bf16",
+    kv_cache: Annotated[str, typer.Option("--kv-cache", help="auto (int8 on CUDA, else bf16), bf16 or int8")] = "auto",
     load: Annotated[Path | None, typer.Option("--load", help="start from a conversation saved with /save")] = None,
     no_markdown: Annotated[bool, typer.Option("--no-markdown", help="print replies as plain text")] = False,
     once: Annotated[bool, typer.Option("--once", help="not a terminal: read all of stdin as one message")] = False,
@@ -136,7 +136,7 @@ def chat(
     from olmo_local.chat_session import ChatSession, Settings
 
     if kv_cache not in KV_CACHE_KINDS:
-        raise OlmoError(f"unknown --kv-cache {kv_cache!r} (use bf16 or int8)")
+        raise OlmoError(f"unknown --kv-cache {kv_cache!r} (use auto, bf16 or int8)")
     interactive = sys.stdin.isatty() and not once
     if interactive:
         from rich.console import Console
@@ -162,6 +162,8 @@ def chat(
     settings.update(explicit)
     from olmo_local.chat_input import history_path
     hist = history_path() if interactive else None
+    if kv_cache == "auto":  # what the runtime chose for this device
+        kv_cache = "int8" if rt.state.kv_int8 else "bf16"
     session = ChatSession(rt, view, settings, system, model_name=shown, kv_cache=kv_cache,
                           history_file=hist)
     if kv_cache == "int8" and str(rt.state.k_cache.dtype) != "torch.int8":

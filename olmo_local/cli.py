@@ -36,7 +36,7 @@ def generate(
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
     ctx: Optional[int] = typer.Option(None, help="context size in tokens"),
     dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32 (default: bf16 on GPU)"),
-    kv_cache: str = typer.Option("bf16", "--kv-cache", help="bf16 or int8 KV cache"),
+    kv_cache: str = typer.Option("auto", "--kv-cache", help="auto (int8 on CUDA, else bf16), bf16 or int8"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no stats on stderr"),
 ) -> None:
     """Generate text for one prompt: the text alone on stdout, stats on stderr (pipe-friendly)."""
@@ -82,13 +82,15 @@ def info(
     model: str = typer.Argument(..., help="model directory, Hugging Face repo id, or 'demo'"),
     ctx: Optional[int] = typer.Option(None, help="context size for the memory plan (default: the largest that fits)"),
     device: Optional[str] = typer.Option(None, help="plan memory for this device (cpu or cuda)"),
-    kv_cache: str = typer.Option("bf16", "--kv-cache", help="bf16 or int8 KV cache"),
+    kv_cache: str = typer.Option("auto", "--kv-cache", help="auto (int8 on CUDA, else bf16), bf16 or int8"),
 ) -> None:
     """Config summary, parameter count, bytes read per token and the memory plan."""
     from olmo_local.checkpoint import TensorReader, default_dtype, read_config, resolve_model
     from olmo_local.planner import free_device_memory, kv_bytes_per_token, plan, state_bytes
-    from olmo_local.runtime import loaded_weight_bytes, pick_device
+    from olmo_local.runtime import loaded_weight_bytes, pick_device, resolve_kv_cache
 
+    dev = pick_device(device)
+    kv_cache = resolve_kv_cache(kv_cache, dev)
     path = resolve_model(model)
     cfg = read_config(path)
     reader = TensorReader(path)
@@ -113,7 +115,6 @@ def info(
         ("recurrent + conv state", _gib(state_bytes(cfg))),
         ("bytes read per decode token", f"{_gib(weight_bytes - emb + 2 * state_bytes(cfg))} + KV at depth"),
     ]
-    dev = pick_device(device)
     dt = default_dtype(cfg, dev)
     wbytes, largest = loaded_weight_bytes(path, dt)
     try:

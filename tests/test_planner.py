@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from olmo_local.config import preset
 from olmo_local.errors import OlmoError
@@ -28,3 +29,15 @@ def test_plan_picks_largest_context_and_refuses_what_does_not_fit():
     with pytest.raises(OlmoError, match="needs about"):
         plan(cfg, int(14.9 * GIB), 8 * GIB)
     assert plan(cfg, weights, 80 * GIB, ctx=4096).ctx == 4096
+
+
+def test_kv_cache_auto_resolves_per_device():
+    from olmo_local.errors import OlmoError
+    from olmo_local.runtime import resolve_kv_cache
+
+    assert resolve_kv_cache("auto", torch.device("cuda")) == "int8"
+    assert resolve_kv_cache("auto", torch.device("cpu")) == "bf16"
+    assert resolve_kv_cache("bf16", torch.device("cuda")) == "bf16"
+    assert resolve_kv_cache("int8", torch.device("cpu")) == "int8"
+    with pytest.raises(OlmoError, match="auto, bf16 or int8"):
+        resolve_kv_cache("fp8", torch.device("cpu"))
