@@ -477,7 +477,9 @@ def test_piped_errors_are_one_line(tiny):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype,tol", [("fp32", 2e-3), ("bf16", 6e-2)])
 def test_snapshots_on_cuda(tiny, tmp_path, dtype, tol):
-    rt = open_model(str(tiny), device="cuda", ctx=512, dtype=dtype)
+    # bf16 KV: the check compares caches elementwise (an int8 cache may round a value one step the other
+    # way between the decode and prefill paths); the int8 paths are compared in scripts/gpu_parity.py
+    rt = open_model(str(tiny), device="cuda", ctx=512, dtype=dtype, kv_cache="bf16")
     s = ChatSession(rt, View(), Settings(temperature=1.0, top_p=1.0, max_tokens=24, seed=2), model_name="tiny")
 
     def check(sess):
