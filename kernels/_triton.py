@@ -154,6 +154,25 @@ if HAS_TRITON:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
+    def emit_rows(y_ptr, part_ptr, ra, rb, t: tl.constexpr, pid_k, rn, rmask, NR, stride_y,
+                  T: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr):
+        """Row t of a GEMV result (ra; rb the matching up rows when gated): stored (one split, with
+        silu(ra) * rb when gated) or written as this split's fp32 partial for splitk_finish."""
+        if not SPLIT_K:
+            if GATED:
+                ra = ra / (1.0 + tl.exp(-ra)) * rb
+            tl.store(y_ptr + t * stride_y + rn, ra.to(y_ptr.dtype.element_ty), mask=rmask)
+        else:
+            if GATED:
+                ntot = 2 * NR
+            else:
+                ntot = NR
+            base = part_ptr + (pid_k * T + t) * ntot + rn
+            tl.store(base, ra, mask=rmask)
+            if GATED:
+                tl.store(base + NR, rb, mask=rmask)
+
+    @triton.jit
     def splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y,
                       T: tl.constexpr, BN: tl.constexpr, SPLIT, GATED: tl.constexpr):
         """Split-K epilogue shared by the GEMV kernels. Each split has written its fp32 partial rows

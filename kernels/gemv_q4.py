@@ -30,7 +30,7 @@ import torch
 from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, tl, triton, pdl_kwargs, use_pdl, use_triton, workspace
 
 if HAS_TRITON:
-    from ._triton import pdl_launch_dependents, pdl_wait, splitk_finish
+    from ._triton import emit_rows, pdl_launch_dependents, pdl_wait, splitk_finish
 
 __all__ = [
     "q4_dequantize",
@@ -369,9 +369,9 @@ if HAS_TRITON:
             ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
             if GATED:  # the matching up-projection rows
                 ua, ub = _mma_acc(ua, ub, ua_w, ub_w, usa, uma, usb, umb, x0, x1, x2, x3, ASM)
-        _q4_emit(y_ptr, part_ptr, tl.sum(ga, 1) * 0.25, tl.sum(ua, 1) * 0.25, 0, pid_k, rows_a, mask_a, NR,
+        emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * 0.25, tl.sum(ua, 1) * 0.25, 0, pid_k, rows_a, mask_a, NR,
                  stride_y, 1, SPLIT_K, GATED)
-        _q4_emit(y_ptr, part_ptr, tl.sum(gb, 1) * 0.25, tl.sum(ub, 1) * 0.25, 0, pid_k, rows_a + HALF, mask_b,
+        emit_rows(y_ptr, part_ptr, tl.sum(gb, 1) * 0.25, tl.sum(ub, 1) * 0.25, 0, pid_k, rows_a + HALF, mask_b,
                  NR, stride_y, 1, SPLIT_K, GATED)
         if SPLIT_K:
             rn = pid_n * BN + tl.arange(0, BN)
@@ -446,22 +446,11 @@ if HAS_TRITON:
         return a0, a1, a2, a3, a4, a5, a6, a7
 
     @triton.jit
-    def _q4_emit(y_ptr, part_ptr, ra, rb, t: tl.constexpr, pid_k, rn, rmask, NR, stride_y,
-                 T: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr):
-        """Row t of the result: stored (one split) or written as this split's fp32 partial."""
-        if not SPLIT_K:
-            if GATED:
-                ra = ra / (1.0 + tl.exp(-ra)) * rb
-            tl.store(y_ptr + t * stride_y + rn, ra.to(y_ptr.dtype.element_ty), mask=rmask)
-        else:
-            if GATED:
-                ntot = 2 * NR
-            else:
-                ntot = NR
-            base = part_ptr + (pid_k * T + t) * ntot + rn
-            tl.store(base, ra, mask=rmask)
-            if GATED:
-                tl.store(base + NR, rb, mask=rmask)
+    def _emit_tile(y_ptr, part_ptr, a, b, t: tl.constexpr, pid_k, rn, rmask, NR, stride_y,
+                   T: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr):
+        """Row t from the [BN, GPI, G/8] accumulators of the fp32 path (reduced once, after the loop)."""
+        emit_rows(y_ptr, part_ptr, tl.sum(tl.sum(a, 2), 1), tl.sum(tl.sum(b, 2), 1), t, pid_k, rn, rmask, NR,
+                  stride_y, T, SPLIT_K, GATED)
 
     @triton.jit
     def _q4_gemv_kernel(
@@ -528,21 +517,21 @@ if HAS_TRITON:
                     b0, b1, b2, b3, b4, b5, b6, b7 = _q4_rows(b0, b1, b2, b3, b4, b5, b6, b7, wb, sb, mb, x_ptr,
                                                               stride_x, gx, mcol, MAGIC, T, G, X_BF16, ASM, PAIRS)
 
-            _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a0, 2), 1), tl.sum(tl.sum(b0, 2), 1), 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+            _emit_tile(y_ptr, part_ptr, a0, b0, 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
             if T > 1:
-                _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a1, 2), 1), tl.sum(tl.sum(b1, 2), 1), 1, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+                _emit_tile(y_ptr, part_ptr, a1, b1, 1, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
             if T > 2:
-                _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a2, 2), 1), tl.sum(tl.sum(b2, 2), 1), 2, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+                _emit_tile(y_ptr, part_ptr, a2, b2, 2, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
             if T > 3:
-                _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a3, 2), 1), tl.sum(tl.sum(b3, 2), 1), 3, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+                _emit_tile(y_ptr, part_ptr, a3, b3, 3, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
             if T > 4:
-                _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a4, 2), 1), tl.sum(tl.sum(b4, 2), 1), 4, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+                _emit_tile(y_ptr, part_ptr, a4, b4, 4, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
             if T > 5:
-                _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a5, 2), 1), tl.sum(tl.sum(b5, 2), 1), 5, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+                _emit_tile(y_ptr, part_ptr, a5, b5, 5, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
             if T > 6:
-                _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a6, 2), 1), tl.sum(tl.sum(b6, 2), 1), 6, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+                _emit_tile(y_ptr, part_ptr, a6, b6, 6, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
             if T > 7:
-                _q4_emit(y_ptr, part_ptr, tl.sum(tl.sum(a7, 2), 1), tl.sum(tl.sum(b7, 2), 1), 7, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
+                _emit_tile(y_ptr, part_ptr, a7, b7, 7, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
             if SPLIT_K:
                 splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y, T, BN, SPLIT, GATED)
 
@@ -566,8 +555,11 @@ DEFAULT_MMA = True  # tensor cores for one bf16 row of x at group size 128 (deco
 DEFAULT_PREFETCH = True  # tensor-core path: next group's loads issued before this group's math
 
 
-def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_k, num_warps, num_stages,
-               pairs=None, groups_per_iter=None, mma=None, prefetch=None):
+def _q4_launch(x, qweight, scales, mins, group_size, out, gated, *, block_n=None, split_k=None, num_warps=4,
+               num_stages=2, pairs=None, groups_per_iter=None, mma=None, prefetch=None):
+    """The tuning knobs (keyword-only, shared by both public entry points): rows per program, K splits,
+    warps, pipeline stages, bf16x2 math, groups per iteration, tensor cores, software pipelining;
+    None picks the default."""
     x2 = _as_rows(x)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -630,56 +622,25 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, block_n, split_
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
         T=t, G=g, BN=bn, SPLIT_K=split_k > 1, GATED=gated, X_BF16=x_bf16, ASM=x_bf16 and x2.is_cuda,
-        PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi, MMA=use_mma, PREFETCH=DEFAULT_PREFETCH if prefetch is None else bool(prefetch), USE_PDL=pdl,
+        PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi, MMA=use_mma,
+        PREFETCH=DEFAULT_PREFETCH if prefetch is None else bool(prefetch), USE_PDL=pdl,
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     return out
 
 
-def q4_gemv_triton(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    mins: torch.Tensor,
-    group_size: int,
-    out: torch.Tensor | None = None,
-    *,
-    block_n: int | None = None,
-    split_k: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
-    pairs: bool | None = None,
-    groups_per_iter: int | None = None,
-    mma: bool | None = None,
-    prefetch: bool | None = None,
-) -> torch.Tensor:
-    """Triton version of q4_gemv_ref (the keyword-only knobs are for tests and tuning)."""
-    return _q4_launch(x, qweight, scales, mins, group_size, out, False, block_n, split_k,
-                      num_warps, num_stages, pairs, groups_per_iter, mma, prefetch)
+def q4_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                   group_size: int, out: torch.Tensor | None = None, **tune) -> torch.Tensor:
+    """Triton version of q4_gemv_ref (``tune``: the keyword-only knobs of _q4_launch, for tests and tuning)."""
+    return _q4_launch(x, qweight, scales, mins, group_size, out, False, **tune)
 
 
-def q4_gemv_silu_mul_triton(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    mins: torch.Tensor,
-    group_size: int,
-    out: torch.Tensor | None = None,
-    *,
-    block_n: int | None = None,
-    split_k: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
-    pairs: bool | None = None,
-    groups_per_iter: int | None = None,
-    mma: bool | None = None,
-    prefetch: bool | None = None,
-) -> torch.Tensor:
+def q4_gemv_silu_mul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                            group_size: int, out: torch.Tensor | None = None, **tune) -> torch.Tensor:
     """Triton version of q4_gemv_silu_mul_ref (gate and up rows of one block share a program)."""
     if qweight.shape[0] % 2:
         raise ValueError("a merged gate|up weight needs an even number of rows")
-    return _q4_launch(x, qweight, scales, mins, group_size, out, True, block_n, split_k,
-                      num_warps, num_stages, pairs, groups_per_iter, mma, prefetch)
+    return _q4_launch(x, qweight, scales, mins, group_size, out, True, **tune)
 
 
 # ----------------------------------------------------------------------------------------------

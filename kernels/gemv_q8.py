@@ -32,7 +32,7 @@ import torch
 from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, tl, triton, use_triton, workspace
 
 if HAS_TRITON:
-    from ._triton import splitk_finish
+    from ._triton import emit_rows, splitk_finish
 
 __all__ = [
     "q8_gemv",
@@ -147,6 +147,28 @@ if HAS_TRITON:
         return acc, xs
 
     @triton.jit
+    def _q8_rows(a0, a1, a2, a3, a4, a5, a6, a7, s0, s1, s2, s3, s4, s5, s6, s7, w, x_ptr, stride_x, k0, bw,
+                 kmask, magic, sc, T: tl.constexpr, X_BF16: tl.constexpr, EVEN_K: tl.constexpr,
+                 GROUPED: tl.constexpr):
+        """One block of words for each of the T rows of x (named accumulators: Triton unrolls)."""
+        a0, s0 = _q8_step(a0, s0, w, x_ptr, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED)
+        if T > 1:
+            a1, s1 = _q8_step(a1, s1, w, x_ptr + stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED)
+        if T > 2:
+            a2, s2 = _q8_step(a2, s2, w, x_ptr + 2 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED)
+        if T > 3:
+            a3, s3 = _q8_step(a3, s3, w, x_ptr + 3 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED)
+        if T > 4:
+            a4, s4 = _q8_step(a4, s4, w, x_ptr + 4 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED)
+        if T > 5:
+            a5, s5 = _q8_step(a5, s5, w, x_ptr + 5 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED)
+        if T > 6:
+            a6, s6 = _q8_step(a6, s6, w, x_ptr + 6 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED)
+        if T > 7:
+            a7, s7 = _q8_step(a7, s7, w, x_ptr + 7 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED)
+        return a0, a1, a2, a3, a4, a5, a6, a7, s0, s1, s2, s3, s4, s5, s6, s7
+
+    @triton.jit
     def _q8_emit(y_ptr, part_ptr, s_ptr, acc_a, xs_a, acc_b, xs_b, t: tl.constexpr, pid_k, rn, rmask, NR,
                  stride_y, T: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
                  GROUPED: tl.constexpr):
@@ -164,19 +186,7 @@ if HAS_TRITON:
             else:
                 rb = (256.0 * tl.sum(acc_b, 1) - 384.0 * tl.sum(xs_b, 0)) * tl.load(
                     s_ptr + NR + rn, mask=rmask, other=0).to(tl.float32)
-        if not SPLIT_K:
-            if GATED:
-                ra = ra / (1.0 + tl.exp(-ra)) * rb
-            tl.store(y_ptr + t * stride_y + rn, ra.to(y_ptr.dtype.element_ty), mask=rmask)
-        else:
-            if GATED:
-                ntot = 2 * NR
-            else:
-                ntot = NR
-            base = part_ptr + (pid_k * T + t) * ntot + rn
-            tl.store(base, ra, mask=rmask)
-            if GATED:
-                tl.store(base + NR, rb, mask=rmask)
+        emit_rows(y_ptr, part_ptr, ra, rb, t, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
 
     @triton.jit
     def _q8_gemv_kernel(
@@ -246,56 +256,16 @@ if HAS_TRITON:
             wa = tl.load(wa_ptr + w0, mask=wmask, other=0)
             if GROUPED:  # one scale per row for this block (it lies inside one group)
                 sa = tl.load(s_ptr + rn * NG + w0 // GW, mask=rmask, other=0).to(tl.float32)
-            a0, s0 = _q8_step(a0, s0, wa, x_ptr, k0, bw, kmask, MAGIC, sa,
-                              X_BF16, EVEN_K, GROUPED)
-            if T > 1:
-                a1, s1 = _q8_step(a1, s1, wa, x_ptr + stride_x, k0, bw, kmask, MAGIC, sa,
-                                  X_BF16, EVEN_K, GROUPED)
-            if T > 2:
-                a2, s2 = _q8_step(a2, s2, wa, x_ptr + 2 * stride_x, k0, bw, kmask, MAGIC, sa,
-                                  X_BF16, EVEN_K, GROUPED)
-            if T > 3:
-                a3, s3 = _q8_step(a3, s3, wa, x_ptr + 3 * stride_x, k0, bw, kmask, MAGIC, sa,
-                                  X_BF16, EVEN_K, GROUPED)
-            if T > 4:
-                a4, s4 = _q8_step(a4, s4, wa, x_ptr + 4 * stride_x, k0, bw, kmask, MAGIC, sa,
-                                  X_BF16, EVEN_K, GROUPED)
-            if T > 5:
-                a5, s5 = _q8_step(a5, s5, wa, x_ptr + 5 * stride_x, k0, bw, kmask, MAGIC, sa,
-                                  X_BF16, EVEN_K, GROUPED)
-            if T > 6:
-                a6, s6 = _q8_step(a6, s6, wa, x_ptr + 6 * stride_x, k0, bw, kmask, MAGIC, sa,
-                                  X_BF16, EVEN_K, GROUPED)
-            if T > 7:
-                a7, s7 = _q8_step(a7, s7, wa, x_ptr + 7 * stride_x, k0, bw, kmask, MAGIC, sa,
-                                  X_BF16, EVEN_K, GROUPED)
+            a0, a1, a2, a3, a4, a5, a6, a7, s0, s1, s2, s3, s4, s5, s6, s7 = _q8_rows(
+                a0, a1, a2, a3, a4, a5, a6, a7, s0, s1, s2, s3, s4, s5, s6, s7, wa, x_ptr, stride_x, k0, bw,
+                kmask, MAGIC, sa, T, X_BF16, EVEN_K, GROUPED)
             if GATED:
                 wb = tl.load(wb_ptr + w0, mask=wmask, other=0)
                 if GROUPED:
                     sb = tl.load(s_ptr + (NR + rn) * NG + w0 // GW, mask=rmask, other=0).to(tl.float32)
-                b0, u0 = _q8_step(b0, u0, wb, x_ptr, k0, bw, kmask, MAGIC, sb,
-                                  X_BF16, EVEN_K, GROUPED)
-                if T > 1:
-                    b1, u1 = _q8_step(b1, u1, wb, x_ptr + stride_x, k0, bw, kmask, MAGIC, sb,
-                                      X_BF16, EVEN_K, GROUPED)
-                if T > 2:
-                    b2, u2 = _q8_step(b2, u2, wb, x_ptr + 2 * stride_x, k0, bw, kmask, MAGIC, sb,
-                                      X_BF16, EVEN_K, GROUPED)
-                if T > 3:
-                    b3, u3 = _q8_step(b3, u3, wb, x_ptr + 3 * stride_x, k0, bw, kmask, MAGIC, sb,
-                                      X_BF16, EVEN_K, GROUPED)
-                if T > 4:
-                    b4, u4 = _q8_step(b4, u4, wb, x_ptr + 4 * stride_x, k0, bw, kmask, MAGIC, sb,
-                                      X_BF16, EVEN_K, GROUPED)
-                if T > 5:
-                    b5, u5 = _q8_step(b5, u5, wb, x_ptr + 5 * stride_x, k0, bw, kmask, MAGIC, sb,
-                                      X_BF16, EVEN_K, GROUPED)
-                if T > 6:
-                    b6, u6 = _q8_step(b6, u6, wb, x_ptr + 6 * stride_x, k0, bw, kmask, MAGIC, sb,
-                                      X_BF16, EVEN_K, GROUPED)
-                if T > 7:
-                    b7, u7 = _q8_step(b7, u7, wb, x_ptr + 7 * stride_x, k0, bw, kmask, MAGIC, sb,
-                                      X_BF16, EVEN_K, GROUPED)
+                b0, b1, b2, b3, b4, b5, b6, b7, u0, u1, u2, u3, u4, u5, u6, u7 = _q8_rows(
+                    b0, b1, b2, b3, b4, b5, b6, b7, u0, u1, u2, u3, u4, u5, u6, u7, wb, x_ptr, stride_x, k0,
+                    bw, kmask, MAGIC, sb, T, X_BF16, EVEN_K, GROUPED)
 
         _q8_emit(y_ptr, part_ptr, s_ptr, a0, s0, b0, u0, 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K,
                  GATED, GROUPED)

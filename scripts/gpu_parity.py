@@ -10,7 +10,7 @@ import time
 import torch
 
 from olmo_local.config import preset
-from olmo_local.generate import Generator, SamplingParams
+from olmo_local.generate import Generator
 from olmo_local.model import OlmoHybridModel
 from olmo_local.runtime import make_generator
 from olmo_local.state import DecodeState

@@ -309,7 +309,6 @@ def cmd_train(args) -> None:
     import torch
     import torch.nn.functional as F
 
-    from olmo_local.checkpoint import save_checkpoint
     from olmo_local.config import OlmoHybridConfig
     from olmo_local.model import OlmoHybridModel
 
