@@ -4,9 +4,10 @@ Layout (docs/contracts.md): qweight uint8 [N, K//2], scales / mins fp16 [N, K//G
 holds column g*G + i (low nibble) and g*G + G/2 + i (high nibble); w = q * scale + min.
 
 Ops (same signature for reference, Triton kernel and dispatch; each writes `out` and returns it):
-  q4_dequantize_into_ref(qweight, scales, mins, group_size, out)
-  q4_dequantize_triton(qweight, scales, mins, group_size, out)
-  q4_dequantize_into(qweight, scales, mins, group_size, out)     dispatch (use_triton(out))
+  q4_dequantize_into_ref(qweight, scales, mins, group_size, out, tiled=False)
+  q4_dequantize_triton(qweight, scales, mins, group_size, out, tiled=False)
+  q4_dequantize_into(qweight, scales, mins, group_size, out, tiled=False)   dispatch (use_triton(out))
+tiled: the weight in gemv_q4's tiled layout (slabs of 64 rows, group-major); out is always [N, K].
 out: a contiguous [N, K] tensor of any float dtype (bf16 / fp16 / fp32); math in fp32, one rounding
 to out's dtype at the end (the reference rounds q*s and then +m in fp32; the kernel may use an FMA).
 
@@ -59,12 +60,13 @@ def _check(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, grou
 # torch reference
 # ----------------------------------------------------------------------------------------------
 def q4_dequantize_into_ref(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
-                           out: torch.Tensor) -> torch.Tensor:
-    """out <- dequantize(qweight) (fp32 math, as kernels.gemv_q4.q4_dequantize), rounded to out.dtype."""
+                           out: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+    """out <- dequantize(qweight) (fp32 math, as kernels.gemv_q4.q4_dequantize), rounded to out.dtype;
+    ``tiled``: qweight/scales/mins in the tiled layout of gemv_q4.q4_tile (out is the standard [N, K])."""
     from .gemv_q4 import q4_dequantize
 
     _check(qweight, scales, mins, group_size, out)
-    out.copy_(q4_dequantize(qweight, scales, mins, group_size))
+    out.copy_(q4_dequantize(qweight, scales, mins, group_size, tiled))
     return out
 
 
@@ -74,9 +76,11 @@ def q4_dequantize_into_ref(qweight: torch.Tensor, scales: torch.Tensor, mins: to
 if HAS_TRITON:
 
     @triton.jit
-    def _q4_dequant_kernel(qw_ptr, s_ptr, m_ptr, out_ptr, M, MAGIC,
-                           HG: tl.constexpr, BM: tl.constexpr):
-        """Group rows pid*BM .. pid*BM+BM-1 of M: bytes [BM, HG] -> outputs [BM, 2*HG]."""
+    def _q4_dequant_kernel(qw_ptr, s_ptr, m_ptr, out_ptr, M, NGR, MAGIC,
+                           HG: tl.constexpr, BM: tl.constexpr, TR: tl.constexpr):
+        """Group rows pid*BM .. pid*BM+BM-1 of M (in memory order): bytes [BM, HG] -> outputs [BM, 2*HG].
+        TR > 0: the tiled layout (gemv_q4.q4_tile), whose group row m is group (m // TR) % NGR of
+        row (m // (TR * NGR)) * TR + m % TR."""
         pid = tl.program_id(0)
         rm = pid.to(tl.int64) * BM + tl.arange(0, BM)
         rmask = rm < M
@@ -87,27 +91,36 @@ if HAS_TRITON:
         # 0x4B000000 | q is the float 2^23 + q (q < 2^23): subtracting 2^23 gives q exactly
         lo = ((b & 15) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
         hi = ((b >> 4) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
-        dst = out_ptr + rm[:, None] * (2 * HG) + ri[None, :]
+        if TR:
+            orow = (rm // (TR * NGR)) * TR + rm % TR
+            ocol = ((rm // TR) % NGR) * (2 * HG)
+            dst = out_ptr + (orow * NGR * (2 * HG) + ocol)[:, None] + ri[None, :]
+        else:
+            dst = out_ptr + rm[:, None] * (2 * HG) + ri[None, :]
         ty = out_ptr.dtype.element_ty
         tl.store(dst, (lo * s + mn).to(ty), mask=rmask[:, None])
         tl.store(dst + HG, (hi * s + mn).to(ty), mask=rmask[:, None])
 
 
 def q4_dequantize_triton(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
-                         out: torch.Tensor, *, block_m: int | None = None,
+                         out: torch.Tensor, tiled: bool = False, *, block_m: int | None = None,
                          num_warps: int = 4) -> torch.Tensor:
     """Triton version of q4_dequantize_into_ref (block_m / num_warps are tuning knobs)."""
+    from .gemv_q4 import TILE_ROWS
+
     n, k, g = _check(qweight, scales, mins, group_size, out)
+    if tiled and n % TILE_ROWS:
+        raise ValueError(f"the tiled q4 layout needs rows a multiple of {TILE_ROWS}, got {n}")
     if g & (g - 1) or g < 8:
-        return q4_dequantize_into_ref(qweight, scales, mins, group_size, out)  # tl.arange needs powers of 2
+        return q4_dequantize_into_ref(qweight, scales, mins, group_size, out, tiled)  # arange: powers of 2
     m = n * (k // g)
     if m == 0:
         return out
     qweight, scales, mins = qweight.contiguous(), scales.contiguous(), mins.contiguous()
     # ~8K outputs per program (4 warps: 64 per thread), at least one group row
     bm = block_m or max(1, min(8192 // g, 1 << max(0, m - 1).bit_length()))
-    _q4_dequant_kernel[(cdiv(m, bm),)](qweight, scales, mins, out, m, 0x4B000000,
-                                       HG=g // 2, BM=bm, num_warps=num_warps)
+    _q4_dequant_kernel[(cdiv(m, bm),)](qweight, scales, mins, out, m, k // g, 0x4B000000,
+                                       HG=g // 2, BM=bm, TR=TILE_ROWS if tiled else 0, num_warps=num_warps)
     return out
 
 
@@ -115,17 +128,17 @@ def q4_dequantize_triton(qweight: torch.Tensor, scales: torch.Tensor, mins: torc
 # dispatch and the shared scratch buffer
 # ----------------------------------------------------------------------------------------------
 def q4_dequantize_into(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
-                       out: torch.Tensor) -> torch.Tensor:
+                       out: torch.Tensor, tiled: bool = False) -> torch.Tensor:
     if use_triton(out):
-        return q4_dequantize_triton(qweight, scales, mins, group_size, out)
-    return q4_dequantize_into_ref(qweight, scales, mins, group_size, out)
+        return q4_dequantize_triton(qweight, scales, mins, group_size, out, tiled)
+    return q4_dequantize_into_ref(qweight, scales, mins, group_size, out, tiled)
 
 
 _SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
 
 def q4_dequantize_scratch(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
-                          dtype: torch.dtype, fresh: bool = False) -> torch.Tensor:
+                          dtype: torch.dtype, fresh: bool = False, tiled: bool = False) -> torch.Tensor:
     """The dequantized [N, K] weight in `dtype`, written into the shared scratch buffer of qweight's
     device and `dtype` (valid until the next call there), or into a new tensor with `fresh`."""
     n, k = qweight.shape[0], 2 * qweight.shape[1]
@@ -140,7 +153,7 @@ def q4_dequantize_scratch(qweight: torch.Tensor, scales: torch.Tensor, mins: tor
             buf = torch.empty(n * k, dtype=dtype, device=qweight.device)
             _SCRATCH[key] = buf
         out = buf[: n * k].view(n, k)
-    return q4_dequantize_into(qweight, scales, mins, group_size, out)
+    return q4_dequantize_into(qweight, scales, mins, group_size, out, tiled)
 
 
 def clear_scratch() -> None:

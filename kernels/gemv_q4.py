@@ -10,6 +10,14 @@ Ops (same signature for reference, Triton kernel and dispatch):
   q4_gemv_silu_mul(x, qweight, scales, mins, group_size, out=None)   -> silu(y[:, :I]) * y[:, I:], [T, I]
 x is [T, K] (or [K]), bf16/fp16/fp32; the result has x's dtype (and rank).
 
+Tiled layout (``tiled=True``; q4_tile / q4_untile convert): the same bytes and scales, but inside each
+slab of TILE_ROWS = 64 rows the order (row, group) becomes (group, row), so that group g of a slab is
+one contiguous 64 x G/2-byte block (4 KB at G = 128) and a slab is one contiguous run in K order. The
+decode GEMV then reads each program's weights as a single sequential stream instead of 64-byte pieces
+of 64 rows 1,920 bytes apart (the load-only probe streamed that pattern at 43-66 % of copy bandwidth,
+the same matrices in long runs at 77-87 %). Used on CUDA only (the model tiles its q4 linears when it
+is placed on a GPU, rows a multiple of 64); files and CPU paths keep the standard layout.
+
 Kernel: one program owns BN output rows (BN gate rows + the matching BN up rows for the gated
 variant) and one slice of K (split-K), and walks it one group at a time. The packed weights are read
 as int32 words (a [BN, G/8] tile, 16-byte loads, each byte read once for all T rows); a nibble
@@ -33,6 +41,7 @@ if HAS_TRITON:
     from ._triton import emit_rows, pdl_launch_dependents, pdl_wait, splitk_finish
 
 __all__ = [
+    "TILE_ROWS",
     "q4_dequantize",
     "q4_gemv",
     "q4_gemv_ref",
@@ -40,14 +49,19 @@ __all__ = [
     "q4_gemv_silu_mul_ref",
     "q4_gemv_silu_mul_triton",
     "q4_gemv_triton",
+    "q4_tile",
+    "q4_untile",
 ]
 
 
 # ----------------------------------------------------------------------------------------------
 # torch reference
 # ----------------------------------------------------------------------------------------------
-def q4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Packed q4 weight -> fp32 [N, K]."""
+def q4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                  tiled: bool = False) -> torch.Tensor:
+    """Packed q4 weight (standard or tiled layout) -> fp32 [N, K]."""
+    if tiled:
+        qweight, scales, mins = q4_untile(qweight, scales, mins, group_size)
     n, kb = qweight.shape
     g = group_size
     k = kb * 2
@@ -57,6 +71,35 @@ def q4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tenso
     q = torch.cat([packed & 0xF, packed >> 4], dim=2).to(torch.float32)  # [N, K/G, G]
     w = q * scales.to(torch.float32).unsqueeze(2) + mins.to(torch.float32).unsqueeze(2)
     return w.reshape(n, k)
+
+
+TILE_ROWS = 64  # rows per slab of the tiled layout
+
+
+def q4_tile(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Standard -> tiled layout (see the module docstring); N must be a multiple of TILE_ROWS."""
+    return _retile(qweight, scales, mins, group_size, True)
+
+
+def q4_untile(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tiled -> standard layout (the inverse of q4_tile)."""
+    return _retile(qweight, scales, mins, group_size, False)
+
+
+def _retile(qweight, scales, mins, group_size, to_tiled: bool):
+    n, kb = qweight.shape
+    ngr = 2 * kb // group_size
+    if n % TILE_ROWS or tuple(scales.shape) != (n, ngr) or tuple(mins.shape) != (n, ngr):
+        raise ValueError(f"q4 tiling needs rows a multiple of {TILE_ROWS}: qweight {tuple(qweight.shape)}, "
+                         f"scales {tuple(scales.shape)}, mins {tuple(mins.shape)}")
+
+    def swap(t: torch.Tensor, c: int) -> torch.Tensor:
+        a, b = (TILE_ROWS, ngr) if to_tiled else (ngr, TILE_ROWS)
+        return t.reshape(n // TILE_ROWS, a, b, c).transpose(1, 2).reshape(n, ngr * c).contiguous()
+
+    return swap(qweight, group_size // 2), swap(scales, 1), swap(mins, 1)
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -79,9 +122,10 @@ def q4_gemv_ref(
     mins: torch.Tensor,
     group_size: int,
     out: torch.Tensor | None = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """y = x @ W.T with W dequantized in fp32; result in x.dtype."""
-    w = q4_dequantize(qweight, scales, mins, group_size)
+    w = q4_dequantize(qweight, scales, mins, group_size, tiled)
     y = _as_rows(x).to(torch.float32) @ w.T
     return _finish(y, x, out)
 
@@ -93,9 +137,10 @@ def q4_gemv_silu_mul_ref(
     mins: torch.Tensor,
     group_size: int,
     out: torch.Tensor | None = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """For a merged gate|up weight [2I, K]: silu(x @ Wg.T) * (x @ Wu.T), fp32 math, x.dtype result."""
-    w = q4_dequantize(qweight, scales, mins, group_size)
+    w = q4_dequantize(qweight, scales, mins, group_size, tiled)
     y = _as_rows(x).to(torch.float32) @ w.T
     i = w.shape[0] // 2
     y = torch.nn.functional.silu(y[:, :i]) * y[:, i:]
@@ -286,17 +331,35 @@ if HAS_TRITON:
         return 4.0 * da, 4.0 * db, 4.0 * d1
 
     @triton.jit
-    def _mma_load(w_ptr, s_ptr, m_ptr, rows_a, half, lim_a, lim_b, NGR, g, HW: tl.constexpr):
+    def _row_offsets(r, NGR, HW: tl.constexpr, TR: tl.constexpr):
+        """(word offset, scale offset) of group 0 of rows r in the standard layout (TR = 0) or the tiled
+        one (q4_tile: slabs of TR rows stored group-major; group g then adds g * TR * HW words, g * TR
+        scales instead of g * HW, g)."""
+        if TR:
+            return (r // TR) * (TR * NGR * HW) + (r % TR) * HW, (r // TR) * (TR * NGR) + r % TR
+        return r * (NGR * HW), r * NGR
+
+    @triton.jit
+    def _mma_load(w_ptr, s_ptr, m_ptr, rows_a, half, lim_a, lim_b, NGR, g, HW: tl.constexpr,
+                  TR: tl.constexpr):
         """Words and (scale, min) of group g for rows_a and rows_a + half; rows at or past lim_* read 0."""
         mw = tl.arange(0, HW)[None, :]
         mask_a = rows_a < lim_a
         mask_b = rows_a + half < lim_b
-        wa = tl.load(w_ptr + rows_a[:, None] * (NGR * HW) + g * HW + mw, mask=mask_a[:, None], other=0)
-        wb = tl.load(w_ptr + (rows_a[:, None] + half) * (NGR * HW) + g * HW + mw, mask=mask_b[:, None], other=0)
-        sa = tl.load(s_ptr + rows_a * NGR + g, mask=mask_a, other=0)
-        ma = tl.load(m_ptr + rows_a * NGR + g, mask=mask_a, other=0)
-        sb = tl.load(s_ptr + (rows_a + half) * NGR + g, mask=mask_b, other=0)
-        mb = tl.load(m_ptr + (rows_a + half) * NGR + g, mask=mask_b, other=0)
+        if TR:
+            wg = TR * HW
+            sg = TR
+        else:
+            wg = HW
+            sg = 1
+        wo_a, so_a = _row_offsets(rows_a, NGR, HW, TR)
+        wo_b, so_b = _row_offsets(rows_a + half, NGR, HW, TR)
+        wa = tl.load(w_ptr + wo_a[:, None] + g * wg + mw, mask=mask_a[:, None], other=0)
+        wb = tl.load(w_ptr + wo_b[:, None] + g * wg + mw, mask=mask_b[:, None], other=0)
+        sa = tl.load(s_ptr + so_a + g * sg, mask=mask_a, other=0)
+        ma = tl.load(m_ptr + so_a + g * sg, mask=mask_a, other=0)
+        sb = tl.load(s_ptr + so_b + g * sg, mask=mask_b, other=0)
+        mb = tl.load(m_ptr + so_b + g * sg, mask=mask_b, other=0)
         return wa, wb, sa, ma, sb, mb
 
     @triton.jit
@@ -316,7 +379,8 @@ if HAS_TRITON:
     @triton.jit
     def _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                      G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
-                     ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+                     ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TR: tl.constexpr,
+                     STAGES: tl.constexpr):
         HW: tl.constexpr = G // 8
         HALF: tl.constexpr = BN // 2
         pid_k = tl.program_id(0)
@@ -334,33 +398,35 @@ if HAS_TRITON:
         # PREFETCH: group g+1's words, scales and x are loaded before group g's math (two groups of
         # loads in flight per warp); the loads past the split's end are masked off (limit 0)
         lim = tl.where(g_begin < g_end, NR, 0)
-        n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, HALF, lim, lim, NGR, g_begin, HW)
+        n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, HALF, lim, lim, NGR, g_begin, HW, TR)
         if GATED:
             n_ua, n_ub, n_usa, n_uma, n_usb, n_umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR, HALF, lim + NR,
-                                                               lim + NR, NGR, g_begin, HW)
+                                                               lim + NR, NGR, g_begin, HW, TR)
         else:
             n_ua, n_ub, n_usa, n_uma, n_usb, n_umb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
         # weights and scales are written by no kernel: loaded before waiting for the previous kernel
         # (programmatic dependent launch), x and the workspaces after
         pdl_wait(USE_PDL)
         n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g_begin, NGR - 1), hw, G)
-        for g in range(g_begin, g_end):
+        # STAGES > 1 (with PREFETCH off): Triton's software pipeliner copies the weights and x of the
+        # next STAGES - 1 groups into shared memory (cp.async) while this group is computed
+        for g in tl.range(g_begin, g_end, num_stages=STAGES):
             if PREFETCH:
                 wa, wb, sa, ma, sb, mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
                 ua_w, ub_w, usa, uma, usb, umb = n_ua, n_ub, n_usa, n_uma, n_usb, n_umb
                 xa, xc, xd, xe = n_xa, n_xc, n_xd, n_xe
                 lim = tl.where(g + 1 < g_end, NR, 0)
                 n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, HALF, lim, lim, NGR,
-                                                               g + 1, HW)
+                                                               g + 1, HW, TR)
                 if GATED:
                     n_ua, n_ub, n_usa, n_uma, n_usb, n_umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR, HALF,
-                                                                       lim + NR, lim + NR, NGR, g + 1, HW)
+                                                                       lim + NR, lim + NR, NGR, g + 1, HW, TR)
                 n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g + 1, g_end - 1), hw, G)
             else:
-                wa, wb, sa, ma, sb, mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, HALF, NR, NR, NGR, g, HW)
+                wa, wb, sa, ma, sb, mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, HALF, NR, NR, NGR, g, HW, TR)
                 if GATED:
                     ua_w, ub_w, usa, uma, usb, umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR, HALF, 2 * NR,
-                                                               2 * NR, NGR, g, HW)
+                                                               2 * NR, NGR, g, HW, TR)
                 xa, xc, xd, xe = _x_words(x_ptr, g, hw, G)
             x0 = _pair(xa, xc, False, ASM)[None, :]
             x2 = _pair(xa, xc, True, ASM)[None, :]
@@ -464,11 +530,12 @@ if HAS_TRITON:
         T: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
         GATED: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr,
         GPI: tl.constexpr, MMA: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
+        TR: tl.constexpr, STAGES: tl.constexpr,
     ):
         pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
-                         G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL)
+                         G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -497,23 +564,28 @@ if HAS_TRITON:
             g_end = tl.minimum(g_begin + GPS, NGR)
             gi = tl.arange(0, GPI)[:, None]  # [GPI, 1] group within an iteration
             mcol = tl.arange(0, HW)[None, :]  # [1, HW] word within its group
-            row_w = rn[:, None, None] * (NGR * HW)
-            row_s = rn[:, None, None] * NGR
+            row_w, row_s = _row_offsets(rn[:, None, None], NGR, HW, TR)
+            if TR:  # per-group steps of the tiled layout (see _row_offsets)
+                wg = TR * HW
+                sg = TR
+            else:
+                wg = HW
+                sg = 1
             rmask3 = rmask[:, None, None]
             for g0 in range(g_begin, g_end, GPI):
                 gcol = g0 + gi  # [GPI, 1]
                 gx = tl.minimum(gcol, g_end - 1)  # x of a masked group is read in bounds (its s = m = 0)
                 ms = rmask3 & (gcol < g_end)[None, :, :]  # [BN, GPI, 1]
                 mw = ms & (mcol < HW)[None, :, :]  # [BN, GPI, HW]
-                wa = tl.load(qw_ptr + row_w + (gcol * HW + mcol)[None, :, :], mask=mw, other=0)
-                sa = tl.load(s_ptr + row_s + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
-                ma = tl.load(m_ptr + row_s + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
+                wa = tl.load(qw_ptr + row_w + (gcol * wg + mcol)[None, :, :], mask=mw, other=0)
+                sa = tl.load(s_ptr + row_s + (gcol * sg)[None, :, :], mask=ms, other=0).to(tl.float32)
+                ma = tl.load(m_ptr + row_s + (gcol * sg)[None, :, :], mask=ms, other=0).to(tl.float32)
                 a0, a1, a2, a3, a4, a5, a6, a7 = _q4_rows(a0, a1, a2, a3, a4, a5, a6, a7, wa, sa, ma, x_ptr,
                                                           stride_x, gx, mcol, MAGIC, T, G, X_BF16, ASM, PAIRS)
                 if GATED:  # the matching up-projection rows
-                    wb = tl.load(qw_ptr + row_w + NR * (NGR * HW) + (gcol * HW + mcol)[None, :, :], mask=mw, other=0)
-                    sb = tl.load(s_ptr + row_s + NR * NGR + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
-                    mb = tl.load(m_ptr + row_s + NR * NGR + gcol[None, :, :], mask=ms, other=0).to(tl.float32)
+                    wb = tl.load(qw_ptr + row_w + NR * (NGR * HW) + (gcol * wg + mcol)[None, :, :], mask=mw, other=0)
+                    sb = tl.load(s_ptr + row_s + NR * NGR + (gcol * sg)[None, :, :], mask=ms, other=0).to(tl.float32)
+                    mb = tl.load(m_ptr + row_s + NR * NGR + (gcol * sg)[None, :, :], mask=ms, other=0).to(tl.float32)
                     b0, b1, b2, b3, b4, b5, b6, b7 = _q4_rows(b0, b1, b2, b3, b4, b5, b6, b7, wb, sb, mb, x_ptr,
                                                               stride_x, gx, mcol, MAGIC, T, G, X_BF16, ASM, PAIRS)
 
@@ -553,13 +625,14 @@ DEFAULT_PAIRS = False
 DEFAULT_BYTES_PER_ROW = 64  # contiguous weight bytes per row and iteration (GPI = this / (G/2))
 DEFAULT_MMA = True  # tensor cores for one bf16 row of x at group size 128 (decode)
 DEFAULT_PREFETCH = True  # tensor-core path: next group's loads issued before this group's math
+DEFAULT_STAGES = 3  # tensor-core path without PREFETCH: groups in flight in Triton's pipelined loop
 
 
-def _q4_launch(x, qweight, scales, mins, group_size, out, gated, *, block_n=None, split_k=None, num_warps=4,
-               num_stages=2, pairs=None, groups_per_iter=None, mma=None, prefetch=None):
+def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *, block_n=None, split_k=None,
+               num_warps=4, num_stages=2, pairs=None, groups_per_iter=None, mma=None, prefetch=None, stages=None):
     """The tuning knobs (keyword-only, shared by both public entry points): rows per program, K splits,
-    warps, pipeline stages, bf16x2 math, groups per iteration, tensor cores, software pipelining;
-    None picks the default."""
+    warps, pipeline stages, bf16x2 math, groups per iteration, tensor cores, hand prefetch of the next
+    group, Triton-pipelined group loop of the tensor-core path (stages); None picks the default."""
     x2 = _as_rows(x)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -572,6 +645,8 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, *, block_n=None
         raise ValueError(f"q4_gemv takes 1..8 rows, got {t}")
     nr = n_w // 2 if gated else n_w
     ngr = k // g
+    if tiled and nr % TILE_ROWS:
+        raise ValueError(f"the tiled q4 layout needs {'gate rows' if gated else 'rows'} a multiple of {TILE_ROWS}")
     qweight = qweight.contiguous()
     if qweight.data_ptr() % 16:
         qweight = qweight.clone()
@@ -618,29 +693,31 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, *, block_n=None
     else:
         part = cnt = y2  # unused
     pdl = use_pdl(x2)
+    pf = DEFAULT_PREFETCH if prefetch is None else bool(prefetch)
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
         T=t, G=g, BN=bn, SPLIT_K=split_k > 1, GATED=gated, X_BF16=x_bf16, ASM=x_bf16 and x2.is_cuda,
         PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi, MMA=use_mma,
-        PREFETCH=DEFAULT_PREFETCH if prefetch is None else bool(prefetch), USE_PDL=pdl,
-        num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
+        PREFETCH=pf, USE_PDL=pdl,
+        TR=TILE_ROWS if tiled else 0, STAGES=1 if pf else (stages or DEFAULT_STAGES), num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     return out
 
 
 def q4_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                   group_size: int, out: torch.Tensor | None = None, **tune) -> torch.Tensor:
+                   group_size: int, out: torch.Tensor | None = None, tiled: bool = False, **tune) -> torch.Tensor:
     """Triton version of q4_gemv_ref (``tune``: the keyword-only knobs of _q4_launch, for tests and tuning)."""
-    return _q4_launch(x, qweight, scales, mins, group_size, out, False, **tune)
+    return _q4_launch(x, qweight, scales, mins, group_size, out, False, tiled, **tune)
 
 
 def q4_gemv_silu_mul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                            group_size: int, out: torch.Tensor | None = None, **tune) -> torch.Tensor:
+                            group_size: int, out: torch.Tensor | None = None, tiled: bool = False,
+                            **tune) -> torch.Tensor:
     """Triton version of q4_gemv_silu_mul_ref (gate and up rows of one block share a program)."""
     if qweight.shape[0] % 2:
         raise ValueError("a merged gate|up weight needs an even number of rows")
-    return _q4_launch(x, qweight, scales, mins, group_size, out, True, **tune)
+    return _q4_launch(x, qweight, scales, mins, group_size, out, True, tiled, **tune)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,10 +735,11 @@ def q4_gemv(
     mins: torch.Tensor,
     group_size: int,
     out: torch.Tensor | None = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
     if use_triton(x) and _fits(x):
-        return q4_gemv_triton(x, qweight, scales, mins, group_size, out)
-    return q4_gemv_ref(x, qweight, scales, mins, group_size, out)
+        return q4_gemv_triton(x, qweight, scales, mins, group_size, out, tiled)
+    return q4_gemv_ref(x, qweight, scales, mins, group_size, out, tiled)
 
 
 def q4_gemv_silu_mul(
@@ -671,7 +749,8 @@ def q4_gemv_silu_mul(
     mins: torch.Tensor,
     group_size: int,
     out: torch.Tensor | None = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
     if use_triton(x) and _fits(x):
-        return q4_gemv_silu_mul_triton(x, qweight, scales, mins, group_size, out)
-    return q4_gemv_silu_mul_ref(x, qweight, scales, mins, group_size, out)
+        return q4_gemv_silu_mul_triton(x, qweight, scales, mins, group_size, out, tiled)
+    return q4_gemv_silu_mul_ref(x, qweight, scales, mins, group_size, out, tiled)

@@ -125,6 +125,10 @@ def build_synthetic(cfg: OlmoHybridConfig, device: torch.device | str, fmt: str 
         embed = Embedding(randn(cfg.vocab_size, d))
     lm_head = None if cfg.tie_word_embeddings else lin("lm_head", cfg.vocab_size, d)
     model = OlmoHybridModel(cfg, layers, embed, norm(d), lm_head).eval()
+    if device.type == "cuda":  # as load_model does: q4 linears in the decode GEMV's tiled layout
+        from olmo_local.quant.linear import tile_q4_layers
+
+        tile_q4_layers(model)
     if progress:
         progress(n_layers + 1, n_layers + 1)
     return model

@@ -346,6 +346,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         lm_head = embed.as_linear()
     model = OlmoHybridModel(cfg, layers, embed, Norm(vec("model.norm.weight"), cfg.rms_norm_eps), lm_head)
     model.source_path = path
+    if device.type == "cuda":  # q4 linears in the decode GEMV's tiled layout (same bytes, read in long runs)
+        from olmo_local.quant.linear import tile_q4_layers
+
+        tile_q4_layers(model)
     return model.eval()
 
 

@@ -28,7 +28,7 @@ from olmo_local.state import DecodeState
 def linear(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x [1, K] through a linear module; quantized weights use the fused dequant-GEMV kernels."""
     if isinstance(mod, Q4Linear):
-        return q4_gemv(x, mod.qweight, mod.scales, mod.mins, mod.group_size)
+        return q4_gemv(x, mod.qweight, mod.scales, mod.mins, mod.group_size, tiled=mod.tiled)
     if isinstance(mod, Q8Linear):
         return q8_gemv(x, mod.qweight, mod.scales)
     return mod(x)
@@ -38,7 +38,7 @@ def gated_mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) with the gate|up GEMV and its SiLU·mul epilogue fused."""
     gu = mlp.gate_up
     if isinstance(gu, Q4Linear):
-        h = q4_gemv_silu_mul(x, gu.qweight, gu.scales, gu.mins, gu.group_size)
+        h = q4_gemv_silu_mul(x, gu.qweight, gu.scales, gu.mins, gu.group_size, tiled=gu.tiled)
     elif isinstance(gu, Q8Linear):
         h = q8_gemv_silu_mul(x, gu.qweight, gu.scales)
     else:

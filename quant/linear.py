@@ -126,32 +126,61 @@ PREFILL_SCRATCH_ELEMS = 32 * 2**20  # dequantized weight elements a prefill GEMM
 
 
 class Q4Linear(_QLinearBase):
-    """q4 (contracts.md): qweight uint8 [N, K/2], scales/mins fp16 [N, K/G]; 4 + 32/G bits per weight."""
+    """q4 (contracts.md): qweight uint8 [N, K/2], scales/mins fp16 [N, K/G]; 4 + 32/G bits per weight.
+
+    ``tile_()`` (called when the model is placed on a GPU) rearranges the same bytes into the decode
+    GEMV's tiled layout (kernels/gemv_q4.py: slabs of 64 rows stored group-major, one contiguous
+    stream per program); ``tiled`` says which layout the buffers hold. Files and CPU keep the
+    standard layout; ``standard(r0, r1)`` returns it for any rows."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int | None = None):
         super().__init__()
         self.out_features = qweight.shape[0]
         self.in_features = 2 * qweight.shape[1]
         self.group_size = group_size or self.in_features // scales.shape[1]
+        self.tiled = False
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.register_buffer("mins", mins)
 
+    def tile_(self) -> bool:
+        """Switch to the tiled layout when the rows allow it (a multiple of 128: whole 64-row slabs,
+        also in each half of a merged gate|up); returns whether the layer is tiled."""
+        from olmo_local.kernels.gemv_q4 import TILE_ROWS, q4_tile
+
+        if not self.tiled and self.out_features % (2 * TILE_ROWS) == 0:
+            self.qweight, self.scales, self.mins = q4_tile(self.qweight, self.scales, self.mins, self.group_size)
+            self.tiled = True
+        return self.tiled
+
+    def standard(self, r0: int = 0, r1: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qweight, scales, mins) of rows r0:r1 in the standard layout."""
+        r1 = self.out_features if r1 is None else r1
+        if not self.tiled:
+            return self.qweight[r0:r1], self.scales[r0:r1], self.mins[r0:r1]
+        from olmo_local.kernels.gemv_q4 import TILE_ROWS, q4_untile
+
+        a, b = r0 // TILE_ROWS * TILE_ROWS, -(-r1 // TILE_ROWS) * TILE_ROWS  # whole slabs
+        qw, sc, mn = q4_untile(self.qweight[a:b], self.scales[a:b], self.mins[a:b], self.group_size)
+        return qw[r0 - a:r1 - a], sc[r0 - a:r1 - a], mn[r0 - a:r1 - a]
+
     def _deq_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_q4(self.qweight[r0:r1], self.scales[r0:r1], self.mins[r0:r1], self.group_size, dtype)
+        return dequantize_q4(*self.standard(r0, r1), self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.numel() <= 8 * self.in_features:  # decode: the fused dequant-GEMV kernel
             from olmo_local.kernels.gemv_q4 import q4_gemv
-            y = q4_gemv(x.reshape(-1, self.in_features), self.qweight, self.scales, self.mins, self.group_size)
+            y = q4_gemv(x.reshape(-1, self.in_features), self.qweight, self.scales, self.mins, self.group_size,
+                        tiled=self.tiled)
             return y.reshape(*x.shape[:-1], self.out_features)
         if x.is_cuda:  # prefill: one-pass dequantize into a shared scratch buffer, tensor-core GEMMs
             from olmo_local.kernels.dequant import q4_dequantize_scratch
             fresh = torch.is_grad_enabled() and x.requires_grad  # autograd keeps the weight for backward
             n, k = self.out_features, self.in_features
-            rows = n if fresh else max(64, PREFILL_SCRATCH_ELEMS // k // 64 * 64)
+            rows = n if fresh else max(64, PREFILL_SCRATCH_ELEMS // k // 64 * 64)  # whole 64-row slabs
             if rows >= n:
-                w = q4_dequantize_scratch(self.qweight, self.scales, self.mins, self.group_size, x.dtype, fresh)
+                w = q4_dequantize_scratch(self.qweight, self.scales, self.mins, self.group_size, x.dtype, fresh,
+                                          tiled=self.tiled)
                 return nn.functional.linear(x, w)
             # large layers in row blocks: the scratch stays at PREFILL_SCRATCH_ELEMS (64 MB in bf16)
             # instead of the largest layer (169 MB for the 7B gate|up), which counts at a 4K context
@@ -159,7 +188,7 @@ class Q4Linear(_QLinearBase):
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)
                 w = q4_dequantize_scratch(self.qweight[r0:r1], self.scales[r0:r1], self.mins[r0:r1],
-                                          self.group_size, x.dtype)
+                                          self.group_size, x.dtype, tiled=self.tiled)
                 parts.append(nn.functional.linear(x, w))
             return torch.cat(parts, dim=-1)
         return _chunked_matmul(x, self.out_features, self.in_features, self._deq_rows)
@@ -168,19 +197,26 @@ class Q4Linear(_QLinearBase):
         return self._deq_rows(0, self.out_features, dtype)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
+        return super().extra_repr() + f", group_size={self.group_size}" + (", tiled" if self.tiled else "")
 
     @classmethod
     def cat_rows(cls, mods: Sequence[Q4Linear]) -> Q4Linear:
         cls._check_cat(mods, cls)
         if any(m.group_size != mods[0].group_size for m in mods):
             raise OlmoError("cannot fuse q4 linears with different group sizes")
+        parts = [m.standard() for m in mods]
         return cls(
-            torch.cat([m.qweight for m in mods], 0),
-            torch.cat([m.scales for m in mods], 0),
-            torch.cat([m.mins for m in mods], 0),
+            torch.cat([p[0] for p in parts], 0),
+            torch.cat([p[1] for p in parts], 0),
+            torch.cat([p[2] for p in parts], 0),
             mods[0].group_size,
         )
+
+
+def tile_q4_layers(model: nn.Module) -> int:
+    """Put every q4 linear of a model on a CUDA device into the decode GEMV's tiled layout (a one-time
+    rearrangement of the same bytes, layer by layer); returns how many layers were tiled."""
+    return sum(1 for m in model.modules() if isinstance(m, Q4Linear) and m.qweight.is_cuda and m.tile_())
 
 
 def q4_linear_ref(

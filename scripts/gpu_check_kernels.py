@@ -40,6 +40,8 @@ def parse_args():
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
     p.add_argument("--only", default="", help="run the checks whose name contains this text")
     p.add_argument("--sweep", action="store_true", help="also time a few alternative block configs")
+    p.add_argument("--layouts", action="store_true",
+                   help="q4 tensor-core GEMV: standard vs tiled weight layout, hand prefetch vs pipelined stages")
     p.add_argument("--reps", type=int, default=10, help="graph replays to take the median of")
     p.add_argument("--aot", action="store_true",
                    help="no GPU needed: compile the kernels for sm_90 and summarise their SASS (registers, "
@@ -217,6 +219,8 @@ def check_q4(name, k, n, t=1, gated=False, group=128, **tune):
     g = gen()
     nbytes_w = n * k // 2 + 2 * 2 * n * (k // group)
     copies = [q4_weights(n, k, group, g) for _ in range(n_copies(nbytes_w))]
+    if tune.get("tiled"):  # the layout the model uses on CUDA (gemv_q4.q4_tile)
+        copies = [kq4.q4_tile(*c, group) for c in copies]
     x = randn(t, k, g=g, dtype=BF16)
     nout = n // 2 if gated else n
     out = torch.empty(t, nout, dtype=BF16, device=DEV)
@@ -224,7 +228,7 @@ def check_q4(name, k, n, t=1, gated=False, group=128, **tune):
     ref = kq4.q4_gemv_silu_mul_ref if gated else kq4.q4_gemv_ref
     out.fill_(float("nan"))
     y = kern(x, *copies[0], group, out, **tune).clone()
-    errs = {"rel": relerr(y, ref(x, *copies[0], group))}
+    errs = {"rel": relerr(y, ref(x, *copies[0], group, tiled=bool(tune.get("tiled"))))}
     calls = [lambda c=c: kern(x, *c, group, out, **tune) for c in copies]
     nbytes = nbytes_w + t * k * 2 + t * nout * 2
     # the graph's n_iter is a multiple of len(calls): its last call used the last copy
@@ -414,6 +418,20 @@ def plan():
     checks.append(("quantize_kv_int8", lambda: check_quantize_kv("quantize_kv_int8", att["kvh"], att["hd"],
                                                                   att["max_ctx"])))
     checks.append((f"norms d={norm_d}", lambda: check_norms(f"norms d={norm_d}", norm_d)))
+    if ARGS.layouts and CUDA:
+        variants = [("std pf", {}), ("std st3", dict(prefetch=False, stages=3)), ("til pf", dict(tiled=True)),
+                    ("til st2", dict(tiled=True, prefetch=False, stages=2)),
+                    ("til st3", dict(tiled=True, prefetch=False, stages=3)),
+                    ("til st4", dict(tiled=True, prefetch=False, stages=4)),
+                    ("til st3 w8", dict(tiled=True, prefetch=False, stages=3, block_n=128, num_warps=8)),
+                    ("til st3 w2", dict(tiled=True, prefetch=False, stages=3, block_n=32, num_warps=2))]
+        for tag, k, n, gated in (("gdn_in", 3840, 17280, False), ("qkv", 3840, 11520, False),
+                                 ("gate_up", 3840, 22016, True), ("down", 11008, 3840, False),
+                                 ("gdn_o", 5760, 3840, False), ("attn_o", 3840, 3840, False)):
+            for vname, tune in variants:
+                nm = f"lay {tag} {vname}"
+                checks.append((nm, lambda k=k, n=n, gated=gated, nm=nm, tune=tune:
+                               check_q4(nm, k, n, gated=gated, **tune)))
     if ARGS.sweep and CUDA:
         shapes = ((3840, 17280, False), (3840, 22016, True), (11008, 3840, False), (5760, 3840, False))
         sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -483,6 +501,8 @@ def aot_report() -> int:
         names = fn.arg_names
         if "USE_PDL" in names and "USE_PDL" not in consts:
             consts = {**consts, "USE_PDL": True}  # as launched in the decode step on Hopper
+        if "TR" in names and "TR" not in consts:
+            consts = {**consts, "TR": 0}  # the standard q4 layout
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
         cst = {(names.index(k),): v for k, v in consts.items()}
         # what the JIT assumes at run time for 16-aligned pointers and ints divisible by 16
@@ -539,6 +559,12 @@ def aot_report() -> int:
         ("q4 gate|up+silu T=1 tensor cores", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
           "GPI": 1, "MMA": True, "PREFETCH": True}, 4, ()),
+        ("q4 T=1 tensor cores, tiled layout", kq4._q4_gemv_kernel, q4_types,
+         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False,
+          "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64}, 4, ()),
+        ("q4 gate|up+silu tensor cores, tiled", kq4._q4_gemv_kernel, q4_types,
+         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
+          "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64}, 4, ()),
         ("q4 gate|up+silu T=1 (128 weights/thr)", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 1, "MMA": False, "PREFETCH": False}, 4, ()),
         ("q4 gate|up+silu T=4", kq4._q4_gemv_kernel, q4_types,

@@ -25,13 +25,17 @@ def _quantize_model(model, fmt):
 
 
 @pytest.mark.parametrize("fmt,rope,kv", [("dense", None, "bf16"), ("dense", 10000.0, "bf16"), ("q4", None, "bf16"),
-                                         ("q8", None, "bf16"), ("dense", None, "int8")])
+                                         ("q4-tiled", None, "bf16"), ("q8", None, "bf16"),
+                                         ("dense", None, "int8")])
 def test_static_step_equals_eager(tmp_path, fmt, rope, kv):
     cfg = tiny_config(rope_theta=rope, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
                       linear_key_head_dim=16, linear_value_head_dim=32)
     model = load_model(write_checkpoint(hf_model(cfg, seed=5), cfg, tmp_path / "c"), "cpu", torch.float32)
     if fmt != "dense":
-        model = _quantize_model(model, fmt)
+        model = _quantize_model(model, fmt[:2])
+    if fmt == "q4-tiled":  # the GPU layout (what load_model does on CUDA), here on the CPU paths
+        tiled = [m.tile_() for m in model.modules() if isinstance(m, Q4Linear)]
+        assert sum(tiled) >= 4  # at least every gate|up (rows a multiple of 128)
     prompt = torch.randint(0, cfg.vocab_size, (1, 70), generator=torch.Generator().manual_seed(0))
     eager, static = DecodeState(cfg, 128, kv_cache=kv), DecodeState(cfg, 128, kv_cache=kv)
     with torch.no_grad():

@@ -34,6 +34,24 @@ def test_triton_matches_reference_fp32(n, k, group):
     assert torch.allclose(dequantize_q4(packed, scales, mins, group).double(), expect, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("n,k,group,block_m", [(64, 256, 128, None), (192, 96, 32, 4), (128, 384, 64, 2)])
+def test_triton_reads_the_tiled_layout(n, k, group, block_m):
+    """The GEMV's tiled layout (slabs of 64 rows, group-major) dequantizes to the same [N, K] weight,
+    with several group rows per program (block_m 2 and 4; 128 by default, spanning slabs and groups)."""
+    from olmo_local.kernels.gemv_q4 import q4_tile
+
+    _, packed, scales, mins = random_q4(n, k, group, seed=n + k)
+    qt, st, mt = q4_tile(packed, scales, mins, group)
+    ref = q4_dequantize(packed, scales, mins, group)
+    out = torch.full((n, k), float("nan"))
+    dq.q4_dequantize_triton(qt, st, mt, group, out, tiled=True, block_m=block_m)
+    assert torch.equal(out, ref)
+    out2 = torch.full((n, k), float("nan"))
+    assert torch.equal(dq.q4_dequantize_into_ref(qt, st, mt, group, out2, tiled=True), ref)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        dq.q4_dequantize_triton(qt[:32], st[:32], mt[:32], group, out[:32], tiled=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block_m", [None, 1, 4])
 def test_triton_half_outputs(dtype, block_m):
@@ -99,16 +117,19 @@ def test_prefill_composition_matches_q4linear_cpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
-@pytest.mark.parametrize("rows", [9, 300])
-def test_q4linear_cuda_prefill(rows):
-    lin = _q4_linear(1000, 1024, 128, seed=12)
+@pytest.mark.parametrize("rows,tiled", [(1, False), (9, False), (300, False), (1, True), (300, True)])
+def test_q4linear_cuda_prefill(rows, tiled):
+    """Q4Linear on CUDA (decode GEMV for 1 row, scratch dequant + GEMM for more), in the standard and
+    the tiled layout, against its CPU fp32 forward."""
+    lin = _q4_linear(1024 if tiled else 1000, 1024, 128, seed=12)
     x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(1))
     ref = lin(x)  # CPU, fp32
     lin = lin.cuda()
+    assert lin.tile_() == tiled
     y = lin(x.cuda().bfloat16()).float().cpu()
     assert ((y - ref).norm() / ref.norm()).item() < 1e-2
-    w = dq.q4_dequantize_scratch(lin.qweight, lin.scales, lin.mins, 128, torch.bfloat16)
-    exact = dq.q4_dequantize_into_ref(lin.qweight, lin.scales, lin.mins, 128, torch.empty_like(w))
+    w = dq.q4_dequantize_scratch(lin.qweight, lin.scales, lin.mins, 128, torch.bfloat16, tiled=tiled)
+    exact = dq.q4_dequantize_into_ref(lin.qweight, lin.scales, lin.mins, 128, torch.empty_like(w), tiled)
     assert (w.float() - exact.float()).abs().max().item() <= 2.0 ** -7 * exact.float().abs().max().item()
     dq.clear_scratch()
 
@@ -122,9 +143,14 @@ def test_q4linear_cuda_prefill_in_row_blocks(monkeypatch):
     lin = _q4_linear(1000, 1024, 128, seed=13).cuda()
     x = torch.randn(70, 1024, generator=torch.Generator().manual_seed(2)).cuda().bfloat16()
     whole = lin(x)
+    tiled = _q4_linear(1024, 1024, 128, seed=13).cuda()
+    assert tiled.tile_()
+    tiled_whole = tiled(x)
     monkeypatch.setattr(ql, "PREFILL_SCRATCH_ELEMS", 192 * 1024)  # 192 rows per block: 6 blocks
     blocks = lin(x)
     assert blocks.shape == whole.shape == (70, 1000)
     # the same products; only cuBLAS's kernel choice for the block shape may reorder the sums
     assert ((blocks.float() - whole.float()).norm() / whole.float().norm()).item() < 1e-3
+    tiled_blocks = tiled(x)  # 192-row blocks are whole 64-row slabs of the tiled layout
+    assert ((tiled_blocks.float() - tiled_whole.float()).norm() / tiled_whole.float().norm()).item() < 1e-3
     dq.clear_scratch()

@@ -133,6 +133,65 @@ def test_q4_gemv_tensor_core_path(gated, n, split_k, block_n, warps, prefetch):
     assert counters_are_zero()
 
 
+def test_q4_tile_is_a_slab_wise_permutation():
+    """q4_tile keeps every byte and scale, puts group g of each 64-row slab in one contiguous block
+    (row-major within it), and q4_untile inverts it exactly."""
+    gen = torch.Generator().manual_seed(3)
+    _, packed, scales, mins = random_q4(128, 384, 128, gen)
+    qt, st, mt = k4.q4_tile(packed, scales, mins, 128)
+    assert qt.shape == packed.shape and st.shape == scales.shape and qt.is_contiguous()
+    flat, sflat = qt.reshape(-1), st.reshape(-1)
+    ngr, hg = 3, 64
+    for slab, g, r in [(0, 0, 0), (0, 2, 5), (1, 1, 63), (1, 0, 17)]:
+        block = (slab * ngr + g) * 64 + r  # group row index in memory order
+        row = slab * 64 + r
+        assert torch.equal(flat[block * hg:(block + 1) * hg], packed[row, g * hg:(g + 1) * hg])
+        assert sflat[block] == scales[row, g] and mt.reshape(-1)[block] == mins[row, g]
+    back = k4.q4_untile(qt, st, mt, 128)
+    assert all(torch.equal(a, b) for a, b in zip(back, (packed, scales, mins)))
+    assert torch.equal(k4.q4_dequantize(qt, st, mt, 128, tiled=True), k4.q4_dequantize(packed, scales, mins, 128))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        k4.q4_tile(packed[:96], scales[:96], mins[:96], 128)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("mma,t,group,split_k,block_n,warps", [
+    (True, 1, 128, 3, None, 4),     # the decode default: tensor cores, one bf16 row
+    (True, 1, 128, 1, 128, 8),      # 128-row programs span two slabs
+    (True, 1, 128, 2, 32, 2),       # 32-row programs: two per slab
+    (False, 2, 128, 2, 16, 4),      # fp32 path, T = 2
+    (False, 3, 64, 3, 64, 4),       # another group size
+])
+def test_q4_gemv_tiled_layout(gated, mma, t, group, split_k, block_n, warps):
+    """Every kernel path reads the tiled layout: results equal the standard layout's (same math, same
+    order of sums) and the reference."""
+    gen = torch.Generator().manual_seed(7 * t + group)
+    n_rows = 256 if gated else 192
+    _, packed, scales, mins = random_q4(n_rows, 512, group, gen)
+    qt, st, mt = k4.q4_tile(packed, scales, mins, group)
+    x = torch.randn(t, 512, generator=gen).to(torch.bfloat16)
+    kern = k4.q4_gemv_silu_mul_triton if gated else k4.q4_gemv_triton
+    ref = k4.q4_gemv_silu_mul_ref if gated else k4.q4_gemv_ref
+    knobs = dict(split_k=split_k, block_n=block_n, num_warps=warps, mma=mma)
+    y_t = kern(x, qt, st, mt, group, tiled=True, **knobs)
+    y_s = kern(x, packed, scales, mins, group, **knobs)
+    assert torch.equal(y_t, y_s)
+    assert relerr(y_t, ref(x, packed, scales, mins, group)) < tol(torch.bfloat16)
+    assert torch.equal(ref(x, qt, st, mt, group, tiled=True), ref(x, packed, scales, mins, group))
+    assert torch.equal(k4.q4_gemv(x, qt, st, mt, group, tiled=True) if not gated else
+                       k4.q4_gemv_silu_mul(x, qt, st, mt, group, tiled=True),
+                       (k4.q4_gemv if not gated else k4.q4_gemv_silu_mul)(x, packed, scales, mins, group))
+    assert counters_are_zero()
+
+
+def test_q4_tiled_layout_needs_whole_slabs():
+    gen = torch.Generator().manual_seed(2)
+    _, packed, scales, mins = random_q4(96, 256, 128, gen)  # gate|up halves of 48 rows
+    x = torch.randn(1, 256, generator=gen).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        k4.q4_gemv_silu_mul_triton(x, packed, scales, mins, 128, tiled=True)
+
+
 def test_q4_tensor_core_path_rejects_what_it_cannot_do():
     gen = torch.Generator().manual_seed(1)
     _, packed, scales, mins = random_q4(16, 256, 64, gen)

@@ -478,3 +478,24 @@ def test_corrupt_other_formats_raise():
         ck.load_linear(*_dict_io({"p.weight": torch.zeros(4, 4, dtype=torch.int32)}), "p", "cpu", torch.float32)
     with pytest.raises(OlmoError):
         ck.expected_names("p", "q3")
+
+
+def test_q4linear_tiled_layout_is_the_same_layer():
+    """tile_() rearranges a q4 linear into the decode GEMV's layout: forward, dequantize, standard()
+    row slices and cat_rows give what the standard layout gives; rows that are not whole 128-row
+    blocks stay standard."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(256, 192, generator=gen)
+    a, b = L.Q4Linear(**F.quantize_q4(w, 64)), L.Q4Linear(**F.quantize_q4(w, 64))
+    assert b.tile_() and b.tiled and not a.tiled and "tiled" in repr(b)
+    assert not torch.equal(a.qweight, b.qweight)  # really rearranged
+    x = torch.randn(3, 192, generator=gen)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+    assert torch.equal(b.dequantize(), a.dequantize())
+    for r0, r1 in [(0, 256), (5, 70), (64, 128), (130, 131)]:
+        assert all(torch.equal(u, v) for u, v in zip(b.standard(r0, r1), a.standard(r0, r1)))
+    c = L.Q4Linear.cat_rows([b, a])
+    assert not c.tiled and torch.equal(c.dequantize(), torch.cat([a.dequantize(), a.dequantize()]))
+    odd = L.Q4Linear(**F.quantize_q4(w[:192], 64))
+    assert not odd.tile_() and not odd.tiled
+    assert L.tile_q4_layers(torch.nn.Sequential(a, b)) == 0  # CPU tensors: only CUDA layers are tiled
