@@ -380,14 +380,27 @@ if HAS_TRITON:
     def _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                      G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
                      ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TR: tl.constexpr,
-                     STAGES: tl.constexpr):
+                     STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr):
+        """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
+        GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
+        two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
+        rows of both tiles (tiles U, V)."""
         HW: tl.constexpr = G // 8
         HALF: tl.constexpr = BN // 2
         pid_k = tl.program_id(0)
         pid_n = tl.program_id(1)
-        rows_a = pid_n * BN + tl.arange(0, HALF)
+        if GATED and GHALF:
+            rows_a = pid_n * HALF + tl.arange(0, HALF)
+            OFFB = NR
+            LB = NR  # tile B's row limit is NR + LB (row r + OFFB exists iff r < NR)
+            mask_b = rows_a < NR
+        else:
+            rows_a = pid_n * BN + tl.arange(0, HALF)
+            OFFB = HALF
+            LB = 0
+            mask_b = rows_a + HALF < NR
         mask_a = rows_a < NR
-        mask_b = rows_a + HALF < NR
+        QUAD: tl.constexpr = GATED and not GHALF  # four tiles per group
         hw = tl.arange(0, HW)
         ga = tl.zeros([HALF, HW], dtype=tl.float32)
         gb = tl.zeros([HALF, HW], dtype=tl.float32)
@@ -398,16 +411,24 @@ if HAS_TRITON:
         # PREFETCH: group g+1's words, scales and x are loaded before group g's math (two groups of
         # loads in flight per warp); the loads past the split's end are masked off (limit 0)
         lim = tl.where(g_begin < g_end, NR, 0)
-        n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, HALF, lim, lim, NGR, g_begin, HW, TR)
-        if GATED:
+        n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, lim, lim + LB,
+                                                       NGR, g_begin, HW, TR)
+        if QUAD:
             n_ua, n_ub, n_usa, n_uma, n_usb, n_umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR, HALF, lim + NR,
                                                                lim + NR, NGR, g_begin, HW, TR)
         else:
             n_ua, n_ub, n_usa, n_uma, n_usb, n_umb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
+        if PF2:  # two groups ahead (two tiles only): group g+2's loads go out while g is computed
+            lim = tl.where(g_begin + 1 < g_end, NR, 0)
+            p_wa, p_wb, p_sa, p_ma, p_sb, p_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, lim, lim + LB,
+                                                           NGR, g_begin + 1, HW, TR)
+        else:
+            p_wa, p_wb, p_sa, p_ma, p_sb, p_mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
         # weights and scales are written by no kernel: loaded before waiting for the previous kernel
         # (programmatic dependent launch), x and the workspaces after
         pdl_wait(USE_PDL)
         n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g_begin, NGR - 1), hw, G)
+        p_xa, p_xc, p_xd, p_xe = _x_words(x_ptr, tl.minimum(g_begin + 1, NGR - 1), hw, G)
         # STAGES > 1 (with PREFETCH off): Triton's software pipeliner copies the weights and x of the
         # next STAGES - 1 groups into shared memory (cp.async) while this group is computed
         for g in tl.range(g_begin, g_end, num_stages=STAGES):
@@ -415,16 +436,26 @@ if HAS_TRITON:
                 wa, wb, sa, ma, sb, mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
                 ua_w, ub_w, usa, uma, usb, umb = n_ua, n_ub, n_usa, n_uma, n_usb, n_umb
                 xa, xc, xd, xe = n_xa, n_xc, n_xd, n_xe
-                lim = tl.where(g + 1 < g_end, NR, 0)
-                n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, HALF, lim, lim, NGR,
-                                                               g + 1, HW, TR)
-                if GATED:
-                    n_ua, n_ub, n_usa, n_uma, n_usb, n_umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR, HALF,
-                                                                       lim + NR, lim + NR, NGR, g + 1, HW, TR)
-                n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g + 1, g_end - 1), hw, G)
+                if PF2:
+                    n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = p_wa, p_wb, p_sa, p_ma, p_sb, p_mb
+                    n_xa, n_xc, n_xd, n_xe = p_xa, p_xc, p_xd, p_xe
+                    lim = tl.where(g + 2 < g_end, NR, 0)
+                    p_wa, p_wb, p_sa, p_ma, p_sb, p_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, lim,
+                                                                   lim + LB, NGR, g + 2, HW, TR)
+                    p_xa, p_xc, p_xd, p_xe = _x_words(x_ptr, tl.minimum(g + 2, g_end - 1), hw, G)
+                else:
+                    lim = tl.where(g + 1 < g_end, NR, 0)
+                    n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, lim,
+                                                                   lim + LB, NGR, g + 1, HW, TR)
+                    if QUAD:
+                        n_ua, n_ub, n_usa, n_uma, n_usb, n_umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR,
+                                                                           HALF, lim + NR, lim + NR, NGR, g + 1,
+                                                                           HW, TR)
+                    n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g + 1, g_end - 1), hw, G)
             else:
-                wa, wb, sa, ma, sb, mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, HALF, NR, NR, NGR, g, HW, TR)
-                if GATED:
+                wa, wb, sa, ma, sb, mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, NR, NR + LB, NGR,
+                                                   g, HW, TR)
+                if QUAD:
                     ua_w, ub_w, usa, uma, usb, umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR, HALF, 2 * NR,
                                                                2 * NR, NGR, g, HW, TR)
                 xa, xc, xd, xe = _x_words(x_ptr, g, hw, G)
@@ -433,15 +464,22 @@ if HAS_TRITON:
             x1 = _pair(xd, xe, False, ASM)[None, :]
             x3 = _pair(xd, xe, True, ASM)[None, :]
             ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
-            if GATED:  # the matching up-projection rows
+            if QUAD:  # the matching up-projection rows
                 ua, ub = _mma_acc(ua, ub, ua_w, ub_w, usa, uma, usb, umb, x0, x1, x2, x3, ASM)
-        emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * 0.25, tl.sum(ua, 1) * 0.25, 0, pid_k, rows_a, mask_a, NR,
-                 stride_y, 1, SPLIT_K, GATED)
-        emit_rows(y_ptr, part_ptr, tl.sum(gb, 1) * 0.25, tl.sum(ub, 1) * 0.25, 0, pid_k, rows_a + HALF, mask_b,
-                 NR, stride_y, 1, SPLIT_K, GATED)
-        if SPLIT_K:
-            rn = pid_n * BN + tl.arange(0, BN)
-            splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT, GATED)
+        if GATED and GHALF:  # tile A: gate rows, tile B: their up rows
+            emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * 0.25, tl.sum(gb, 1) * 0.25, 0, pid_k, rows_a, mask_a, NR,
+                      stride_y, 1, SPLIT_K, GATED)
+            if SPLIT_K:
+                rn = pid_n * HALF + tl.arange(0, HALF)
+                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, HALF, SPLIT, GATED)
+        else:
+            emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * 0.25, tl.sum(ua, 1) * 0.25, 0, pid_k, rows_a, mask_a, NR,
+                      stride_y, 1, SPLIT_K, GATED)
+            emit_rows(y_ptr, part_ptr, tl.sum(gb, 1) * 0.25, tl.sum(ub, 1) * 0.25, 0, pid_k, rows_a + HALF,
+                      mask_b, NR, stride_y, 1, SPLIT_K, GATED)
+            if SPLIT_K:
+                rn = pid_n * BN + tl.arange(0, BN)
+                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT, GATED)
 
     @triton.jit
     def _q4_group(acc, w, s, m, x_row, gx, mcol, magic, G: tl.constexpr, X_BF16: tl.constexpr,
@@ -530,12 +568,12 @@ if HAS_TRITON:
         T: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
         GATED: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr,
         GPI: tl.constexpr, MMA: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
-        TR: tl.constexpr, STAGES: tl.constexpr,
+        TR: tl.constexpr, STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr,
     ):
         pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
-                         G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES)
+                         G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -626,13 +664,19 @@ DEFAULT_BYTES_PER_ROW = 64  # contiguous weight bytes per row and iteration (GPI
 DEFAULT_MMA = True  # tensor cores for one bf16 row of x at group size 128 (decode)
 DEFAULT_PREFETCH = True  # tensor-core path: next group's loads issued before this group's math
 DEFAULT_STAGES = 3  # tensor-core path without PREFETCH: groups in flight in Triton's pipelined loop
+DEFAULT_GATE_HALVES = True  # gated tensor-core path: BN/2 gate rows + their up rows per program
+DEFAULT_PREFETCH_DEPTH = 1  # groups the hand prefetch runs ahead
 
 
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *, block_n=None, split_k=None,
-               num_warps=4, num_stages=2, pairs=None, groups_per_iter=None, mma=None, prefetch=None, stages=None):
+               num_warps=4, num_stages=2, pairs=None, groups_per_iter=None, mma=None, prefetch=None, stages=None,
+               gate_halves=None, prefetch_depth=None):
     """The tuning knobs (keyword-only, shared by both public entry points): rows per program, K splits,
     warps, pipeline stages, bf16x2 math, groups per iteration, tensor cores, hand prefetch of the next
-    group, Triton-pipelined group loop of the tensor-core path (stages); None picks the default."""
+    group, Triton-pipelined group loop of the tensor-core path (stages), and for the gated tensor-core
+    path BN/2 gate rows + their up rows per program instead of BN + BN (gate_halves), and how many
+    groups ahead the hand prefetch loads (prefetch_depth 1 or 2; 2 needs two tiles per group); None
+    picks the default."""
     x2 = _as_rows(x)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -680,7 +724,8 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     bn = block_n or max(16, min(8192 // (g * gpi), next_pow2(nr)))
     if block_n is None and t * (2 if gated else 1) > 4:
         bn = max(16, bn // 2)  # one [BN, W] accumulator per row of x (and half): keep them in registers
-    n_blocks = cdiv(nr, bn)
+    ghalf = bool(use_mma and gated and (DEFAULT_GATE_HALVES if gate_halves is None else gate_halves))
+    n_blocks = cdiv(nr, bn // 2 if ghalf else bn)  # output rows per program: BN, or BN/2 gate|up pairs
     iters = cdiv(ngr, gpi)
     if split_k is None:
         split_k = _pick_split(n_blocks, iters, x.device)
@@ -694,13 +739,16 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         part = cnt = y2  # unused
     pdl = use_pdl(x2)
     pf = DEFAULT_PREFETCH if prefetch is None else bool(prefetch)
+    depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else int(prefetch_depth)
+    pf2 = bool(use_mma and pf and depth == 2 and (ghalf or not gated))
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
         T=t, G=g, BN=bn, SPLIT_K=split_k > 1, GATED=gated, X_BF16=x_bf16, ASM=x_bf16 and x2.is_cuda,
         PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi, MMA=use_mma,
         PREFETCH=pf, USE_PDL=pdl,
-        TR=TILE_ROWS if tiled else 0, STAGES=1 if pf else (stages or DEFAULT_STAGES), num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
+        TR=TILE_ROWS if tiled else 0, STAGES=1 if pf else (stages or DEFAULT_STAGES), GHALF=ghalf, PF2=pf2,
+        num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     return out
 

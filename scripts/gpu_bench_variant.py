@@ -3,9 +3,10 @@
 
     python scripts/gpu_bench_variant.py VARIANT [bench arguments...]
 
-VARIANT: std (q4 linears in the standard layout, hand prefetch), tiled (tiled layout, hand prefetch),
-tiledstN (tiled layout, Triton-pipelined loop with N stages), stdstN (standard layout, N stages),
-default (whatever the package defaults are).
+VARIANT: LAYOUT[stN][pf2][quad] with LAYOUT std (q4 linears in the standard layout), tiled (the tiled
+layout) or default (the package defaults); stN: Triton-pipelined group loop with N stages instead of
+the hand prefetch; pf2: hand prefetch two groups ahead; quad: gate|up programs with four tiles (BN
+gate + BN up rows) instead of gate|up row pairs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import olmo_local.quant.linear as ql
 
 def main() -> int:
     variant, args = sys.argv[1], sys.argv[2:]
-    m = re.fullmatch(r"(std|tiled|default)(?:st(\d))?", variant)
+    m = re.fullmatch(r"(std|tiled|default)(?:st(\d))?(pf2)?(quad)?", variant)
     if not m:
         print(f"unknown variant {variant!r}", file=sys.stderr)
         return 2
@@ -31,6 +32,10 @@ def main() -> int:
         k4.DEFAULT_STAGES = int(stages)
     elif layout != "default":
         k4.DEFAULT_PREFETCH = True
+    if m.group(3):
+        k4.DEFAULT_PREFETCH_DEPTH = 2
+    if m.group(4):
+        k4.DEFAULT_GATE_HALVES = False
     from olmo_local.cli import main as cli_main
 
     sys.argv = ["olmo-local", "bench", *args]

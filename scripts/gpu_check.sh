@@ -24,7 +24,7 @@ for s in $steps; do
                python3 scripts/gpu_ncu_q4.py 2>&1 | tee "$OUT/ncu.log" | grep -E "==PROF==|_kernel|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers|Issue Slots Busy|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|Stall|Block Size|Grid Size|ERR|error|stalled|spends" | cut -c1-220 | head -150 ;;
     layouts) timeout 240 python3 scripts/gpu_check_kernels.py --layouts --only "lay " > "$OUT/layouts.log" 2>&1; grep -E "^lay |FAIL|Error" "$OUT/layouts.log" | cut -c1-100 ;;
     benchab) # decode A/B in one process each: standard layout vs tiled (hand prefetch) vs tiled + pipelined loop
-             for v in std tiled tiledst3; do
+             for v in ${BENCHAB:-stdquad tiledquad tiled tiledpf2}; do
                timeout 110 python3 scripts/gpu_bench_variant.py $v --synthetic 7b --format q4 -r 2 --depth none -q 2>&1 | tee "$OUT/benchab_$v.log" | grep -E "tg128|pp512|ttft" | sed "s/^/$v /" | cut -c1-150
              done ;;
     blocks)  timeout 120 python3 scripts/gpu_prefill_blocks_check.py 2>&1 | tee "$OUT/blocks.log" | tail -3 ;;

@@ -419,16 +419,18 @@ def plan():
                                                                   att["max_ctx"])))
     checks.append((f"norms d={norm_d}", lambda: check_norms(f"norms d={norm_d}", norm_d)))
     if ARGS.layouts and CUDA:
-        variants = [("std pf", {}), ("std st3", dict(prefetch=False, stages=3)), ("til pf", dict(tiled=True)),
-                    ("til st2", dict(tiled=True, prefetch=False, stages=2)),
-                    ("til st3", dict(tiled=True, prefetch=False, stages=3)),
-                    ("til st4", dict(tiled=True, prefetch=False, stages=4)),
-                    ("til st3 w8", dict(tiled=True, prefetch=False, stages=3, block_n=128, num_warps=8)),
-                    ("til st3 w2", dict(tiled=True, prefetch=False, stages=3, block_n=32, num_warps=2))]
+        variants = [("std pf", {}), ("std pf quad", dict(gate_halves=False)), ("til pf", dict(tiled=True)),
+                    ("til pf quad", dict(tiled=True, gate_halves=False)),
+                    ("til pf2", dict(tiled=True, prefetch_depth=2)),
+                    ("til pf w8", dict(tiled=True, block_n=128, num_warps=8)),
+                    ("til pf2 w8", dict(tiled=True, prefetch_depth=2, block_n=128, num_warps=8)),
+                    ("til pf2 w2", dict(tiled=True, prefetch_depth=2, block_n=32, num_warps=2))]
         for tag, k, n, gated in (("gdn_in", 3840, 17280, False), ("qkv", 3840, 11520, False),
                                  ("gate_up", 3840, 22016, True), ("down", 11008, 3840, False),
                                  ("gdn_o", 5760, 3840, False), ("attn_o", 3840, 3840, False)):
             for vname, tune in variants:
+                if "quad" in vname and not gated:
+                    continue
                 nm = f"lay {tag} {vname}"
                 checks.append((nm, lambda k=k, n=n, gated=gated, nm=nm, tune=tune:
                                check_q4(nm, k, n, gated=gated, **tune)))
@@ -503,6 +505,9 @@ def aot_report() -> int:
             consts = {**consts, "USE_PDL": True}  # as launched in the decode step on Hopper
         if "TR" in names and "TR" not in consts:
             consts = {**consts, "TR": 0}  # the standard q4 layout
+        for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False)):
+            if knob in names and knob not in consts:
+                consts = {**consts, knob: default}
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
         cst = {(names.index(k),): v for k, v in consts.items()}
         # what the JIT assumes at run time for 16-aligned pointers and ints divisible by 16
@@ -565,6 +570,9 @@ def aot_report() -> int:
         ("q4 gate|up+silu tensor cores, tiled", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
           "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64}, 4, ()),
+        ("q4 gate|up+silu tc tiled gate halves", kq4._q4_gemv_kernel, q4_types,
+         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
+          "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "GHALF": True}, 4, ()),
         ("q4 gate|up+silu T=1 (128 weights/thr)", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 1, "MMA": False, "PREFETCH": False}, 4, ()),
         ("q4 gate|up+silu T=4", kq4._q4_gemv_kernel, q4_types,

@@ -112,20 +112,23 @@ def test_q4_gemv_tiling_variants(dtype, pairs, gated, gpi, split_k):
     assert counters_are_zero()
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("prefetch", [True, False, 2])
+@pytest.mark.parametrize("gated", [False, True, "quad"])
 @pytest.mark.parametrize("n,split_k,block_n,warps", [(70, 3, None, 4), (32, 1, 32, 2), (16, 2, 16, 1), (100, 1, 128, 4)])
 def test_q4_gemv_tensor_core_path(gated, n, split_k, block_n, warps, prefetch):
     """The T = 1, bf16, group-128 path that uses mma.m16n8k16 on the GPU (the interpreter runs its
-    per-lane emulation): odd N (masked rows in both row halves), split-K, several tile heights."""
+    per-lane emulation): odd N (masked rows in both row halves), split-K, several tile heights; gated
+    with gate|up row pairs per program (the default) and with four tiles ("quad"); the hand prefetch
+    one or two groups ahead (2; split-K then has splits shorter than the prefetch distance)."""
     gen = torch.Generator().manual_seed(n + split_k)
     n_rows = 2 * n if gated else n
     _, packed, scales, mins = random_q4(n_rows, 512, 128, gen)
     x = torch.randn(1, 512, generator=gen).to(torch.bfloat16)
     kern = k4.q4_gemv_silu_mul_triton if gated else k4.q4_gemv_triton
     ref = k4.q4_gemv_silu_mul_ref if gated else k4.q4_gemv_ref
+    halves = {} if not gated else {"gate_halves": gated is True}
     y = kern(x, packed, scales, mins, 128, split_k=split_k, block_n=block_n, num_warps=warps, mma=True,
-             prefetch=prefetch)
+             prefetch=bool(prefetch), prefetch_depth=2 if prefetch == 2 else 1, **halves)
     assert torch.isfinite(y).all()
     assert relerr(y, ref(x, packed, scales, mins, 128)) < tol(torch.bfloat16)
     y_fp = kern(x, packed, scales, mins, 128, split_k=split_k, mma=False)
@@ -154,7 +157,7 @@ def test_q4_tile_is_a_slab_wise_permutation():
         k4.q4_tile(packed[:96], scales[:96], mins[:96], 128)
 
 
-@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("gated", [False, True, "quad"])
 @pytest.mark.parametrize("mma,t,group,split_k,block_n,warps", [
     (True, 1, 128, 3, None, 4),     # the decode default: tensor cores, one bf16 row
     (True, 1, 128, 1, 128, 8),      # 128-row programs span two slabs
@@ -173,6 +176,8 @@ def test_q4_gemv_tiled_layout(gated, mma, t, group, split_k, block_n, warps):
     kern = k4.q4_gemv_silu_mul_triton if gated else k4.q4_gemv_triton
     ref = k4.q4_gemv_silu_mul_ref if gated else k4.q4_gemv_ref
     knobs = dict(split_k=split_k, block_n=block_n, num_warps=warps, mma=mma)
+    if gated:
+        knobs["gate_halves"] = gated is True
     y_t = kern(x, qt, st, mt, group, tiled=True, **knobs)
     y_s = kern(x, packed, scales, mins, group, **knobs)
     assert torch.equal(y_t, y_s)
