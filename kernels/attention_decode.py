@@ -17,6 +17,14 @@ online softmax per tile row ("lane"), so the loop has no cross-lane reductions b
 are merged once at the end. Each split writes (max, sum, acc) to a workspace; the last split of a
 head (self-resetting atomic counter) merges them and writes the output. One launch, no host sync.
 
+attention_prep(qkv, q_w, k_w, eps_q, eps_k, k_cache, v_cache, pos, length, *, k_scale=None, v_scale=None)
+    -> q [H, hd]: everything between the qkv projection and attention_decode for one token of a NoPE
+    layer, in one launch: q and k RMS-normed over their full width (H*hd, KVH*hd; Olmo's q_norm /
+    k_norm), k and v written at position pos of the caches (bf16, or int8 + scales as
+    quantize_kv_int8 does), and length[0] = pos + 1 for attention_decode. qkv [1, (H + 2 KVH) hd].
+    Kernel: one program per query head; each recomputes the q (and, for the first head of a kv group,
+    the k) sum of squares over the full width from L2 (15 KB), so no second launch is needed.
+
 quantize_kv_int8: symmetric per (head, position): scale = max|k| / 127, q = floor(k * 127/max|k| + 0.5)
 clamped to [-127, 127] (0 where max|k| = 0). k [KVH, T, hd] (or [KVH, hd]). With out=(q_cache
 [KVH, C, hd], scale_cache [KVH, C]) and pos (int32 device tensor [1]) the T rows are written at
@@ -30,6 +38,9 @@ import torch
 from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, tl, triton, pdl_kwargs, use_pdl, use_triton, workspace
 
 __all__ = [
+    "attention_prep",
+    "attention_prep_ref",
+    "attention_prep_triton",
     "attention_decode",
     "attention_decode_ref",
     "attention_decode_triton",
@@ -97,6 +108,36 @@ def quantize_kv_int8_ref(
     q_out.index_copy_(1, idx, q3)
     s_out.index_copy_(1, idx, s2.to(s_out.dtype))
     return q_out, s_out
+
+
+def _prep_shapes(qkv, k_cache):
+    kvh, _, hd = k_cache.shape
+    n = qkv.numel() // hd - 2 * kvh
+    if qkv.numel() % hd or n <= 0 or n % kvh:
+        raise ValueError(f"qkv of {qkv.numel()} values does not fit caches {tuple(k_cache.shape)}")
+    return n, kvh, hd
+
+
+def attention_prep_ref(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor, eps_q: float, eps_k: float,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, length: torch.Tensor, *,
+                       k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The unfused ops: RMSNorm of q and k (kernels.norm), cache writes, length = pos + 1."""
+    from .norm import rmsnorm_ref
+
+    h, kvh, hd = _prep_shapes(qkv, k_cache)
+    q, k, v = qkv.reshape(-1).split([h * hd, kvh * hd, kvh * hd])
+    q = rmsnorm_ref(q, q_w, eps_q).view(h, hd)
+    k = rmsnorm_ref(k, k_w, eps_k).view(kvh, 1, hd)
+    v = v.view(kvh, 1, hd)
+    if k_cache.dtype == torch.int8:
+        quantize_kv_int8_ref(k, out=(k_cache, k_scale), pos=pos)
+        quantize_kv_int8_ref(v, out=(v_cache, v_scale), pos=pos)
+    else:
+        p = pos.reshape(-1)[:1].long()
+        k_cache.index_copy_(1, p, k.to(k_cache.dtype))
+        v_cache.index_copy_(1, p, v.to(v_cache.dtype))
+    length.copy_(pos.reshape(-1)[:1] + 1)
+    return q
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,6 +241,80 @@ if HAS_TRITON:
         qv = tl.minimum(tl.maximum(qv, -127.0), 127.0)
         tl.store(q_ptr + h * stride_qh + p * stride_qt + d, qv.to(tl.int8), mask=dm)
         tl.store(s_ptr + h * stride_sh + p, amax / 127.0)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _store_kv_row(x, c_ptr, s_ptr, p, d, dm, QUANT: tl.constexpr):
+        """One head's row at position p of a cache (c_ptr/s_ptr already at the head): bf16 as is, or
+        int8 with its scale (quantize_kv_int8's rounding)."""
+        if QUANT:
+            amax = tl.max(tl.abs(x), axis=0)
+            inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+            qv = tl.minimum(tl.maximum(tl.floor(x * inv + 0.5), -127.0), 127.0)
+            tl.store(c_ptr + d, qv.to(tl.int8), mask=dm)
+            tl.store(s_ptr + p, amax / 127.0)
+        else:
+            tl.store(c_ptr + d, x.to(c_ptr.dtype.element_ty), mask=dm)
+
+    @triton.jit
+    def _attn_prep_kernel(qkv_ptr, qw_ptr, kw_ptr, qo_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, pos_ptr, len_ptr,
+                          eps_q, eps_k, NQ, NK, HD, stride_kh, stride_kt, stride_vh, stride_vt, stride_ksh,
+                          stride_vsh, G: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                          QUANT: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_launch_dependents(USE_PDL)
+        pdl_wait(USE_PDL)
+        h = tl.program_id(0)
+        d = tl.arange(0, BD)
+        dm = d < HD
+        iq = tl.arange(0, BQ)
+        qa = tl.load(qkv_ptr + iq, mask=iq < NQ, other=0).to(tl.float32)
+        rq = 1.0 / tl.sqrt(tl.sum(qa * qa, axis=0) / NQ + eps_q)
+        qh = tl.load(qkv_ptr + h * HD + d, mask=dm, other=0).to(tl.float32)
+        wq = tl.load(qw_ptr + h * HD + d, mask=dm, other=0).to(tl.float32)
+        out_ty = qo_ptr.dtype.element_ty
+        tl.store(qo_ptr + h * HD + d, (qh * rq * wq).to(out_ty), mask=dm)
+        p = tl.load(pos_ptr)
+        if h % G == 0:  # the first query head of a kv group writes that kv head
+            j = h // G
+            ik = tl.arange(0, BK)
+            ka = tl.load(qkv_ptr + NQ + ik, mask=ik < NK, other=0).to(tl.float32)
+            rk = 1.0 / tl.sqrt(tl.sum(ka * ka, axis=0) / NK + eps_k)
+            kh = tl.load(qkv_ptr + NQ + j * HD + d, mask=dm, other=0).to(tl.float32)
+            wk = tl.load(kw_ptr + j * HD + d, mask=dm, other=0).to(tl.float32)
+            kh = (kh * rk * wk).to(out_ty).to(tl.float32)  # the normed k in the model dtype, as unfused
+            vh = tl.load(qkv_ptr + NQ + NK + j * HD + d, mask=dm, other=0).to(tl.float32)
+            _store_kv_row(kh, kc_ptr + j * stride_kh + p * stride_kt, ks_ptr + j * stride_ksh, p, d, dm, QUANT)
+            _store_kv_row(vh, vc_ptr + j * stride_vh + p * stride_vt, vs_ptr + j * stride_vsh, p, d, dm, QUANT)
+        if h == 0:
+            tl.store(len_ptr, p + 1)
+
+
+def attention_prep_triton(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor, eps_q: float, eps_k: float,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, length: torch.Tensor, *,
+                          k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton version of attention_prep_ref (one launch)."""
+    h, kvh, hd = _prep_shapes(qkv, k_cache)
+    qkv = qkv.reshape(-1)
+    if qkv.stride(0) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("attention_prep needs a contiguous qkv row and caches with a unit last stride")
+    quant = k_cache.dtype == torch.int8
+    if quant and (k_scale is None or v_scale is None):
+        raise ValueError("int8 caches need k_scale and v_scale")
+    ks = k_scale if quant else length  # unused when not quantized
+    vs = v_scale if quant else length
+    out = torch.empty((h, hd), dtype=qkv.dtype, device=qkv.device) if out is None else out
+    pdl = use_pdl(qkv)
+    _attn_prep_kernel[(h,)](
+        qkv, q_w, k_w, out, k_cache, v_cache, ks, vs, pos, length, float(eps_q), float(eps_k), h * hd, kvh * hd,
+        hd, k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        ks.stride(0) if quant else 0, vs.stride(0) if quant else 0,
+        G=h // kvh, BQ=next_pow2(h * hd), BK=next_pow2(kvh * hd), BD=next_pow2(hd), QUANT=quant, USE_PDL=pdl,
+        num_warps=4, **pdl_kwargs(pdl),
+    )
+    return out
 
 
 def default_num_splits(max_ctx: int, num_heads: int, device: torch.device, block_s: int = 32) -> int:
@@ -315,3 +430,10 @@ def quantize_kv_int8(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     fn = quantize_kv_int8_triton if use_triton(k) else quantize_kv_int8_ref
     return fn(k, out=out, pos=pos)
+
+
+def attention_prep(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor, eps_q: float, eps_k: float,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, length: torch.Tensor, *,
+                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    fn = attention_prep_triton if use_triton(qkv) else attention_prep_ref
+    return fn(qkv, q_w, k_w, eps_q, eps_k, k_cache, v_cache, pos, length, k_scale=k_scale, v_scale=v_scale)

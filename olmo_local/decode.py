@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from olmo_local.kernels.attention_decode import attention_decode, quantize_kv_int8
+from olmo_local.kernels.attention_decode import attention_decode, attention_prep, quantize_kv_int8
 from olmo_local.kernels.gdn_decode import gdn_decode_step
 from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_silu_mul
 from olmo_local.kernels.gemv_q8 import q8_gemv, q8_gemv_silu_mul
@@ -50,10 +50,13 @@ def gated_mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 class DecodeStep:
     """``step(token) -> logits [V]``: feeds one token at ``state.pos`` and advances the state."""
 
+    fuse_attention_prep = True  # NoPE attention layers: kernels.attention_decode.attention_prep
+
     def __init__(self, model: OlmoHybridModel, state: DecodeState, use_graph: bool | None = None) -> None:
         self.model, self.state = model, state
         self.device = state.device
         self.token = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.length = torch.zeros(1, dtype=torch.int32, device=self.device)  # pos + 1, for attention
         cfg = model.config
         self.inv_freq = None
         if cfg.rope_theta is not None:
@@ -115,13 +118,20 @@ class DecodeStep:
     def _attn(self, L: AttentionLayer, x: torch.Tensor, rope) -> torch.Tensor:
         st = self.state
         H, KV, hd = L.n_heads, L.n_kv, L.hd
-        q, k, v = linear(L.qkv, x).split([H * hd, KV * hd, KV * hd], dim=-1)
+        i = L.idx
+        qkv = linear(L.qkv, x)
+        if rope is None and self.fuse_attention_prep:  # NoPE (the 7B): norms, cache writes, length: 1 launch
+            scales = dict(k_scale=st.k_scale[i], v_scale=st.v_scale[i]) if st.kv_int8 else {}
+            q = attention_prep(qkv, L.q_norm.weight, L.k_norm.weight, L.q_norm.eps, L.k_norm.eps, st.k_cache[i],
+                               st.v_cache[i], st.pos_t, self.length, **scales)
+            o = attention_decode(q, st.k_cache[i], st.v_cache[i], self.length, **scales)
+            return self._attn_out(L, x, o)
+        q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
         q = rmsnorm(q, L.q_norm.weight, L.q_norm.eps).view(H, 1, hd)
         k = rmsnorm(k, L.k_norm.weight, L.k_norm.eps).view(KV, 1, hd)
         v = v.view(KV, 1, hd)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        i = L.idx
         if st.kv_int8:
             quantize_kv_int8(k, out=(st.k_cache[i], st.k_scale[i]), pos=st.pos_t)
             quantize_kv_int8(v, out=(st.v_cache[i], st.v_scale[i]), pos=st.pos_t)
@@ -132,8 +142,12 @@ class DecodeStep:
             st.k_cache[i].index_copy_(1, pos, k.to(st.k_cache.dtype))
             st.v_cache[i].index_copy_(1, pos, v.to(st.v_cache.dtype))
             o = attention_decode(q.view(H, hd), st.k_cache[i], st.v_cache[i], st.pos_t + 1)
+        return self._attn_out(L, x, o)
+
+    def _attn_out(self, L: AttentionLayer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """o projection, post-attention norm + residual, MLP, post-feedforward norm + residual."""
         n1, n2 = L.post_attn_norm, L.post_ff_norm
-        x = rmsnorm_add(linear(L.o, o.reshape(1, H * hd).to(x.dtype)), x, n1.weight, n1.eps)
+        x = rmsnorm_add(linear(L.o, o.reshape(1, -1).to(x.dtype)), x, n1.weight, n1.eps)
         return rmsnorm_add(gated_mlp(L.mlp, x), x, n2.weight, n2.eps)
 
     # ---- graph capture and the per-token call -------------------------------------------------

@@ -6,7 +6,8 @@
 VARIANT: LAYOUT[stN][pf2][quad] with LAYOUT std (q4 linears in the standard layout), tiled (the tiled
 layout) or default (the package defaults); stN: Triton-pipelined group loop with N stages instead of
 the hand prefetch; pf2: hand prefetch two groups ahead; quad: gate|up programs with four tiles (BN
-gate + BN up rows) instead of gate|up row pairs.
+gate + BN up rows) instead of gate|up row pairs; a trailing "-unfused" runs NoPE attention layers
+through the separate q/k norm and cache-write ops instead of attention_prep.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ import olmo_local.quant.linear as ql
 
 def main() -> int:
     variant, args = sys.argv[1], sys.argv[2:]
+    if variant.endswith("-unfused"):
+        import olmo_local.decode as dec
+
+        dec.DecodeStep.fuse_attention_prep = False
+        variant = variant[: -len("-unfused")]
     m = re.fullmatch(r"(std|tiled|default)(?:st(\d))?(pf2)?(quad)?", variant)
     if not m:
         print(f"unknown variant {variant!r}", file=sys.stderr)
