@@ -120,21 +120,32 @@ if HAS_TRITON:
     from ._triton import pdl_launch_dependents, pdl_wait
 
     @triton.jit
-    def _conv_window(qkv_ptr, cs_ptr, ch, cmask, jj, KC: tl.constexpr):
-        """[C, KP] window (old K-1 inputs, then the current one) and the next state (window shifted by 1)."""
+    def _conv_old(cs_ptr, ch, cmask, jj, KC: tl.constexpr):
+        """The conv state's part of a channel window: [C, KP] old inputs in columns 0..K-2 and the
+        next state's old part (shifted by one); written by no other kernel of the step, so it is
+        loaded before waiting for the previous kernel."""
         old_mask = cmask[:, None] & (jj[None, :] < KC - 1)
         state = tl.load(cs_ptr + ch[:, None] * (KC - 1) + jj[None, :], mask=old_mask, other=0).to(tl.float32)
-        cur = tl.load(qkv_ptr + ch, mask=cmask, other=0).to(tl.float32)
-        win = tl.where(jj[None, :] == KC - 1, cur[:, None], state)
         nxt_mask = cmask[:, None] & (jj[None, :] + 1 < KC - 1)
         nxt = tl.load(cs_ptr + ch[:, None] * (KC - 1) + jj[None, :] + 1, mask=nxt_mask, other=0).to(tl.float32)
+        return state, nxt
+
+    @triton.jit
+    def _conv_window(qkv_ptr, state, nxt, ch, cmask, jj, KC: tl.constexpr):
+        """[C, KP] window (old K-1 inputs, then the current one) and the next state (window shifted by 1)."""
+        cur = tl.load(qkv_ptr + ch, mask=cmask, other=0).to(tl.float32)
+        win = tl.where(jj[None, :] == KC - 1, cur[:, None], state)
         nxt = tl.where(jj[None, :] == KC - 2, cur[:, None], nxt)
         return win, nxt
 
     @triton.jit
-    def _conv_silu(cw_ptr, win, ch, cmask, jj, KC: tl.constexpr):
+    def _conv_w(cw_ptr, ch, cmask, jj, KC: tl.constexpr):
         w = tl.load(cw_ptr + ch[:, None] * KC + jj[None, :], mask=cmask[:, None] & (jj[None, :] < KC), other=0)
-        acc = tl.sum(win * w.to(tl.float32), axis=1)
+        return w.to(tl.float32)
+
+    @triton.jit
+    def _conv_silu(w, win):
+        acc = tl.sum(win * w, axis=1)
         return acc / (1.0 + tl.exp(-acc))
 
     @triton.jit
@@ -153,30 +164,52 @@ if HAS_TRITON:
         u_ptr=None, wab_ptr=None, D=0, FUSED_AB: tl.constexpr = False, BU: tl.constexpr = 512,
     ):
         pdl_launch_dependents(USE_PDL)
-        pdl_wait(USE_PDL)
         h = tl.program_id(0)
         vb = tl.program_id(1)
         kh = h // R
         jj = tl.arange(0, KP)
-
-        # q and k of this head: conv, SiLU, L2 norm (recomputed by every program of the group)
         dk = tl.arange(0, BK)
         mk = dk < DK
         qch = kh * DK + dk
         kch = HK * DK + kh * DK + dk
-        win_q, nxt_q = _conv_window(qkv_ptr, cs_ptr, qch, mk, jj, KC)
-        win_k, nxt_k = _conv_window(qkv_ptr, cs_ptr, kch, mk, jj, KC)
-        q = _conv_silu(cw_ptr, win_q, qch, mk, jj, KC)
-        k = _conv_silu(cw_ptr, win_k, kch, mk, jj, KC)
+        dvi = vb * BV + tl.arange(0, BV)
+        mv = dvi < DV
+        vch = 2 * HK * DK + h * DV + dvi
+        # what no earlier kernel of this step writes (the recurrent and conv states, written by this
+        # kernel one token ago, and the weights) is loaded before waiting for the previous kernel
+        # (programmatic dependent launch): the state slice streams in during the in-projection's tail
+        soff = h * DK * DV + dk[:, None] * DV + dvi[None, :]
+        smask = mk[:, None] & mv[None, :]
+        st = tl.load(s_ptr + soff, mask=smask, other=0.0)
+        old_q, nxt_q = _conv_old(cs_ptr, qch, mk, jj, KC)
+        old_k, nxt_k = _conv_old(cs_ptr, kch, mk, jj, KC)
+        old_v, nxt_v = _conv_old(cs_ptr, vch, mv, jj, KC)
+        w_q = _conv_w(cw_ptr, qch, mk, jj, KC)
+        w_k = _conv_w(cw_ptr, kch, mk, jj, KC)
+        w_v = _conv_w(cw_ptr, vch, mv, jj, KC)
+        dt_b = tl.load(dtb_ptr + h).to(tl.float32)
+        a_log = tl.load(alog_ptr + h).to(tl.float32)
+        if FUSED_AB:  # touch this head's W_ab rows (into L1/L2) while the previous kernel finishes
+            du = tl.arange(0, BU)
+            touch = tl.zeros([BU], dtype=tl.float32)
+            for d0 in range(0, D, BU):
+                mu = d0 + du < D
+                touch += tl.load(wab_ptr + h * D + d0 + du, mask=mu, other=0).to(tl.float32)
+                touch += tl.load(wab_ptr + (HK * R + h) * D + d0 + du, mask=mu, other=0).to(tl.float32)
+            touched = tl.sum(touch, axis=0) * 0.0  # finite weights: adds 0 to a_h below
+        pdl_wait(USE_PDL)
+
+        # q and k of this head: conv, SiLU, L2 norm (recomputed by every program of the group)
+        win_q, nxt_q = _conv_window(qkv_ptr, old_q, nxt_q, qch, mk, jj, KC)
+        win_k, nxt_k = _conv_window(qkv_ptr, old_k, nxt_k, kch, mk, jj, KC)
+        q = _conv_silu(w_q, win_q)
+        k = _conv_silu(w_k, win_k)
         q = q * (q_scale / tl.sqrt(tl.sum(q * q, axis=0) + 1e-6))
         k = k / tl.sqrt(tl.sum(k * k, axis=0) + 1e-6)
 
         # this program's slice of v
-        dvi = vb * BV + tl.arange(0, BV)
-        mv = dvi < DV
-        vch = 2 * HK * DK + h * DV + dvi
-        win_v, nxt_v = _conv_window(qkv_ptr, cs_ptr, vch, mv, jj, KC)
-        v = _conv_silu(cw_ptr, win_v, vch, mv, jj, KC)
+        win_v, nxt_v = _conv_window(qkv_ptr, old_v, nxt_v, vch, mv, jj, KC)
+        v = _conv_silu(w_v, win_v)
 
         # gates (fp32)
         if FUSED_AB:  # a_h, b_h = u . W_ab[h], u . W_ab[Hv + h] (fp32 sums; saves a GEMV launch)
@@ -188,22 +221,20 @@ if HAS_TRITON:
                 uu = tl.load(u_ptr + d0 + du, mask=mu, other=0).to(tl.float32)
                 sa += uu * tl.load(wab_ptr + h * D + d0 + du, mask=mu, other=0).to(tl.float32)
                 sb += uu * tl.load(wab_ptr + (HK * R + h) * D + d0 + du, mask=mu, other=0).to(tl.float32)
-            a_h = tl.sum(sa, axis=0)
+            a_h = tl.sum(sa, axis=0) + touched
             b_h = tl.sum(sb, axis=0)
         else:
             a_h = tl.load(a_ptr + h).to(tl.float32)
             b_h = tl.load(b_ptr + h).to(tl.float32)
-        x = a_h + tl.load(dtb_ptr + h).to(tl.float32)
+        x = a_h + dt_b
         sp = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
-        alpha = tl.exp(-tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * sp)
+        alpha = tl.exp(-tl.exp(a_log) * sp)
         beta = 1.0 / (1.0 + tl.exp(-b_h))
         if NEG:
             beta = beta * 2.0
 
         # delta rule on the [dk, BV] slice of the state
-        soff = h * DK * DV + dk[:, None] * DV + dvi[None, :]
-        smask = mk[:, None] & mv[None, :]
-        st = tl.load(s_ptr + soff, mask=smask, other=0.0) * alpha
+        st = st * alpha
         mem = tl.sum(st * k[:, None], axis=0)
         delta = beta * (v - mem)
         st = st + k[:, None] * delta[None, :]

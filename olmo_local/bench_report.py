@@ -142,7 +142,7 @@ def render_markdown(res: dict[str, Any]) -> str:
                  f"({m['kv_dtype']})")
     bw = roof["bandwidth_bytes_per_s"]
     lines.append(f"roofline: copy bandwidth {bw / 1e9:.1f} GB/s (read+write, {fmt_bytes(roof['bandwidth_buffer_bytes'])}"
-                 f" buffer, median) / bytes per token {roof['bytes_per_token_d0'] / 1e6:.2f} MB at depth 0 "
+                 f" buffer, best of 20) / bytes per token {roof['bytes_per_token_d0'] / 1e6:.2f} MB at depth 0 "
                  f"+ {fmt_bytes(mem['kv_bytes_per_token'])} per cached position (tg rows use the run's mean depth)")
     if cmp:
         lines.append(f"{cmp}: load {mem['hf_load_s']:.2f} s · peak device memory "
