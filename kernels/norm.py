@@ -7,6 +7,9 @@
     rmsnorm_add(x, residual, w, eps, out=None) -> residual + rmsnorm(x)
         -- the post-norm pattern of the attention layers (x is the sublayer output); the norm is
            rounded to x.dtype before the add, as transformers does; result in residual.dtype.
+    residual_add(x, residual, out=None) -> residual + x (rounded to residual.dtype; no norm)
+        -- a decode-step add in the same kernel, so that it joins the programmatic-dependent-launch
+           chain (a torch add would break it)
 Rows are the last dim (width up to ~16k), any leading shape. residual_out / out may alias the
 inputs (each element is read before it is written by the same program).
 Kernel: one program per row, the whole row in registers, one pass.
@@ -22,6 +25,9 @@ __all__ = [
     "add_rmsnorm",
     "add_rmsnorm_ref",
     "add_rmsnorm_triton",
+    "residual_add",
+    "residual_add_ref",
+    "residual_add_triton",
     "rmsnorm",
     "rmsnorm_add",
     "rmsnorm_add_ref",
@@ -66,6 +72,10 @@ def add_rmsnorm_ref(
     return normed, new_res
 
 
+def residual_add_ref(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return _put(residual.to(torch.float32) + x.to(torch.float32), residual.dtype, out)
+
+
 def rmsnorm_add_ref(
     x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -83,27 +93,32 @@ if HAS_TRITON:
     def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, ro_ptr, D, eps,
                         stride_x, stride_r, stride_y, stride_ro,
                         BD: tl.constexpr, MODE: tl.constexpr, USE_PDL: tl.constexpr):
-        # MODE 0: y = norm(x); 1: ro = r + x, y = norm(ro); 2: y = r + norm(x)
+        # MODE 0: y = norm(x); 1: ro = r + x, y = norm(ro); 2: y = r + norm(x); 3: y = r + x
         pdl_launch_dependents(USE_PDL)
         pdl_wait(USE_PDL)
         row = tl.program_id(0)
         d = tl.arange(0, BD)
         m = d < D
         x = tl.load(x_ptr + row * stride_x + d, mask=m, other=0).to(tl.float32)
-        if MODE == 1:
+        if MODE == 3:
             r = tl.load(r_ptr + row * stride_r + d, mask=m, other=0).to(tl.float32)
-            x = (x + r).to(ro_ptr.dtype.element_ty)
-            tl.debug_barrier()  # outputs may alias inputs: all loads before any store
-            tl.store(ro_ptr + row * stride_ro + d, x, mask=m)
-            x = x.to(tl.float32)
-        w = tl.load(w_ptr + d, mask=m, other=0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-        y = x * rstd * w
-        if MODE == 2:
-            y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
-            y = y + tl.load(r_ptr + row * stride_r + d, mask=m, other=0).to(tl.float32)
             tl.debug_barrier()
-        tl.store(y_ptr + row * stride_y + d, y.to(y_ptr.dtype.element_ty), mask=m)
+            tl.store(y_ptr + row * stride_y + d, (x + r).to(y_ptr.dtype.element_ty), mask=m)
+        else:
+            if MODE == 1:
+                r = tl.load(r_ptr + row * stride_r + d, mask=m, other=0).to(tl.float32)
+                x = (x + r).to(ro_ptr.dtype.element_ty)
+                tl.debug_barrier()  # outputs may alias inputs: all loads before any store
+                tl.store(ro_ptr + row * stride_ro + d, x, mask=m)
+                x = x.to(tl.float32)
+            w = tl.load(w_ptr + d, mask=m, other=0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+            y = x * rstd * w
+            if MODE == 2:
+                y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
+                y = y + tl.load(r_ptr + row * stride_r + d, mask=m, other=0).to(tl.float32)
+                tl.debug_barrier()
+            tl.store(y_ptr + row * stride_y + d, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -159,9 +174,20 @@ def rmsnorm_add_triton(
     return out
 
 
+def residual_add_triton(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    out = torch.empty_like(residual) if out is None else out
+    _launch(x, residual, residual, 0.0, out, None, 3)  # the weight is not read
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------
+def residual_add(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    fn = residual_add_triton if use_triton(x) else residual_add_ref
+    return fn(x, residual, out)
+
+
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     fn = rmsnorm_triton if use_triton(x) else rmsnorm_ref
     return fn(x, w, eps, out)

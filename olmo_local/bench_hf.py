@@ -199,6 +199,9 @@ class HFEngine:
     def step(self, token: int) -> torch.Tensor:
         return self._forward(torch.tensor([[token]], device=self.device))
 
+    def greedy(self, token: int) -> int:
+        return int(self.step(token).argmax())
+
     def first_token_s(self, ids: list[int]) -> float:
         import time
 

@@ -19,7 +19,7 @@ from olmo_local.kernels.attention_decode import attention_decode, attention_prep
 from olmo_local.kernels.gdn_decode import gdn_decode_step
 from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_silu_mul
 from olmo_local.kernels.gemv_q8 import q8_gemv, q8_gemv_silu_mul
-from olmo_local.kernels.norm import add_rmsnorm, rmsnorm, rmsnorm_add
+from olmo_local.kernels.norm import add_rmsnorm, residual_add, rmsnorm, rmsnorm_add
 from olmo_local.model import AttentionLayer, GDNLayer, OlmoHybridModel, apply_rope
 from olmo_local.quant.linear import Q4Linear, Q8Linear
 from olmo_local.state import DecodeState
@@ -66,6 +66,12 @@ class DecodeStep:
         self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        # greedy(): a second graph that also takes the argmax (its token feedback stays on the device)
+        self.greedy_graph: torch.cuda.CUDAGraph | None = None
+        self.greedy_n_valid: int | None = None
+        self.next_id = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.host_id = torch.zeros(1, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self._token_on_device: int | None = None  # the id greedy() left in self.token
 
     # ---- the static path ---------------------------------------------------------------------
     def forward(self) -> torch.Tensor:
@@ -83,7 +89,7 @@ class DecodeStep:
                 x, pending = self._gdn(layer, x, pending)
             else:
                 if pending is not None:
-                    x = x + pending
+                    x = residual_add(pending, x)  # a Triton launch that keeps the PDL chain
                     pending = None
                 x = self._attn(layer, x, rope)
         if pending is not None:
@@ -150,23 +156,42 @@ class DecodeStep:
         x = rmsnorm_add(linear(L.o, o.reshape(1, -1).to(x.dtype)), x, n1.weight, n1.eps)
         return rmsnorm_add(gated_mlp(L.mlp, x), x, n2.weight, n2.eps)
 
-    # ---- graph capture and the per-token call -------------------------------------------------
-    def capture(self) -> None:
+    # ---- graph capture and the per-token calls -----------------------------------------------
+    def _greedy_tail(self, logits: torch.Tensor, n_valid: int | None) -> None:
+        """argmax over the valid ids, written to the token buffer (the next step's input) and copied to
+        host memory; all on the stream, so it can be part of the graph."""
+        lg = logits if n_valid is None or n_valid >= logits.numel() else logits[:n_valid]
+        torch.argmax(lg.view(1, -1), dim=1, out=self.next_id)
+        self.token.copy_(self.next_id)
+        self.host_id.copy_(self.next_id, non_blocking=True)
+
+    def capture(self, greedy_n_valid: int | None | bool = False) -> None:
         """Record the step into a CUDA graph (warm-up runs compile the kernels first; the state is
-        restored afterwards, so capturing does not change the conversation)."""
+        restored afterwards, so capturing does not change the conversation). With greedy_n_valid
+        (an int, or None for all ids) the recorded step also picks the next token (_greedy_tail)."""
+        greedy = greedy_n_valid is not False
         snap = self.state.snapshot()
         self.token.fill_(0)
         s = torch.cuda.Stream(device=self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s), torch.inference_mode():
             for _ in range(2):
-                self.forward()
+                logits = self.forward()
+                if greedy:
+                    self._greedy_tail(logits, greedy_n_valid)
                 self.state.pos_t.fill_(snap.pos)
         torch.cuda.current_stream(self.device).wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.inference_mode():
-            self.logits = self.forward()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            logits = self.forward()
+            if greedy:
+                self._greedy_tail(logits, greedy_n_valid)
+        if greedy:
+            self.greedy_graph, self.greedy_n_valid = graph, greedy_n_valid
+        else:
+            self.graph, self.logits = graph, logits
         self.state.restore(snap)
+        self._token_on_device = None
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
@@ -176,6 +201,7 @@ class DecodeStep:
         if self.use_graph and self.graph is None:
             self.capture()  # before the token is set: capturing runs warm-up steps on token 0
         self.token.fill_(token)
+        self._token_on_device = None
         if self.use_graph:
             self.graph.replay()
             logits = self.logits
@@ -184,3 +210,28 @@ class DecodeStep:
         st.pos += 1
         st.tokens.append(int(token))
         return logits
+
+    @torch.inference_mode()
+    def greedy(self, token: int, n_valid: int | None = None) -> int:
+        """Feed ``token`` and return the most likely next id (among ids < n_valid): the same as
+        ``int(self(token)[:n_valid].argmax())``, but on CUDA the argmax, the feedback into the next
+        step's input and the copy to the host are part of the graph, so the host only waits for the
+        id: no argmax launch, no token upload when ``token`` is the id the last call returned."""
+        st = self.state
+        st.check_room(1)
+        if not self.use_graph:
+            logits = self(token)
+            lg = logits if n_valid is None or n_valid >= logits.numel() else logits[:n_valid]
+            return int(torch.argmax(lg))
+        if self.greedy_graph is None or self.greedy_n_valid != n_valid:
+            self.capture(n_valid)
+        if self._token_on_device != token:
+            self.token.fill_(token)
+        self.greedy_graph.replay()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # host_id is written by the graph
+        nxt = int(self.host_id[0])
+        self._token_on_device = nxt
+        st.pos += 1
+        st.tokens.append(int(token))
+        return nxt

@@ -138,6 +138,16 @@ class Generator:
         t = torch.tensor([[token]], device=self.state.device)
         return self.model(t, self.state)[0, -1]
 
+    @torch.inference_mode()
+    def greedy_step(self, token: int, n_valid: int | None = None) -> int:
+        """Feed ``token``; return the argmax of the next logits over ids < n_valid. A step function
+        with a ``greedy`` method (the CUDA-graph DecodeStep) does the argmax inside its graph."""
+        fn = getattr(self.step_fn, "greedy", None)
+        if fn is not None:
+            return fn(token, n_valid)
+        logits = self.step(token)
+        return int(torch.argmax(logits if n_valid is None or n_valid >= logits.numel() else logits[:n_valid]))
+
     def stream(self, new_ids: list[int], params: SamplingParams, stop_ids: set[int] | frozenset[int] = frozenset(),
                n_valid: int | None = None) -> Iterator[int]:
         """Feed ``new_ids`` (continuing the state) and yield sampled tokens until a stop token,
@@ -151,13 +161,16 @@ class Generator:
         self._sync()
         st.prefill_s = time.perf_counter() - t0
         history = list(self.state.tokens)
+        # plain greedy decoding: after the first token the argmax happens with the step (in its graph)
+        greedy = params.temperature == 0 and (params.repeat_penalty == 1.0 or params.repeat_last_n == 0)
+        nxt: int | None = None
         t1 = time.perf_counter()
         try:
             while True:
                 if st.gen_tokens >= params.max_new_tokens:
                     st.stop_reason = "length"
                     return
-                tok = sampler(logits, history)
+                tok = sampler(logits, history) if nxt is None else nxt
                 st.gen_tokens += 1
                 if st.gen_tokens == 1:
                     st.ttft_s = time.perf_counter() - t0
@@ -173,7 +186,10 @@ class Generator:
                 if self.state.room < 1:
                     st.stop_reason = "context"
                     return
-                logits = self.step(tok)
+                if greedy:
+                    nxt = self.greedy_step(tok, n_valid)
+                else:
+                    logits = self.step(tok)
         except GeneratorExit:
             st.stop_reason = st.stop_reason or "interrupted"
             raise

@@ -120,3 +120,82 @@ def test_first_graph_step_decodes_its_own_token(tmp_path):
             assert (want - got).abs().max().item() < 2e-4
     assert static.tokens == eager.tokens
     assert torch.allclose(static.rec_state, eager.rec_state, atol=1e-5)
+
+
+@pytest.mark.parametrize("fake_graph", [False, True])
+def test_greedy_step_feeds_back_on_the_device(tmp_path, fake_graph):
+    """DecodeStep.greedy(token) returns what argmax over the valid ids of step(token) would, and the
+    Generator's greedy decoding through it yields the tokens of the plain sampler path. With the
+    (faked, on CPU) greedy graph, the argmax is written into the next step's token buffer, and a call
+    whose token is that id does not upload it again."""
+    cfg = tiny_config()
+    model = load_model(write_checkpoint(hf_model(cfg, seed=8), cfg, tmp_path / "c"), "cpu", torch.float32)
+    n_valid = cfg.vocab_size - 7  # padding ids at the end are never chosen
+
+    class Replay:
+        def __init__(self, step, n_valid):
+            self.step, self.n_valid = step, n_valid
+
+        def replay(self):
+            self.step._greedy_tail(self.step.forward(), self.n_valid)
+
+    class FakeGraphStep(DecodeStep):
+        fills = 0
+
+        def capture(self, greedy_n_valid=False):
+            assert greedy_n_valid is not False
+            self.greedy_graph, self.greedy_n_valid = Replay(self, greedy_n_valid), greedy_n_valid
+            self._token_on_device = None
+
+    prompt = list(range(3, 30))
+    sp = SamplingParams(temperature=0, max_new_tokens=12)
+    want = Generator(model, DecodeState(cfg, 128)).generate(prompt, sp, n_valid=n_valid)
+    st = DecodeState(cfg, 128)
+    step = (FakeGraphStep if fake_graph else DecodeStep)(model, st, use_graph=fake_graph)
+    if fake_graph:
+        real_fill = step.token.fill_
+
+        def counting_fill(v):
+            FakeGraphStep.fills += 1
+            return real_fill(v)
+        step.token.fill_ = counting_fill
+    gen = Generator(model, st, step_fn=step)
+    got = gen.generate(prompt, sp, n_valid=n_valid)
+    assert got == want and gen.stats.gen_tokens == 12
+    assert st.tokens == prompt + got[:-1]  # the last id is returned, not fed
+    if fake_graph:
+        assert FakeGraphStep.fills == 1  # only the first id (sampled from the prefill logits) is uploaded
+    # the direct call against the step's logits
+    st2 = DecodeState(cfg, 128)
+    with torch.no_grad():
+        model(torch.tensor([prompt]), st2)
+    ref = DecodeStep(model, st2, use_graph=False)
+    st3 = DecodeState(cfg, 128)
+    with torch.no_grad():
+        model(torch.tensor([prompt]), st3)
+    g = DecodeStep(model, st3, use_graph=False)
+    for t in (5, 9):
+        assert g.greedy(t, n_valid) == int(ref(t)[:n_valid].argmax())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
+@pytest.mark.parametrize("kv", ["bf16", "int8"])
+def test_greedy_graph_on_cuda_matches_the_logits_path(tmp_path, kv):
+    """On the GPU: the greedy graph (argmax and token feedback inside the graph) picks the ids that
+    argmax over the logits of the plain graph step picks, for a bf16 model."""
+    cfg = tiny_config()
+    path = write_checkpoint(hf_model(cfg, seed=6), cfg, tmp_path / "c")
+    prompt = torch.randint(1, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
+    seqs = []
+    for greedy in (False, True):
+        model = load_model(path, "cuda", torch.bfloat16)
+        st = DecodeState(cfg, 128, "cuda", torch.bfloat16, kv_cache=kv)
+        with torch.inference_mode():
+            tok = int(model(prompt.cuda(), st)[0, -1].argmax())
+        step = DecodeStep(model, st)
+        out = []
+        for _ in range(16):
+            tok = step.greedy(tok) if greedy else int(step(tok).argmax())
+            out.append(tok)
+        seqs.append((out, list(st.tokens)))
+    assert seqs[0] == seqs[1]

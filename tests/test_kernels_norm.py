@@ -65,6 +65,13 @@ def test_norm_kernels(rows, d, dtype):
     kn.rmsnorm_add_triton(x, res, w, 1e-5, out=res)
     assert relerr(res, kn.rmsnorm_add_ref(x, r, w, 1e-5)) < tol
 
+    # the plain residual add (MODE 3), also in place; the reference is torch's own x + r
+    want = kn.residual_add_ref(x, r)
+    assert want.dtype == r.dtype and torch.equal(want, x + r)
+    assert relerr(kn.residual_add_triton(x, r), want) < tol
+    res = r.clone()
+    assert kn.residual_add_triton(x, res, out=res) is res and relerr(res, want) < tol
+
 
 def test_leading_dims_and_dispatch():
     gen = torch.Generator().manual_seed(2)
