@@ -115,11 +115,12 @@ def open_model(name: str, device: str | None = None, ctx: int | None = None, dty
     if dev.type == "cpu":
         set_cpu_threads(cfg)
     dt = parse_dtype(dtype) or default_dtype(cfg, dev)
-    chunk = 2048 if dev.type == "cuda" else 512
     wbytes, largest = loaded_weight_bytes(path, dt)
     if ctx is None and dev.type == "cpu":
         ctx = min(cfg.max_position_embeddings, DEFAULT_CPU_CTX)
-    mem_plan = plan(cfg, wbytes, free_device_memory(dev), ctx, kv_cache, chunk, largest)
+    mem_plan = plan(cfg, wbytes, free_device_memory(dev), ctx, kv_cache, None if dev.type == "cuda" else 512,
+                    largest)
+    chunk = mem_plan.prefill_chunk
     model = load_model(path, dev, dt, progress=progress)
     try:
         state = DecodeState(cfg, mem_plan.ctx, dev, model.dtype, kv_cache=kv_cache)
@@ -154,7 +155,9 @@ def make_generator(model: torch.nn.Module, state: DecodeState, prefill_chunk: in
     import os
 
     if prefill_chunk is None:
-        prefill_chunk = 2048 if state.device.type == "cuda" else 512
+        from olmo_local.planner import prefill_chunk_for
+
+        prefill_chunk = prefill_chunk_for(state.max_ctx, state.device.type)
     gen = Generator(model, state, prefill_chunk=prefill_chunk)
     if state.device.type == "cuda":
         from olmo_local.decode import DecodeStep

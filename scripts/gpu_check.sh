@@ -27,6 +27,7 @@ for s in $steps; do
              for v in ${BENCHAB:-stdquad tiledquad tiled tiledpf2}; do
                timeout 110 python3 scripts/gpu_bench_variant.py $v --synthetic 7b --format q4 -r 2 --depth none -q 2>&1 | tee "$OUT/benchab_$v.log" | grep -E "tg128|pp512|ttft" | sed "s/^/$v /" | cut -c1-150
              done ;;
+    hostgap) timeout 200 python3 scripts/gpu_host_gap.py 2>&1 | tee "$OUT/hostgap.log" | grep -v Warn | tail -8 ;;
     memprobe) timeout 240 python3 scripts/gpu_mem_probe.py 2>&1 | tee "$OUT/memprobe.log" | grep -v Warn | tail -8 ;;
     profdec) timeout 200 python3 scripts/gpu_profile_decode.py --json "$OUT/profdec.json" 2>&1 | tee "$OUT/profdec.log" | tail -30 ;;
     tiledchk) timeout 200 python3 scripts/gpu_tiled_check.py ${TILED_PRESET:-1b} 2>&1 | tee "$OUT/tiledchk.log" | tail -8 ;;

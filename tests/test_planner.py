@@ -41,3 +41,31 @@ def test_kv_cache_auto_resolves_per_device():
     assert resolve_kv_cache("int8", torch.device("cpu")) == "int8"
     with pytest.raises(OlmoError, match="auto, bf16 or int8"):
         resolve_kv_cache("fp8", torch.device("cpu"))
+
+
+def test_prefill_pass_shrinks_with_the_context():
+    """Long contexts get shorter prefill passes (their temporaries count at the peak), on CUDA 2048 /
+    1024 / 512 tokens up to 8K / 16K / beyond; the plan counts the workspace of the pass it picks and
+    make_generator uses the same policy."""
+    from olmo_local.planner import prefill_chunk_for, workspace_bytes
+
+    assert [prefill_chunk_for(c) for c in (4096, 8192, 8193, 16384, 32768)] == [2048, 2048, 1024, 1024, 512]
+    assert prefill_chunk_for(4096, "cpu") == 512
+    cfg = preset("7b")
+    weights = int(4.03 * GIB)
+    p4 = plan(cfg, weights, 80 * GIB, ctx=4096, kv_cache="int8")
+    p32 = plan(cfg, weights, 80 * GIB, ctx=32768, kv_cache="int8")
+    assert (p4.prefill_chunk, p32.prefill_chunk) == (2048, 512)
+    assert p32.workspace == workspace_bytes(cfg, 512, 0) < p4.workspace
+    assert ("prefill pass", "512 tokens") in p32.lines()
+    auto = plan(cfg, weights, 80 * GIB)  # the largest context that fits: long, so short passes
+    assert auto.ctx == cfg.max_position_embeddings and auto.prefill_chunk == 512
+    # a model whose context is short anyway gets long passes
+    short = plan(preset("7b", max_position_embeddings=4096), weights, 80 * GIB)
+    assert (short.ctx, short.prefill_chunk) == (4096, 2048)
+    # little memory: the largest context is chosen with short passes; long ones would not leave room
+    small = plan(cfg, weights, int(5.2 * GIB), kv_cache="int8")
+    assert small.ctx <= 8192 and small.prefill_chunk == 512
+    with pytest.raises(OlmoError):
+        plan(cfg, weights, int(5.2 * GIB), ctx=small.ctx, kv_cache="int8", prefill_chunk=2048)
+    assert plan(cfg, weights, 80 * GIB, ctx=4096, prefill_chunk=256).prefill_chunk == 256
