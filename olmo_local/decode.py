@@ -71,6 +71,8 @@ class DecodeStep:
         self.greedy_n_valid: int | None = None
         self.next_id = torch.zeros(1, dtype=torch.long, device=self.device)
         self.host_id = torch.zeros(1, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self._host_np = self.host_id.numpy()  # read without torch's per-call overhead (~20 us measured)
+        self._done = torch.cuda.Event() if self.device.type == "cuda" else None
         self._token_on_device: int | None = None  # the id greedy() left in self.token
 
     # ---- the static path ---------------------------------------------------------------------
@@ -211,26 +213,32 @@ class DecodeStep:
         st.tokens.append(int(token))
         return logits
 
-    @torch.inference_mode()
     def greedy(self, token: int, n_valid: int | None = None) -> int:
         """Feed ``token`` and return the most likely next id (among ids < n_valid): the same as
         ``int(self(token)[:n_valid].argmax())``, but on CUDA the argmax, the feedback into the next
         step's input and the copy to the host are part of the graph, so the host only waits for the
         id: no argmax launch, no token upload when ``token`` is the id the last call returned."""
+        # the hot path of greedy decoding: no inference-mode context (a graph replay records nothing
+        # for autograd), an event wait instead of a stream sync (~15 us less per token, H100) and a
+        # numpy read of the pinned id
         st = self.state
         st.check_room(1)
         if not self.use_graph:
-            logits = self(token)
-            lg = logits if n_valid is None or n_valid >= logits.numel() else logits[:n_valid]
-            return int(torch.argmax(lg))
+            with torch.inference_mode():
+                logits = self(token)
+                lg = logits if n_valid is None or n_valid >= logits.numel() else logits[:n_valid]
+                return int(torch.argmax(lg))
         if self.greedy_graph is None or self.greedy_n_valid != n_valid:
-            self.capture(n_valid)
+            with torch.inference_mode():
+                self.capture(n_valid)
         if self._token_on_device != token:
-            self.token.fill_(token)
+            with torch.inference_mode():
+                self.token.fill_(token)
         self.greedy_graph.replay()
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # host_id is written by the graph
-        nxt = int(self.host_id[0])
+        if self._done is not None:
+            self._done.record()
+            self._done.synchronize()  # host_id is written by the graph
+        nxt = int(self._host_np[0])
         self._token_on_device = nxt
         st.pos += 1
         st.tokens.append(int(token))

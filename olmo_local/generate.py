@@ -138,15 +138,16 @@ class Generator:
         t = torch.tensor([[token]], device=self.state.device)
         return self.model(t, self.state)[0, -1]
 
-    @torch.inference_mode()
     def greedy_step(self, token: int, n_valid: int | None = None) -> int:
         """Feed ``token``; return the argmax of the next logits over ids < n_valid. A step function
-        with a ``greedy`` method (the CUDA-graph DecodeStep) does the argmax inside its graph."""
+        with a ``greedy`` method (the CUDA-graph DecodeStep) does the argmax inside its graph (and
+        manages inference mode itself: entering it costs microseconds per token)."""
         fn = getattr(self.step_fn, "greedy", None)
         if fn is not None:
             return fn(token, n_valid)
-        logits = self.step(token)
-        return int(torch.argmax(logits if n_valid is None or n_valid >= logits.numel() else logits[:n_valid]))
+        with torch.inference_mode():
+            logits = self.step(token)
+            return int(torch.argmax(logits if n_valid is None or n_valid >= logits.numel() else logits[:n_valid]))
 
     def stream(self, new_ids: list[int], params: SamplingParams, stop_ids: set[int] | frozenset[int] = frozenset(),
                n_valid: int | None = None) -> Iterator[int]:

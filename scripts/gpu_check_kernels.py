@@ -434,6 +434,14 @@ def plan():
                 nm = f"lay {tag} {vname}"
                 checks.append((nm, lambda k=k, n=n, gated=gated, nm=nm, tune=tune:
                                check_q4(nm, k, n, gated=gated, **tune)))
+    if ARGS.layouts and CUDA:  # the 3840-row GEMVs (split-K heavy) and the GDN step's tile
+        for tag, k in (("down", 11008), ("gdn_o", 5760), ("attn_o", 3840)):
+            for split in (3, 6, 10, 20):
+                nm = f"lay {tag} til split{split}"
+                checks.append((nm, lambda k=k, nm=nm, split=split: check_q4(nm, k, 3840, tiled=True, split_k=split)))
+        for bv, nw in ((32, 4), (64, 4), (64, 8), (128, 8), (256, 8), (256, 16)):
+            nm = f"lay gdn bv{bv} w{nw}"
+            checks.append((nm, lambda bv=bv, nw=nw, nm=nm: check_gdn(nm, block_v=bv, num_warps=nw, **gdn)))
     if ARGS.sweep and CUDA:
         shapes = ((3840, 17280, False), (3840, 22016, True), (11008, 3840, False), (5760, 3840, False))
         sms = torch.cuda.get_device_properties(0).multi_processor_count
