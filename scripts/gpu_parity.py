@@ -34,6 +34,9 @@ def quantize_linears(model: OlmoHybridModel, group_size: int = 128) -> None:
                 setattr(parent, name.rsplit(".", 1)[-1], q)
     if model.lm_head is not None:
         model.lm_head = Q8Linear(**quantize_q8(model.lm_head.weight.detach().float()))
+    from olmo_local.quant.linear import tile_q4_layers
+
+    tile_q4_layers(model)  # the layout load_model gives q4 layers on a GPU
 
 
 def agreement(gen: Generator, prompt: list[int], ref: list[int], ref_logits: list[torch.Tensor]
