@@ -74,9 +74,18 @@ def main() -> None:
     rows.append(("Generator.greedy_step", per_token(gen_greedy)))
     rewind()
     rows.append(("plain graph step + argmax (.item)", per_token(lambda: int(step(5).argmax()))))
+    rewind()
+    from olmo_local.generate import Sampler, SamplingParams
+
+    for name, sp in (("T=0.7 (the generate default)", SamplingParams(temperature=0.7)),
+                     ("T=0.6 top-p 0.95", SamplingParams(temperature=0.6, top_p=0.95)),
+                     ("T=0.7 top-k 40 min-p 0.05", SamplingParams(temperature=0.7, top_k=40, min_p=0.05))):
+        sampler = Sampler(sp, m.config.vocab_size, "cuda")
+        rows.append((f"graph step + Sampler {name}", per_token(lambda sampler=sampler: sampler(step(5), []))))
+        rewind()
     base = rows[0][1]
     for name, us in rows:
-        print(f"{name:<36}{us:>9.1f} us/token  (+{us - base:.1f})")
+        print(f"{name:<52}{us:>9.1f} us/token  (+{us - base:.1f})")
 
 
 if __name__ == "__main__":
