@@ -66,9 +66,11 @@ class DecodeStep:
         self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
-        # greedy(): a second graph that also takes the argmax (its token feedback stays on the device)
-        self.greedy_graph: torch.cuda.CUDAGraph | None = None
-        self.greedy_n_valid: int | None = None
+        # greedy() / sample(): graphs that also pick the next token (its feedback stays on the device),
+        # by kind: {"greedy" | "sample": (mode, graph)}
+        self.pick_graphs: dict[str, tuple] = {}
+        self.rng: torch.Generator | None = None
+        self.noise = torch.ones(model.config.vocab_size, dtype=torch.float32, device=self.device)
         self.next_id = torch.zeros(1, dtype=torch.long, device=self.device)
         self.host_id = torch.zeros(1, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self._host_np = self.host_id.numpy()  # read without torch's per-call overhead (~20 us measured)
@@ -159,19 +161,27 @@ class DecodeStep:
         return rmsnorm_add(gated_mlp(L.mlp, x), x, n2.weight, n2.eps)
 
     # ---- graph capture and the per-token calls -----------------------------------------------
-    def _greedy_tail(self, logits: torch.Tensor, n_valid: int | None) -> None:
-        """argmax over the valid ids, written to the token buffer (the next step's input) and copied to
-        host memory; all on the stream, so it can be part of the graph."""
+    def _pick_tail(self, logits: torch.Tensor, mode: tuple) -> None:
+        """The next token chosen on the device, written to the token buffer (the next step's input) and
+        copied to host memory; all on the stream, so it can be part of the graph. mode = ("greedy",
+        n_valid): argmax over the valid ids; ("sample", params, n_valid): a draw from
+        generate.sampling_probs by the exponential race, argmax(p / E) with E ~ Exp(1) from the
+        ``noise`` buffer (filled before each replay by the step's own seeded generator)."""
+        n_valid = mode[-1]
         lg = logits if n_valid is None or n_valid >= logits.numel() else logits[:n_valid]
+        if mode[0] == "sample":
+            from olmo_local.generate import sampling_probs
+
+            probs = sampling_probs(lg.float(), mode[1])
+            lg = probs / self.noise[: probs.numel()]
         torch.argmax(lg.view(1, -1), dim=1, out=self.next_id)
         self.token.copy_(self.next_id)
         self.host_id.copy_(self.next_id, non_blocking=True)
 
-    def capture(self, greedy_n_valid: int | None | bool = False) -> None:
+    def capture(self, mode: tuple | None = None) -> None:
         """Record the step into a CUDA graph (warm-up runs compile the kernels first; the state is
-        restored afterwards, so capturing does not change the conversation). With greedy_n_valid
-        (an int, or None for all ids) the recorded step also picks the next token (_greedy_tail)."""
-        greedy = greedy_n_valid is not False
+        restored afterwards, so capturing does not change the conversation). With a ``mode`` (see
+        _pick_tail) the recorded step also picks the next token: the greedy or the sampling graph."""
         snap = self.state.snapshot()
         self.token.fill_(0)
         s = torch.cuda.Stream(device=self.device)
@@ -179,19 +189,19 @@ class DecodeStep:
         with torch.cuda.stream(s), torch.inference_mode():
             for _ in range(2):
                 logits = self.forward()
-                if greedy:
-                    self._greedy_tail(logits, greedy_n_valid)
+                if mode is not None:
+                    self._pick_tail(logits, mode)
                 self.state.pos_t.fill_(snap.pos)
         torch.cuda.current_stream(self.device).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.inference_mode():
             logits = self.forward()
-            if greedy:
-                self._greedy_tail(logits, greedy_n_valid)
-        if greedy:
-            self.greedy_graph, self.greedy_n_valid = graph, greedy_n_valid
-        else:
+            if mode is not None:
+                self._pick_tail(logits, mode)
+        if mode is None:
             self.graph, self.logits = graph, logits
+        else:
+            self.pick_graphs[mode[0]] = (mode, graph)
         self.state.restore(snap)
         self._token_on_device = None
         torch.cuda.synchronize(self.device)
@@ -218,23 +228,56 @@ class DecodeStep:
         ``int(self(token)[:n_valid].argmax())``, but on CUDA the argmax, the feedback into the next
         step's input and the copy to the host are part of the graph, so the host only waits for the
         id: no argmax launch, no token upload when ``token`` is the id the last call returned."""
-        # the hot path of greedy decoding: no inference-mode context (a graph replay records nothing
-        # for autograd), an event wait instead of a stream sync (~15 us less per token, H100) and a
-        # numpy read of the pinned id
-        st = self.state
-        st.check_room(1)
         if not self.use_graph:
             with torch.inference_mode():
                 logits = self(token)
                 lg = logits if n_valid is None or n_valid >= logits.numel() else logits[:n_valid]
                 return int(torch.argmax(lg))
-        if self.greedy_graph is None or self.greedy_n_valid != n_valid:
+        return self._pick(token, ("greedy", n_valid))
+
+    def seed_sampler(self, seed: int | None) -> None:
+        """Seed the generator of sample() (a random seed for None), as a Sampler is seeded per reply."""
+        gen = torch.Generator(device=self.device)
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        self.rng = gen
+
+    def sample(self, token: int, params, n_valid: int | None = None) -> int:
+        """Feed ``token`` and draw the next id from generate.sampling_probs(params) over ids < n_valid
+        (temperature > 0, no repetition penalty): on CUDA inside the graph (see _pick_tail), so the host
+        runs no sampler kernels and makes no round trip besides reading the id. Without a graph: the
+        host Sampler's draw."""
+        if not self.use_graph:
+            from olmo_local.generate import Sampler
+
             with torch.inference_mode():
-                self.capture(n_valid)
+                logits = self(token)
+                return int(torch.multinomial(Sampler.probs(logits, params, n_valid), 1, generator=self.rng))
+        if self.rng is None:
+            self.seed_sampler(None)
+        key = (params.temperature, params.top_k, params.top_p, params.min_p)
+        with torch.inference_mode():
+            n = n_valid if n_valid is not None else self.model.config.vocab_size
+            self.noise[:n].exponential_(generator=self.rng)  # before the replay, on the same stream
+        return self._pick(token, ("sample", _SamplingKey(*key), n_valid))
+
+    def _pick(self, token: int, mode: tuple) -> int:
+        # the hot path of on-device picking: no inference-mode context (a graph replay records nothing
+        # for autograd), an event wait instead of a stream sync (~15 us less per token, H100) and a
+        # numpy read of the pinned id
+        st = self.state
+        st.check_room(1)
+        have = self.pick_graphs.get(mode[0])
+        if have is None or have[0] != mode:
+            with torch.inference_mode():
+                self.capture(mode)
+            have = self.pick_graphs[mode[0]]
         if self._token_on_device != token:
             with torch.inference_mode():
                 self.token.fill_(token)
-        self.greedy_graph.replay()
+        have[1].replay()
         if self._done is not None:
             self._done.record()
             self._done.synchronize()  # host_id is written by the graph
@@ -243,3 +286,15 @@ class DecodeStep:
         st.pos += 1
         st.tokens.append(int(token))
         return nxt
+
+
+class _SamplingKey(tuple):
+    """(temperature, top_k, top_p, min_p) with the attribute names sampling_probs reads."""
+
+    def __new__(cls, temperature: float, top_k: int, top_p: float, min_p: float):
+        return super().__new__(cls, (temperature, top_k, top_p, min_p))
+
+    temperature = property(lambda self: self[0])
+    top_k = property(lambda self: self[1])
+    top_p = property(lambda self: self[2])
+    min_p = property(lambda self: self[3])

@@ -43,6 +43,31 @@ class SamplingParams:
             raise OlmoError("max_new_tokens must be >= 0")
 
 
+def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p applied to fp32 logits [V] (temperature > 0): the
+    probabilities a token is drawn from. Fixed-shape ops only (no boolean indexing, which would sync
+    with the host), so the CUDA-graph sampler records the same function."""
+    x = logits / p.temperature
+    if p.top_k > 0 and p.top_k < x.numel():
+        kth = torch.topk(x, p.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = torch.softmax(sorted_x, -1)
+        drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest set reaching top_p
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        x = torch.full_like(x, float("-inf")).scatter(0, order, sorted_x)
+    probs = torch.softmax(x, -1)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    return probs
+
+
+def uses_history(p: SamplingParams) -> bool:
+    """Whether a draw depends on the tokens so far (the repetition penalty)."""
+    return p.repeat_penalty != 1.0 and p.repeat_last_n != 0
+
+
 class Sampler:
     """Turns logits into a token id: repetition penalty, temperature, top-k, top-p, min-p."""
 
@@ -56,31 +81,27 @@ class Sampler:
         else:
             self.gen.seed()
 
+    @staticmethod
+    def probs(logits: torch.Tensor, params: SamplingParams, n_valid: int | None = None) -> torch.Tensor:
+        """sampling_probs of fp32 logits with the padding ids (>= n_valid) excluded (no history)."""
+        x = logits.float().clone()
+        if n_valid is not None and n_valid < x.numel():
+            x[n_valid:] = float("-inf")
+        return sampling_probs(x, params)
+
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         p = self.p
         x = logits.float().clone()
         if self.n_valid is not None and self.n_valid < x.numel():
             x[self.n_valid:] = float("-inf")
-        if p.repeat_penalty != 1.0 and history and p.repeat_last_n != 0:
+        if uses_history(p) and history:
             recent = history[-p.repeat_last_n:] if p.repeat_last_n > 0 else history
             idx = torch.tensor(sorted(set(recent)), device=x.device, dtype=torch.long)
             v = x[idx]
             x[idx] = torch.where(v > 0, v / p.repeat_penalty, v * p.repeat_penalty)
         if p.temperature == 0:
             return int(torch.argmax(x))
-        x = x / p.temperature
-        if p.top_k > 0 and p.top_k < x.numel():
-            kth = torch.topk(x, p.top_k).values[-1]
-            x[x < kth] = float("-inf")
-        if p.top_p < 1.0:
-            sorted_x, order = torch.sort(x, descending=True)
-            probs = torch.softmax(sorted_x, -1)
-            drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest set reaching top_p
-            sorted_x[drop] = float("-inf")
-            x = torch.full_like(x, float("-inf")).scatter(0, order, sorted_x)
-        probs = torch.softmax(x, -1)
-        if p.min_p > 0:
-            probs[probs < p.min_p * probs.max()] = 0
+        probs = sampling_probs(x, p)
         return int(torch.multinomial(probs, 1, generator=self.gen))
 
 
@@ -162,8 +183,13 @@ class Generator:
         self._sync()
         st.prefill_s = time.perf_counter() - t0
         history = list(self.state.tokens)
-        # plain greedy decoding: after the first token the argmax happens with the step (in its graph)
-        greedy = params.temperature == 0 and (params.repeat_penalty == 1.0 or params.repeat_last_n == 0)
+        # no repetition penalty: after the first token the choice happens with the step (on CUDA inside
+        # its graph: the argmax, or a draw from sampling_probs with the step's own seeded generator)
+        greedy = params.temperature == 0 and not uses_history(params)
+        on_device = (not greedy and not uses_history(params) and hasattr(self.step_fn, "sample")
+                     and getattr(self.step_fn, "use_graph", False))
+        if on_device:
+            self.step_fn.seed_sampler(params.seed)
         nxt: int | None = None
         t1 = time.perf_counter()
         try:
@@ -189,6 +215,8 @@ class Generator:
                     return
                 if greedy:
                     nxt = self.greedy_step(tok, n_valid)
+                elif on_device:
+                    nxt = self.step_fn.sample(tok, params, n_valid)
                 else:
                     logits = self.step(tok)
         except GeneratorExit:

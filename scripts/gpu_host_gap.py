@@ -44,7 +44,7 @@ def main() -> None:
     gen.step_fn = step
     gen.prefill(list(range(16)))
     tok = step.greedy(1)
-    g = step.greedy_graph
+    g = step.pick_graphs["greedy"][1]
     s = torch.cuda.current_stream()
     ev = torch.cuda.Event()
 

@@ -62,12 +62,12 @@ def main() -> None:
     greedy_us = (time.perf_counter() - t0) / n * 1e6
     t0 = time.perf_counter()
     for _ in range(n):
-        step.greedy_graph.replay()
+        step.pick_graphs["greedy"][1].replay()
     torch.cuda.synchronize()
     queued_us = (time.perf_counter() - t0) / n * 1e6
     t0 = time.perf_counter()
     for _ in range(n):
-        step.greedy_graph.replay()
+        step.pick_graphs["greedy"][1].replay()
     launch_us = (time.perf_counter() - t0) / n * 1e6
     torch.cuda.synchronize()
     print(f"greedy(): {greedy_us:.1f} us/token · replays queued back to back: {queued_us:.1f} us/step · "

@@ -133,18 +133,18 @@ def test_greedy_step_feeds_back_on_the_device(tmp_path, fake_graph):
     n_valid = cfg.vocab_size - 7  # padding ids at the end are never chosen
 
     class Replay:
-        def __init__(self, step, n_valid):
-            self.step, self.n_valid = step, n_valid
+        def __init__(self, step, mode):
+            self.step, self.mode = step, mode
 
         def replay(self):
-            self.step._greedy_tail(self.step.forward(), self.n_valid)
+            self.step._pick_tail(self.step.forward(), self.mode)
 
     class FakeGraphStep(DecodeStep):
         fills = 0
 
-        def capture(self, greedy_n_valid=False):
-            assert greedy_n_valid is not False
-            self.greedy_graph, self.greedy_n_valid = Replay(self, greedy_n_valid), greedy_n_valid
+        def capture(self, mode=None):
+            assert mode is not None and mode[0] == "greedy"
+            self.pick_graphs[mode[0]] = (mode, Replay(self, mode))
             self._token_on_device = None
 
     prompt = list(range(3, 30))
@@ -199,3 +199,68 @@ def test_greedy_graph_on_cuda_matches_the_logits_path(tmp_path, kv):
             out.append(tok)
         seqs.append((out, list(st.tokens)))
     assert seqs[0] == seqs[1]
+
+
+def test_sample_graph_draws_from_the_step_logits(tmp_path):
+    """DecodeStep.sample with the (faked, on CPU) sampling graph: every drawn id lies in the top-k of
+    the logits the eager model gives for the same history, the same seed repeats the same ids, and the
+    Generator's sampling path uses it after the first token."""
+    cfg = tiny_config()
+    model = load_model(write_checkpoint(hf_model(cfg, seed=9), cfg, tmp_path / "c"), "cpu", torch.float32)
+    sp = SamplingParams(temperature=1.5, top_k=5, max_new_tokens=10, seed=123)
+
+    class Replay:
+        def __init__(self, step, mode):
+            self.step, self.mode = step, mode
+
+        def replay(self):
+            self.step._pick_tail(self.step.forward(), self.mode)
+
+    class FakeGraphStep(DecodeStep):
+        def capture(self, mode=None):
+            self.pick_graphs[mode[0]] = (mode, Replay(self, mode))
+            self._token_on_device = None
+
+    prompt = list(range(3, 25))
+    runs = []
+    for _ in range(2):
+        st = DecodeState(cfg, 128)
+        step = FakeGraphStep(model, st, use_graph=True)
+        gen = Generator(model, st, step_fn=step)
+        runs.append(gen.generate(prompt, sp))
+    assert runs[0] == runs[1] and len(runs[0]) == 10
+    assert len(set(runs[0])) > 1  # a temperature of 1.5 over 5 ids: not a constant sequence
+    eager = DecodeState(cfg, 128)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]), eager)[0, -1]
+        for tok in runs[0]:
+            assert tok in torch.topk(logits, 5).indices.tolist()
+            logits = model(torch.tensor([[tok]]), eager)[0, -1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
+def test_sample_graph_on_cuda(tmp_path):
+    """On the GPU: the sampling graph's ids lie in the top-k of the plain graph step's logits for the
+    same tokens, and a seed repeats them."""
+    cfg = tiny_config()
+    path = write_checkpoint(hf_model(cfg, seed=6), cfg, tmp_path / "c")
+    prompt = torch.randint(1, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    sp = SamplingParams(temperature=1.5, top_k=6, top_p=0.97, min_p=0.01)
+    model = load_model(path, "cuda", torch.bfloat16)
+    seqs = []
+    for _ in range(2):
+        st, ref = (DecodeState(cfg, 128, "cuda", torch.bfloat16) for _ in range(2))
+        with torch.inference_mode():
+            logits = model(prompt.cuda(), st)[0, -1]
+            model(prompt.cuda(), ref)
+        step, ref_step = DecodeStep(model, st), DecodeStep(model, ref)
+        step.seed_sampler(7)
+        tok, out = int(logits.argmax()), []
+        for _ in range(16):
+            nxt = step.sample(tok, sp)
+            allowed = torch.topk(ref_step(tok).float(), 6).indices.tolist()
+            assert nxt in allowed
+            out.append(nxt)
+            tok = nxt
+        seqs.append(out)
+    assert seqs[0] == seqs[1] and len(set(seqs[0])) > 1

@@ -31,3 +31,36 @@ def test_repeat_penalty_and_padding_mask():
     s = Sampler(SamplingParams(temperature=0, repeat_penalty=1.5), n_valid=3)
     assert s(logits, []) == 0          # id 3 is vocabulary padding: never sampled
     assert s(logits, [0]) == 1         # 3/1.5 = 2 < 2.9
+
+
+def test_exponential_race_draws_from_sampling_probs():
+    """The CUDA-graph sampler draws argmax(p / E), E ~ Exp(1) i.i.d.: that picks id i with probability
+    p_i (the exponential race); checked against sampling_probs on many draws, zeros never drawn."""
+    import torch
+
+    from olmo_local.generate import SamplingParams, sampling_probs
+
+    logits = torch.tensor([2.0, 1.5, 0.3, -1.0, 0.9, -3.0])
+    p = sampling_probs(logits, SamplingParams(temperature=0.8, top_k=4))
+    assert (p > 0).sum() == 4 and abs(float(p.sum()) - 1) < 1e-6
+    gen = torch.Generator().manual_seed(0)
+    n = 40000
+    e = torch.empty(n, 6).exponential_(generator=gen)
+    ids = torch.argmax(p[None, :] / e, dim=1)
+    freq = torch.bincount(ids, minlength=6).double() / n
+    assert torch.allclose(freq, p.double(), atol=0.01)
+    assert freq[p == 0].sum() == 0
+
+
+def test_sampling_probs_is_what_the_sampler_draws_from():
+    """Sampler.probs (padding ids masked) and the Sampler's own draw use the same distribution:
+    with one id holding all the mass after top-k 1, both pick it."""
+    import torch
+
+    from olmo_local.generate import Sampler, SamplingParams
+
+    logits = torch.tensor([0.1, 3.0, 2.9, 5.0, -1.0])
+    sp = SamplingParams(temperature=1.0, top_k=1)
+    probs = Sampler.probs(logits, sp, n_valid=3)  # id 3 is padding: the best valid id is 1
+    assert probs.argmax() == 1 and float(probs[1]) == 1.0
+    assert Sampler(sp, n_valid=3)(logits, []) == 1
