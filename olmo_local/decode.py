@@ -173,7 +173,8 @@ class DecodeStep:
             from olmo_local.generate import sampling_probs
 
             probs = sampling_probs(lg.float(), mode[1])
-            lg = probs / self.noise[: probs.numel()]
+            # ids outside the support never win, whatever the noise (an E of exactly 0 would make 0 / 0)
+            lg = (probs / self.noise[: probs.numel()]).masked_fill(probs == 0, -1.0)
         torch.argmax(lg.view(1, -1), dim=1, out=self.next_id)
         self.token.copy_(self.next_id)
         self.host_id.copy_(self.next_id, non_blocking=True)
