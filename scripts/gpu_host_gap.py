@@ -83,6 +83,9 @@ def main() -> None:
         sampler = Sampler(sp, m.config.vocab_size, "cuda")
         rows.append((f"graph step + Sampler {name}", per_token(lambda sampler=sampler: sampler(step(5), []))))
         rewind()
+        step.seed_sampler(0)
+        rows.append((f"sampling graph (DecodeStep.sample) {name}", per_token(lambda sp=sp: step.sample(5, sp))))
+        rewind()
     base = rows[0][1]
     for name, us in rows:
         print(f"{name:<52}{us:>9.1f} us/token  (+{us - base:.1f})")
