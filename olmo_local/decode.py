@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from olmo_local.kernels.attention_decode import attention_decode, attention_prep, quantize_kv_int8
 from olmo_local.kernels.gdn_decode import gdn_decode_step
-from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_silu_mul
+from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_norm, q4_gemv_silu_mul
 from olmo_local.kernels.gemv_q8 import q8_gemv, q8_gemv_silu_mul
 from olmo_local.kernels.norm import add_rmsnorm, residual_add, rmsnorm, rmsnorm_add
 from olmo_local.model import AttentionLayer, GDNLayer, OlmoHybridModel, apply_rope
@@ -34,23 +34,39 @@ def linear(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mod(x)
 
 
-def gated_mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) with the gate|up GEMV and its SiLU·mul epilogue fused."""
+def mlp_act(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """silu(gate(x)) * up(x), the down projection's input, with the gate|up GEMV and its SiLU·mul
+    epilogue fused."""
     gu = mlp.gate_up
     if isinstance(gu, Q4Linear):
-        h = q4_gemv_silu_mul(x, gu.qweight, gu.scales, gu.mins, gu.group_size, tiled=gu.tiled)
-    elif isinstance(gu, Q8Linear):
-        h = q8_gemv_silu_mul(x, gu.qweight, gu.scales)
-    else:
-        gate, up = gu(x).chunk(2, dim=-1)
-        h = F.silu(gate) * up
-    return linear(mlp.down, h)
+        return q4_gemv_silu_mul(x, gu.qweight, gu.scales, gu.mins, gu.group_size, tiled=gu.tiled)
+    if isinstance(gu, Q8Linear):
+        return q8_gemv_silu_mul(x, gu.qweight, gu.scales)
+    gate, up = gu(x).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def linear_norm(mod: torch.nn.Module, inp: torch.Tensor, x: torch.Tensor, mode: str,
+                w: torch.Tensor | None = None, eps: float = 0.0, fuse: bool = True):
+    """A projection and the norm op that consumes it with the residual stream x (kernels.norm):
+    "add_rmsnorm" -> (normed, x + y); "rmsnorm_add" -> x + rmsnorm(y); "add" -> x + y. A q4 projection
+    runs the norm as its GEMV's tail (kernels.gemv_q4.q4_gemv_norm: one launch)."""
+    if fuse and isinstance(mod, Q4Linear):
+        return q4_gemv_norm(inp, mod.qweight, mod.scales, mod.mins, mod.group_size, x, w, eps, mode,
+                            tiled=mod.tiled)
+    y = linear(mod, inp)
+    if mode == "add_rmsnorm":
+        return add_rmsnorm(y, x, w, eps)
+    if mode == "rmsnorm_add":
+        return rmsnorm_add(y, x, w, eps)
+    return residual_add(y, x)
 
 
 class DecodeStep:
     """``step(token) -> logits [V]``: feeds one token at ``state.pos`` and advances the state."""
 
     fuse_attention_prep = True  # NoPE attention layers: kernels.attention_decode.attention_prep
+    fuse_norms = True  # norms after q4 projections as the GEMV's tail (kernels.gemv_q4.q4_gemv_norm)
 
     def __init__(self, model: OlmoHybridModel, state: DecodeState, use_graph: bool | None = None) -> None:
         self.model, self.state = model, state
@@ -87,28 +103,31 @@ class DecodeStep:
             f = st.pos_t.float()[:, None] * self.inv_freq[None]
             emb = torch.cat([f, f], -1)
             rope = (emb.cos(), emb.sin())
-        pending = None  # a GDN layer's MLP output, added to x inside the next norm (one launch fewer)
+        # a GDN layer's down projection is deferred: (down, its input), run by the next consumer of x
+        # together with that consumer's norm (or plain residual add)
+        pending = None
         for layer in m.layers:
             if isinstance(layer, GDNLayer):
                 x, pending = self._gdn(layer, x, pending)
             else:
                 if pending is not None:
-                    x = residual_add(pending, x)  # a Triton launch that keeps the PDL chain
+                    x = linear_norm(*pending, x, "add", fuse=self.fuse_norms)
                     pending = None
                 x = self._attn(layer, x, rope)
         if pending is not None:
-            h, x = add_rmsnorm(pending, x, m.norm.weight, m.norm.eps)
+            h, x = linear_norm(*pending, x, "add_rmsnorm", m.norm.weight, m.norm.eps, self.fuse_norms)
         else:
             h = rmsnorm(x, m.norm.weight, m.norm.eps)
         logits = (linear(m.lm_head, h) if m.lm_head is not None else m.head(h))[0]
         st.pos_t.add_(1)
         return logits
 
-    def _gdn(self, L: GDNLayer, x: torch.Tensor, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (x without this layer's MLP output, that output): the caller adds it later."""
+    def _gdn(self, L: GDNLayer, x: torch.Tensor, pending: tuple | None) -> tuple[torch.Tensor, tuple]:
+        """Returns (x without this layer's MLP output, (down projection, its input)): the caller runs
+        the down projection with the next norm."""
         st = self.state
-        if pending is not None:  # x += previous layer's MLP output, fused into this layer's input norm
-            u, x = add_rmsnorm(pending, x, L.in_norm.weight, L.in_norm.eps)
+        if pending is not None:  # x += previous layer's MLP output, with this layer's input norm
+            u, x = linear_norm(*pending, x, "add_rmsnorm", L.in_norm.weight, L.in_norm.eps, self.fuse_norms)
         else:
             u = rmsnorm(x, L.in_norm.weight, L.in_norm.eps)
         qkv, z = linear(L.qkvz, u)[0].split([L.conv_dim, L.value_dim])
@@ -122,8 +141,9 @@ class DecodeStep:
             a, b = linear(L.ab, u)[0].split([L.hv, L.hv])
             y = gdn_decode_step(qkv, z, a, b, L.conv_w, st.conv_state[L.idx], L.A_log, L.dt_bias, L.o_norm_w,
                                 st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0)
-        h, x = add_rmsnorm(linear(L.o, y.view(1, -1)), x, L.post_norm.weight, L.post_norm.eps)  # x += o
-        return x, gated_mlp(L.mlp, h)
+        h, x = linear_norm(L.o, y.view(1, -1), x, "add_rmsnorm", L.post_norm.weight, L.post_norm.eps,
+                           self.fuse_norms)  # x += o
+        return x, (L.mlp.down, mlp_act(L.mlp, h))
 
     def _attn(self, L: AttentionLayer, x: torch.Tensor, rope) -> torch.Tensor:
         st = self.state
@@ -157,8 +177,8 @@ class DecodeStep:
     def _attn_out(self, L: AttentionLayer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """o projection, post-attention norm + residual, MLP, post-feedforward norm + residual."""
         n1, n2 = L.post_attn_norm, L.post_ff_norm
-        x = rmsnorm_add(linear(L.o, o.reshape(1, -1).to(x.dtype)), x, n1.weight, n1.eps)
-        return rmsnorm_add(gated_mlp(L.mlp, x), x, n2.weight, n2.eps)
+        x = linear_norm(L.o, o.reshape(1, -1).to(x.dtype), x, "rmsnorm_add", n1.weight, n1.eps, self.fuse_norms)
+        return linear_norm(L.mlp.down, mlp_act(L.mlp, x), x, "rmsnorm_add", n2.weight, n2.eps, self.fuse_norms)
 
     # ---- graph capture and the per-token calls -----------------------------------------------
     def _pick_tail(self, logits: torch.Tensor, mode: tuple) -> None:
