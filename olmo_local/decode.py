@@ -66,7 +66,10 @@ class DecodeStep:
     """``step(token) -> logits [V]``: feeds one token at ``state.pos`` and advances the state."""
 
     fuse_attention_prep = True  # NoPE attention layers: kernels.attention_decode.attention_prep
-    fuse_norms = True  # norms after q4 projections as the GEMV's tail (kernels.gemv_q4.q4_gemv_norm)
+    # norms after q4 projections as the GEMV's tail (kernels.gemv_q4.q4_gemv_norm): off, it measured
+    # 345 vs 383 tokens/s on the 7B q4 step (H100; the last program's whole-row norm runs serially
+    # while the other SMs wait, longer than the separate one-block norm launch it replaces)
+    fuse_norms = False
 
     def __init__(self, model: OlmoHybridModel, state: DecodeState, use_graph: bool | None = None) -> None:
         self.model, self.state = model, state

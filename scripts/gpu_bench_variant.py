@@ -7,8 +7,8 @@ VARIANT: LAYOUT[stN][pf2][quad] with LAYOUT std (q4 linears in the standard layo
 layout) or default (the package defaults); stN: Triton-pipelined group loop with N stages instead of
 the hand prefetch; pf2: hand prefetch two groups ahead; quad: gate|up programs with four tiles (BN
 gate + BN up rows) instead of gate|up row pairs; a trailing "-unfused" runs NoPE attention layers
-through the separate q/k norm and cache-write ops instead of attention_prep; "-nonorm" runs the norms
-after q4 projections as their own launches instead of GEMV tails.
+through the separate q/k norm and cache-write ops instead of attention_prep; "-nonorm" / "-normtail" run the
+norms after q4 projections as their own launches (the default) / as GEMV tails.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ def main() -> int:
 
         dec.DecodeStep.fuse_norms = False
         variant = variant[: -len("-nonorm")]
+    if variant.endswith("-normtail"):  # norms after q4 projections as GEMV tails
+        import olmo_local.decode as dec
+
+        dec.DecodeStep.fuse_norms = True
+        variant = variant[: -len("-normtail")]
     m = re.fullmatch(r"(std|tiled|default)(?:st(\d))?(pf2)?(quad)?", variant)
     if not m:
         print(f"unknown variant {variant!r}", file=sys.stderr)
