@@ -179,7 +179,7 @@ if HAS_TRITON:
         part[split, t, :]; the last program of the row block to arrive (self-resetting counter) adds
         them in split order (deterministic), applies silu(gate) * up when gated, stores the rows.
         Ordering as in CUTLASS's serial split-K semaphore: CTA barrier, then one gpu-scope acq_rel
-        atomic; the reader's loads bypass L1."""
+        atomic; the reader's loads bypass L1. Returns whether this program was that last one."""
         if GATED:
             ntot = 2 * NR
         else:
@@ -199,3 +199,4 @@ if HAS_TRITON:
                     ra = ra / (1.0 + tl.exp(-ra)) * rb
                 tl.store(y_ptr + t * stride_y + rn, ra.to(y_ptr.dtype.element_ty), mask=rmask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
+        return done == SPLIT - 1

@@ -220,6 +220,19 @@ if HAS_TRITON:
                 tl.atomic_xchg(cnt_ptr + hq, 0)
 
     @triton.jit
+    def _store_kv_row(x, c_ptr, s_ptr, p, d, dm, QUANT: tl.constexpr):
+        """One head's row at position p of a cache (c_ptr/s_ptr already at the head): bf16 as is, or
+        int8 with its scale (quantize_kv_int8's rounding)."""
+        if QUANT:
+            amax = tl.max(tl.abs(x), axis=0)
+            inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+            qv = tl.minimum(tl.maximum(tl.floor(x * inv + 0.5), -127.0), 127.0)
+            tl.store(c_ptr + d, qv.to(tl.int8), mask=dm)
+            tl.store(s_ptr + p, amax / 127.0)
+        else:
+            tl.store(c_ptr + d, x.to(c_ptr.dtype.element_ty), mask=dm)
+
+    @triton.jit
     def _quantize_kv_kernel(k_ptr, q_ptr, s_ptr, pos_ptr, T, HD, stride_kh, stride_kt,
                             stride_qh, stride_qt, stride_sh, BD: tl.constexpr, HAS_POS: tl.constexpr,
                             USE_PDL: tl.constexpr):
@@ -235,28 +248,7 @@ if HAS_TRITON:
         d = tl.arange(0, BD)
         dm = d < HD
         x = tl.load(k_ptr + h * stride_kh + t * stride_kt + d, mask=dm, other=0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=0)
-        inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-        qv = tl.floor(x * inv + 0.5)
-        qv = tl.minimum(tl.maximum(qv, -127.0), 127.0)
-        tl.store(q_ptr + h * stride_qh + p * stride_qt + d, qv.to(tl.int8), mask=dm)
-        tl.store(s_ptr + h * stride_sh + p, amax / 127.0)
-
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _store_kv_row(x, c_ptr, s_ptr, p, d, dm, QUANT: tl.constexpr):
-        """One head's row at position p of a cache (c_ptr/s_ptr already at the head): bf16 as is, or
-        int8 with its scale (quantize_kv_int8's rounding)."""
-        if QUANT:
-            amax = tl.max(tl.abs(x), axis=0)
-            inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-            qv = tl.minimum(tl.maximum(tl.floor(x * inv + 0.5), -127.0), 127.0)
-            tl.store(c_ptr + d, qv.to(tl.int8), mask=dm)
-            tl.store(s_ptr + p, amax / 127.0)
-        else:
-            tl.store(c_ptr + d, x.to(c_ptr.dtype.element_ty), mask=dm)
+        _store_kv_row(x, q_ptr + h * stride_qh + p * stride_qt, s_ptr + h * stride_sh, p, d, dm, True)
 
     @triton.jit
     def _attn_prep_kernel(qkv_ptr, qw_ptr, kw_ptr, qo_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, pos_ptr, len_ptr,

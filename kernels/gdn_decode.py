@@ -189,14 +189,6 @@ if HAS_TRITON:
         w_v = _conv_w(cw_ptr, vch, mv, jj, KC)
         dt_b = tl.load(dtb_ptr + h).to(tl.float32)
         a_log = tl.load(alog_ptr + h).to(tl.float32)
-        if FUSED_AB:  # touch this head's W_ab rows (into L1/L2) while the previous kernel finishes
-            du = tl.arange(0, BU)
-            touch = tl.zeros([BU], dtype=tl.float32)
-            for d0 in range(0, D, BU):
-                mu = d0 + du < D
-                touch += tl.load(wab_ptr + h * D + d0 + du, mask=mu, other=0).to(tl.float32)
-                touch += tl.load(wab_ptr + (HK * R + h) * D + d0 + du, mask=mu, other=0).to(tl.float32)
-            touched = tl.sum(touch, axis=0) * 0.0  # finite weights: adds 0 to a_h below
         pdl_wait(USE_PDL)
 
         # q and k of this head: conv, SiLU, L2 norm (recomputed by every program of the group)
@@ -221,7 +213,7 @@ if HAS_TRITON:
                 uu = tl.load(u_ptr + d0 + du, mask=mu, other=0).to(tl.float32)
                 sa += uu * tl.load(wab_ptr + h * D + d0 + du, mask=mu, other=0).to(tl.float32)
                 sb += uu * tl.load(wab_ptr + (HK * R + h) * D + d0 + du, mask=mu, other=0).to(tl.float32)
-            a_h = tl.sum(sa, axis=0) + touched
+            a_h = tl.sum(sa, axis=0)
             b_h = tl.sum(sb, axis=0)
         else:
             a_h = tl.load(a_ptr + h).to(tl.float32)

@@ -481,20 +481,12 @@ if HAS_TRITON:
                       mask_b, NR, stride_y, 1, SPLIT_K, GATED)
             if SPLIT_K:
                 rn = pid_n * BN + tl.arange(0, BN)
-                if EPI == 0:
-                    splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT, GATED)
-                else:  # splitk_finish, then the last row block to finish runs the norm over the whole row
-                    rmask = rn < NR
-                    tl.debug_barrier()
-                    done = tl.atomic_add(cnt_ptr + pid_n, 1)  # acq_rel, gpu scope
-                    if done == SPLIT - 1:
-                        ra = tl.zeros([BN], dtype=tl.float32)
-                        for sp in range(SPLIT):
-                            ra += tl.load(part_ptr + sp * NR + rn, mask=rmask, other=0.0, cache_modifier=".cg")
-                        tl.store(y_ptr + rn, ra.to(y_ptr.dtype.element_ty), mask=rmask)
-                        tl.atomic_xchg(cnt_ptr + pid_n, 0)
+                last = splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT,
+                                     GATED)
+                if EPI != 0:  # then the last row block to finish runs the norm over the whole row
+                    if last:
                         tl.debug_barrier()  # this block's rows are stored before the release below
-                        if tl.atomic_add(cnt2_ptr, 1) == NB - 1:
+                        if tl.atomic_add(cnt2_ptr, 1) == NB - 1:  # acq_rel, gpu scope
                             _norm_tail(y_ptr, r_ptr, nw_ptr, ro_ptr, u_ptr, NR, eps, EPI, BNORM)
                             tl.atomic_xchg(cnt2_ptr, 0)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from olmo_local.generate import Sampler, SamplingParams, sampling_probs, valid_logits
 from olmo_local.kernels.attention_decode import attention_decode, attention_prep, quantize_kv_int8
 from olmo_local.kernels.gdn_decode import gdn_decode_step
 from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_norm, q4_gemv_silu_mul
@@ -190,11 +191,8 @@ class DecodeStep:
         n_valid): argmax over the valid ids; ("sample", params, n_valid): a draw from
         generate.sampling_probs by the exponential race, argmax(p / E) with E ~ Exp(1) from the
         ``noise`` buffer (filled before each replay by the step's own seeded generator)."""
-        n_valid = mode[-1]
-        lg = logits if n_valid is None or n_valid >= logits.numel() else logits[:n_valid]
+        lg = valid_logits(logits, mode[-1])
         if mode[0] == "sample":
-            from olmo_local.generate import sampling_probs
-
             probs = sampling_probs(lg.float(), mode[1])
             # ids outside the support never win, whatever the noise (an E of exactly 0 would make 0 / 0)
             lg = (probs / self.noise[: probs.numel()]).masked_fill(probs == 0, -1.0)
@@ -254,9 +252,7 @@ class DecodeStep:
         id: no argmax launch, no token upload when ``token`` is the id the last call returned."""
         if not self.use_graph:
             with torch.inference_mode():
-                logits = self(token)
-                lg = logits if n_valid is None or n_valid >= logits.numel() else logits[:n_valid]
-                return int(torch.argmax(lg))
+                return int(torch.argmax(valid_logits(self(token), n_valid)))
         return self._pick(token, ("greedy", n_valid))
 
     def seed_sampler(self, seed: int | None) -> None:
@@ -273,19 +269,19 @@ class DecodeStep:
         (temperature > 0, no repetition penalty): on CUDA inside the graph (see _pick_tail), so the host
         runs no sampler kernels and makes no round trip besides reading the id. Without a graph: the
         host Sampler's draw."""
+        if self.rng is None:
+            self.seed_sampler(None)
         if not self.use_graph:
-            from olmo_local.generate import Sampler
-
             with torch.inference_mode():
                 logits = self(token)
                 return int(torch.multinomial(Sampler.probs(logits, params, n_valid), 1, generator=self.rng))
-        if self.rng is None:
-            self.seed_sampler(None)
-        key = (params.temperature, params.top_k, params.top_p, params.min_p)
+        # the graph depends on these four only (a change of seed or length does not recapture)
+        key = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                             min_p=params.min_p)
         with torch.inference_mode():
             n = n_valid if n_valid is not None else self.model.config.vocab_size
             self.noise[:n].exponential_(generator=self.rng)  # before the replay, on the same stream
-        return self._pick(token, ("sample", _SamplingKey(*key), n_valid))
+        return self._pick(token, ("sample", key, n_valid))
 
     def _pick(self, token: int, mode: tuple) -> int:
         # the hot path of on-device picking: no inference-mode context (a graph replay records nothing
@@ -311,14 +307,3 @@ class DecodeStep:
         st.tokens.append(int(token))
         return nxt
 
-
-class _SamplingKey(tuple):
-    """(temperature, top_k, top_p, min_p) with the attribute names sampling_probs reads."""
-
-    def __new__(cls, temperature: float, top_k: int, top_p: float, min_p: float):
-        return super().__new__(cls, (temperature, top_k, top_p, min_p))
-
-    temperature = property(lambda self: self[0])
-    top_k = property(lambda self: self[1])
-    top_p = property(lambda self: self[2])
-    min_p = property(lambda self: self[3])

@@ -63,6 +63,11 @@ def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs
 
 
+def valid_logits(logits: torch.Tensor, n_valid: int | None) -> torch.Tensor:
+    """The logits of the ids < n_valid (the rest are embedding padding, never chosen): a view."""
+    return logits if n_valid is None or n_valid >= logits.numel() else logits[:n_valid]
+
+
 def uses_history(p: SamplingParams) -> bool:
     """Whether a draw depends on the tokens so far (the repetition penalty)."""
     return p.repeat_penalty != 1.0 and p.repeat_last_n != 0
@@ -82,18 +87,21 @@ class Sampler:
             self.gen.seed()
 
     @staticmethod
-    def probs(logits: torch.Tensor, params: SamplingParams, n_valid: int | None = None) -> torch.Tensor:
-        """sampling_probs of fp32 logits with the padding ids (>= n_valid) excluded (no history)."""
+    def _masked(logits: torch.Tensor, n_valid: int | None) -> torch.Tensor:
+        """fp32 copy of the logits with the padding ids (>= n_valid) at -inf."""
         x = logits.float().clone()
         if n_valid is not None and n_valid < x.numel():
             x[n_valid:] = float("-inf")
-        return sampling_probs(x, params)
+        return x
+
+    @staticmethod
+    def probs(logits: torch.Tensor, params: SamplingParams, n_valid: int | None = None) -> torch.Tensor:
+        """sampling_probs of fp32 logits with the padding ids (>= n_valid) excluded (no history)."""
+        return sampling_probs(Sampler._masked(logits, n_valid), params)
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         p = self.p
-        x = logits.float().clone()
-        if self.n_valid is not None and self.n_valid < x.numel():
-            x[self.n_valid:] = float("-inf")
+        x = self._masked(logits, self.n_valid)
         if uses_history(p) and history:
             recent = history[-p.repeat_last_n:] if p.repeat_last_n > 0 else history
             idx = torch.tensor(sorted(set(recent)), device=x.device, dtype=torch.long)
@@ -167,8 +175,7 @@ class Generator:
         if fn is not None:
             return fn(token, n_valid)
         with torch.inference_mode():
-            logits = self.step(token)
-            return int(torch.argmax(logits if n_valid is None or n_valid >= logits.numel() else logits[:n_valid]))
+            return int(torch.argmax(valid_logits(self.step(token), n_valid)))
 
     def stream(self, new_ids: list[int], params: SamplingParams, stop_ids: set[int] | frozenset[int] = frozenset(),
                n_valid: int | None = None) -> Iterator[int]:

@@ -22,21 +22,13 @@ import olmo_local.quant.linear as ql
 
 def main() -> int:
     variant, args = sys.argv[1], sys.argv[2:]
-    if variant.endswith("-unfused"):
-        import olmo_local.decode as dec
+    import olmo_local.decode as dec
 
-        dec.DecodeStep.fuse_attention_prep = False
-        variant = variant[: -len("-unfused")]
-    if variant.endswith("-nonorm"):  # norms after q4 projections as their own launches
-        import olmo_local.decode as dec
-
-        dec.DecodeStep.fuse_norms = False
-        variant = variant[: -len("-nonorm")]
-    if variant.endswith("-normtail"):  # norms after q4 projections as GEMV tails
-        import olmo_local.decode as dec
-
-        dec.DecodeStep.fuse_norms = True
-        variant = variant[: -len("-normtail")]
+    for suffix, attr, value in (("-unfused", "fuse_attention_prep", False), ("-nonorm", "fuse_norms", False),
+                                ("-normtail", "fuse_norms", True)):
+        if variant.endswith(suffix):
+            setattr(dec.DecodeStep, attr, value)
+            variant = variant[: -len(suffix)]
     m = re.fullmatch(r"(std|tiled|default)(?:st(\d))?(pf2)?(quad)?", variant)
     if not m:
         print(f"unknown variant {variant!r}", file=sys.stderr)

@@ -1,7 +1,6 @@
 #!/usr/bin/env python
 """Peak device memory of filling a 7B q4 state to depth 32768 (int8 KV, 33,000-position cache), per
-prefill chunk size, and the host overhead of a greedy decode step (replays back to back vs. one
-greedy() call per token).
+prefill chunk size (the host overhead per token is scripts/gpu_host_gap.py's).
 
     python scripts/gpu_mem_probe.py [--chunks 2048 1024 512] [--depth 32768]
 """
@@ -15,7 +14,6 @@ import torch
 
 from olmo_local.bench_synth import build_synthetic
 from olmo_local.config import preset
-from olmo_local.decode import DecodeStep
 from olmo_local.generate import Generator
 from olmo_local.state import DecodeState
 
@@ -46,32 +44,6 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated()
         print(f"chunk {chunk:>5}: fill {a.depth} tokens in {dt:.2f} s ({a.depth / dt:.0f} tok/s) · peak {peak / GiB:.3f} GiB"
               f" (+{(peak - base) / GiB:.3f} over weights + state)")
-    # host overhead per greedy token
-    st.reset()
-    gen = Generator(m, st)
-    gen.prefill(ids[:16])
-    step = DecodeStep(m, st)
-    tok = step.greedy(1)
-    for _ in range(3):
-        tok = step.greedy(tok)
-    torch.cuda.synchronize()
-    n = 64
-    t0 = time.perf_counter()
-    for _ in range(n):
-        tok = step.greedy(tok)
-    greedy_us = (time.perf_counter() - t0) / n * 1e6
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step.pick_graphs["greedy"][1].replay()
-    torch.cuda.synchronize()
-    queued_us = (time.perf_counter() - t0) / n * 1e6
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step.pick_graphs["greedy"][1].replay()
-    launch_us = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    print(f"greedy(): {greedy_us:.1f} us/token · replays queued back to back: {queued_us:.1f} us/step · "
-          f"host time of one replay call: {launch_us:.1f} us")
 
 
 if __name__ == "__main__":

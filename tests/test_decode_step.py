@@ -126,6 +126,25 @@ def test_first_graph_step_decodes_its_own_token(tmp_path):
     assert torch.allclose(static.rec_state, eager.rec_state, atol=1e-5)
 
 
+class _PickReplay:
+    """A CPU stand-in for a captured greedy / sampling graph: replay = the static forward + _pick_tail."""
+
+    def __init__(self, step, mode):
+        self.step, self.mode = step, mode
+
+    def replay(self):
+        self.step._pick_tail(self.step.forward(), self.mode)
+
+
+class _FakePickGraphStep(DecodeStep):
+    """DecodeStep whose greedy / sampling "graphs" are _PickReplay (the real capture needs CUDA)."""
+
+    def capture(self, mode=None):
+        assert mode is not None
+        self.pick_graphs[mode[0]] = (mode, _PickReplay(self, mode))
+        self._token_on_device = None
+
+
 @pytest.mark.parametrize("fake_graph", [False, True])
 def test_greedy_step_feeds_back_on_the_device(tmp_path, fake_graph):
     """DecodeStep.greedy(token) returns what argmax over the valid ids of step(token) would, and the
@@ -136,20 +155,8 @@ def test_greedy_step_feeds_back_on_the_device(tmp_path, fake_graph):
     model = load_model(write_checkpoint(hf_model(cfg, seed=8), cfg, tmp_path / "c"), "cpu", torch.float32)
     n_valid = cfg.vocab_size - 7  # padding ids at the end are never chosen
 
-    class Replay:
-        def __init__(self, step, mode):
-            self.step, self.mode = step, mode
-
-        def replay(self):
-            self.step._pick_tail(self.step.forward(), self.mode)
-
-    class FakeGraphStep(DecodeStep):
+    class FakeGraphStep(_FakePickGraphStep):
         fills = 0
-
-        def capture(self, mode=None):
-            assert mode is not None and mode[0] == "greedy"
-            self.pick_graphs[mode[0]] = (mode, Replay(self, mode))
-            self._token_on_device = None
 
     prompt = list(range(3, 30))
     sp = SamplingParams(temperature=0, max_new_tokens=12)
@@ -169,6 +176,7 @@ def test_greedy_step_feeds_back_on_the_device(tmp_path, fake_graph):
     assert st.tokens == prompt + got[:-1]  # the last id is returned, not fed
     if fake_graph:
         assert FakeGraphStep.fills == 1  # only the first id (sampled from the prefill logits) is uploaded
+        assert set(step.pick_graphs) == {"greedy"}  # greedy decoding captured the greedy graph only
     # the direct call against the step's logits
     st2 = DecodeState(cfg, 128)
     with torch.no_grad():
@@ -213,17 +221,7 @@ def test_sample_graph_draws_from_the_step_logits(tmp_path):
     model = load_model(write_checkpoint(hf_model(cfg, seed=9), cfg, tmp_path / "c"), "cpu", torch.float32)
     sp = SamplingParams(temperature=1.5, top_k=5, max_new_tokens=10, seed=123)
 
-    class Replay:
-        def __init__(self, step, mode):
-            self.step, self.mode = step, mode
-
-        def replay(self):
-            self.step._pick_tail(self.step.forward(), self.mode)
-
-    class FakeGraphStep(DecodeStep):
-        def capture(self, mode=None):
-            self.pick_graphs[mode[0]] = (mode, Replay(self, mode))
-            self._token_on_device = None
+    FakeGraphStep = _FakePickGraphStep
 
     prompt = list(range(3, 25))
     runs = []
