@@ -6,7 +6,8 @@
 VARIANT: LAYOUT[stN][pf2][quad] with LAYOUT std (q4 linears in the standard layout), tiled (the tiled
 layout) or default (the package defaults); stN: Triton-pipelined group loop with N stages instead of
 the hand prefetch; pf2: hand prefetch two groups ahead; quad: gate|up programs with four tiles (BN
-gate + BN up rows) instead of gate|up row pairs; a trailing "-unfused" runs NoPE attention layers
+gate + BN up rows) instead of gate|up row pairs; l2N: bulk-prefetch N groups of each program's split
+into L2 before the PDL wait (tiled, Hopper); a trailing "-unfused" runs NoPE attention layers
 through the separate q/k norm and cache-write ops instead of attention_prep; "-nonorm" / "-normtail" run the
 norms after q4 projections as their own launches (the default) / as GEMV tails.
 """
@@ -29,7 +30,7 @@ def main() -> int:
         if variant.endswith(suffix):
             setattr(dec.DecodeStep, attr, value)
             variant = variant[: -len(suffix)]
-    m = re.fullmatch(r"(std|tiled|default)(?:st(\d))?(pf2)?(quad)?", variant)
+    m = re.fullmatch(r"(std|tiled|default)(?:st(\d))?(pf2)?(quad)?(?:l2(\d+))?", variant)
     if not m:
         print(f"unknown variant {variant!r}", file=sys.stderr)
         return 2
@@ -45,6 +46,8 @@ def main() -> int:
         k4.DEFAULT_PREFETCH_DEPTH = 2
     if m.group(4):
         k4.DEFAULT_GATE_HALVES = False
+    if m.group(5):
+        k4.DEFAULT_L2_PREFETCH = int(m.group(5))
     from olmo_local.cli import main as cli_main
 
     sys.argv = ["olmo-local", "bench", *args]
