@@ -366,25 +366,25 @@ if HAS_TRITON:
 
     @triton.jit
     def _l2_prefetch_split(qw_ptr, s_ptr, m_ptr, row_a, row_b, NGR, g_begin, g_end, HW: tl.constexpr,
-                           TR: tl.constexpr, ROWS: tl.constexpr, PFG: tl.constexpr):
-        """Tiled layout only: bulk-prefetch into L2 the first PFG groups of this program's two row tiles
-        (ROWS rows from row_a and from row_b, inside one slab each: per group one contiguous ROWS * G/2
-        bytes) and the scales and mins of their slabs over the split. Issued before the PDL wait, so the
-        weights stream in while the previous kernel finishes (its tail, or a latency-bound norm / GDN
-        step / attention kernel that leaves DRAM idle)."""
-        NT: tl.constexpr = 128
-        j = tl.arange(0, NT)
-        row = tl.where(j % 2 == 0, row_a, row_b)
-        g = g_begin + j // 2
-        wo, so = _row_offsets(row, NGR, HW, TR)
-        nb = tl.where((j < 2 * PFG) & (g < g_end), ROWS * HW * 4, 0)
-        l2_prefetch(qw_ptr + wo + g * (TR * HW), nb)
-        # scales / mins: a slab's are (group, row) ordered, TR per group: the split's range is contiguous
-        srow = (row // TR) * TR
-        _, s0 = _row_offsets(srow, NGR, HW, TR)
-        nsb = tl.where(j < 2, (g_end - g_begin) * TR * 2, 0)
-        l2_prefetch(s_ptr + s0 + g_begin * TR, nsb)
-        l2_prefetch(m_ptr + s0 + g_begin * TR, nsb)
+                           TR: tl.constexpr, PFG: tl.constexpr):
+        """Tiled layout only: bulk-prefetch into L2 the first PFG groups of the slabs that hold this
+        program's two row tiles (rows row_a.. and row_b..; per slab and split one contiguous run of
+        TR * G/2 bytes per group, shared with the slab's other programs) and their scales and mins over
+        the split. Scalar operands: one uniform request per warp and run, no per-lane loop. Issued
+        before the PDL wait, so the weights stream in while the previous kernel finishes."""
+        ng = tl.maximum(g_end - g_begin, 0)
+        npf = tl.minimum(ng, PFG)
+        sa = row_a // TR
+        sb = row_b // TR
+        wpg = TR * HW  # words per group of a slab
+        l2_prefetch(qw_ptr + sa * (NGR * wpg) + g_begin * wpg, npf * (wpg * 4))
+        l2_prefetch(s_ptr + sa * (TR * NGR) + g_begin * TR, ng * (TR * 2))
+        l2_prefetch(m_ptr + sa * (TR * NGR) + g_begin * TR, ng * (TR * 2))
+        nb = tl.where(sb != sa, npf * (wpg * 4), 0)
+        nsb = tl.where(sb != sa, ng * (TR * 2), 0)
+        l2_prefetch(qw_ptr + sb * (NGR * wpg) + g_begin * wpg, nb)
+        l2_prefetch(s_ptr + sb * (TR * NGR) + g_begin * TR, nsb)
+        l2_prefetch(m_ptr + sb * (TR * NGR) + g_begin * TR, nsb)
 
     @triton.jit
     def _mma_acc(acc_a, acc_b, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM: tl.constexpr):
@@ -453,7 +453,7 @@ if HAS_TRITON:
         if L2PF:  # the rest of the split's first L2PF groups: into L2 (tiled layout, Hopper)
             _l2_prefetch_split(qw_ptr, s_ptr, m_ptr, pid_n * HALF if GHALF and GATED else pid_n * BN,
                                pid_n * HALF + OFFB if GHALF and GATED else pid_n * BN + HALF,
-                               NGR, g_begin, g_end, HW, TR, HALF, L2PF)
+                               NGR, g_begin, g_end, HW, TR, L2PF)
         # weights and scales are written by no kernel: loaded before waiting for the previous kernel
         # (programmatic dependent launch), x and the workspaces after
         pdl_wait(USE_PDL)
