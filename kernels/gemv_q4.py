@@ -744,6 +744,10 @@ DEFAULT_PREFETCH = True  # tensor-core path: next group's loads issued before th
 DEFAULT_STAGES = 3  # tensor-core path without PREFETCH: groups in flight in Triton's pipelined loop
 DEFAULT_GATE_HALVES = True  # gated tensor-core path: BN/2 gate rows + their up rows per program
 DEFAULT_PREFETCH_DEPTH = 1  # groups the hand prefetch runs ahead
+# Programs resident per SM on Hopper, from the sm_90 register counts (gpu_check_kernels.py --aot): 72
+# registers x 128 threads -> 7 per SM, the gated pair kernel's 74 -> 6 (allocated in steps of 8).
+# ONE_WAVE caps split-K so that a GEMV's programs fit on the SMs at once.
+ONE_WAVE = False
 DEFAULT_L2_PREFETCH = 0  # groups per program bulk-prefetched into L2 before the PDL wait (tiled, Hopper)
 
 
@@ -809,6 +813,10 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     iters = cdiv(ngr, gpi)
     if split_k is None:
         split_k = _pick_split(n_blocks, iters, x.device)
+        if ONE_WAVE and use_mma:  # no partial second wave: every program resident at once
+            cap = (6 if ghalf else 7) * num_sms(x.device)
+            while split_k > 1 and split_k * n_blocks > cap:
+                split_k -= 1
     split_k = max(1, min(int(split_k), iters))
     gps = cdiv(iters, split_k) * gpi  # groups per split: whole iterations
     split_k = cdiv(ngr, gps)  # no empty splits
