@@ -748,6 +748,7 @@ DEFAULT_PREFETCH_DEPTH = 1  # groups the hand prefetch runs ahead
 # registers x 128 threads -> 7 per SM, the gated pair kernel's 74 -> 6 (allocated in steps of 8).
 # ONE_WAVE caps split-K so that a GEMV's programs fit on the SMs at once.
 ONE_WAVE = False
+DEFAULT_MMA_ROWS_PER_WARP = 16  # tensor-core path: output rows per warp (16: one m16 tile per group)
 DEFAULT_L2_PREFETCH = 0  # groups per program bulk-prefetched into L2 before the PDL wait (tiled, Hopper)
 
 
@@ -796,7 +797,8 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         raise ValueError("the tensor-core q4 path takes one bf16 row of x and group size 128")
     if use_mma:
         groups_per_iter = 1
-        block_n = block_n or 16 * num_warps  # two row halves of 8 rows per warp: one m16 tile
+        # two row halves of 8 rows per warp (one m16 tile) per 16 rows per warp
+        block_n = block_n or DEFAULT_MMA_ROWS_PER_WARP * num_warps
         if block_n % (16 * num_warps):
             # each warp must own whole m16 tiles (8 rows in each half); replicated layouts break the MMA
             # lane mapping (measured: wrong results for block_n=32 with 4 or 8 warps)

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Per-GEMV speed of the 7B decode projections (tiled q4 layout, tensor-core path) on this GPU, for a
+few launch configurations: 20 launches of one GEMV chained in a CUDA graph (PDL on, as in the decode
+step), the mean per launch, its weight bytes per second and the ratio to a device copy.
+
+    python scripts/gpu_gemv_tiled_sweep.py [--quick]
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import torch
+
+from olmo_local.kernels import gemv_q4 as k4
+from olmo_local.kernels._triton import num_sms
+
+SHAPES = [("gdn_in", 17280, 3840, False), ("qkv", 11520, 3840, False), ("gate_up", 2 * 11008, 3840, True),
+          ("down", 3840, 11008, False), ("gdn_o", 3840, 5760, False), ("attn_o", 3840, 3840, False)]
+
+
+def copy_bw() -> float:
+    a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    best = 1e9
+    for _ in range(10):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        torch.cuda.synchronize()
+        best = min(best, e0.elapsed_time(e1) / 1e3)
+    return 2 * a.numel() / best
+
+
+def timed(fn, n=20, reps=10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        fn()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g, stream=s):
+            for _ in range(n):
+                fn()
+    g.replay()
+    torch.cuda.synchronize()
+    best = 1e9
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        best = min(best, e0.elapsed_time(e1) * 1e3 / n)
+    return best  # us per launch
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    bw = copy_bw()
+    sms = num_sms(torch.device("cuda"))
+    print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, {sms} SMs")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for name, n, k, gated in SHAPES:
+        qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=gen)
+        s = (torch.rand(n, k // 128, device="cuda", generator=gen) * 1e-2).half()
+        m = (-torch.rand(n, k // 128, device="cuda", generator=gen) * 1e-1).half()
+        qw, s, m = k4.q4_tile(qw, s, m, 128)
+        x = torch.randn(1, k, device="cuda", generator=gen).to(torch.bfloat16)
+        nbytes = qw.numel() + 2 * s.numel() * 2
+        kern = k4.q4_gemv_silu_mul_triton if gated else k4.q4_gemv_triton
+        out = torch.empty(1, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
+        base = None
+        splits = [None] if quick else [None, "x0.5", "x1.5", "x2"]
+        for rpw, warps, split in itertools.product((16, 32), (4, 8), splits):
+            if quick and (rpw, warps) != (16, 4):
+                continue
+            k4.DEFAULT_MMA_ROWS_PER_WARP = rpw
+            sk = None
+            if split is not None:
+                bn = rpw * warps // (2 if gated else 1)
+                nb = -(-(n // 2 if gated else n) // bn)
+                d = k4._pick_split(nb, k // 128, torch.device("cuda"))
+                sk = max(1, round(d * float(split[1:])))
+            try:
+                us = timed(lambda: kern(x, qw, s, m, 128, out, tiled=True, num_warps=warps, split_k=sk))
+            except Exception as exc:  # noqa: BLE001
+                print(f"{name} rpw{rpw} w{warps} split {split}: {type(exc).__name__} {str(exc)[:120]}")
+                continue
+            base = base or us
+            rows.append((name, f"rpw{rpw} w{warps} split {split or 'default'}", us, nbytes / us / 1e6, us / base))
+        k4.DEFAULT_MMA_ROWS_PER_WARP = 16
+    print(f"{'gemv':8s} {'config':28s} {'us':>7s} {'GB/s':>7s} {'% copy':>7s} {'vs def':>7s}")
+    for name, cfg, us, gbs, rel in rows:
+        print(f"{name:8s} {cfg:28s} {us:7.2f} {gbs:7.0f} {gbs * 1e9 / bw * 100:6.1f}% {rel:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
