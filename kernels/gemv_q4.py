@@ -744,16 +744,25 @@ DEFAULT_PREFETCH = True  # tensor-core path: next group's loads issued before th
 DEFAULT_STAGES = 3  # tensor-core path without PREFETCH: groups in flight in Triton's pipelined loop
 DEFAULT_GATE_HALVES = True  # gated tensor-core path: BN/2 gate rows + their up rows per program
 DEFAULT_PREFETCH_DEPTH = 1  # groups the hand prefetch runs ahead
-# Programs resident per SM on Hopper, from the sm_90 register counts (gpu_check_kernels.py --aot): 72
-# registers x 128 threads -> 7 per SM, the gated pair kernel's 74 -> 6 (allocated in steps of 8).
-# ONE_WAVE caps split-K so that a GEMV's programs fit on the SMs at once.
-ONE_WAVE = False
 DEFAULT_MMA_ROWS_PER_WARP = 16  # tensor-core path: output rows per warp (16: one m16 tile per group)
+SHAPE_RULES = False  # tensor-core path: per-shape rows per warp / warps / split-K (_mma_shape_rule)
+
+
+def _mma_shape_rule(nr: int, ngr: int, gated: bool):
+    """(rows per warp, warps, split-K scale) for the tensor-core path by the shape of the projection, or
+    None for the defaults. From the H200 per-GEMV sweep (scripts/gpu_gemv_tiled_sweep.py, PDL-chained
+    graphs): the 7B gate|up ran 22.5 -> 19.1 us with 32 rows per warp and half the splits, gdn_in
+    (N = 4.5 K) 17.9 -> 16.3 us with 32 rows per warp: twice the bytes in flight per thread."""
+    if gated:
+        return 32, 4, 0.5
+    if nr >= 4 * ngr * 128:
+        return 32, 4, 1.0
+    return None
 DEFAULT_L2_PREFETCH = 0  # groups per program bulk-prefetched into L2 before the PDL wait (tiled, Hopper)
 
 
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *, block_n=None, split_k=None,
-               num_warps=4, num_stages=2, pairs=None, groups_per_iter=None, mma=None, prefetch=None, stages=None,
+               num_warps=None, num_stages=2, pairs=None, groups_per_iter=None, mma=None, prefetch=None, stages=None,
                gate_halves=None, prefetch_depth=None, norm=None, l2_prefetch=None):
     """The tuning knobs (keyword-only, shared by both public entry points): rows per program, K splits,
     warps, pipeline stages, bf16x2 math, groups per iteration, tensor cores, hand prefetch of the next
@@ -795,8 +804,14 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     use_mma = (DEFAULT_MMA and t == 1 and x_bf16 and g == 128) if mma is None else bool(mma)
     if use_mma and not (t == 1 and x_bf16 and g == 128):
         raise ValueError("the tensor-core q4 path takes one bf16 row of x and group size 128")
+    shape_rule = None
     if use_mma:
         groups_per_iter = 1
+        if SHAPE_RULES and block_n is None and num_warps is None and split_k is None:
+            shape_rule = _mma_shape_rule(nr, ngr, gated)
+            if shape_rule:
+                block_n, num_warps = shape_rule[0] * shape_rule[1], shape_rule[1]
+        num_warps = num_warps or 4
         # two row halves of 8 rows per warp (one m16 tile) per 16 rows per warp
         block_n = block_n or DEFAULT_MMA_ROWS_PER_WARP * num_warps
         if block_n % (16 * num_warps):
@@ -805,6 +820,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
             raise ValueError("the tensor-core q4 path needs block_n to be a multiple of 16 * num_warps")
     # BN rows x GPI groups per iteration: each row contributes GPI * G/2 contiguous bytes (DRAM
     # bursts: 64-byte row pieces reached only ~40 % of copy bandwidth on the H200)
+    num_warps = num_warps or 4
     gpi = groups_per_iter or max(1, min(DEFAULT_BYTES_PER_ROW // (g // 2), ngr))
     gpi = min(next_pow2(gpi), next_pow2(ngr))
     bn = block_n or max(16, min(8192 // (g * gpi), next_pow2(nr)))
@@ -815,10 +831,8 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     iters = cdiv(ngr, gpi)
     if split_k is None:
         split_k = _pick_split(n_blocks, iters, x.device)
-        if ONE_WAVE and use_mma:  # no partial second wave: every program resident at once
-            cap = (6 if ghalf else 7) * num_sms(x.device)
-            while split_k > 1 and split_k * n_blocks > cap:
-                split_k -= 1
+        if shape_rule:
+            split_k = max(1, round(split_k * shape_rule[2]))
     split_k = max(1, min(int(split_k), iters))
     gps = cdiv(iters, split_k) * gpi  # groups per split: whole iterations
     split_k = cdiv(ngr, gps)  # no empty splits

@@ -75,9 +75,9 @@ def main() -> None:
         kern = k4.q4_gemv_silu_mul_triton if gated else k4.q4_gemv_triton
         out = torch.empty(1, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
         base = None
-        splits = [None] if quick else [None, "x0.5", "x1.5", "x2"]
-        for rpw, warps, split in itertools.product((16, 32), (4, 8), splits):
-            if quick and (rpw, warps) != (16, 4):
+        splits = [None] if quick else [None, "x0.33", "x0.5", "x0.67", "x1.5"]
+        for rpw, warps, split in itertools.product((16, 32, 64), (4, 8), splits):
+            if (quick and (rpw, warps) != (16, 4)) or (rpw == 64 and warps == 8):
                 continue
             k4.DEFAULT_MMA_ROWS_PER_WARP = rpw
             sk = None
@@ -92,8 +92,13 @@ def main() -> None:
                 print(f"{name} rpw{rpw} w{warps} split {split}: {type(exc).__name__} {str(exc)[:120]}")
                 continue
             base = base or us
-            rows.append((name, f"rpw{rpw} w{warps} split {split or 'default'}", us, nbytes / us / 1e6, us / base))
+            rows.append((name, f"rpw{rpw} w{warps} split {split or 'default'}", us, nbytes / us / 1e3, us / base))
         k4.DEFAULT_MMA_ROWS_PER_WARP = 16
+        k4.SHAPE_RULES = True  # the rule's pick for this shape, timed the same way
+        us = timed(lambda: kern(x, qw, s, m, 128, out, tiled=True))
+        rows.append((name, f"shape rule {k4._mma_shape_rule(n // 2 if gated else n, k // 128, gated)}", us,
+                     nbytes / us / 1e3, us / base))
+        k4.SHAPE_RULES = False
     print(f"{'gemv':8s} {'config':28s} {'us':>7s} {'GB/s':>7s} {'% copy':>7s} {'vs def':>7s}")
     for name, cfg, us, gbs, rel in rows:
         print(f"{name:8s} {cfg:28s} {us:7.2f} {gbs:7.0f} {gbs * 1e9 / bw * 100:6.1f}% {rel:7.2f}")
