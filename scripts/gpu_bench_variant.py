@@ -7,7 +7,7 @@ VARIANT: LAYOUT[stN][pf2][quad] with LAYOUT std (q4 linears in the standard layo
 layout) or default (the package defaults); stN: Triton-pipelined group loop with N stages instead of
 the hand prefetch; pf2: hand prefetch two groups ahead; quad: gate|up programs with four tiles (BN
 gate + BN up rows) instead of gate|up row pairs; l2N: bulk-prefetch N groups of each program's split
-into L2 before the PDL wait (tiled, Hopper); tuned: the per-shape rows per warp / warps / splits of gemv_q4._mma_shape_rule; rN: N
+into L2 before the PDL wait (tiled, Hopper); wideP[gQ]: gemv_q4.SHAPE_RULES with P programs per SM (Q for gate|up, default P); rN: N
 rows per warp in the tensor-core path (16 default, 32: each thread loads twice the bytes per group);
 a trailing "-unfused" runs NoPE attention layers
 through the separate q/k norm and cache-write ops instead of attention_prep; "-nonorm" / "-normtail" run the
@@ -32,7 +32,7 @@ def main() -> int:
         if variant.endswith(suffix):
             setattr(dec.DecodeStep, attr, value)
             variant = variant[: -len(suffix)]
-    m = re.fullmatch(r"(std|tiled|default)(?:st(\d))?(pf2)?(quad)?(?:l2(\d+))?(tuned)?(?:r(\d+))?", variant)
+    m = re.fullmatch(r"(std|tiled|default)(?:st(\d))?(pf2)?(quad)?(?:l2(\d+))?(?:wide([\d.]+)(?:g([\d.]+))?)?(?:r(\d+))?", variant)
     if not m:
         print(f"unknown variant {variant!r}", file=sys.stderr)
         return 2
@@ -52,8 +52,10 @@ def main() -> int:
         k4.DEFAULT_L2_PREFETCH = int(m.group(5))
     if m.group(6):
         k4.SHAPE_RULES = True
-    if m.group(7):
-        k4.DEFAULT_MMA_ROWS_PER_WARP = int(m.group(7))
+        k4.WIDE_PER_SM = float(m.group(6))
+        k4.WIDE_PER_SM_GATED = float(m.group(7) or m.group(6))
+    if m.group(8):
+        k4.DEFAULT_MMA_ROWS_PER_WARP = int(m.group(8))
     from olmo_local.cli import main as cli_main
 
     sys.argv = ["olmo-local", "bench", *args]

@@ -77,6 +77,8 @@ def main() -> None:
         base = None
         splits = [None] if quick else [None, "x0.33", "x0.5", "x0.67", "x1.5"]
         for rpw, warps, split in itertools.product((16, 32, 64), (4, 8), splits):
+            if "--wide" in sys.argv and (rpw, warps, split) != (16, 4, None):
+                continue
             if (quick and (rpw, warps) != (16, 4)) or (rpw == 64 and warps == 8):
                 continue
             k4.DEFAULT_MMA_ROWS_PER_WARP = rpw
@@ -94,10 +96,11 @@ def main() -> None:
             base = base or us
             rows.append((name, f"rpw{rpw} w{warps} split {split or 'default'}", us, nbytes / us / 1e3, us / base))
         k4.DEFAULT_MMA_ROWS_PER_WARP = 16
-        k4.SHAPE_RULES = True  # the rule's pick for this shape, timed the same way
-        us = timed(lambda: kern(x, qw, s, m, 128, out, tiled=True))
-        rows.append((name, f"shape rule {k4._mma_shape_rule(n // 2 if gated else n, k // 128, gated)}", us,
-                     nbytes / us / 1e3, us / base))
+        for per_sm in (1.0, 1.5, 2.0, 3.0, 4.0, 6.0):  # the wide rule at several programs per SM
+            k4.SHAPE_RULES = True
+            k4.WIDE_PER_SM = k4.WIDE_PER_SM_GATED = per_sm
+            us = timed(lambda: kern(x, qw, s, m, 128, out, tiled=True))
+            rows.append((name, f"wide rule {per_sm}/SM", us, nbytes / us / 1e3, us / base))
         k4.SHAPE_RULES = False
     print(f"{'gemv':8s} {'config':28s} {'us':>7s} {'GB/s':>7s} {'% copy':>7s} {'vs def':>7s}")
     for name, cfg, us, gbs, rel in rows:
