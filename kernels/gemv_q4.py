@@ -745,18 +745,19 @@ DEFAULT_STAGES = 3  # tensor-core path without PREFETCH: groups in flight in Tri
 DEFAULT_GATE_HALVES = True  # gated tensor-core path: BN/2 gate rows + their up rows per program
 DEFAULT_PREFETCH_DEPTH = 1  # groups the hand prefetch runs ahead
 DEFAULT_MMA_ROWS_PER_WARP = 16  # tensor-core path: output rows per warp (16: one m16 tile per group)
-SHAPE_RULES = False  # tensor-core path: wide programs, split-K by a programs-per-SM target (below)
+SHAPE_RULES = True  # tensor-core path: wide programs, split-K by a programs-per-SM target (below)
 WIDE_ROWS_PER_WARP = 64  # with SHAPE_RULES: four m16 tiles per warp, 256 rows (or 128 gate|up pairs)
 WIDE_PER_SM = 2.0  # with SHAPE_RULES: programs per SM that split-K aims at (gated: WIDE_PER_SM_GATED)
-WIDE_PER_SM_GATED = 4.0
+WIDE_PER_SM_GATED = 2.0
 
 
 def _mma_shape_rule(nr: int, ngr: int, gated: bool):
     """(rows per warp, warps, programs per SM) for the tensor-core path, or None for the defaults. The
     H200 per-GEMV sweep (scripts/gpu_gemv_tiled_sweep.py, PDL-chained graphs) found every 7B projection
     faster with few wide programs (64 rows per warp, 4 warps, 1.5-4 programs per SM) than with the
-    default 16 rows per warp and ~6-7 programs per SM: gdn_in 17.7 -> 14.2 us, qkv 11.7 -> 9.8,
-    gate|up 22.5 -> 17.6, down 12.1 -> 11.0, GDN o 8.1 -> 7.0, attention o 6.8 -> 6.0."""
+    default 16 rows per warp and ~6-7 programs per SM; at 2 per SM: gdn_in 17.7 -> 15.1 us, qkv 11.5
+    -> 11.2, gate|up 22.8 -> 15.6, down 12.0 -> 10.1, GDN o 8.2 -> 7.0, attention o 6.8 -> 6.1. tg128
+    (same card, same run): H200 395 -> 418 t/s, H100 380 -> 394 t/s (docs/benchmarks.md, session 4)."""
     return WIDE_ROWS_PER_WARP, 4, (WIDE_PER_SM_GATED if gated else WIDE_PER_SM)
 DEFAULT_L2_PREFETCH = 0  # groups per program bulk-prefetched into L2 before the PDL wait (tiled, Hopper)
 
