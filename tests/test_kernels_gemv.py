@@ -474,3 +474,23 @@ def test_q4_shape_rules_give_the_same_result(gated, monkeypatch):
         y = kern(x, qt, st, mt, 128, tiled=True)
         assert relerr(y, ref(x, packed, scales, mins, 128)) < tol(torch.bfloat16)
         assert counters_are_zero()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
+@pytest.mark.parametrize("rules", [True, False])
+@pytest.mark.parametrize("name,n,k,gated", [("gdn_in", 17280, 3840, False), ("gate_up", 2 * 11008, 3840, True),
+                                            ("down", 3840, 11008, False), ("attn_o", 3840, 3840, False)])
+def test_q4_default_launch_at_7b_shapes_on_cuda(name, n, k, gated, rules, monkeypatch):
+    """The decode launches as the model makes them (no knobs: tensor cores, tiled layout, the wide-program
+    rule or the older 16-rows-per-warp default) against the dequantized reference at the 7B shapes."""
+    monkeypatch.setattr(k4, "SHAPE_RULES", rules)
+    gen = torch.Generator().manual_seed(13)
+    _, packed, scales, mins = random_q4(n, k, 128, gen)
+    packed, scales, mins = (t.cuda() for t in k4.q4_tile(packed, scales, mins, 128))
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16).cuda()
+    kern = k4.q4_gemv_silu_mul if gated else k4.q4_gemv
+    ref = (k4.q4_gemv_silu_mul_ref if gated else k4.q4_gemv_ref)(x.float(), packed, scales, mins, 128, tiled=True)
+    for _ in range(3):  # repeated launches reuse the split-K workspaces and counters
+        got = kern(x, packed, scales, mins, 128, tiled=True)
+        assert relerr(got.float(), ref) < 1e-2, name
+    assert counters_are_zero()
