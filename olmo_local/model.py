@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from olmo_local.config import OlmoHybridConfig
 from olmo_local.kernels.attention_prefill import attention_over_int8_cache
 from olmo_local.kernels.delta_rule import chunk_gated_delta_rule_heads, recurrent_gated_delta_rule
+from olmo_local.kernels._triton import use_triton
 from olmo_local.kernels.gdn_prefill import gated_rms_norm as _gated_rms_norm
+from olmo_local.kernels.gdn_recurrent import gdn_recurrent_prefill
 from olmo_local.kernels.gdn_prefill import gdn_prefill_prep, l2_norm  # noqa: F401  (l2_norm: public name)
 from olmo_local.kernels.norm import rmsnorm
 from olmo_local.kernels.norm import rmsnorm_ref as rms_norm  # Olmo order, torch ops (autograd-safe)
@@ -104,6 +106,10 @@ class AttentionLayer(nn.Module):
 class GDNLayer(nn.Module):
     """Pre-norm Gated DeltaNet block (spec §4.5, §5)."""
 
+    # CUDA inference: the delta rule of a whole prompt (gates included) in one Triton launch per layer
+    # instead of the chunked torch form (~50 launches); False restores the chunked form (for A/B runs)
+    fused_prefill = True
+
     def __init__(self, cfg: OlmoHybridConfig, idx: int, in_norm: Norm, qkvz: nn.Module, ab: nn.Module,
                  conv_w: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, o_norm_w: torch.Tensor,
                  o: nn.Module, post_norm: Norm, mlp: MLP, trainable: bool = False) -> None:
@@ -127,6 +133,22 @@ class GDNLayer(nn.Module):
         # conv + SiLU, q/k L2 norm: head-first [B, H, T, d] fp32, the layout of the delta rule's matmuls
         q, k, v, new_conv = gdn_prefill_prep(qkv, self.conv_w, conv_state, self.hk, self.hv, self.dk, self.dv,
                                              self.dk ** -0.5)
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or self.A_log.requires_grad
+                                                  or self.dt_bias.requires_grad)
+        if self.fused_prefill and use_triton(q) and not needs_grad:
+            rec = None if state is None else state.rec_state[self.idx].unsqueeze(0)
+            o = gdn_recurrent_prefill(q, k, v, a, b, self.A_log, self.dt_bias, self.beta_scale, rec)
+        else:
+            o = self._delta_rule_torch(q, k, v, a, b, state)
+        if state is not None:
+            state.conv_state[self.idx].copy_(new_conv[0])
+        y = gated_rms_norm(o.transpose(1, 2), z.reshape(B, T, self.hv, self.dv), self.o_norm_w)
+        return self.o(y.reshape(B, T, self.value_dim))
+
+    def _delta_rule_torch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                          state: DecodeState | None) -> torch.Tensor:
+        """The delta rule in torch (CPU, training): chunked for prompts, recurrent for one token."""
+        T = q.shape[2]
         cd = q.dtype
         if self.hv != self.hk:
             q = q.repeat_interleave(self.hv // self.hk, dim=1)
@@ -135,17 +157,14 @@ class GDNLayer(nn.Module):
         g = (-self.A_log.to(cd).exp() * F.softplus(a.to(cd) + self.dt_bias.to(cd))).transpose(1, 2)
         if state is None:
             o, _ = chunk_gated_delta_rule_heads(q, k, v, g, beta)
-        else:
-            rec = state.rec_state[self.idx].unsqueeze(0)
-            if T == 1:
-                o = recurrent_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               g.transpose(1, 2), beta.transpose(1, 2), rec).transpose(1, 2)
-            else:
-                o, S = chunk_gated_delta_rule_heads(q, k, v, g, beta, rec)
-                rec.copy_(S)
-            state.conv_state[self.idx].copy_(new_conv[0])
-        y = gated_rms_norm(o.transpose(1, 2), z.reshape(B, T, self.hv, self.dv), self.o_norm_w)
-        return self.o(y.reshape(B, T, self.value_dim))
+            return o
+        rec = state.rec_state[self.idx].unsqueeze(0)
+        if T == 1:
+            return recurrent_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              g.transpose(1, 2), beta.transpose(1, 2), rec).transpose(1, 2)
+        o, S = chunk_gated_delta_rule_heads(q, k, v, g, beta, rec)
+        rec.copy_(S)
+        return o
 
     def forward(self, x: torch.Tensor, state: DecodeState | None, rope: tuple | None = None) -> torch.Tensor:
         x = x + self.mix(self.in_norm(x), state)

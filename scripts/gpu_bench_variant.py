@@ -11,7 +11,8 @@ into L2 before the PDL wait (tiled, Hopper); wideP[gQ]: gemv_q4.SHAPE_RULES with
 rows per warp in the tensor-core path (16 default, 32: each thread loads twice the bytes per group);
 a trailing "-unfused" runs NoPE attention layers
 through the separate q/k norm and cache-write ops instead of attention_prep; "-nonorm" / "-normtail" run the
-norms after q4 projections as their own launches (the default) / as GEMV tails.
+norms after q4 projections as their own launches (the default) / as GEMV tails; "-chunked" prefills GDN
+layers with the chunked torch delta rule instead of the one-launch Triton recurrence.
 """
 
 from __future__ import annotations
@@ -27,10 +28,14 @@ def main() -> int:
     variant, args = sys.argv[1], sys.argv[2:]
     import olmo_local.decode as dec
 
-    for suffix, attr, value in (("-unfused", "fuse_attention_prep", False), ("-nonorm", "fuse_norms", False),
-                                ("-normtail", "fuse_norms", True)):
+    import olmo_local.model as mdl
+
+    for suffix, cls, attr, value in (("-unfused", dec.DecodeStep, "fuse_attention_prep", False),
+                                     ("-nonorm", dec.DecodeStep, "fuse_norms", False),
+                                     ("-normtail", dec.DecodeStep, "fuse_norms", True),
+                                     ("-chunked", mdl.GDNLayer, "fused_prefill", False)):
         if variant.endswith(suffix):
-            setattr(dec.DecodeStep, attr, value)
+            setattr(cls, attr, value)
             variant = variant[: -len(suffix)]
     m = re.fullmatch(r"(std|tiled|default)(?:st(\d))?(pf2)?(quad)?(?:l2(\d+))?(?:wide([\d.]+)(?:g([\d.]+))?)?(?:r(\d+))?", variant)
     if not m:

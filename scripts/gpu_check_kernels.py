@@ -79,6 +79,7 @@ kq8 = importlib.import_module("olmo_local.kernels.gemv_q8")
 kgdn = importlib.import_module("olmo_local.kernels.gdn_decode")
 katt = importlib.import_module("olmo_local.kernels.attention_decode")
 knorm = importlib.import_module("olmo_local.kernels.norm")
+kgr = importlib.import_module("olmo_local.kernels.gdn_recurrent")
 
 CUDA = torch.cuda.is_available() and not ARGS.dry_run
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -568,6 +569,10 @@ def aot_report() -> int:
     norm_types = {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "ro_ptr": "*bf16",
                   "D": "i32", "eps": "fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
                   "stride_ro": "i32"}
+    rec_types = {"q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
+                 "alog_ptr": "*fp32", "dtb_ptr": "*fp32", "s_ptr": "*fp32", "o_ptr": "*fp32", "T": "i32", "HV": "i32",
+                 "REP": "i32", "DK": "i32", "DV": "i32", "sa_b": "i32", "sa_t": "i32", "sb_b": "i32", "sb_t": "i32",
+                 "beta_scale": "fp32"}
     jobs = [
         ("q4 T=1 (64 rows x 128 cols / iter)", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 1, "MMA": False, "PREFETCH": False}, 4, ()),
@@ -624,6 +629,8 @@ def aot_report() -> int:
          {"G": 1, "BQ": 4096, "BK": 4096, "BD": 128, "QUANT": True}, 4, ("NQ", "NK", "HD")),
         ("attention prep (bf16 KV write)", katt._attn_prep_kernel, dict(prep_types, kc_ptr="*bf16", vc_ptr="*bf16"),
          {"G": 1, "BQ": 4096, "BK": 4096, "BD": 128, "QUANT": False}, 4, ("NQ", "NK", "HD")),
+        ("gdn recurrent prefill dk=96 dv=192 BV=16", kgr._gdn_recurrent_kernel, rec_types,
+         {"BK": 128, "BV": 16, "HAS_STATE": True}, 1, ("DK", "DV")),
         ("add_rmsnorm d=3840", knorm._rmsnorm_kernel, norm_types, {"BD": 4096, "MODE": 1}, 8,
          ("D", "stride_x", "stride_r", "stride_y", "stride_ro")),
     ]
