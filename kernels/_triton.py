@@ -94,14 +94,6 @@ def use_pdl(t: torch.Tensor) -> bool:
     return _PDL_OK[idx]
 
 
-def is_hopper(t: torch.Tensor) -> bool:
-    """Whether ``t`` lives on a compiled-Triton GPU of compute capability 9.0+ (bulk L2 prefetch, PDL)."""
-    if not (HAS_TRITON and not INTERPRET and t.is_cuda):
-        return False
-    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(idx)[0] >= 9
-
-
 def pdl_kwargs(on: bool) -> dict:
     """Extra launch arguments: launch_pdl only when used (older Triton does not know it)."""
     return {"launch_pdl": True} if on else {}
@@ -160,15 +152,6 @@ if HAS_TRITON:
         """Let the next kernel of the stream launch now (it waits in pdl_wait before using our data)."""
         if ON:
             tl.extra.cuda.gdc_launch_dependents()
-
-    @triton.jit
-    def l2_prefetch(ptr, nbytes):
-        """Ask the L2 cache to fetch [ptr, ptr + nbytes) of global memory (Hopper's bulk prefetch, one
-        TMA request per lane, nothing waits for it); lanes with nbytes == 0 issue nothing. ptr must be
-        16-byte aligned and nbytes a multiple of 16. sm_90+ only: never call it in the interpreter."""
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def emit_rows(y_ptr, part_ptr, ra, rb, t: tl.constexpr, pid_k, rn, rmask, NR, stride_y,

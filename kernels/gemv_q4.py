@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import (HAS_TRITON, cdiv, is_hopper, next_pow2, num_sms, pdl_kwargs, tl, triton, use_pdl, use_triton,
-                      workspace)
+from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, pdl_kwargs, tl, triton, use_pdl, use_triton, workspace
 
 if HAS_TRITON:
-    from ._triton import emit_rows, l2_prefetch, pdl_launch_dependents, pdl_wait, splitk_finish
+    from ._triton import emit_rows, pdl_launch_dependents, pdl_wait, splitk_finish
 
 __all__ = [
     "TILE_ROWS",
@@ -365,28 +364,6 @@ if HAS_TRITON:
         return wa, wb, sa, ma, sb, mb
 
     @triton.jit
-    def _l2_prefetch_split(qw_ptr, s_ptr, m_ptr, row_a, row_b, NGR, g_begin, g_end, HW: tl.constexpr,
-                           TR: tl.constexpr, PFG: tl.constexpr):
-        """Tiled layout only: bulk-prefetch into L2 the first PFG groups of the slabs that hold this
-        program's two row tiles (rows row_a.. and row_b..; per slab and split one contiguous run of
-        TR * G/2 bytes per group, shared with the slab's other programs) and their scales and mins over
-        the split. Scalar operands: one uniform request per warp and run, no per-lane loop. Issued
-        before the PDL wait, so the weights stream in while the previous kernel finishes."""
-        ng = tl.maximum(g_end - g_begin, 0)
-        npf = tl.minimum(ng, PFG)
-        sa = row_a // TR
-        sb = row_b // TR
-        wpg = TR * HW  # words per group of a slab
-        l2_prefetch(qw_ptr + sa * (NGR * wpg) + g_begin * wpg, npf * (wpg * 4))
-        l2_prefetch(s_ptr + sa * (TR * NGR) + g_begin * TR, ng * (TR * 2))
-        l2_prefetch(m_ptr + sa * (TR * NGR) + g_begin * TR, ng * (TR * 2))
-        nb = tl.where(sb != sa, npf * (wpg * 4), 0)
-        nsb = tl.where(sb != sa, ng * (TR * 2), 0)
-        l2_prefetch(qw_ptr + sb * (NGR * wpg) + g_begin * wpg, nb)
-        l2_prefetch(s_ptr + sb * (TR * NGR) + g_begin * TR, nsb)
-        l2_prefetch(m_ptr + sb * (TR * NGR) + g_begin * TR, nsb)
-
-    @triton.jit
     def _mma_acc(acc_a, acc_b, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM: tl.constexpr):
         da, db, d1 = _mma_word(wa, wb, x0, x1, x2, x3, ASM)
         sa = sa.to(tl.float32)[:, None]
@@ -405,8 +382,7 @@ if HAS_TRITON:
                      G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
                      ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TR: tl.constexpr,
                      STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr,
-                     r_ptr, nw_ptr, ro_ptr, u_ptr, cnt2_ptr, eps, NB, EPI: tl.constexpr, BNORM: tl.constexpr,
-                     L2PF: tl.constexpr):
+                     r_ptr, nw_ptr, ro_ptr, u_ptr, cnt2_ptr, eps, NB, EPI: tl.constexpr, BNORM: tl.constexpr):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
@@ -450,10 +426,6 @@ if HAS_TRITON:
                                                            NGR, g_begin + 1, HW, TR)
         else:
             p_wa, p_wb, p_sa, p_ma, p_sb, p_mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
-        if L2PF:  # the rest of the split's first L2PF groups: into L2 (tiled layout, Hopper)
-            _l2_prefetch_split(qw_ptr, s_ptr, m_ptr, pid_n * HALF if GHALF and GATED else pid_n * BN,
-                               pid_n * HALF + OFFB if GHALF and GATED else pid_n * BN + HALF,
-                               NGR, g_begin, g_end, HW, TR, L2PF)
         # weights and scales are written by no kernel: loaded before waiting for the previous kernel
         # (programmatic dependent launch), x and the workspaces after
         pdl_wait(USE_PDL)
@@ -642,13 +614,12 @@ if HAS_TRITON:
         TR: tl.constexpr, STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr,
         r_ptr, nw_ptr, ro_ptr, u_ptr, cnt2_ptr, eps, NB,  # the norm tail (EPI > 0; see _norm_tail)
         EPI: tl.constexpr, BNORM: tl.constexpr,
-        L2PF: tl.constexpr = 0,  # tensor cores + tiled layout on Hopper: groups bulk-prefetched into L2
     ):
         pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                          G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2,
-                         r_ptr, nw_ptr, ro_ptr, u_ptr, cnt2_ptr, eps, NB, EPI, BNORM, L2PF)
+                         r_ptr, nw_ptr, ro_ptr, u_ptr, cnt2_ptr, eps, NB, EPI, BNORM)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -759,19 +730,17 @@ def _mma_shape_rule(nr: int, ngr: int, gated: bool):
     -> 11.2, gate|up 22.8 -> 15.6, down 12.0 -> 10.1, GDN o 8.2 -> 7.0, attention o 6.8 -> 6.1. tg128
     (same card, same run): H200 395 -> 418 t/s, H100 380 -> 394 t/s (docs/benchmarks.md, session 4)."""
     return WIDE_ROWS_PER_WARP, 4, (WIDE_PER_SM_GATED if gated else WIDE_PER_SM)
-DEFAULT_L2_PREFETCH = 0  # groups per program bulk-prefetched into L2 before the PDL wait (tiled, Hopper)
 
 
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *, block_n=None, split_k=None,
                num_warps=None, num_stages=2, pairs=None, groups_per_iter=None, mma=None, prefetch=None, stages=None,
-               gate_halves=None, prefetch_depth=None, norm=None, l2_prefetch=None):
+               gate_halves=None, prefetch_depth=None, norm=None):
     """The tuning knobs (keyword-only, shared by both public entry points): rows per program, K splits,
     warps, pipeline stages, bf16x2 math, groups per iteration, tensor cores, hand prefetch of the next
     group, Triton-pipelined group loop of the tensor-core path (stages), and for the gated tensor-core
     path BN/2 gate rows + their up rows per program instead of BN + BN (gate_halves), and how many
-    groups ahead the hand prefetch loads (prefetch_depth 1 or 2; 2 needs two tiles per group), and how
-    many groups of each program's split the tiled tensor-core path asks L2 for before waiting on the
-    previous kernel (l2_prefetch; Hopper only, ignored elsewhere); None picks the default."""
+    groups ahead the hand prefetch loads (prefetch_depth 1 or 2; 2 needs two tiles per group); None
+    picks the default."""
     x2 = _as_rows(x)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -854,9 +823,6 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     pf = DEFAULT_PREFETCH if prefetch is None else bool(prefetch)
     depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else int(prefetch_depth)
     pf2 = bool(use_mma and pf and depth == 2 and (ghalf or not gated))
-    l2pf = DEFAULT_L2_PREFETCH if l2_prefetch is None else int(l2_prefetch)
-    # the tiles of a program must each lie inside one slab (BN/2 rows at a multiple of BN/2 <= TILE_ROWS)
-    l2pf = min(l2pf, 64) if (l2pf > 0 and use_mma and tiled and bn // 2 <= TILE_ROWS and is_hopper(x2)) else 0
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
@@ -865,7 +831,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         PREFETCH=pf, USE_PDL=pdl,
         TR=TILE_ROWS if tiled else 0, STAGES=1 if pf else (stages or DEFAULT_STAGES), GHALF=ghalf, PF2=pf2,
         r_ptr=nargs[0], nw_ptr=nargs[1], ro_ptr=nargs[2], u_ptr=nargs[3], cnt2_ptr=nargs[4], eps=nargs[5],
-        NB=n_blocks, EPI=epi, BNORM=1024, L2PF=l2pf,
+        NB=n_blocks, EPI=epi, BNORM=1024,
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     if norm is not None and epi == 0:  # not fusable here: the separate norm launch

@@ -6,13 +6,13 @@
 VARIANT: LAYOUT[stN][pf2][quad] with LAYOUT std (q4 linears in the standard layout), tiled (the tiled
 layout) or default (the package defaults); stN: Triton-pipelined group loop with N stages instead of
 the hand prefetch; pf2: hand prefetch two groups ahead; quad: gate|up programs with four tiles (BN
-gate + BN up rows) instead of gate|up row pairs; l2N: bulk-prefetch N groups of each program's split
-into L2 before the PDL wait (tiled, Hopper); wideP[gQ]: gemv_q4.SHAPE_RULES with P programs per SM (Q for gate|up, default P); rN: N
+gate + BN up rows) instead of gate|up row pairs; wideP[gQ]: gemv_q4.SHAPE_RULES with P programs per SM (Q for gate|up, default P); rN: N
 rows per warp in the tensor-core path (16 default, 32: each thread loads twice the bytes per group);
 a trailing "-unfused" runs NoPE attention layers
 through the separate q/k norm and cache-write ops instead of attention_prep; "-nonorm" / "-normtail" run the
 norms after q4 projections as their own launches (the default) / as GEMV tails; "-chunked" prefills GDN
-layers with the chunked torch delta rule instead of the one-launch Triton recurrence.
+layers with the chunked torch delta rule instead of the one-launch Triton recurrence; "-narrow" launches
+q4 GEMVs with 16 rows per warp and ~6-7 programs per SM (the default before the wide-program rule).
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ def main() -> int:
     for suffix, cls, attr, value in (("-unfused", dec.DecodeStep, "fuse_attention_prep", False),
                                      ("-nonorm", dec.DecodeStep, "fuse_norms", False),
                                      ("-normtail", dec.DecodeStep, "fuse_norms", True),
-                                     ("-chunked", mdl.GDNLayer, "fused_prefill", False)):
+                                     ("-chunked", mdl.GDNLayer, "fused_prefill", False),
+                                     ("-narrow", k4, "SHAPE_RULES", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)
             variant = variant[: -len(suffix)]
-    m = re.fullmatch(r"(std|tiled|default)(?:st(\d))?(pf2)?(quad)?(?:l2(\d+))?(?:wide([\d.]+)(?:g([\d.]+))?)?(?:r(\d+))?", variant)
+    m = re.fullmatch(r"(std|tiled|default)(?:st(\d))?(pf2)?(quad)?(?:wide([\d.]+)(?:g([\d.]+))?)?(?:r(\d+))?", variant)
     if not m:
         print(f"unknown variant {variant!r}", file=sys.stderr)
         return 2
@@ -54,13 +55,11 @@ def main() -> int:
     if m.group(4):
         k4.DEFAULT_GATE_HALVES = False
     if m.group(5):
-        k4.DEFAULT_L2_PREFETCH = int(m.group(5))
-    if m.group(6):
         k4.SHAPE_RULES = True
-        k4.WIDE_PER_SM = float(m.group(6))
-        k4.WIDE_PER_SM_GATED = float(m.group(7) or m.group(6))
-    if m.group(8):
-        k4.DEFAULT_MMA_ROWS_PER_WARP = int(m.group(8))
+        k4.WIDE_PER_SM = float(m.group(5))
+        k4.WIDE_PER_SM_GATED = float(m.group(6) or m.group(5))
+    if m.group(7):
+        k4.DEFAULT_MMA_ROWS_PER_WARP = int(m.group(7))
     from olmo_local.cli import main as cli_main
 
     sys.argv = ["olmo-local", "bench", *args]

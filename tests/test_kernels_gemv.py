@@ -436,27 +436,6 @@ def test_q4_gemv_norm_tail_on_cuda(mode):
     assert counters_are_zero()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("groups", [1, 4, 64])
-def test_q4_l2_prefetch_changes_no_result_on_cuda(gated, groups):
-    """The bulk L2 prefetch before the PDL wait (Hopper) only warms the cache: the tiled tensor-core
-    GEMV gives the same bits with it as without, at 7B-like widths and several split counts."""
-    gen = torch.Generator().manual_seed(11)
-    n, k = (2 * 1024, 3840) if gated else (3840, 5760)
-    _, packed, scales, mins = random_q4(n, k, 128, gen)
-    packed, scales, mins = (t.cuda() for t in k4.q4_tile(packed, scales, mins, 128))
-    x = torch.randn(1, k, generator=gen).to(torch.bfloat16).cuda()
-    kern = k4.q4_gemv_silu_mul_triton if gated else k4.q4_gemv_triton
-    for split_k in (1, 3, 15):
-        base = kern(x, packed, scales, mins, 128, tiled=True, split_k=split_k, l2_prefetch=0)
-        got = kern(x, packed, scales, mins, 128, tiled=True, split_k=split_k, l2_prefetch=groups)
-        assert torch.equal(got, base)
-    ref = (k4.q4_gemv_silu_mul_ref if gated else k4.q4_gemv_ref)(x.float(), packed, scales, mins, 128, tiled=True)
-    assert relerr(got.float(), ref) < 1e-2
-    assert counters_are_zero()
-
-
 @pytest.mark.parametrize("gated", [False, True])
 def test_q4_shape_rules_give_the_same_result(gated, monkeypatch):
     """The wide-program launch rule (64 rows per warp, split-K by programs per SM; the default) changes
