@@ -716,14 +716,14 @@ DEFAULT_STAGES = 3  # tensor-core path without PREFETCH: groups in flight in Tri
 DEFAULT_GATE_HALVES = True  # gated tensor-core path: BN/2 gate rows + their up rows per program
 DEFAULT_PREFETCH_DEPTH = 1  # groups the hand prefetch runs ahead
 DEFAULT_MMA_ROWS_PER_WARP = 16  # tensor-core path: output rows per warp (16: one m16 tile per group)
-SHAPE_RULES = True  # tensor-core path: wide programs, split-K by a programs-per-SM target (below)
-WIDE_ROWS_PER_WARP = 64  # with SHAPE_RULES: four m16 tiles per warp, 256 rows (or 128 gate|up pairs)
-WIDE_PER_SM = 2.0  # with SHAPE_RULES: programs per SM that split-K aims at (gated: WIDE_PER_SM_GATED)
+WIDE_PROGRAMS = True  # tensor-core path: wide programs, split-K by a programs-per-SM target (below)
+WIDE_ROWS_PER_WARP = 64  # with WIDE_PROGRAMS: four m16 tiles per warp, 256 rows (or 128 gate|up pairs)
+WIDE_PER_SM = 2.0  # with WIDE_PROGRAMS: programs per SM that split-K aims at (gated: WIDE_PER_SM_GATED)
 WIDE_PER_SM_GATED = 2.0
 
 
-def _mma_shape_rule(nr: int, ngr: int, gated: bool):
-    """(rows per warp, warps, programs per SM) for the tensor-core path, or None for the defaults. The
+def _wide_launch(gated: bool) -> tuple[int, int, float]:
+    """(rows per warp, warps, programs per SM) of the tensor-core path's wide programs. The
     H200 per-GEMV sweep (scripts/gpu_gemv_tiled_sweep.py, PDL-chained graphs) found every 7B projection
     faster with few wide programs (64 rows per warp, 4 warps, 1.5-4 programs per SM) than with the
     default 16 rows per warp and ~6-7 programs per SM; at 2 per SM: gdn_in 17.7 -> 15.1 us, qkv 11.5
@@ -774,13 +774,12 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     use_mma = (DEFAULT_MMA and t == 1 and x_bf16 and g == 128) if mma is None else bool(mma)
     if use_mma and not (t == 1 and x_bf16 and g == 128):
         raise ValueError("the tensor-core q4 path takes one bf16 row of x and group size 128")
-    shape_rule = None
+    wide = None
     if use_mma:
         groups_per_iter = 1
-        if SHAPE_RULES and block_n is None and num_warps is None and split_k is None:
-            shape_rule = _mma_shape_rule(nr, ngr, gated)
-            if shape_rule:
-                block_n, num_warps = shape_rule[0] * shape_rule[1], shape_rule[1]
+        if WIDE_PROGRAMS and block_n is None and num_warps is None and split_k is None:
+            wide = _wide_launch(gated)
+            block_n, num_warps = wide[0] * wide[1], wide[1]
         num_warps = num_warps or 4
         # two row halves of 8 rows per warp (one m16 tile) per 16 rows per warp
         block_n = block_n or DEFAULT_MMA_ROWS_PER_WARP * num_warps
@@ -801,8 +800,8 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     iters = cdiv(ngr, gpi)
     if split_k is None:
         split_k = _pick_split(n_blocks, iters, x.device)
-        if shape_rule:  # aim at shape_rule[2] programs per SM, >= 2 groups per split
-            split_k = max(1, min(round(shape_rule[2] * num_sms(x.device) / n_blocks), iters // 2))
+        if wide:  # aim at wide[2] programs per SM, >= 2 groups per split
+            split_k = max(1, min(round(wide[2] * num_sms(x.device) / n_blocks), iters // 2))
     split_k = max(1, min(int(split_k), iters))
     gps = cdiv(iters, split_k) * gpi  # groups per split: whole iterations
     split_k = cdiv(ngr, gps)  # no empty splits

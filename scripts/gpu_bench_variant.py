@@ -6,7 +6,7 @@
 VARIANT: LAYOUT[stN][pf2][quad] with LAYOUT std (q4 linears in the standard layout), tiled (the tiled
 layout) or default (the package defaults); stN: Triton-pipelined group loop with N stages instead of
 the hand prefetch; pf2: hand prefetch two groups ahead; quad: gate|up programs with four tiles (BN
-gate + BN up rows) instead of gate|up row pairs; wideP[gQ]: gemv_q4.SHAPE_RULES with P programs per SM (Q for gate|up, default P); rN: N
+gate + BN up rows) instead of gate|up row pairs; wideP[gQ]: gemv_q4.WIDE_PROGRAMS with P programs per SM (Q for gate|up, default P); rN: N
 rows per warp in the tensor-core path (16 default, 32: each thread loads twice the bytes per group);
 a trailing "-unfused" runs NoPE attention layers
 through the separate q/k norm and cache-write ops instead of attention_prep; "-nonorm" / "-normtail" run the
@@ -34,7 +34,7 @@ def main() -> int:
                                      ("-nonorm", dec.DecodeStep, "fuse_norms", False),
                                      ("-normtail", dec.DecodeStep, "fuse_norms", True),
                                      ("-chunked", mdl.GDNLayer, "fused_prefill", False),
-                                     ("-narrow", k4, "SHAPE_RULES", False)):
+                                     ("-narrow", k4, "WIDE_PROGRAMS", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)
             variant = variant[: -len(suffix)]
@@ -55,7 +55,7 @@ def main() -> int:
     if m.group(4):
         k4.DEFAULT_GATE_HALVES = False
     if m.group(5):
-        k4.SHAPE_RULES = True
+        k4.WIDE_PROGRAMS = True
         k4.WIDE_PER_SM = float(m.group(5))
         k4.WIDE_PER_SM_GATED = float(m.group(6) or m.group(5))
     if m.group(7):

@@ -97,11 +97,11 @@ def main() -> None:
             rows.append((name, f"rpw{rpw} w{warps} split {split or 'default'}", us, nbytes / us / 1e3, us / base))
         k4.DEFAULT_MMA_ROWS_PER_WARP = 16
         for per_sm in (1.0, 1.5, 2.0, 3.0, 4.0, 6.0):  # the wide rule at several programs per SM
-            k4.SHAPE_RULES = True
+            k4.WIDE_PROGRAMS = True
             k4.WIDE_PER_SM = k4.WIDE_PER_SM_GATED = per_sm
             us = timed(lambda: kern(x, qw, s, m, 128, out, tiled=True))
             rows.append((name, f"wide rule {per_sm}/SM", us, nbytes / us / 1e3, us / base))
-        k4.SHAPE_RULES = False
+        k4.WIDE_PROGRAMS = False
     print(f"{'gemv':8s} {'config':28s} {'us':>7s} {'GB/s':>7s} {'% copy':>7s} {'vs def':>7s}")
     for name, cfg, us, gbs, rel in rows:
         print(f"{name:8s} {cfg:28s} {us:7.2f} {gbs:7.0f} {gbs * 1e9 / bw * 100:6.1f}% {rel:7.2f}")

@@ -437,7 +437,7 @@ def test_q4_gemv_norm_tail_on_cuda(mode):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_q4_shape_rules_give_the_same_result(gated, monkeypatch):
+def test_q4_wide_programs_give_the_same_result(gated, monkeypatch):
     """The wide-program launch rule (64 rows per warp, split-K by programs per SM; the default) changes
     the tiling, not the result: with and without it the tiled tensor-core path matches the reference."""
     gen = torch.Generator().manual_seed(5)
@@ -447,9 +447,8 @@ def test_q4_shape_rules_give_the_same_result(gated, monkeypatch):
     x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
     kern = k4.q4_gemv_silu_mul_triton if gated else k4.q4_gemv_triton
     ref = k4.q4_gemv_silu_mul_ref if gated else k4.q4_gemv_ref
-    assert k4._mma_shape_rule(n // 2 if gated else n, k // 128, gated) is not None
     for rules in (True, False):
-        monkeypatch.setattr(k4, "SHAPE_RULES", rules)
+        monkeypatch.setattr(k4, "WIDE_PROGRAMS", rules)
         y = kern(x, qt, st, mt, 128, tiled=True)
         assert relerr(y, ref(x, packed, scales, mins, 128)) < tol(torch.bfloat16)
         assert counters_are_zero()
@@ -462,7 +461,7 @@ def test_q4_shape_rules_give_the_same_result(gated, monkeypatch):
 def test_q4_default_launch_at_7b_shapes_on_cuda(name, n, k, gated, rules, monkeypatch):
     """The decode launches as the model makes them (no knobs: tensor cores, tiled layout, the wide-program
     rule or the older 16-rows-per-warp default) against the dequantized reference at the 7B shapes."""
-    monkeypatch.setattr(k4, "SHAPE_RULES", rules)
+    monkeypatch.setattr(k4, "WIDE_PROGRAMS", rules)
     gen = torch.Generator().manual_seed(13)
     _, packed, scales, mins = random_q4(n, k, 128, gen)
     packed, scales, mins = (t.cuda() for t in k4.q4_tile(packed, scales, mins, 128))
