@@ -2,8 +2,9 @@
 same process, timed by the same runner as olmo-local.
 
 ``hf`` is transformers in bf16; ``hf-nf4`` is transformers + bitsandbytes 4-bit
-(``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``, bf16 compute; transformers keeps
-the lm_head in bf16). The model is built by ``from_pretrained(None, config=..., state_dict=...)`` from our
+(``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``, bf16 compute) with the lm_head
+and the GDN a/b projections left in bf16 — as olmo-local's own formats leave a/b (one row per value head:
+bitsandbytes' CPU kernel also needs rows in multiples of 32, which 16 or 30 heads are not). The model is built by ``from_pretrained(None, config=..., state_dict=...)`` from our
 model's tensors (dequantized to bf16 if ours is quantized), so no file is written. Decode uses its cache
 (``use_cache=True``), one token per forward.
 """
@@ -20,6 +21,7 @@ from olmo_local.config import FULL
 from olmo_local.errors import OlmoError
 
 COMPARES = ("hf", "hf-nf4")
+NF4_SKIP = ("lm_head", "a_proj", "b_proj")  # kept in bf16 by --compare hf-nf4 (see above)
 
 
 def require(kind: str) -> None:
@@ -153,7 +155,8 @@ def _nf4_hf(hcfg, sd: dict[str, torch.Tensor], device: torch.device):
     """transformers' bitsandbytes 4-bit load path (BitsAndBytesConfig nf4) from an in-memory state dict."""
     from transformers import BitsAndBytesConfig, OlmoHybridForCausalLM
 
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                           llm_int8_skip_modules=list(NF4_SKIP))
     kw: dict = dict(config=hcfg, state_dict=sd, dtype=torch.bfloat16, quantization_config=q)
     kw["device_map"] = {"": str(device)}
     return OlmoHybridForCausalLM.from_pretrained(None, **kw)

@@ -218,7 +218,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                num_attention_heads=16, num_key_value_heads=16, linear_num_key_heads=16,
                linear_num_value_heads=16, linear_key_head_dim=96, linear_value_head_dim=192),
     # tiny: fast tests on CPU; uses the real Dolma-2 vocabulary size
-    "tiny": dict(vocab_size=100352, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+    "tiny": dict(vocab_size=100352, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=4, linear_num_key_heads=2,
                  linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=32,
                  max_position_embeddings=4096),

@@ -258,6 +258,26 @@ def test_compare_without_transformers_is_one_clear_line(monkeypatch, capsys):
     assert err == ["error: --compare hf needs transformers: pip install 'olmo-local[hf]'"]
 
 
+def test_compare_hf_nf4_runs_on_cpu():
+    """issue #3's command on CPU with the tiny synthetic model: transformers + bitsandbytes NF4 (its CPU
+    kernel) runs beside ours and every row gets a ratio; the linears are bitsandbytes 4-bit except the
+    lm_head and the GDN a/b projections, which stay bf16 as in olmo-local's formats."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    from olmo_local.bench_hf import NF4_SKIP, build_hf
+    from olmo_local.bench_synth import build_synthetic
+
+    hf = build_hf(build_synthetic(preset("tiny"), "cpu", "q4"), "hf-nf4", torch.device("cpu"))
+    kinds = {n.rsplit(".", 1)[-1]: type(m).__name__ for n, m in hf.named_modules() if "Linear" in type(m).__name__}
+    assert kinds["gate_proj"] == kinds["q_proj"] == "Linear4bit"
+    assert all(kinds[k] == "Linear" for k in NF4_SKIP)
+    res = run_bench(depth="none", compare="hf-nf4", **SMALL)
+    assert [r["test"] for r in res["rows"]] == ["pp24", "tg6", "ttft"]
+    for r in res["rows"]:
+        assert r["hf_mean"] > 0 and r["speed_ratio"] > 0
+
+
 def test_compare_nf4_without_bitsandbytes(monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
