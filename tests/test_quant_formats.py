@@ -499,3 +499,43 @@ def test_q4linear_tiled_layout_is_the_same_layer():
     odd = L.Q4Linear(**F.quantize_q4(w[:192], 64))
     assert not odd.tile_() and not odd.tiled
     assert L.tile_q4_layers(torch.nn.Sequential(a, b)) == 0  # CPU tensors: only CUDA layers are tiled
+
+
+def test_q8_one_group_per_row_takes_the_int8_cpu_op(monkeypatch):
+    """q8 whose group covers the whole row (K <= G: the tiny model's lm_head) is per-row q8: bf16 decode
+    on CPU goes through torch's int8 weight-only op, not the row-chunked dequantization, and agrees."""
+    w = _gauss(96, 128, seed=8)
+    mod = L.Q8Linear(**F.quantize_q8(w, group_size=128))
+    assert mod.scales.shape == (96, 1)
+    calls = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 128)
+    y = mod(x.to(torch.bfloat16))
+    assert calls == [1]
+    torch.testing.assert_close(y.float(), x @ mod.dequantize().T, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_q4_bf16_cpu_decode_takes_the_int4_cpu_op(group, monkeypatch):
+    """q4 with bf16 activations on CPU (up to 64 rows) runs torch's int4 weight-only op on a repacked
+    copy (zero = min + 8 scale) and agrees with the dequantized weights; fp32 activations keep the exact
+    dequantize path (quality measurements), and more rows the chunked GEMM."""
+    if not L._HAS_INT4PACK:
+        pytest.skip("this torch has no int4 CPU op")
+    w = _gauss(96, 256, seed=9)
+    mod = L.Q4Linear(**F.quantize_q4(w, group), group_size=group)
+    deq = mod.dequantize()
+    calls = []
+    real = torch._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or real(*a))
+    for rows in (1, 8, 64):
+        x = torch.randn(rows, 256)
+        y = mod(x.to(torch.bfloat16))
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, 96)
+        torch.testing.assert_close(y.float(), x @ deq.T, rtol=3e-2, atol=3e-2)
+    assert len(calls) == 3
+    mod(torch.randn(65, 256).to(torch.bfloat16))
+    x = torch.randn(2, 256)
+    torch.testing.assert_close(mod(x), x @ deq.T, rtol=1e-5, atol=1e-5)  # fp32: exact path
+    assert len(calls) == 3
