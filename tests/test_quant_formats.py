@@ -539,3 +539,28 @@ def test_q4_bf16_cpu_decode_takes_the_int4_cpu_op(group, monkeypatch):
     x = torch.randn(2, 256)
     torch.testing.assert_close(mod(x), x @ deq.T, rtol=1e-5, atol=1e-5)  # fp32: exact path
     assert len(calls) == 3
+
+
+def test_q8_group_scales_bf16_cpu_decode_takes_the_int8_op_per_group(monkeypatch):
+    """Group-scaled q8 (G < K) with bf16 activations on CPU: the int8 op once per group on a group-major
+    copy, summed in fp32; agrees with the dequantized weights. Past the copy budget the layer keeps the
+    chunked dequantization, and moving the module drops its copy (and its share of the budget)."""
+    w = _gauss(96, 256, seed=10)
+    mod = L.Q8Linear(**F.quantize_q8(w, group_size=64))
+    deq = mod.dequantize()
+    calls = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(3, 256)
+    y = mod(x.to(torch.bfloat16))
+    assert len(calls) == 4  # 256 / 64 groups
+    torch.testing.assert_close(y.float(), x @ deq.T, rtol=3e-2, atol=3e-2)
+    used = L._int8_grouped_bytes
+    assert used >= 96 * 256
+    mod.to(torch.device("cpu"))  # _apply: the copy is dropped
+    assert L._int8_grouped_bytes == used - 96 * 256
+    monkeypatch.setattr(L, "_INT8_GROUPED_BUDGET", 0)
+    other = L.Q8Linear(**F.quantize_q8(w, group_size=64))
+    calls.clear()
+    torch.testing.assert_close(other(x.to(torch.bfloat16)).float(), x @ deq.T, rtol=3e-2, atol=3e-2)
+    assert calls == []
