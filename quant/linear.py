@@ -20,6 +20,7 @@ measures the weight format alone.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -42,6 +43,11 @@ _INT4PACK_MAX_M = 64
 # (the lm_head of a q4 7B is 385 MB); layers past it keep the chunked dequantization.
 _INT8_GROUPED_BUDGET = 1 << 30
 _int8_grouped_bytes = 0
+
+
+def _release_grouped(nbytes: int) -> None:
+    global _int8_grouped_bytes
+    _int8_grouped_bytes -= nbytes
 _HAS_INT4PACK = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
 
 
@@ -293,9 +299,8 @@ class Q8Linear(_QLinearBase):
         return super()._apply(fn, *args, **kwargs)
 
     def _drop_groups(self) -> None:
-        global _int8_grouped_bytes
-        if self._cpu_groups is not None and self._cpu_groups[1] is not None:
-            _int8_grouped_bytes -= self._cpu_groups[1].numel()
+        if self._cpu_groups is not None and self._cpu_groups[3] is not None:
+            self._cpu_groups[3]()  # the finalizer: gives the copy's bytes back to the budget (once)
         self._cpu_groups = None
 
     def _grouped(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -306,12 +311,14 @@ class Q8Linear(_QLinearBase):
             self._drop_groups()
             n, k, g = self.out_features, self.in_features, self.group_size
             if _int8_grouped_bytes + n * k > _INT8_GROUPED_BUDGET:
-                self._cpu_groups = (key, None, None)
+                self._cpu_groups = (key, None, None, None)
             else:
                 slabs = self.qweight.reshape(n, k // g, g).transpose(0, 1).contiguous()
-                self._cpu_groups = (key, slabs, self.scales.t().contiguous().to(torch.bfloat16))
                 _int8_grouped_bytes += slabs.numel()
-        return None if self._cpu_groups[1] is None else self._cpu_groups[1:]
+                # a module dropped without .to() (another model loaded) releases its share too
+                fin = weakref.finalize(self, _release_grouped, slabs.numel())
+                self._cpu_groups = (key, slabs, self.scales.t().contiguous().to(torch.bfloat16), fin)
+        return None if self._cpu_groups[1] is None else self._cpu_groups[1:3]
 
     def _deq_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_q8(self.qweight[r0:r1], self.scales[r0:r1], dtype)

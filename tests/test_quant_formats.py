@@ -559,6 +559,12 @@ def test_q8_group_scales_bf16_cpu_decode_takes_the_int8_op_per_group(monkeypatch
     assert used >= 96 * 256
     mod.to(torch.device("cpu"))  # _apply: the copy is dropped
     assert L._int8_grouped_bytes == used - 96 * 256
+    mod(x.to(torch.bfloat16))
+    del mod  # garbage: its share goes back too
+    import gc
+
+    gc.collect()
+    assert L._int8_grouped_bytes == used - 96 * 256
     monkeypatch.setattr(L, "_INT8_GROUPED_BUDGET", 0)
     other = L.Q8Linear(**F.quantize_q8(w, group_size=64))
     calls.clear()
