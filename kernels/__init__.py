@@ -13,6 +13,8 @@ Decode-path ops (batch 1, CUDA-graph capturable: no host syncs, static shapes, o
   rmsnorm / add_rmsnorm / rmsnorm_add     norm.py
 Prefill ops:
   q4_dequantize_into / q4_dequantize_scratch   dequant.py (one-pass q4 -> bf16 for a tensor-core GEMM)
+  gdn_prefill_prep / gated_rms_norm           gdn_prefill.py (conv + SiLU + q/k norms; the gated norm)
+  gdn_recurrent_prefill                       gdn_recurrent.py (the delta rule of a prompt, one launch)
 Ops that keep scratch buffers (split-K partials, counters) allocate them on first use: call each
 op once before capturing a CUDA graph.
 """
