@@ -451,6 +451,7 @@ def test_q4_wide_programs_give_the_same_result(gated, monkeypatch):
         monkeypatch.setattr(k4, "WIDE_PROGRAMS", rules)
         y = kern(x, qt, st, mt, 128, tiled=True)
         assert relerr(y, ref(x, packed, scales, mins, 128)) < tol(torch.bfloat16)
+        assert torch.equal(kern(x, packed, scales, mins, 128), y)  # the standard layout: same sums
         assert counters_are_zero()
 
 
