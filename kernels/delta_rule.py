@@ -11,6 +11,16 @@ Both functions are written with out-of-place ops so autograd works through them 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def gdn_gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, beta_scale: float,
+              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, beta) from the raw gate projections a, b [..., Hv] (spec §5.4), computed in ``dtype``:
+    log decay g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b) * beta_scale (2 when negative
+    eigenvalues are allowed). Out-of-place ops: autograd works through it."""
+    g = -A_log.to(dtype).exp() * F.softplus(a.to(dtype) + dt_bias.to(dtype))
+    return g, torch.sigmoid(b.to(dtype)) * beta_scale
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

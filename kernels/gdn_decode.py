@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import HAS_TRITON, cdiv, next_pow2, tl, triton, pdl_kwargs, use_pdl, use_triton, workspace
+from .delta_rule import gdn_gates
 
 __all__ = ["gdn_decode_step", "gdn_decode_step_ref", "gdn_decode_step_triton"]
 
@@ -93,10 +94,8 @@ def gdn_decode_step_ref(
         q = q.repeat_interleave(hv // hk, dim=0)
         k = k.repeat_interleave(hv // hk, dim=0)
     v = v.view(hv, dv)
-    beta = torch.sigmoid(b.reshape(hv).to(f32))
-    if allow_neg_eigval:
-        beta = beta * 2.0
-    g = -torch.exp(A_log.reshape(hv).to(f32)) * F.softplus(a.reshape(hv).to(f32) + dt_bias.reshape(hv).to(f32))
+    g, beta = gdn_gates(a.reshape(hv), b.reshape(hv), A_log.reshape(hv), dt_bias.reshape(hv),
+                        2.0 if allow_neg_eigval else 1.0)
     # delta rule on the fp32 state, in place
     s = rec_state
     s.mul_(torch.exp(g)[:, None, None])

@@ -26,20 +26,11 @@ The torch reference is the token-by-token recurrence of kernels.delta_rule with 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._triton import HAS_TRITON, next_pow2, tl, triton, use_triton
-from .delta_rule import recurrent_gated_delta_rule
+from .delta_rule import gdn_gates, recurrent_gated_delta_rule
 
-__all__ = ["gdn_gates_ref", "gdn_recurrent_prefill", "gdn_recurrent_prefill_ref", "gdn_recurrent_prefill_triton"]
-
-
-def gdn_gates_ref(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
-                  beta_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g, beta) [B, T, Hv] in fp32 from the raw a, b projections (the model's formula)."""
-    a, b = a.float(), b.float()
-    g = -A_log.float().exp() * F.softplus(a + dt_bias.float())
-    return g, torch.sigmoid(b) * beta_scale
+__all__ = ["gdn_recurrent_prefill", "gdn_recurrent_prefill_ref", "gdn_recurrent_prefill_triton"]
 
 
 def gdn_recurrent_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
@@ -49,7 +40,7 @@ def gdn_recurrent_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, hk, T, dk = q.shape
     hv, dv = v.shape[1], v.shape[-1]
     rep = hv // hk
-    g, beta = gdn_gates_ref(a, b, A_log, dt_bias, beta_scale)
+    g, beta = gdn_gates(a, b, A_log, dt_bias, beta_scale)
     S = state if state is not None else torch.zeros(B, hv, dk, dv, dtype=torch.float32, device=q.device)
     if S.dtype != torch.float32:
         raise ValueError("the recurrent state must be fp32")

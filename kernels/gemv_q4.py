@@ -775,12 +775,12 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     if use_mma and not (t == 1 and x_bf16 and g == 128):
         raise ValueError("the tensor-core q4 path takes one bf16 row of x and group size 128")
     wide = None
+    if use_mma and WIDE_PROGRAMS and block_n is None and num_warps is None and split_k is None:
+        wide = _wide_launch(gated)
+        block_n, num_warps = wide[0] * wide[1], wide[1]
+    num_warps = num_warps or 4
     if use_mma:
         groups_per_iter = 1
-        if WIDE_PROGRAMS and block_n is None and num_warps is None and split_k is None:
-            wide = _wide_launch(gated)
-            block_n, num_warps = wide[0] * wide[1], wide[1]
-        num_warps = num_warps or 4
         # two row halves of 8 rows per warp (one m16 tile) per 16 rows per warp
         block_n = block_n or DEFAULT_MMA_ROWS_PER_WARP * num_warps
         if block_n % (16 * num_warps):
@@ -789,7 +789,6 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
             raise ValueError("the tensor-core q4 path needs block_n to be a multiple of 16 * num_warps")
     # BN rows x GPI groups per iteration: each row contributes GPI * G/2 contiguous bytes (DRAM
     # bursts: 64-byte row pieces reached only ~40 % of copy bandwidth on the H200)
-    num_warps = num_warps or 4
     gpi = groups_per_iter or max(1, min(DEFAULT_BYTES_PER_ROW // (g // 2), ngr))
     gpi = min(next_pow2(gpi), next_pow2(ngr))
     bn = block_n or max(16, min(8192 // (g * gpi), next_pow2(nr)))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from olmo_local.config import OlmoHybridConfig
 from olmo_local.kernels.attention_prefill import attention_over_int8_cache
-from olmo_local.kernels.delta_rule import chunk_gated_delta_rule_heads, recurrent_gated_delta_rule
+from olmo_local.kernels.delta_rule import chunk_gated_delta_rule_heads, gdn_gates, recurrent_gated_delta_rule
 from olmo_local.kernels._triton import use_triton
 from olmo_local.kernels.gdn_prefill import gated_rms_norm as _gated_rms_norm
 from olmo_local.kernels.gdn_recurrent import gdn_recurrent_prefill
@@ -153,8 +153,8 @@ class GDNLayer(nn.Module):
         if self.hv != self.hk:
             q = q.repeat_interleave(self.hv // self.hk, dim=1)
             k = k.repeat_interleave(self.hv // self.hk, dim=1)
-        beta = (torch.sigmoid(b.to(cd)) * self.beta_scale).transpose(1, 2)             # [B, Hv, T]
-        g = (-self.A_log.to(cd).exp() * F.softplus(a.to(cd) + self.dt_bias.to(cd))).transpose(1, 2)
+        g, beta = gdn_gates(a, b, self.A_log, self.dt_bias, self.beta_scale, cd)
+        g, beta = g.transpose(1, 2), beta.transpose(1, 2)                              # [B, Hv, T]
         if state is None:
             o, _ = chunk_gated_delta_rule_heads(q, k, v, g, beta)
             return o

@@ -95,6 +95,13 @@ class _QLinearBase(nn.Module):
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
+    def _drop_cpu_copy(self) -> None:
+        """Forget a repacked copy kept for a CPU op (Q4Linear, Q8Linear); none here."""
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda(): a CPU copy is rebuilt where needed
+        self._drop_cpu_copy()
+        return super()._apply(fn, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
@@ -164,9 +171,8 @@ class Q4Linear(_QLinearBase):
         self.register_buffer("mins", mins)
         self._cpu_pack: tuple | None = None  # (key, packed weight, scales_and_zeros) for the int4 CPU op
 
-    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda(): the CPU pack is rebuilt where needed
+    def _drop_cpu_copy(self) -> None:
         self._cpu_pack = None
-        return super()._apply(fn, *args, **kwargs)
 
     def _int4pack(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The same weights in torch's int4 CPU layout (built on first use, ~0.53 B per weight beside the
@@ -294,11 +300,7 @@ class Q8Linear(_QLinearBase):
         self.register_buffer("scales", scales)
         self._cpu_groups: tuple | None = None  # (key, [K/G, N, G] int8, [K/G, N] bf16) for the int8 CPU op
 
-    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda(): the CPU copy is rebuilt where needed
-        self._drop_groups()
-        return super()._apply(fn, *args, **kwargs)
-
-    def _drop_groups(self) -> None:
+    def _drop_cpu_copy(self) -> None:
         if self._cpu_groups is not None and self._cpu_groups[3] is not None:
             self._cpu_groups[3]()  # the finalizer: gives the copy's bytes back to the budget (once)
         self._cpu_groups = None
@@ -308,7 +310,7 @@ class Q8Linear(_QLinearBase):
         global _int8_grouped_bytes
         key = (self.qweight.data_ptr(), self.scales.data_ptr())
         if self._cpu_groups is None or self._cpu_groups[0] != key:
-            self._drop_groups()
+            self._drop_cpu_copy()
             n, k, g = self.out_features, self.in_features, self.group_size
             if _int8_grouped_bytes + n * k > _INT8_GROUPED_BUDGET:
                 self._cpu_groups = (key, None, None, None)

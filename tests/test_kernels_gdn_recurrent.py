@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from olmo_local.kernels import gdn_recurrent as gr
-from olmo_local.kernels.delta_rule import chunk_gated_delta_rule_heads
+from olmo_local.kernels.delta_rule import chunk_gated_delta_rule_heads, gdn_gates
 
 
 def inputs(B, hk, hv, T, dk, dv, seed, a_scale=3.0):
@@ -44,7 +44,7 @@ def test_recurrent_prefill_equals_the_chunked_form():
     """Same math as the chunked delta rule the model ran before (gates computed the model's way)."""
     q, k, v, a, b, A_log, dt_bias = inputs(1, 2, 2, 70, 16, 24, seed=3, a_scale=1.0)
     s0 = torch.randn(1, 2, 16, 24, generator=torch.Generator().manual_seed(2)) * 0.1
-    g, beta = gr.gdn_gates_ref(a, b, A_log, dt_bias, 2.0)
+    g, beta = gdn_gates(a, b, A_log, dt_bias, 2.0)
     o_c, s_c = chunk_gated_delta_rule_heads(q, k, v, g.transpose(1, 2), beta.transpose(1, 2), s0.clone(), 32)
     s_t = s0.clone()
     o_t = gr.gdn_recurrent_prefill_triton(q, k, v, a, b, A_log, dt_bias, 2.0, s_t)
@@ -93,7 +93,7 @@ def test_recurrent_prefill_7b_heads_on_cuda():
     """7B head sizes (dk 96, dv 192, 30 heads), 512 tokens with a state: the kernel vs the chunked form."""
     q, k, v, a, b, A_log, dt_bias = (x.cuda() for x in inputs(1, 30, 30, 512, 96, 192, seed=5, a_scale=1.0))
     s0 = torch.randn(1, 30, 96, 192, generator=torch.Generator().manual_seed(3)).cuda() * 0.05
-    g, beta = gr.gdn_gates_ref(a, b, A_log, dt_bias, 2.0)
+    g, beta = gdn_gates(a, b, A_log, dt_bias, 2.0)
     o_c, s_c = chunk_gated_delta_rule_heads(q, k, v, g.transpose(1, 2), beta.transpose(1, 2), s0.clone())
     s_t = s0.clone()
     o_t = gr.gdn_recurrent_prefill(q, k, v, a, b, A_log, dt_bias, 2.0, s_t)
