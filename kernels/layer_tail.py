@@ -104,10 +104,34 @@ if HAS_TRITON:
                 tl.load(xb + G // 4, cache_modifier=".cg"), tl.load(xb + G // 4 + 1, cache_modifier=".cg"))
 
     @triton.jit
+    def _gemv_first(qw_ptr, s_ptr, m_ptr, t, NT, NR, NGR, SPLIT, GPS,
+                    G: tl.constexpr, BN: tl.constexpr, TR: tl.constexpr):
+        """The first group's weights, scales and mins of task t (nothing is read when t >= NT): loaded
+        before the barrier or wait that precedes the task, since no kernel writes weights."""
+        HALF: tl.constexpr = BN // 2
+        rows_a = (t // SPLIT) * BN + tl.arange(0, HALF)
+        lim = tl.where(t < NT, NR, 0)
+        return _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, HALF, lim, lim, NGR, (t % SPLIT) * GPS, G // 8, TR)
+
+    @triton.jit
+    def _gemv_phase(xw_ptr, qw_ptr, s_ptr, m_ptr, acc_ptr, pid, P, NT, NR, NGR, SPLIT, GPS,
+                    n_wa, n_wb, n_sa, n_ma, n_sb, n_mb,
+                    G: tl.constexpr, BN: tl.constexpr, TR: tl.constexpr, ASM: tl.constexpr):
+        """This program's tasks pid, pid + P, ... of a GEMV with NT tasks; the first group of the first
+        task arrives preloaded (_gemv_first), each later task's is loaded after the previous task."""
+        for t in range(pid, NT, P):
+            _gemv_task(xw_ptr, qw_ptr, s_ptr, m_ptr, acc_ptr, t, NR, NGR, SPLIT, GPS,
+                       n_wa, n_wb, n_sa, n_ma, n_sb, n_mb, G, BN, TR, ASM)
+            n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = _gemv_first(qw_ptr, s_ptr, m_ptr, t + P, NT, NR, NGR, SPLIT, GPS,
+                                                             G, BN, TR)
+
+    @triton.jit
     def _gemv_task(xw_ptr, qw_ptr, s_ptr, m_ptr, acc_ptr, t, NR, NGR, SPLIT, GPS,
+                   n_wa, n_wb, n_sa, n_ma, n_sb, n_mb,
                    G: tl.constexpr, BN: tl.constexpr, TR: tl.constexpr, ASM: tl.constexpr):
         """Task t of a q4 GEMV (tensor-core path of gemv_q4, rows pid_n * BN .. + BN, groups of split
-        pid_k): its partial row sums are added into acc (fp32) with relaxed atomics."""
+        pid_k), its first group's loads given: the partial row sums are added into acc (fp32) with
+        relaxed atomics."""
         HW: tl.constexpr = G // 8
         HALF: tl.constexpr = BN // 2
         pid_n = t // SPLIT
@@ -118,8 +142,6 @@ if HAS_TRITON:
         gb = tl.zeros([HALF, HW], dtype=tl.float32)
         g_begin = pid_k * GPS
         g_end = tl.minimum(g_begin + GPS, NGR)
-        n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, HALF, NR, NR, NGR, g_begin,
-                                                       HW, TR)
         n_xa, n_xc, n_xd, n_xe = _xw(xw_ptr, g_begin, hw, G)
         for g in range(g_begin, g_end):  # next group's loads go out before this group's math
             wa, wb, sa, ma, sb, mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
@@ -149,16 +171,24 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         P = tl.num_programs(0)
         SYNC: tl.constexpr = PHASE == 0
-        pdl_launch_dependents(USE_PDL)
-        pdl_wait(USE_PDL)
         NGO = KO // G
         NGD = I // G
         NGG = D // G
-        # 1: o projection
+        NTO = SO * tl.cdiv(D, BN)
+        NTG = SG * tl.cdiv(2 * I, BN)
+        NTD = SD * tl.cdiv(D, BN)
+        pdl_launch_dependents(USE_PDL)
+        # 1: o projection (its first weights are loaded before waiting for the previous kernel)
         if PHASE == 0 or PHASE == 1:
+            f0, f1, f2, f3, f4, f5 = _gemv_first(oq_ptr, os_ptr, om_ptr, pid, NTO, D, NGO, SO, GPSO, G, BN, TR)
+            pdl_wait(USE_PDL)
             _zero_share(acc_d, D, pid, P, 256)
-            for t in range(pid, SO * tl.cdiv(D, BN), P):
-                _gemv_task(yw_ptr, oq_ptr, os_ptr, om_ptr, acc_o, t, D, NGO, SO, GPSO, G, BN, TR, ASM)
+            _gemv_phase(yw_ptr, oq_ptr, os_ptr, om_ptr, acc_o, pid, P, NTO, D, NGO, SO, GPSO,
+                        f0, f1, f2, f3, f4, f5, G, BN, TR, ASM)
+        else:
+            pdl_wait(USE_PDL)
+        if PHASE == 0 or PHASE == 2:  # gate|up's first weights, before the barrier
+            f0, f1, f2, f3, f4, f5 = _gemv_first(gq_ptr, gs_ptr, gm_ptr, pid, NTG, 2 * I, NGG, SG, GPSG, G, BN, TR)
         _grid_sync(cnt_ptr, P, SYNC)
         # 2: residual + norm (every program, whole row), gate|up projection
         if PHASE == 0 or PHASE == 2:
@@ -178,13 +208,15 @@ if HAS_TRITON:
             tl.store(xo_ptr + d, r.to(tl.bfloat16), mask=dm)
             tl.store(h_ptr + d, h, mask=dm)
             tl.debug_barrier()  # h is read back below as words by other threads of this program
-            for t in range(pid, SG * tl.cdiv(2 * I, BN), P):
-                _gemv_task(hw_ptr, gq_ptr, gs_ptr, gm_ptr, acc_gu, t, 2 * I, NGG, SG, GPSG, G, BN, TR, ASM)
+            _gemv_phase(hw_ptr, gq_ptr, gs_ptr, gm_ptr, acc_gu, pid, P, NTG, 2 * I, NGG, SG, GPSG,
+                        f0, f1, f2, f3, f4, f5, G, BN, TR, ASM)
+        if PHASE == 0 or PHASE == 3:  # down's first weights, before the barrier
+            f0, f1, f2, f3, f4, f5 = _gemv_first(dq_ptr, ds_ptr, dm_ptr, pid, NTD, D, NGD, SD, GPSD, G, BN, TR)
         _grid_sync(cnt_ptr, 2 * P, SYNC)
         # 3: silu(gate) * up, down projection
         if PHASE == 0 or PHASE == 3:
             _zero_share(acc_o, D, pid, P, 256)
-            for t in range(pid, SD * tl.cdiv(D, BN), P):
+            for t in range(pid, NTD, P):
                 g0 = (t % SD) * GPSD
                 g1 = tl.minimum(g0 + GPSD, NGD)
                 for g in range(g0, g1):
@@ -193,7 +225,9 @@ if HAS_TRITON:
                     up = tl.load(acc_gu + I + k, cache_modifier=".cg")
                     tl.store(din_ptr + k, (gate / (1.0 + tl.exp(-gate)) * up).to(tl.bfloat16))
                 tl.debug_barrier()
-                _gemv_task(dinw_ptr, dq_ptr, ds_ptr, dm_ptr, acc_d, t, D, NGD, SD, GPSD, G, BN, TR, ASM)
+                _gemv_task(dinw_ptr, dq_ptr, ds_ptr, dm_ptr, acc_d, t, D, NGD, SD, GPSD,
+                           f0, f1, f2, f3, f4, f5, G, BN, TR, ASM)
+                f0, f1, f2, f3, f4, f5 = _gemv_first(dq_ptr, ds_ptr, dm_ptr, t + P, NTD, D, NGD, SD, GPSD, G, BN, TR)
         _grid_sync(cnt_ptr, 3 * P, SYNC)
         # 4: the down projection's result; post-norm layers add its norm to the residual
         if PHASE == 0 or PHASE == 4:
@@ -227,6 +261,7 @@ def _splits(nr: int, ngr: int, programs: int, bn: int) -> tuple[int, int]:
 
 
 _RESIDENT: dict[tuple, int] = {}
+INFO: dict[tuple, dict] = {}  # what the residency check found (registers, shared memory), for scripts
 
 
 def _resident_programs(dev: torch.device, args: tuple, kwargs: dict) -> int:
@@ -242,12 +277,16 @@ def _resident_programs(dev: torch.device, args: tuple, kwargs: dict) -> int:
             regs = max(1, int(k.n_regs))
             shared = int(getattr(k.metadata, "shared", 0) or 0)
             props = torch.cuda.get_device_properties(dev)
-            smem = int(getattr(props, "shared_memory_per_multiprocessor", 0) or 100 * 1024)
+            smem = int(getattr(props, "shared_memory_per_multiprocessor", 0) or 0)
+            if not smem:  # KB per SM by compute capability (CUDA guide), 100 KB when unknown
+                smem = {(9, 0): 228, (8, 0): 164, (8, 7): 164}.get((props.major, props.minor), 100) * 1024
             by_regs = 65536 // (-(-regs // 8) * 8 * 32 * kwargs["num_warps"])
             by_smem = smem // (shared + 1024)
             per_sm = max(1, min(PER_SM, by_regs, by_smem))
-        except Exception:  # noqa: BLE001  (no warmup API: the safe count)
+            INFO[key] = dict(regs=regs, shared=shared, smem_per_sm=smem, by_regs=by_regs, by_smem=by_smem)
+        except Exception as exc:  # noqa: BLE001  (no warmup API: the safe count)
             per_sm = 1
+            INFO[key] = dict(error=f"{type(exc).__name__}: {exc}"[:200])
         _RESIDENT[key] = per_sm * sms
     return _RESIDENT[key]
 
