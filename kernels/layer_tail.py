@@ -274,6 +274,8 @@ def _resident_programs(dev: torch.device, args: tuple, kwargs: dict) -> int:
         per_sm = 1
         try:
             k = _layer_tail_kernel.warmup(*args, grid=(sms,), **kwargs)
+            if hasattr(k, "_init_handles"):  # Triton 3.x loads the binary (and its register count) lazily
+                k._init_handles()
             regs = max(1, int(k.n_regs))
             shared = int(getattr(k.metadata, "shared", 0) or 0)
             props = torch.cuda.get_device_properties(dev)
@@ -283,7 +285,8 @@ def _resident_programs(dev: torch.device, args: tuple, kwargs: dict) -> int:
             by_regs = 65536 // (-(-regs // 8) * 8 * 32 * kwargs["num_warps"])
             by_smem = smem // (shared + 1024)
             per_sm = max(1, min(PER_SM, by_regs, by_smem))
-            INFO[key] = dict(regs=regs, shared=shared, smem_per_sm=smem, by_regs=by_regs, by_smem=by_smem)
+            INFO[key] = dict(regs=regs, spills=int(getattr(k, "n_spills", -1)), shared=shared, smem_per_sm=smem,
+                             by_regs=by_regs, by_smem=by_smem)
         except Exception as exc:  # noqa: BLE001  (no warmup API: the safe count)
             per_sm = 1
             INFO[key] = dict(error=f"{type(exc).__name__}: {exc}"[:200])
@@ -310,7 +313,7 @@ def layer_tail_fits(y: torch.Tensor, o, gate_up, down, x: torch.Tensor) -> bool:
 
 
 def layer_tail_triton(y, o, gate_up, down, x, w1, eps1, w2=None, eps2=0.0, mode="pre", *,
-                      programs=None, block_n=None, phased=None):
+                      programs=None, block_n=None, phased=None, phases=None):
     """The one-launch layer tail (see the module docstring); o, gate_up, down in the tiled q4 layout.
     programs / block_n / phased (one launch per phase, no barriers) are test and tuning knobs;
     phased is forced under the interpreter."""
@@ -345,7 +348,7 @@ def layer_tail_triton(y, o, gate_up, down, x, w1, eps1, w2=None, eps2=0.0, mode=
     p = programs or PER_SM * num_sms(dev)
     if not (programs or phased):
         p = _resident_programs(dev, tensors + scalars(p), dict(consts, PHASE=0))
-    for phase in ((1, 2, 3, 4) if phased else (0,)):
+    for phase in (phases or ((1, 2, 3, 4) if phased else (0,))):  # phases: timing scripts only
         _layer_tail_kernel[(p,)](*tensors, *scalars(p), PHASE=phase, **consts)
     return (xo.view(1, -1), dout.view(1, -1)) if mode == "pre" else (xo.view(1, -1), None)
 

@@ -53,10 +53,15 @@ def main() -> None:
         a = timed(separate, 20) / 20
         b = timed(fused, 20) / 20
         print(f"{name:34s} {a:12.2f} {b:14.2f} {a - b:7.2f}")
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
         for per_sm in (1, 2):
-            p = per_sm * torch.cuda.get_device_properties(0).multi_processor_count
+            p = per_sm * sms
             us = timed(lambda: lt.layer_tail_triton(y, o, gu, dn, x, w, 1e-6, w, 1e-6, mode, programs=p), 20) / 20
             print(f"{'  programs=' + str(p):34s} {'':12s} {us:14.2f} {a - us:7.2f}")
+        for ph in (1, 2, 3, 4):  # each phase alone (no barriers), 2 programs per SM
+            us = timed(lambda: lt.layer_tail_triton(y, o, gu, dn, x, w, 1e-6, w, 1e-6, mode, programs=2 * sms,
+                                                    phases=(ph,)), 20) / 20
+            print(f"{'  phase ' + str(ph) + ' alone':34s} {'':12s} {us:14.2f}")
     print("resident programs:", lt._RESIDENT, lt.INFO)
 
 
