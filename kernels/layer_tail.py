@@ -10,7 +10,16 @@ SiLU·mul, down projection (and, for post-norm layers, the last norm and residua
 Rounding as the separate ops do it (kernels.norm, gemv_q4): each projection's result is rounded to
 bf16, the SiLU·mul is taken in fp32 from the fp32 sums and rounded, the norms are fp32 inside.
 
-Why one launch: on the H200 a chained decode GEMV costs ~4-5 us beyond its bytes / bandwidth (the
+Status: correct (tests against the separate ops, on CUDA too) but slower, so the decode step keeps
+the separate launches (DecodeStep.fuse_layer_tail = False). Measured on the H200 at 7B shapes
+(scripts/gpu_tail_probe.py, 20 layers chained in a graph): 57.7-60.7 us per layer against 38.0-38.9 us
+for the separate launches. Phase by phase (each alone, 264 programs): o 5.6-6.9 us (the separate GEMV:
+6.1-7.0), norm + gate|up 31.5-32.0 (separate gate|up 15.6; the norm that every program recomputes and
+writes costs the difference), SiLU·mul + down 11.4 (separate 10.1), the last step 1.9-4.0. So removing
+the launches and the split-K second pass gains nothing: each GEMV is limited by the bytes a program
+keeps in flight (one group of weights, registers being full), not by launch edges.
+
+The idea, for the record: on the H200 a chained decode GEMV costs ~4-5 us beyond its bytes / bandwidth (the
 7.9 MB attention o projection takes 6.1 us; scripts/gpu_floor_probe.py), while an empty launch costs
 ~0.6 us and a grid-wide barrier ~1 us. The cost is the critical path inside each GEMV: wait for the
 predecessor, load x, the last group's loads, write the split-K partials, an atomic, the last program's

@@ -74,8 +74,11 @@ class DecodeStep:
     # while the other SMs wait, longer than the separate one-block norm launch it replaces)
     fuse_norms = False
     # o projection, norm, gate|up, down (and the post-norm) of a layer as one persistent launch
-    # (kernels.layer_tail) where the weights fit it: q4, group 128, tiled layout, on CUDA
-    fuse_layer_tail = True
+    # (kernels.layer_tail) where the weights fit it (q4, group 128, tiled, CUDA): off, it measured
+    # 57.7-60.7 us per 7B layer against 38.0-38.9 us for the separate launches (H200, 2 programs per
+    # SM; at one program per SM tg128 was 287 vs 427-431 t/s). Its phases alone are no faster than the separate kernels: the
+    # GEMVs are limited by the bytes each program keeps in flight, not by launches (kernels/NOTES.md)
+    fuse_layer_tail = False
 
     def __init__(self, model: OlmoHybridModel, state: DecodeState, use_graph: bool | None = None) -> None:
         self.model, self.state = model, state

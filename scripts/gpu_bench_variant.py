@@ -13,8 +13,8 @@ through the separate q/k norm and cache-write ops instead of attention_prep; "-n
 norms after q4 projections as their own launches (the default) / as GEMV tails; "-chunked" prefills GDN
 layers with the chunked torch delta rule instead of the one-launch Triton recurrence; "-narrow" launches
 q4 GEMVs with 16 rows per warp and ~6-7 programs per SM (the default before the wide-program rule);
-"-notail" runs each layer's o projection, norms, gate|up and down as separate launches instead of
-the one persistent launch of kernels.layer_tail.
+"-tail" runs each layer's o projection, norms, gate|up and down as the one persistent launch of
+kernels.layer_tail instead of separate launches (the default).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main() -> int:
                                      ("-normtail", dec.DecodeStep, "fuse_norms", True),
                                      ("-chunked", mdl.GDNLayer, "fused_prefill", False),
                                      ("-narrow", k4, "WIDE_PROGRAMS", False),
-                                     ("-notail", dec.DecodeStep, "fuse_layer_tail", False)):
+                                     ("-tail", dec.DecodeStep, "fuse_layer_tail", True)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)
             variant = variant[: -len(suffix)]

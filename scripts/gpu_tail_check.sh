@@ -13,9 +13,9 @@ OLMO_LOCAL_TEST_GPU=1 PYTHONPATH=/tmp/site2 timeout 150 python3 -m pytest -q -x 
 OLMO_LOCAL_TEST_GPU=1 PYTHONPATH=/tmp/site2 timeout 200 python3 -m pytest -q tests/test_decode_step.py \
   tests/test_chat.py -k "cuda" 2>&1 | tee "$OUT/tests.log" | tail -4
 (cd scripts && timeout 120 python3 gpu_tail_probe.py 2>&1 | tee "$OUT/tailprobe.log" | grep -v Warn | tail -5)
-timeout 200 python3 scripts/gpu_tiled_check.py 1b 2>&1 | tee "$OUT/tiledchk.log" | tail -6
+timeout 200 python3 scripts/gpu_tiled_check.py 1b --tail 2>&1 | tee "$OUT/tiledchk.log" | tail -6
 timeout 120 python3 scripts/gpu_state_check.py 2>&1 | tee "$OUT/state.log" | tail -4
-for v in ${BENCHAB:-default-notail default default-notail default}; do
+for v in ${BENCHAB:-default default-tail default default-tail}; do
   timeout 150 python3 scripts/gpu_bench_variant.py $v --synthetic 7b --format q4 -r 2 --depth none -q 2>&1 \
     | tee "$OUT/benchab_$v.log" | grep -E "tg128|ttft|Error|error" | sed "s/^/$v /" | cut -c1-150
 done
