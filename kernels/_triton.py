@@ -154,14 +154,6 @@ if HAS_TRITON:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
-    def l2_line_prefetch(ptr, on):
-        """Ask L2 for the 128-byte line at ptr (per lane; lanes with on == 0 issue nothing). Nothing
-        waits for it and no register receives it. sm_80+ only: never call it in the interpreter."""
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-            "=r,l,r", [ptr, on], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def emit_rows(y_ptr, part_ptr, ra, rb, t: tl.constexpr, pid_k, rn, rmask, NR, stride_y,
                   T: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr):
         """Row t of a GEMV result (ra; rb the matching up rows when gated): stored (one split, with

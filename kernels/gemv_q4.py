@@ -38,7 +38,7 @@ import torch
 from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, pdl_kwargs, tl, triton, use_pdl, use_triton, workspace
 
 if HAS_TRITON:
-    from ._triton import emit_rows, l2_line_prefetch, pdl_launch_dependents, pdl_wait, splitk_finish
+    from ._triton import emit_rows, pdl_launch_dependents, pdl_wait, splitk_finish
 
 __all__ = [
     "TILE_ROWS",
@@ -364,18 +364,6 @@ if HAS_TRITON:
         return wa, wb, sa, ma, sb, mb
 
     @triton.jit
-    def _l2_group(w_ptr, row_a, row_b, lim_a, lim_b, NGR, g, ok, HW: tl.constexpr, TR: tl.constexpr,
-                  HALF: tl.constexpr):
-        """L2 prefetch of group g of two row tiles (HALF rows from row_a and from row_b, tiled layout):
-        one 128-byte line (two rows of 64 bytes) per lane, HALF lines in all; nothing when not ok."""
-        i = tl.arange(0, HALF)
-        LPT: tl.constexpr = HALF // 2  # lines per tile
-        r = tl.where(i < LPT, row_a + 2 * i, row_b + 2 * (i - LPT))
-        on = ok & (r < tl.where(i < LPT, lim_a, lim_b))
-        wo, _so = _row_offsets(r, NGR, HW, TR)
-        l2_line_prefetch(w_ptr + wo + g * (TR * HW), on.to(tl.int32))
-
-    @triton.jit
     def _mma_acc(acc_a, acc_b, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM: tl.constexpr):
         da, db, d1 = _mma_word(wa, wb, x0, x1, x2, x3, ASM)
         sa = sa.to(tl.float32)[:, None]
@@ -394,8 +382,7 @@ if HAS_TRITON:
                      G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
                      ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TR: tl.constexpr,
                      STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr,
-                     r_ptr, nw_ptr, ro_ptr, u_ptr, cnt2_ptr, eps, NB, EPI: tl.constexpr, BNORM: tl.constexpr,
-                     L2D: tl.constexpr):
+                     r_ptr, nw_ptr, ro_ptr, u_ptr, cnt2_ptr, eps, NB, EPI: tl.constexpr, BNORM: tl.constexpr):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
@@ -405,14 +392,12 @@ if HAS_TRITON:
         pid_k = tl.program_id(0)
         pid_n = tl.program_id(1)
         if GATED and GHALF:
-            row0 = pid_n * HALF
-            rows_a = row0 + tl.arange(0, HALF)
+            rows_a = pid_n * HALF + tl.arange(0, HALF)
             OFFB = NR
             LB = NR  # tile B's row limit is NR + LB (row r + OFFB exists iff r < NR)
             mask_b = rows_a < NR
         else:
-            row0 = pid_n * BN
-            rows_a = row0 + tl.arange(0, HALF)
+            rows_a = pid_n * BN + tl.arange(0, HALF)
             OFFB = HALF
             LB = 0
             mask_b = rows_a + HALF < NR
@@ -444,18 +429,11 @@ if HAS_TRITON:
         # weights and scales are written by no kernel: loaded before waiting for the previous kernel
         # (programmatic dependent launch), x and the workspaces after
         pdl_wait(USE_PDL)
-        if L2D > 2:  # L2D: groups g + L2D are asked of L2 while group g is computed; first the gap
-            for gp in tl.static_range(2, L2D):
-                _l2_group(qw_ptr, row0, row0 + OFFB, NR, NR + LB, NGR, g_begin + gp,
-                          g_begin + gp < g_end, HW, TR, HALF)
         n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g_begin, NGR - 1), hw, G)
         p_xa, p_xc, p_xd, p_xe = _x_words(x_ptr, tl.minimum(g_begin + 1, NGR - 1), hw, G)
         # STAGES > 1 (with PREFETCH off): Triton's software pipeliner copies the weights and x of the
         # next STAGES - 1 groups into shared memory (cp.async) while this group is computed
         for g in tl.range(g_begin, g_end, num_stages=STAGES):
-            if L2D > 0:
-                _l2_group(qw_ptr, row0, row0 + OFFB, NR, NR + LB, NGR, g + L2D, g + L2D < g_end,
-                          HW, TR, HALF)
             if PREFETCH:
                 wa, wb, sa, ma, sb, mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
                 ua_w, ub_w, usa, uma, usb, umb = n_ua, n_ub, n_usa, n_uma, n_usb, n_umb
@@ -636,13 +614,12 @@ if HAS_TRITON:
         TR: tl.constexpr, STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr,
         r_ptr, nw_ptr, ro_ptr, u_ptr, cnt2_ptr, eps, NB,  # the norm tail (EPI > 0; see _norm_tail)
         EPI: tl.constexpr, BNORM: tl.constexpr,
-        L2D: tl.constexpr = 0,  # tensor cores + tiled layout on the GPU: L2 prefetch distance in groups
     ):
         pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                          G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2,
-                         r_ptr, nw_ptr, ro_ptr, u_ptr, cnt2_ptr, eps, NB, EPI, BNORM, L2D)
+                         r_ptr, nw_ptr, ro_ptr, u_ptr, cnt2_ptr, eps, NB, EPI, BNORM)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -743,8 +720,6 @@ WIDE_PROGRAMS = True  # tensor-core path: wide programs, split-K by a programs-p
 WIDE_ROWS_PER_WARP = 64  # with WIDE_PROGRAMS: four m16 tiles per warp, 256 rows (or 128 gate|up pairs)
 WIDE_PER_SM = 2.0  # with WIDE_PROGRAMS: programs per SM that split-K aims at (gated: WIDE_PER_SM_GATED)
 WIDE_PER_SM_GATED = 2.0
-L2_DISTANCE = 0  # tensor-core path, tiled layout, GPU: each group g + L2_DISTANCE asked of L2 (per-lane line
-# prefetch, no registers) while group g is computed; 0 = off
 
 
 def _wide_launch(gated: bool) -> tuple[int, int, float]:
@@ -759,7 +734,7 @@ def _wide_launch(gated: bool) -> tuple[int, int, float]:
 
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *, block_n=None, split_k=None,
                num_warps=None, num_stages=2, pairs=None, groups_per_iter=None, mma=None, prefetch=None, stages=None,
-               gate_halves=None, prefetch_depth=None, norm=None, l2_distance=None):
+               gate_halves=None, prefetch_depth=None, norm=None):
     """The tuning knobs (keyword-only, shared by both public entry points): rows per program, K splits,
     warps, pipeline stages, bf16x2 math, groups per iteration, tensor cores, hand prefetch of the next
     group, Triton-pipelined group loop of the tensor-core path (stages), and for the gated tensor-core
@@ -846,9 +821,6 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     pf = DEFAULT_PREFETCH if prefetch is None else bool(prefetch)
     depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else int(prefetch_depth)
     pf2 = bool(use_mma and pf and depth == 2 and (ghalf or not gated))
-    l2d = L2_DISTANCE if l2_distance is None else int(l2_distance)
-    # lanes prefetch whole 128-byte lines of the tiled layout; not in the interpreter; not with four tiles
-    l2d = l2d if (l2d >= 2 and use_mma and tiled and x2.is_cuda and pf and not pf2 and (ghalf or not gated)) else 0
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
@@ -857,7 +829,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         PREFETCH=pf, USE_PDL=pdl,
         TR=TILE_ROWS if tiled else 0, STAGES=1 if pf else (stages or DEFAULT_STAGES), GHALF=ghalf, PF2=pf2,
         r_ptr=nargs[0], nw_ptr=nargs[1], ro_ptr=nargs[2], u_ptr=nargs[3], cnt2_ptr=nargs[4], eps=nargs[5],
-        NB=n_blocks, EPI=epi, BNORM=1024, L2D=l2d,
+        NB=n_blocks, EPI=epi, BNORM=1024,
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     if norm is not None and epi == 0:  # not fusable here: the separate norm launch

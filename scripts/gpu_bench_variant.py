@@ -14,8 +14,7 @@ norms after q4 projections as their own launches (the default) / as GEMV tails; 
 layers with the chunked torch delta rule instead of the one-launch Triton recurrence; "-narrow" launches
 q4 GEMVs with 16 rows per warp and ~6-7 programs per SM (the default before the wide-program rule);
 "-tail" runs each layer's o projection, norms, gate|up and down as the one persistent launch of
-kernels.layer_tail instead of separate launches (the default); "-l2dN" (last) sets gemv_q4.L2_DISTANCE
-to N (each q4 GEMV group asked of L2 N groups ahead).
+kernels.layer_tail instead of separate launches (the default).
 """
 
 from __future__ import annotations
@@ -42,9 +41,6 @@ def main() -> int:
         if variant.endswith(suffix):
             setattr(cls, attr, value)
             variant = variant[: -len(suffix)]
-    m2 = re.fullmatch(r"(.*)-l2d(\d+)", variant)
-    if m2:  # q4 GEMV L2 prefetch distance (gemv_q4.L2_DISTANCE)
-        variant, k4.L2_DISTANCE = m2.group(1), int(m2.group(2))
     m = re.fullmatch(r"(std|tiled|default)(?:st(\d))?(pf2)?(quad)?(?:wide([\d.]+)(?:g([\d.]+))?)?(?:r(\d+))?", variant)
     if not m:
         print(f"unknown variant {variant!r}", file=sys.stderr)

@@ -514,7 +514,7 @@ def aot_report() -> int:
             consts = {**consts, "USE_PDL": True}  # as launched in the decode step on Hopper
         if "TR" in names and "TR" not in consts:
             consts = {**consts, "TR": 0}  # the standard q4 layout
-        for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("EPI", 0), ("BNORM", 1024), ("L2D", 0)):
+        for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("EPI", 0), ("BNORM", 1024)):
             if knob in names and knob not in consts:
                 consts = {**consts, knob: default}
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
@@ -591,12 +591,6 @@ def aot_report() -> int:
         ("q4 gate|up+silu tc tiled gate halves", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
           "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "GHALF": True}, 4, ()),
-        ("q4 wide tc tiled + L2 prefetch 3 ahead", kq4._q4_gemv_kernel, q4_types,
-         {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False,
-          "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "L2D": 3}, 4, ()),
-        ("q4 wide gate|up tc tiled halves + L2 prefetch", kq4._q4_gemv_kernel, q4_types,
-         {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
-          "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "GHALF": True, "L2D": 2}, 4, ()),
         ("q4 T=1 tc tiled + add_rmsnorm tail", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False,
           "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "EPI": 1}, 4, ()),

@@ -3,7 +3,7 @@
 few launch configurations: 20 launches of one GEMV chained in a CUDA graph (PDL on, as in the decode
 step), the mean per launch, its weight bytes per second and the ratio to a device copy.
 
-    python scripts/gpu_gemv_tiled_sweep.py [--quick | --wide | --l2]
+    python scripts/gpu_gemv_tiled_sweep.py [--quick]
 """
 
 from __future__ import annotations
@@ -76,15 +76,6 @@ def main() -> None:
         out = torch.empty(1, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
         base = None
         splits = [None] if quick else [None, "x0.33", "x0.5", "x0.67", "x1.5"]
-        if "--l2" in sys.argv:  # the default launch with each L2 prefetch distance
-            ref = kern(x, qw, s, m, 128, tiled=True, l2_distance=0)
-            for d in (0, 2, 3, 4, 6):
-                same = torch.equal(kern(x, qw, s, m, 128, tiled=True, l2_distance=d), ref)
-                print(f"{name} l2 distance {d}: result {'identical' if same else 'DIFFERENT'}")
-                us = timed(lambda: kern(x, qw, s, m, 128, out, tiled=True, l2_distance=d))
-                base = base or us
-                rows.append((name, f"default l2 distance {d}", us, nbytes / us / 1e3, us / base))
-            continue
         for rpw, warps, split in itertools.product((16, 32, 64), (4, 8), splits):
             if "--wide" in sys.argv and (rpw, warps, split) != (16, 4, None):
                 continue
