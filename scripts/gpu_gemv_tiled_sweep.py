@@ -16,6 +16,8 @@ import torch
 from olmo_local.kernels import gemv_q4 as k4
 from olmo_local.kernels._triton import num_sms
 
+from gpu_floor_probe import timed as timed_replay
+
 SHAPES = [("gdn_in", 17280, 3840, False), ("qkv", 11520, 3840, False), ("gate_up", 2 * 11008, 3840, True),
           ("down", 3840, 11008, False), ("gdn_o", 3840, 5760, False), ("attn_o", 3840, 3840, False)]
 
@@ -35,27 +37,8 @@ def copy_bw() -> float:
 
 
 def timed(fn, n=20, reps=10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        fn()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(g, stream=s):
-            for _ in range(n):
-                fn()
-    g.replay()
-    torch.cuda.synchronize()
-    best = 1e9
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        best = min(best, e0.elapsed_time(e1) * 1e3 / n)
-    return best  # us per launch
+    """us per launch: n launches of fn chained in one CUDA graph, best of reps replays."""
+    return timed_replay(fn, n, reps) / n
 
 
 def main() -> None:
