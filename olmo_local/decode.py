@@ -21,6 +21,7 @@ from olmo_local.kernels.gdn_decode import gdn_decode_step
 from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_norm, q4_gemv_silu_mul
 from olmo_local.kernels.gemv_q8 import q8_gemv, q8_gemv_silu_mul
 from olmo_local.kernels.layer_tail import layer_tail_fits, layer_tail_triton
+from olmo_local.kernels.sample import sample_fits, sample_triton
 from olmo_local.kernels.norm import add_rmsnorm, residual_add, rmsnorm, rmsnorm_add
 from olmo_local.model import AttentionLayer, GDNLayer, OlmoHybridModel, apply_rope
 from olmo_local.quant.linear import Q4Linear, Q8Linear
@@ -79,6 +80,11 @@ class DecodeStep:
     # SM; at one program per SM tg128 was 287 vs 427-431 t/s). Its phases alone are no faster than the separate kernels: the
     # GEMVs are limited by the bytes each program keeps in flight, not by launches (kernels/NOTES.md)
     fuse_layer_tail = False
+    # sampling graphs draw with kernels.sample (temperature, top-p by a radix search on the probabilities
+    # instead of a sort, min-p, the race with Philox noise keyed by a device step counter; 3 launches, 7
+    # with top-p) when there is no top-k; off: the torch ops of generate.sampling_probs and noise drawn by
+    # the host's generator before each replay
+    fused_sampler = True
 
     def __init__(self, model: OlmoHybridModel, state: DecodeState, use_graph: bool | None = None) -> None:
         self.model, self.state = model, state
@@ -99,6 +105,7 @@ class DecodeStep:
         self.pick_graphs: dict[str, tuple] = {}
         self.rng: torch.Generator | None = None
         self.noise = torch.ones(model.config.vocab_size, dtype=torch.float32, device=self.device)
+        self.rng_state = torch.zeros(2, dtype=torch.int64, device=self.device)  # kernels.sample: (seed, step)
         self.next_id = torch.zeros(1, dtype=torch.long, device=self.device)
         self.host_id = torch.zeros(1, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self._host_np = self.host_id.numpy()  # read without torch's per-call overhead (~20 us measured)
@@ -218,6 +225,11 @@ class DecodeStep:
         generate.sampling_probs by the exponential race, argmax(p / E) with E ~ Exp(1) from the
         ``noise`` buffer (filled before each replay by the step's own seeded generator)."""
         lg = valid_logits(logits, mode[-1])
+        if mode[0] == "sample" and self._fused_draw(lg, mode[1]):
+            p = mode[1]
+            sample_triton(lg, p.temperature, p.top_p, p.min_p, self.rng_state, self.next_id, self.token)
+            self.host_id.copy_(self.next_id, non_blocking=True)
+            return
         if mode[0] == "sample":
             probs = sampling_probs(lg.float(), mode[1])
             # ids outside the support never win, whatever the noise (an E of exactly 0 would make 0 / 0)
@@ -226,11 +238,16 @@ class DecodeStep:
         self.token.copy_(self.next_id)
         self.host_id.copy_(self.next_id, non_blocking=True)
 
+    def _fused_draw(self, lg: torch.Tensor, params) -> bool:
+        """Whether the sampling graph draws with kernels.sample (else the torch ops and host noise)."""
+        return self.fused_sampler and lg.is_cuda and sample_fits(lg, params.top_k)
+
     def capture(self, mode: tuple | None = None) -> None:
         """Record the step into a CUDA graph (warm-up runs compile the kernels first; the state is
         restored afterwards, so capturing does not change the conversation). With a ``mode`` (see
         _pick_tail) the recorded step also picks the next token: the greedy or the sampling graph."""
         snap = self.state.snapshot()
+        rng = self.rng_state.clone()  # the warm-up draws must not advance a seeded reply's steps
         self.token.fill_(0)
         s = torch.cuda.Stream(device=self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
@@ -251,6 +268,7 @@ class DecodeStep:
         else:
             self.pick_graphs[mode[0]] = (mode, graph)
         self.state.restore(snap)
+        self.rng_state.copy_(rng)
         self._token_on_device = None
         torch.cuda.synchronize(self.device)
 
@@ -285,10 +303,11 @@ class DecodeStep:
         """Seed the generator of sample() (a random seed for None), as a Sampler is seeded per reply."""
         gen = torch.Generator(device=self.device)
         if seed is None:
-            gen.seed()
+            seed = gen.seed()
         else:
             gen.manual_seed(seed)
         self.rng = gen
+        self.rng_state.copy_(torch.tensor([seed % (1 << 62), 0], dtype=torch.int64))
 
     def sample(self, token: int, params, n_valid: int | None = None) -> int:
         """Feed ``token`` and draw the next id from generate.sampling_probs(params) over ids < n_valid
@@ -304,9 +323,10 @@ class DecodeStep:
         # the graph depends on these four only (a change of seed or length does not recapture)
         key = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                              min_p=params.min_p)
-        with torch.inference_mode():
-            n = n_valid if n_valid is not None else self.model.config.vocab_size
-            self.noise[:n].exponential_(generator=self.rng)  # before the replay, on the same stream
+        n = n_valid if n_valid is not None else self.model.config.vocab_size
+        if not self._fused_draw(self.noise[:n], key):  # the torch draw reads noise from the host's generator
+            with torch.inference_mode():
+                self.noise[:n].exponential_(generator=self.rng)  # before the replay, on the same stream
         return self._pick(token, ("sample", key, n_valid))
 
     def _pick(self, token: int, mode: tuple) -> int:

@@ -266,3 +266,42 @@ def test_sample_graph_on_cuda(tmp_path):
             tok = nxt
         seqs.append(out)
     assert seqs[0] == seqs[1] and len(set(seqs[0])) > 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
+def test_fused_sampler_graph_on_cuda(tmp_path):
+    """On the GPU, the chat's default sampling (no top-k) draws with kernels.sample inside the graph:
+    every id lies in the support of generate.sampling_probs over the plain step's logits, a seed repeats
+    the whole reply (the capture's warm-up draws do not shift it), and the torch form still runs when
+    the fused sampler is off."""
+    from olmo_local.generate import sampling_probs
+
+    cfg = tiny_config()
+    path = write_checkpoint(hf_model(cfg, seed=6), cfg, tmp_path / "c")
+    prompt = torch.randint(1, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    sp = SamplingParams(temperature=0.8, top_p=0.9, min_p=0.02)
+    model = load_model(path, "cuda", torch.bfloat16)
+    for fused in (True, False):
+        DecodeStep.fused_sampler = fused
+        try:
+            seqs = []
+            st, ref = (DecodeState(cfg, 128, "cuda", torch.bfloat16) for _ in range(2))
+            with torch.inference_mode():
+                logits = model(prompt.cuda(), st)[0, -1]
+                model(prompt.cuda(), ref)
+            step, ref_step = DecodeStep(model, st), DecodeStep(model, ref)
+            snap, ref_snap = st.snapshot(), ref.snapshot()
+            for _ in range(2):  # the same seed twice on one step: the first call also captures
+                st.restore(snap)
+                ref.restore(ref_snap)
+                step.seed_sampler(7)
+                tok, out = int(logits.argmax()), []
+                for _ in range(16):
+                    nxt = step.sample(tok, sp)
+                    assert float(sampling_probs(ref_step(tok).float(), sp)[nxt]) > 0
+                    out.append(nxt)
+                    tok = nxt
+                seqs.append(out)
+            assert seqs[0] == seqs[1] and len(set(seqs[0])) > 1
+        finally:
+            DecodeStep.fused_sampler = True

@@ -1,0 +1,111 @@
+"""The one-launch sampler (kernels/sample.py) against generate.sampling_probs and the exponential race:
+the kernel's final probabilities, and its id given the same uniforms, in the interpreter; the draws'
+frequencies; seeds and the step counter; on CUDA the same checks at the 7B vocabulary."""
+
+import pytest
+import torch
+from olmo_local.kernels import sample as ks
+
+
+def run(logits, t, top_p, min_p, seed=1, step=0, block=None):
+    dev = logits.device
+    n = logits.numel()
+    rng = torch.tensor([seed, step], dtype=torch.int64, device=dev)
+    out_id = torch.zeros(1, dtype=torch.int64, device=dev)
+    tok = torch.zeros(1, dtype=torch.int64, device=dev)
+    dp = torch.zeros(n, dtype=torch.float32, device=dev)
+    du = torch.zeros(n, dtype=torch.float32, device=dev)
+    ks.sample_triton(logits, t, top_p, min_p, rng, out_id, tok, debug=(dp, du), block=block)
+    return int(out_id), int(tok), dp, du, rng
+
+
+def peaked(n: int, seed: int, scale: float = 4.0, dtype=torch.bfloat16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("n,t,top_p,min_p,block,scale", [
+    (3000, 0.7, 1.0, 0.0, None, 4.0),    # temperature only: the race over all tokens
+    (3000, 0.6, 0.95, 0.0, None, 4.0),   # the chat's default
+    (2500, 1.0, 0.9, 0.05, 512, 4.0),    # top-p and min-p, several blocks, a partial last one
+    (3000, 0.8, 0.95, 0.0, 256, 0.3),    # flat logits: most tokens are candidates
+    (1000, 1.3, 0.5, 0.02, 128, 1.0),    # top-p 0.5 with min-p
+    (700, 0.9, 1.0, 0.1, None, 4.0),     # min-p alone, one partial block
+])
+def test_sample_matches_sampling_probs_and_the_race(n, t, top_p, min_p, block, scale):
+    logits = peaked(n, seed=n, scale=scale)
+    i, tok, dp, du, rng = run(logits, t, top_p, min_p, seed=5, block=block)
+    ref_id, probs = ks.sample_ref(logits, t, top_p, min_p, du)
+    check_against_reference(logits, t, i, tok, dp, du, probs, ref_id)
+    assert int(rng[1]) == 1  # the step counter moved
+    assert 0.0 < float(du.min()) and float(du.max()) < 1.0
+    if top_p < 1.0:
+        assert int((dp > 0).sum()) < n  # top-p really dropped tokens
+
+
+def check_against_reference(logits, t, i, tok, dp, du, probs, ref_id):
+    """The kernel's kept set is the reference's, except that tokens tied (same p) with the last one the
+    sorted form keeps are all kept (the sort keeps an arbitrary part of a tie); the probabilities are
+    the renormalised softmax over the kept set; the id is the race's over those probabilities."""
+    support, ref_support = dp > 0, probs > 0
+    assert not (ref_support & ~support).any()  # nothing the reference keeps is dropped
+    extra = support & ~ref_support
+    p = torch.softmax(logits.float() / t, 0)
+    if extra.any():
+        edge = p[ref_support].min()
+        assert torch.equal(p[extra], torch.full_like(p[extra], float(edge)))  # ties at the threshold only
+    ratio = dp[support] / p[support]  # the kept tokens' p, all divided by the same kept mass
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)
+    if not extra.any():
+        assert torch.allclose(dp, probs, rtol=1e-4, atol=1e-7)
+    race = torch.argmax(torch.where(support, dp / -torch.log(du.double()).float(), -1.0))
+    assert i == int(race) and tok == i  # the race over the kernel's probabilities; the token buffer too
+    if not extra.any():
+        assert i == ref_id
+
+
+def test_sample_block_sizes_agree():
+    logits = peaked(4000, seed=11)
+    a = run(logits, 0.7, 0.9, 0.0, seed=3)
+    b = run(logits, 0.7, 0.9, 0.0, seed=3, block=128)
+    assert a[0] == b[0] and torch.equal(a[2] > 0, b[2] > 0)
+    assert torch.allclose(a[2], b[2], rtol=1e-5, atol=1e-8)
+
+
+def test_sample_seeds_and_steps():
+    logits = peaked(1500, seed=2, scale=1.0)
+    same = [run(logits, 1.0, 1.0, 0.0, seed=9, step=s)[0] for s in (0, 0)]
+    assert same[0] == same[1]  # a seed and step repeat the draw
+    draws = {run(logits, 1.0, 1.0, 0.0, seed=9, step=s)[0] for s in range(8)}
+    assert len(draws) > 1  # the step changes it
+    other = {run(logits, 1.0, 1.0, 0.0, seed=s, step=0)[0] for s in range(8)}
+    assert len(other) > 1  # and so does the seed
+
+
+def test_sample_frequencies_follow_the_probabilities():
+    # 6 live tokens (the rest at -inf-like logits): 300 draws, each id's share near its probability
+    logits = torch.full((64,), -30.0)
+    logits[:6] = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5])
+    probs = torch.softmax(logits, 0)[:6]
+    counts = torch.zeros(64)
+    for s in range(300):
+        counts[run(logits, 1.0, 1.0, 0.0, seed=123, step=s)[0]] += 1
+    freq = counts[:6] / 300
+    assert counts[6:].sum() == 0
+    assert float((freq - probs).abs().max()) < 0.08  # 300 draws: a few standard errors (~0.03)
+
+
+def test_sample_fits():
+    assert ks.sample_fits(torch.zeros(10), 0)
+    assert not ks.sample_fits(torch.zeros(10), 40)  # top-k keeps the torch form
+    assert not ks.sample_fits(torch.zeros(2, 10), 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
+@pytest.mark.parametrize("top_p,min_p,scale", [(0.95, 0.0, 3.0), (1.0, 0.0, 3.0), (0.9, 0.05, 3.0), (0.95, 0.0, 0.3)])
+def test_sample_on_cuda_at_the_7b_vocabulary(top_p, min_p, scale):
+    logits = peaked(100352, seed=4, scale=scale).cuda()
+    i, tok, dp, du, rng = run(logits, 0.6, top_p, min_p, seed=8)
+    ref_id, probs = ks.sample_ref(logits.cpu(), 0.6, top_p, min_p, du.cpu())
+    check_against_reference(logits.cpu(), 0.6, i, tok, dp.cpu(), du.cpu(), probs, ref_id)
+    assert int(rng[1]) == 1
