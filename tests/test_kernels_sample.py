@@ -36,32 +36,33 @@ def test_sample_matches_sampling_probs_and_the_race(n, t, top_p, min_p, block, s
     logits = peaked(n, seed=n, scale=scale)
     i, tok, dp, du, rng = run(logits, t, top_p, min_p, seed=5, block=block)
     ref_id, probs = ks.sample_ref(logits, t, top_p, min_p, du)
-    check_against_reference(logits, t, i, tok, dp, du, probs, ref_id)
+    check_against_reference(logits, t, top_p, min_p, i, tok, dp, du, probs, ref_id)
     assert int(rng[1]) == 1  # the step counter moved
     assert 0.0 < float(du.min()) and float(du.max()) < 1.0
     if top_p < 1.0:
         assert int((dp > 0).sum()) < n  # top-p really dropped tokens
 
 
-def check_against_reference(logits, t, i, tok, dp, du, probs, ref_id):
-    """The kernel's kept set is the reference's, except that tokens tied (same p) with the last one the
-    sorted form keeps are all kept (the sort keeps an arbitrary part of a tie); the probabilities are
-    the renormalised softmax over the kept set; the id is the race's over those probabilities."""
-    support, ref_support = dp > 0, probs > 0
-    assert not (ref_support & ~support).any()  # nothing the reference keeps is dropped
-    extra = support & ~ref_support
+def check_against_reference(logits, t, top_p, min_p, i, tok, dp, du, probs, ref_id):
+    """The kernel's top-p set is the sorted form's plus every token tied (same p) with the last one the
+    sort keeps (the sort keeps an arbitrary part of a tie; bf16 logits tie often): so its probabilities
+    are the softmax renormalised over that set, then min-p, and its id is the race over them."""
+    from olmo_local.generate import SamplingParams, sampling_probs
+
     p = torch.softmax(logits.float() / t, 0)
-    if extra.any():
-        edge = p[ref_support].min()
-        assert torch.equal(p[extra], torch.full_like(p[extra], float(edge)))  # ties at the threshold only
-    ratio = dp[support] / p[support]  # the kept tokens' p, all divided by the same kept mass
-    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)
-    if not extra.any():
-        assert torch.allclose(dp, probs, rtol=1e-4, atol=1e-7)
+    topp = sampling_probs(logits.float(), SamplingParams(temperature=t, top_p=top_p)) > 0
+    topp = topp | (p == p[topp].min())  # ties at the threshold
+    want = torch.where(topp, p, 0.0) / p[topp].sum()
+    if min_p > 0:
+        want = want.masked_fill(want < min_p * want.max(), 0.0)
+    support = dp > 0
+    assert torch.equal(support, want > 0)
+    assert not ((probs > 0) & ~support).any()  # nothing the reference keeps is dropped
+    assert torch.allclose(dp, want, rtol=1e-4, atol=1e-7)
     race = torch.argmax(torch.where(support, dp / -torch.log(du.double()).float(), -1.0))
     assert i == int(race) and tok == i  # the race over the kernel's probabilities; the token buffer too
-    if not extra.any():
-        assert i == ref_id
+    if torch.equal(support, probs > 0) and torch.allclose(dp, probs, rtol=1e-4, atol=1e-7):
+        assert i == ref_id  # no tie at the threshold: the reference's own draw
 
 
 def test_sample_block_sizes_agree():
@@ -107,5 +108,5 @@ def test_sample_on_cuda_at_the_7b_vocabulary(top_p, min_p, scale):
     logits = peaked(100352, seed=4, scale=scale).cuda()
     i, tok, dp, du, rng = run(logits, 0.6, top_p, min_p, seed=8)
     ref_id, probs = ks.sample_ref(logits.cpu(), 0.6, top_p, min_p, du.cpu())
-    check_against_reference(logits.cpu(), 0.6, i, tok, dp.cpu(), du.cpu(), probs, ref_id)
+    check_against_reference(logits.cpu(), 0.6, top_p, min_p, i, tok, dp.cpu(), du.cpu(), probs, ref_id)
     assert int(rng[1]) == 1
