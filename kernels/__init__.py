@@ -12,6 +12,7 @@ Decode-path ops (batch 1, CUDA-graph capturable: no host syncs, static shapes, o
   attention_decode / quantize_kv_int8     attention_decode.py
   rmsnorm / add_rmsnorm / rmsnorm_add     norm.py
   layer_tail (o, norm, gate|up, down as one persistent launch; measured slower, off)   layer_tail.py
+  sample_triton (temperature, top-p, min-p and the draw of a sampling graph)          sample.py
 Prefill ops:
   q4_dequantize_into / q4_dequantize_scratch   dequant.py (one-pass q4 -> bf16 for a tensor-core GEMM)
   gdn_prefill_prep / gated_rms_norm           gdn_prefill.py (conv + SiLU + q/k norms; the gated norm)
