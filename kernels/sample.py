@@ -6,8 +6,8 @@
 The draw is the exponential race of DecodeStep: argmax_i p_i / E_i with E_i = -log U_i, U_i uniform,
 which picks i with probability p_i. U_i comes from Philox (tl.randint), keyed by the seed and a step
 counter kept on the device (rng = int64 [seed, step]; the last launch advances step). So a CUDA graph
-replays a fresh draw each time and a seed repeats a reply. U_i = (24 random bits + 0.5) / 2^24 is never
-0 or 1, so every E_i is finite and positive.
+replays a fresh draw each time and a seed repeats a reply. U_i = (23 random bits + 0.5) / 2^23 is never
+0 or 1 in fp32, so every E_i is finite and positive.
 
 Why: the torch form (generate.sampling_probs, then the race, with the noise drawn by the host before
 each replay) sorts all ~100K logits for top-p and runs ~15 small kernels. The H200 measured 64 µs per
@@ -60,9 +60,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _uniform(seed, idx):
-        """U in (0, 1) from Philox keyed by seed at counter idx: 24 bits + 0.5, over 2^24."""
+        """U in (0, 1) from Philox keyed by seed at counter idx: 23 bits + 0.5, over 2^23. (With 24 bits
+        the top value + 0.5 rounds to 2^24 in fp32, U = 1, E = 0, and that token would always win.)"""
         r = tl.randint(seed, idx)
-        return (((r >> 8) & 0xFFFFFF).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        return (((r >> 9) & 0x7FFFFF).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
 
     @triton.jit
     def _block_p(lg_ptr, pm_ptr, ps_ptr, N, temp, NB, BS: tl.constexpr, NBP: tl.constexpr):

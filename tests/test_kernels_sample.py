@@ -110,3 +110,15 @@ def test_sample_on_cuda_at_the_7b_vocabulary(top_p, min_p, scale):
     ref_id, probs = ks.sample_ref(logits.cpu(), 0.6, top_p, min_p, du.cpu())
     check_against_reference(logits.cpu(), 0.6, top_p, min_p, i, tok, dp.cpu(), du.cpu(), probs, ref_id)
     assert int(rng[1]) == 1
+
+
+def test_uniforms_never_reach_0_or_1():
+    # the largest and smallest 23-bit values + 0.5, over 2^23, stay inside (0, 1) in fp32 (24 bits did not:
+    # (2^24 - 1 + 0.5) rounds to 2^24, U = 1, E = -log U = 0, and that token would win every race)
+    top = (torch.tensor(float(2 ** 23 - 1), dtype=torch.float32) + 0.5) * (1.0 / 2 ** 23)
+    low = (torch.tensor(0.0, dtype=torch.float32) + 0.5) * (1.0 / 2 ** 23)
+    assert 0.0 < float(low) and float(top) < 1.0 and float(-torch.log(top)) > 0.0
+    assert float((torch.tensor(float(2 ** 24 - 1), dtype=torch.float32) + 0.5) / 2 ** 24) == 1.0  # the old bug
+    logits = peaked(2000, seed=1)
+    _, _, _, du, _ = run(logits, 1.0, 1.0, 0.0, seed=77)
+    assert float(du.max()) < 1.0 and float(du.min()) > 0.0
