@@ -1,5 +1,6 @@
-"""The Triton kernel inside scripts/gpu_stream_probe.py (a load-only bandwidth probe) against its torch
-reference, in the interpreter: each program XORs its split of a row's words."""
+"""The Triton kernels inside the GPU scripts, in the interpreter: scripts/gpu_stream_probe.py (a load-only
+bandwidth probe, each program XORs its split of a row's words) against its torch reference, and
+scripts/gpu_floor_probe.py's empty kernel and grid barriers."""
 
 import importlib.util
 from pathlib import Path
@@ -30,3 +31,23 @@ def test_stream_probe_kernel_matches_xor_reference():
         for c in range(1, part.shape[1]):
             want ^= part[:, c]
         assert torch.equal(y[s * nr:(s + 1) * nr], want)
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_floor_probe_kernels_in_the_interpreter():
+    """scripts/gpu_floor_probe.py times an empty kernel and grid barriers. In the interpreter (programs one
+    after another) a single program passes each barrier once it has arrived: NB barriers leave the
+    counter at NB (the k-th waits for k arrivals). The empty kernel writes nothing."""
+    probe = _load("gpu_floor_probe")
+    cnt = torch.zeros(1, dtype=torch.int32)
+    probe._barriers[(1,)](cnt, 5)
+    assert int(cnt) == 5
+    x = torch.full((1,), 3.0)
+    probe._empty[(4,)](x, USE_PDL=False)
+    assert float(x) == 3.0
