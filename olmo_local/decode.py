@@ -76,9 +76,9 @@ class DecodeStep:
     fuse_norms = False
     # o projection, norm, gate|up, down (and the post-norm) of a layer as one persistent launch
     # (kernels.layer_tail) where the weights fit it (q4, group 128, tiled, CUDA): off, it measured
-    # 57.7-60.7 us per 7B layer against 38.0-38.9 us for the separate launches (H200, 2 programs per
-    # SM; at one program per SM tg128 was 287 vs 427-431 t/s). Its phases alone are no faster than the separate kernels: the
-    # GEMVs are limited by the bytes each program keeps in flight, not by launches (kernels/NOTES.md)
+    # 57.7-60.7 us per 7B layer against 38.0-38.9 us for the separate launches (H200, 2 programs per SM).
+    # Each phase alone costs what its separate kernel costs: a GEMV's fixed cost is its programs'
+    # dependent chain, not the launch (kernels/NOTES.md, session 5)
     fuse_layer_tail = False
     # sampling graphs draw with kernels.sample (temperature, top-p by a radix search on the probabilities
     # instead of a sort, min-p, the race with Philox noise keyed by a device step counter; 3 launches, 7
@@ -214,7 +214,7 @@ class DecodeStep:
         tail = self._tail(L.o, L.mlp, o, x)
         if tail is not None:
             return layer_tail_triton(o, *tail, x, n1.weight, n1.eps, n2.weight, n2.eps, mode="post")[0]
-        x = linear_norm(L.o, o.reshape(1, -1).to(x.dtype), x, "rmsnorm_add", n1.weight, n1.eps, self.fuse_norms)
+        x = linear_norm(L.o, o, x, "rmsnorm_add", n1.weight, n1.eps, self.fuse_norms)
         return linear_norm(L.mlp.down, mlp_act(L.mlp, x), x, "rmsnorm_add", n2.weight, n2.eps, self.fuse_norms)
 
     # ---- graph capture and the per-token calls -----------------------------------------------
@@ -222,8 +222,9 @@ class DecodeStep:
         """The next token chosen on the device, written to the token buffer (the next step's input) and
         copied to host memory; all on the stream, so it can be part of the graph. mode = ("greedy",
         n_valid): argmax over the valid ids; ("sample", params, n_valid): a draw from
-        generate.sampling_probs by the exponential race, argmax(p / E) with E ~ Exp(1) from the
-        ``noise`` buffer (filled before each replay by the step's own seeded generator)."""
+        generate.sampling_probs by the exponential race, argmax(p / E) with E ~ Exp(1): without top-k on
+        CUDA all in kernels.sample (noise from Philox keyed by rng_state), otherwise torch ops with E from
+        the ``noise`` buffer (filled before each replay by the step's own seeded generator)."""
         lg = valid_logits(logits, mode[-1])
         if mode[0] == "sample" and self._fused_draw(lg, mode[1]):
             p = mode[1]
