@@ -11,7 +11,6 @@ Decode-path ops (batch 1, CUDA-graph capturable: no host syncs, static shapes, o
   gdn_decode_step                         gdn_decode.py
   attention_decode / quantize_kv_int8     attention_decode.py
   rmsnorm / add_rmsnorm / rmsnorm_add     norm.py
-  layer_tail (o, norm, gate|up, down as one persistent launch; measured slower, off)   layer_tail.py
   sample_triton (temperature, top-p, min-p and the draw of a sampling graph)          sample.py
 Prefill ops:
   q4_dequantize_into / q4_dequantize_scratch   dequant.py (one-pass q4 -> bf16 for a tensor-core GEMM)

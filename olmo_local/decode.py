@@ -20,7 +20,6 @@ from olmo_local.kernels.attention_decode import attention_decode, attention_prep
 from olmo_local.kernels.gdn_decode import gdn_decode_step
 from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_norm, q4_gemv_silu_mul
 from olmo_local.kernels.gemv_q8 import q8_gemv, q8_gemv_silu_mul
-from olmo_local.kernels.layer_tail import layer_tail_fits, layer_tail_triton
 from olmo_local.kernels.sample import sample_fits, sample_triton
 from olmo_local.kernels.norm import add_rmsnorm, residual_add, rmsnorm, rmsnorm_add
 from olmo_local.model import AttentionLayer, GDNLayer, OlmoHybridModel, apply_rope
@@ -53,12 +52,11 @@ def linear_norm(mod: torch.nn.Module, inp: torch.Tensor, x: torch.Tensor, mode: 
                 w: torch.Tensor | None = None, eps: float = 0.0, fuse: bool = True):
     """A projection and the norm op that consumes it with the residual stream x (kernels.norm):
     "add_rmsnorm" -> (normed, x + y); "rmsnorm_add" -> x + rmsnorm(y); "add" -> x + y. A q4 projection
-    runs the norm as its GEMV's tail (kernels.gemv_q4.q4_gemv_norm: one launch). mod None: inp is
-    already the projection's output."""
+    runs the norm as its GEMV's tail (kernels.gemv_q4.q4_gemv_norm: one launch)."""
     if fuse and isinstance(mod, Q4Linear):
         return q4_gemv_norm(inp, mod.qweight, mod.scales, mod.mins, mod.group_size, x, w, eps, mode,
                             tiled=mod.tiled)
-    y = inp if mod is None else linear(mod, inp)
+    y = linear(mod, inp)
     if mode == "add_rmsnorm":
         return add_rmsnorm(y, x, w, eps)
     if mode == "rmsnorm_add":
@@ -74,12 +72,6 @@ class DecodeStep:
     # 345 vs 383 tokens/s on the 7B q4 step (H100; the last program's whole-row norm runs serially
     # while the other SMs wait, longer than the separate one-block norm launch it replaces)
     fuse_norms = False
-    # o projection, norm, gate|up, down (and the post-norm) of a layer as one persistent launch
-    # (kernels.layer_tail) where the weights fit it (q4, group 128, tiled, CUDA): off, it measured
-    # 57.7-60.7 us per 7B layer against 38.0-38.9 us for the separate launches (H200, 2 programs per SM).
-    # Each phase alone costs what its separate kernel costs: a GEMV's fixed cost is its programs'
-    # dependent chain, not the launch (kernels/NOTES.md, session 5)
-    fuse_layer_tail = False
     # sampling graphs draw with kernels.sample (temperature, top-p by a radix search on the probabilities
     # instead of a sort, min-p, the race with Philox noise keyed by a device step counter; 3 launches, 7
     # with top-p) when there is no top-k; off: the torch ops of generate.sampling_probs and noise drawn by
@@ -160,23 +152,9 @@ class DecodeStep:
             a, b = linear(L.ab, u)[0].split([L.hv, L.hv])
             y = gdn_decode_step(qkv, z, a, b, L.conv_w, st.conv_state[L.idx], L.A_log, L.dt_bias, L.o_norm_w,
                                 st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0)
-        tail = self._tail(L.o, L.mlp, y.view(1, -1), x)
-        if tail is not None:  # one launch; its down projection's output is added by the next norm
-            x, d = layer_tail_triton(y.view(1, -1), *tail, x, L.post_norm.weight, L.post_norm.eps, mode="pre")
-            return x, (None, d)
         h, x = linear_norm(L.o, y.view(1, -1), x, "add_rmsnorm", L.post_norm.weight, L.post_norm.eps,
                            self.fuse_norms)  # x += o
         return x, (L.mlp.down, mlp_act(L.mlp, h))
-
-    def _tail(self, o: torch.nn.Module, mlp: torch.nn.Module, y: torch.Tensor, x: torch.Tensor):
-        """The three q4 weights for kernels.layer_tail, or None where it does not apply."""
-        if not (self.fuse_layer_tail and x.is_cuda and y.dtype == x.dtype):
-            return None
-        mods = (o, getattr(mlp, "gate_up", None), getattr(mlp, "down", None))
-        if not all(isinstance(q, Q4Linear) and q.tiled and q.group_size == 128 for q in mods):
-            return None
-        ws = tuple((q.qweight, q.scales, q.mins) for q in mods)
-        return ws if layer_tail_fits(y, *ws, x) else None
 
     def _attn(self, L: AttentionLayer, x: torch.Tensor, rope) -> torch.Tensor:
         st = self.state
@@ -210,11 +188,7 @@ class DecodeStep:
     def _attn_out(self, L: AttentionLayer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """o projection, post-attention norm + residual, MLP, post-feedforward norm + residual."""
         n1, n2 = L.post_attn_norm, L.post_ff_norm
-        o = o.reshape(1, -1).to(x.dtype)
-        tail = self._tail(L.o, L.mlp, o, x)
-        if tail is not None:
-            return layer_tail_triton(o, *tail, x, n1.weight, n1.eps, n2.weight, n2.eps, mode="post")[0]
-        x = linear_norm(L.o, o, x, "rmsnorm_add", n1.weight, n1.eps, self.fuse_norms)
+        x = linear_norm(L.o, o.reshape(1, -1).to(x.dtype), x, "rmsnorm_add", n1.weight, n1.eps, self.fuse_norms)
         return linear_norm(L.mlp.down, mlp_act(L.mlp, x), x, "rmsnorm_add", n2.weight, n2.eps, self.fuse_norms)
 
     # ---- graph capture and the per-token calls -----------------------------------------------

@@ -12,9 +12,7 @@ a trailing "-unfused" runs NoPE attention layers
 through the separate q/k norm and cache-write ops instead of attention_prep; "-nonorm" / "-normtail" run the
 norms after q4 projections as their own launches (the default) / as GEMV tails; "-chunked" prefills GDN
 layers with the chunked torch delta rule instead of the one-launch Triton recurrence; "-narrow" launches
-q4 GEMVs with 16 rows per warp and ~6-7 programs per SM (the default before the wide-program rule);
-"-tail" runs each layer's o projection, norms, gate|up and down as the one persistent launch of
-kernels.layer_tail instead of separate launches (the default).
+q4 GEMVs with 16 rows per warp and ~6-7 programs per SM (the default before the wide-program rule).
 """
 
 from __future__ import annotations
@@ -36,8 +34,7 @@ def main() -> int:
                                      ("-nonorm", dec.DecodeStep, "fuse_norms", False),
                                      ("-normtail", dec.DecodeStep, "fuse_norms", True),
                                      ("-chunked", mdl.GDNLayer, "fused_prefill", False),
-                                     ("-narrow", k4, "WIDE_PROGRAMS", False),
-                                     ("-tail", dec.DecodeStep, "fuse_layer_tail", True)):
+                                     ("-narrow", k4, "WIDE_PROGRAMS", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)
             variant = variant[: -len(suffix)]

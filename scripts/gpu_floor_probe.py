@@ -16,7 +16,6 @@ import triton.language as tl
 
 from olmo_local.kernels import gemv_q4 as k4
 from olmo_local.kernels._triton import num_sms, pdl_launch_dependents, pdl_wait
-from olmo_local.kernels.layer_tail import _grid_sync
 
 
 @triton.jit
@@ -29,9 +28,15 @@ def _empty(x_ptr, USE_PDL: tl.constexpr):
 
 @triton.jit
 def _barriers(cnt_ptr, NB):
+    """NB grid-wide barriers: the k-th waits for k * num_programs arrivals (release add, acquire spin)."""
     n = tl.num_programs(0)
     for i in range(NB):
-        _grid_sync(cnt_ptr, n * (i + 1), True)  # the layer tail's barrier
+        tl.debug_barrier()  # this program's work comes before its arrival
+        tl.atomic_add(cnt_ptr, 1, sem="release")
+        c = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+        while c < n * (i + 1):
+            c = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+        tl.debug_barrier()
 
 
 def timed(fn, n: int, reps: int = 10, pre=None) -> float:

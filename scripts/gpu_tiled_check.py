@@ -8,7 +8,7 @@ graph; every other variant is fed the same tokens (teacher forcing) and its logi
 bf16 and int8 KV. Tiled vs standard must be identical; the fused launches sum in another order
 (within 1 % of the largest logit).
 
-    python scripts/gpu_tiled_check.py [7b|1b] [--tail]   (--tail: the fused runs also use kernels.layer_tail)
+    python scripts/gpu_tiled_check.py [7b|1b]
 """
 
 import sys
@@ -32,7 +32,6 @@ def run(tiled: bool, fused: bool, kv: str, name: str, feed: list[int] | None):
         ql.Q4Linear.tile_ = orig
     n_tiled = sum(1 for x in m.modules() if isinstance(x, ql.Q4Linear) and x.tiled)
     DecodeStep.fuse_attention_prep = fused
-    DecodeStep.fuse_layer_tail = fused and "--tail" in sys.argv
     st = DecodeState(m.config, 256, "cuda", torch.bfloat16, kv_cache=kv)
     ids = torch.randint(0, m.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -50,7 +49,7 @@ def run(tiled: bool, fused: bool, kv: str, name: str, feed: list[int] | None):
 
 
 def main() -> int:
-    name = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "1b"
+    name = sys.argv[1] if len(sys.argv) > 1 else "1b"
     bad = 0
     for kv in ("bf16", "int8"):
         ref, ref_toks, _ = run(False, False, kv, name, None)
@@ -63,7 +62,7 @@ def main() -> int:
             bad += not ok
             print(f"{'PASS' if ok else 'FAIL'} kv={kv} tiled={tiled} ({n} layers) fused prep={fused}: "
                   f"max |dlogit| {diff:.3e} (max |logit| {scale:.2f}), same argmax {100 * same_top:.0f} %")
-    DecodeStep.fuse_attention_prep, DecodeStep.fuse_layer_tail = True, False
+    DecodeStep.fuse_attention_prep = True
     return 1 if bad else 0
 
 
