@@ -842,15 +842,10 @@ _EPI = {"add_rmsnorm": 1, "rmsnorm_add": 2, "add": 3}
 
 def _norm_after(y: torch.Tensor, norm) -> None:
     """The norm op of q4_gemv_norm as its own launch, writing the given outputs."""
-    from .norm import add_rmsnorm, residual_add, rmsnorm_add
+    from .norm import residual_norm
 
     mode, residual, weight, eps, ro, u = norm
-    if mode == "add_rmsnorm":
-        add_rmsnorm(y.view(residual.shape), residual, weight, eps, out=u, residual_out=ro)
-    elif mode == "rmsnorm_add":
-        rmsnorm_add(y.view(residual.shape), residual, weight, eps, out=ro)
-    else:
-        residual_add(y.view(residual.shape), residual, out=ro)
+    residual_norm(mode, y.view(residual.shape), residual, weight, eps, residual_out=ro, normed_out=u)
 
 
 def q4_gemv_norm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,

@@ -25,6 +25,7 @@ __all__ = [
     "add_rmsnorm",
     "add_rmsnorm_ref",
     "add_rmsnorm_triton",
+    "residual_norm",
     "residual_add",
     "residual_add_ref",
     "residual_add_triton",
@@ -210,3 +211,20 @@ def rmsnorm_add(
 ) -> torch.Tensor:
     fn = rmsnorm_add_triton if use_triton(x) else rmsnorm_add_ref
     return fn(x, residual, w, eps, out)
+
+
+RESIDUAL_MODES = ("add_rmsnorm", "rmsnorm_add", "add")
+
+
+def residual_norm(mode: str, y: torch.Tensor, residual: torch.Tensor, w: torch.Tensor | None = None, eps: float = 0.0,
+                  residual_out: torch.Tensor | None = None, normed_out: torch.Tensor | None = None):
+    """The op that takes a sublayer's output y into the residual stream, by mode: "add_rmsnorm" ->
+    (normed, residual + y) (pre-norm layers), "rmsnorm_add" -> residual + rmsnorm(y) (post-norm layers),
+    "add" -> residual + y. residual_out / normed_out: optional destinations."""
+    if mode == "add_rmsnorm":
+        return add_rmsnorm(y, residual, w, eps, out=normed_out, residual_out=residual_out)
+    if mode == "rmsnorm_add":
+        return rmsnorm_add(y, residual, w, eps, out=residual_out)
+    if mode == "add":
+        return residual_add(y, residual, out=residual_out)
+    raise ValueError(f"unknown norm mode {mode!r}")

@@ -21,7 +21,7 @@ from olmo_local.kernels.gdn_decode import gdn_decode_step
 from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_norm, q4_gemv_silu_mul
 from olmo_local.kernels.gemv_q8 import q8_gemv, q8_gemv_silu_mul
 from olmo_local.kernels.sample import sample_fits, sample_triton
-from olmo_local.kernels.norm import add_rmsnorm, residual_add, rmsnorm, rmsnorm_add
+from olmo_local.kernels.norm import residual_norm, rmsnorm
 from olmo_local.model import AttentionLayer, GDNLayer, OlmoHybridModel, apply_rope
 from olmo_local.quant.linear import Q4Linear, Q8Linear
 from olmo_local.state import DecodeState
@@ -56,12 +56,7 @@ def linear_norm(mod: torch.nn.Module, inp: torch.Tensor, x: torch.Tensor, mode: 
     if fuse and isinstance(mod, Q4Linear):
         return q4_gemv_norm(inp, mod.qweight, mod.scales, mod.mins, mod.group_size, x, w, eps, mode,
                             tiled=mod.tiled)
-    y = linear(mod, inp)
-    if mode == "add_rmsnorm":
-        return add_rmsnorm(y, x, w, eps)
-    if mode == "rmsnorm_add":
-        return rmsnorm_add(y, x, w, eps)
-    return residual_add(y, x)
+    return residual_norm(mode, linear(mod, inp), x, w, eps)
 
 
 class DecodeStep:
