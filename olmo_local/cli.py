@@ -118,8 +118,7 @@ def info(
     dt = default_dtype(cfg, dev)
     wbytes, largest = loaded_weight_bytes(path, dt)
     try:
-        p = plan(cfg, wbytes, free_device_memory(dev), ctx, kv_cache, None if dev.type == "cuda" else 512,
-                 largest)
+        p = plan(cfg, wbytes, free_device_memory(dev), ctx, kv_cache, largest_linear=largest, device_type=dev.type)
         rows.append((f"memory plan on {dev.type}", ""))
         rows += [("  " + k, v) for k, v in p.lines()]
     except OlmoError as e:

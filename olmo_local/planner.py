@@ -80,10 +80,10 @@ class Plan:
 
 def plan(cfg: OlmoHybridConfig, weight_bytes: int, free_bytes: int, ctx: int | None = None,
          kv_cache: str = "bf16", prefill_chunk: int | None = None, largest_linear: int = 0, snapshots: int = 2,
-         margin: float = 0.05) -> Plan:
+         margin: float = 0.05, device_type: str = "cuda") -> Plan:
     """Choose the context: ``ctx`` if given (error if it does not fit), else the largest that fits,
     capped at the model's max_position_embeddings, in multiples of 256. ``prefill_chunk`` None: the
-    CUDA policy of prefill_chunk_for (its workspace counted for the chosen context)."""
+    policy of prefill_chunk_for on ``device_type`` (its workspace counted for the chosen context)."""
     st = state_bytes(cfg)
     kv = kv_bytes_per_token(cfg, kv_cache)
     usable = int(free_bytes * (1 - margin)) - 256 * 2**20
@@ -93,7 +93,7 @@ def plan(cfg: OlmoHybridConfig, weight_bytes: int, free_bytes: int, ctx: int | N
         room = usable - weight_bytes - st * (1 + snapshots) - ws
         return (room // kv if room > 0 else 0), ws
 
-    chunk = prefill_chunk or prefill_chunk_for(ctx if ctx is not None else 1 << 30)
+    chunk = prefill_chunk or prefill_chunk_for(ctx if ctx is not None else 1 << 30, device_type)
     fits, ws = fits_with(chunk)
     if ctx is None:
         ctx = min(cfg.max_position_embeddings, fits // 256 * 256)
@@ -101,10 +101,10 @@ def plan(cfg: OlmoHybridConfig, weight_bytes: int, free_bytes: int, ctx: int | N
             need = weight_bytes + st * (1 + snapshots) + ws + 256 * kv
             raise OlmoError(f"the model needs about {need / GIB:.1f} GiB on the device but only "
                             f"{free_bytes / GIB:.1f} GiB are free (use a 4-bit model or --device cpu)")
-        if prefill_chunk is None and prefill_chunk_for(ctx) != chunk:  # a short context: longer passes
-            longer, ws2 = fits_with(prefill_chunk_for(ctx))
+        if prefill_chunk is None and prefill_chunk_for(ctx, device_type) != chunk:  # short: longer passes
+            longer, ws2 = fits_with(prefill_chunk_for(ctx, device_type))
             if longer >= ctx:
-                chunk, ws = prefill_chunk_for(ctx), ws2
+                chunk, ws = prefill_chunk_for(ctx, device_type), ws2
     elif ctx > fits:
         raise OlmoError(f"--ctx {ctx} does not fit: {free_bytes / GIB:.1f} GiB free allows at most {max(fits, 0)} "
                         f"tokens with {kv_cache} KV (try --ctx {max(fits // 256 * 256, 0)} or --kv-cache int8)")

@@ -118,8 +118,8 @@ def open_model(name: str, device: str | None = None, ctx: int | None = None, dty
     wbytes, largest = loaded_weight_bytes(path, dt)
     if ctx is None and dev.type == "cpu":
         ctx = min(cfg.max_position_embeddings, DEFAULT_CPU_CTX)
-    mem_plan = plan(cfg, wbytes, free_device_memory(dev), ctx, kv_cache, None if dev.type == "cuda" else 512,
-                    largest)
+    mem_plan = plan(cfg, wbytes, free_device_memory(dev), ctx, kv_cache, largest_linear=largest,
+                    device_type=dev.type)
     chunk = mem_plan.prefill_chunk
     model = load_model(path, dev, dt, progress=progress)
     try:
