@@ -293,8 +293,8 @@ class DecodeStep:
         # the graph depends on these four only (a change of seed or length does not recapture)
         key = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                              min_p=params.min_p)
-        n = n_valid if n_valid is not None else self.model.config.vocab_size
-        if not self._fused_draw(self.noise[:n], key):  # the torch draw reads noise from the host's generator
+        if not self._fused_draw(self.noise, key):  # the torch draw reads noise from the host's generator
+            n = n_valid if n_valid is not None else self.model.config.vocab_size
             with torch.inference_mode():
                 self.noise[:n].exponential_(generator=self.rng)  # before the replay, on the same stream
         return self._pick(token, ("sample", key, n_valid))

@@ -43,12 +43,12 @@ _INT4PACK_MAX_M = 64
 # (the lm_head of a q4 7B is 385 MB); layers past it keep the chunked dequantization.
 _INT8_GROUPED_BUDGET = 1 << 30
 _int8_grouped_bytes = 0
+_HAS_INT4PACK = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
 
 
 def _release_grouped(nbytes: int) -> None:
     global _int8_grouped_bytes
     _int8_grouped_bytes -= nbytes
-_HAS_INT4PACK = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
 
 
 def _chunked_matmul(x: torch.Tensor, n: int, k: int, deq: Callable[[int, int, torch.dtype], torch.Tensor]):
