@@ -4,9 +4,10 @@ same process, timed by the same runner as olmo-local.
 ``hf`` is transformers in bf16; ``hf-nf4`` is transformers + bitsandbytes 4-bit
 (``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``, bf16 compute) with the lm_head
 and the GDN a/b projections left in bf16 — as olmo-local's own formats leave a/b (one row per value head:
-bitsandbytes' CPU kernel also needs rows in multiples of 32, which 16 or 30 heads are not). The model is built by ``from_pretrained(None, config=..., state_dict=...)`` from our
-model's tensors (dequantized to bf16 if ours is quantized), so no file is written. Decode uses its cache
-(``use_cache=True``), one token per forward.
+bitsandbytes' CPU kernel also needs rows in multiples of 32, which 16 or 30 heads are not). The model is
+built by ``from_pretrained(None, config=..., state_dict=...)`` from our model's tensors (dequantized to
+bf16 if ours is quantized), so no file is written. Decode uses its cache (``use_cache=True``), one token
+per forward.
 """
 
 from __future__ import annotations
