@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""What each kind of non-GEMV launch costs the 7B q4 decode step on the critical path (timing only:
+the ablated steps compute wrong values). Each variant captures its own graph of the step with some ops
+replaced by nothing (their output is an input of the right shape), then times back-to-back replays:
+
+    base      the step as it ships
+    nonorm    the residual adds / RMSNorms between projections skipped (64 + launches)
+    nogdn     the fused GDN step skipped (24 launches)
+    noattn    attention prep + decode skipped (8 + 8 launches)
+    gemv      all three skipped: the chain of q4 GEMVs, the embedding and the q8 head
+
+    python scripts/gpu_ablate_decode.py [--preset 7b] [--reps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import olmo_local.decode as dec
+from olmo_local.bench_synth import build_synthetic
+from olmo_local.config import preset
+from olmo_local.state import DecodeState
+
+_ORIG = {k: getattr(dec, k) for k in ("residual_norm", "rmsnorm", "gdn_decode_step", "attention_prep",
+                                      "attention_decode")}
+
+
+def _skip_norm(mode, y, x, w=None, eps=0.0):
+    return (y, x) if mode == "add_rmsnorm" else y
+
+
+def _patch(variant: str) -> None:
+    for k, v in _ORIG.items():
+        setattr(dec, k, v)
+    if variant in ("nonorm", "gemv"):
+        dec.residual_norm = _skip_norm
+        dec.rmsnorm = lambda x, w, eps: x
+    if variant in ("nogdn", "gemv"):
+        dec.gdn_decode_step = lambda qkv, z, *a, **k: z
+    if variant in ("noattn", "gemv"):
+        dec.attention_decode = lambda q, *a, **k: q
+
+
+def time_step(m, variant: str, reps: int) -> float:
+    _patch(variant)
+    st = DecodeState(m.config, 512, "cuda", torch.bfloat16)
+    step = dec.DecodeStep(m, st)
+    H, hd = m.config.num_attention_heads, m.config.head_dim
+    if variant in ("noattn", "gemv"):  # attention's output has H * hd values
+        dec.attention_prep = lambda qkv, *a, **k: qkv.view(-1)[: H * hd]
+    with torch.inference_mode():
+        step(1)
+        g = step.graph
+        for _ in range(10):
+            g.replay()
+        torch.cuda.synchronize()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(reps):
+            g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+    del step, st
+    return e0.elapsed_time(e1) * 1e3 / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="7b")
+    ap.add_argument("--reps", type=int, default=200)
+    a = ap.parse_args()
+    m = build_synthetic(preset(a.preset), "cuda", "q4", seed=0)
+    res = {}
+    for v in ("base", "nonorm", "nogdn", "noattn", "gemv", "base"):
+        res.setdefault(v, []).append(time_step(m, v, a.reps))
+    _patch("base")
+    b = min(res["base"])
+    print(f"{'variant':<8}{'us/step':>10}{'saved us':>10}")
+    for v, ts in res.items():
+        t = min(ts)
+        print(f"{v:<8}{t:>10.1f}{b - t:>10.1f}   {' '.join(f'{x:.1f}' for x in ts)}")
+
+
+if __name__ == "__main__":
+    main()
