@@ -39,6 +39,9 @@ __all__ = ["gdn_decode_step", "gdn_decode_step_ref", "gdn_decode_step_triton"]
 
 L2_EPS = 1e-6
 NORM_EPS = 1e-5
+# the fused a|b projection loads a head's two W_ab rows whole, before waiting for the previous kernel,
+# for hidden sizes up to this (beyond it, a loop over 512-wide chunks after the wait)
+AB_ONCE_MAX_D = 8192
 
 
 def _shapes(qkv, A_log, rec_state, conv_weight):
@@ -161,6 +164,7 @@ if HAS_TRITON:
         KC: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
         NEG: tl.constexpr, USE_PDL: tl.constexpr,
         u_ptr=None, wab_ptr=None, D=0, FUSED_AB: tl.constexpr = False, BU: tl.constexpr = 512,
+        AB_ONCE: tl.constexpr = False,
     ):
         pdl_launch_dependents(USE_PDL)
         h = tl.program_id(0)
@@ -188,6 +192,11 @@ if HAS_TRITON:
         w_v = _conv_w(cw_ptr, vch, mv, jj, KC)
         dt_b = tl.load(dtb_ptr + h).to(tl.float32)
         a_log = tl.load(alog_ptr + h).to(tl.float32)
+        if AB_ONCE:  # the head's two W_ab rows whole (BU >= D), before the wait: after it only u is loaded
+            du = tl.arange(0, BU)
+            mu = du < D
+            w_a = tl.load(wab_ptr + h * D + du, mask=mu, other=0)
+            w_b = tl.load(wab_ptr + (HK * R + h) * D + du, mask=mu, other=0)
         pdl_wait(USE_PDL)
 
         # q and k of this head: conv, SiLU, L2 norm (recomputed by every program of the group)
@@ -203,7 +212,11 @@ if HAS_TRITON:
         v = _conv_silu(w_v, win_v)
 
         # gates (fp32)
-        if FUSED_AB:  # a_h, b_h = u . W_ab[h], u . W_ab[Hv + h] (fp32 sums; saves a GEMV launch)
+        if AB_ONCE:
+            uu = tl.load(u_ptr + du, mask=mu, other=0).to(tl.float32)
+            a_h = tl.sum(uu * w_a.to(tl.float32), axis=0)
+            b_h = tl.sum(uu * w_b.to(tl.float32), axis=0)
+        elif FUSED_AB:  # a_h, b_h = u . W_ab[h], u . W_ab[Hv + h] (fp32 sums; saves a GEMV launch)
             du = tl.arange(0, BU)
             sa = tl.zeros([BU], dtype=tl.float32)
             sb = tl.zeros([BU], dtype=tl.float32)
@@ -272,6 +285,7 @@ def gdn_decode_step_triton(
     ab_from: tuple[torch.Tensor, torch.Tensor] | None = None,
     block_v: int = 64,
     num_warps: int = 8,
+    ab_once_max: int | None = None,
 ) -> torch.Tensor:
     """Triton version of gdn_decode_step_ref (block_v: state columns per program; 64 columns with 8
     warps took 7.6 us per 7B layer on an H100 against 8.3 us for 32 with 4, the earlier default)."""
@@ -284,6 +298,8 @@ def gdn_decode_step_triton(
                              f"{tuple(u.shape)} and {tuple(w_ab.shape)}")
         a = b = u  # unused by the kernel
         fused = dict(u_ptr=u, wab_ptr=w_ab, D=u.numel(), FUSED_AB=True)
+        if u.numel() <= (AB_ONCE_MAX_D if ab_once_max is None else ab_once_max):
+            fused.update(BU=next_pow2(u.numel()), AB_ONCE=True)
     else:
         fused = {}
     if rec_state.dtype != torch.float32 or not rec_state.is_contiguous():

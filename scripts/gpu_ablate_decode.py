@@ -8,6 +8,8 @@ replaced by nothing (their output is an input of the right shape), then times ba
     nogdn     the fused GDN step skipped (24 launches)
     noattn    attention prep + decode skipped (8 + 8 launches)
     gemv      all three skipped: the chain of q4 GEMVs, the embedding and the q8 head
+    abloop    the GDN step's a|b projection as its loop over 512-wide chunks after the wait (the form
+              before W_ab rows were loaded whole before it)
 
     python scripts/gpu_ablate_decode.py [--preset 7b] [--reps 200]
 """
@@ -19,12 +21,15 @@ import argparse
 import torch
 
 import olmo_local.decode as dec
+import olmo_local.kernels.gdn_decode as kg
 from olmo_local.bench_synth import build_synthetic
 from olmo_local.config import preset
 from olmo_local.state import DecodeState
 
 _ORIG = {k: getattr(dec, k) for k in ("residual_norm", "rmsnorm", "gdn_decode_step", "attention_prep",
                                       "attention_decode")}
+
+_AB_ONCE = kg.AB_ONCE_MAX_D
 
 
 def _skip_norm(mode, y, x, w=None, eps=0.0):
@@ -34,6 +39,7 @@ def _skip_norm(mode, y, x, w=None, eps=0.0):
 def _patch(variant: str) -> None:
     for k, v in _ORIG.items():
         setattr(dec, k, v)
+    kg.AB_ONCE_MAX_D = 0 if variant == "abloop" else _AB_ONCE
     if variant in ("nonorm", "gemv"):
         dec.residual_norm = _skip_norm
         dec.rmsnorm = lambda x, w, eps: x
@@ -73,7 +79,7 @@ def main() -> None:
     a = ap.parse_args()
     m = build_synthetic(preset(a.preset), "cuda", "q4", seed=0)
     res = {}
-    for v in ("base", "nonorm", "nogdn", "noattn", "gemv", "base"):
+    for v in ("base", "abloop", "nonorm", "nogdn", "noattn", "gemv", "base", "abloop"):
         res.setdefault(v, []).append(time_step(m, v, a.reps))
     _patch("base")
     b = min(res["base"])

@@ -147,9 +147,11 @@ def test_gdn_step_slices_of_one_projection():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d_model", [96, 600])  # one block of u, several blocks with a masked tail
-def test_gdn_step_with_fused_ab_projection(dtype, d_model):
+@pytest.mark.parametrize("ab_once_max", [None, 0])  # W_ab rows whole before the wait / the chunk loop
+def test_gdn_step_with_fused_ab_projection(dtype, d_model, ab_once_max):
     """ab_from=(u, W_ab): the a|b projection computed inside the step equals projecting first (in
-    fp32) and passing a, b — for the reference and the Triton kernel, states included."""
+    fp32) and passing a, b — for the reference and the Triton kernel (both forms of its a|b
+    projection), states included."""
     hk, hv, dk, dv = 2, 4, 16, 24
     gen = torch.Generator().manual_seed(d_model)
     inp = make_inputs(hk, hv, dk, dv, 4, dtype, gen)
@@ -167,7 +169,7 @@ def test_gdn_step_with_fused_ab_projection(dtype, d_model):
     fused = clone(inp)
     got = kg.gdn_decode_step_triton(fused["qkv"], fused["z"], None, None, fused["conv_weight"], fused["conv_state"],
                                     fused["A_log"], fused["dt_bias"], fused["norm_weight"], fused["rec_state"], True,
-                                    ab_from=(u, w_ab), block_v=8)
+                                    ab_from=(u, w_ab), block_v=8, ab_once_max=ab_once_max)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert relerr(got, want) < tol
     assert relerr(fused["rec_state"], plain["rec_state"]) < 1e-5
