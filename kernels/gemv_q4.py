@@ -36,7 +36,6 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, pdl_kwargs, tl, triton, use_pdl, use_triton, workspace
-from .norm import SplitNorm
 
 if HAS_TRITON:
     from ._triton import emit_rows, pdl_launch_dependents, pdl_wait, splitk_finish
@@ -45,8 +44,7 @@ __all__ = [
     "TILE_ROWS",
     "q4_dequantize",
     "q4_gemv",
-    "q4_gemv_split_norm",
-    "split_norm_fits",
+    "q4_gemv_norm",
     "q4_gemv_ref",
     "q4_gemv_silu_mul",
     "q4_gemv_silu_mul_ref",
@@ -380,68 +378,15 @@ if HAS_TRITON:
         return tl.load(xb), tl.load(xb + 1), tl.load(xb + G // 4), tl.load(xb + G // 4 + 1)
 
     @triton.jit
-    def _bf16_lo(w):
-        return (w << 16).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _bf16_hi(w):
-        return (w & -65536).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _bf16_bits(v):
-        return v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-
-    @triton.jit
-    def _norm_word(xw, ww, rw, rstd, NIN: tl.constexpr):
-        """Two bf16 inputs of a split norm (kernels.norm.SplitNorm) in one int32 word: NIN 1 (norm)
-        bf16(x rstd w); NIN 2 (add_norm) bf16(r + bf16(x rstd w)), as kernels.norm rounds them."""
-        lo = _bf16_lo(xw) * rstd * _bf16_lo(ww)
-        hi = _bf16_hi(xw) * rstd * _bf16_hi(ww)
-        if NIN == 2:
-            lo = _bf16_lo(rw) + lo.to(tl.bfloat16).to(tl.float32)
-            hi = _bf16_hi(rw) + hi.to(tl.bfloat16).to(tl.float32)
-        return _bf16_bits(lo) | (_bf16_bits(hi) << 16)
-
-    @triton.jit
-    def _x_in(x_ptr, g, hw, G: tl.constexpr, NIN: tl.constexpr, res_ptr, w_ptr, rstd):
-        """Group g's x words (_x_words), finished here when x is a split norm (NIN > 0)."""
-        xa, xc, xd, xe = _x_words(x_ptr, g, hw, G)
-        if NIN != 0:
-            wa, wc, wd, we = _x_words(w_ptr, g, hw, G)
-            if NIN == 2:
-                ra, rc, rd, re = _x_words(res_ptr, g, hw, G)
-            else:
-                ra, rc, rd, re = xa, xc, xd, xe
-            xa = _norm_word(xa, wa, ra, rstd, NIN)
-            xc = _norm_word(xc, wc, rc, rstd, NIN)
-            xd = _norm_word(xd, wd, rd, rstd, NIN)
-            xe = _norm_word(xe, we, re, rstd, NIN)
-        return xa, xc, xd, xe
-
-    @triton.jit
-    def _stats_tail(y_ptr, res_ptr, ro_ptr, slot_ptr, pid_n, rn, rmask, EPI: tl.constexpr):
-        """After the last split of a row block stored its rows y: EPI 1 ro = r + y (rounded) and the
-        block's sum of squares of ro, EPI 2 that of y, into slot pid_n (kernels.norm.SplitNorm)."""
-        tl.debug_barrier()
-        v = tl.load(y_ptr + rn, mask=rmask, other=0).to(tl.float32)
-        if EPI == 1:
-            v = (v + tl.load(res_ptr + rn, mask=rmask, other=0).to(tl.float32)).to(ro_ptr.dtype.element_ty)
-            tl.store(ro_ptr + rn, v, mask=rmask)
-            v = v.to(tl.float32)
-        tl.store(slot_ptr + pid_n, tl.sum(v * v, axis=0))
-
-    @triton.jit
     def _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                      G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
                      ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TR: tl.constexpr,
                      STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr,
-                     res_ptr, nw_ptr, ro_ptr, slot_ptr, xo_ptr, eps, NSL,
-                     EPI: tl.constexpr, NIN: tl.constexpr, NSLP: tl.constexpr):
+                     r_ptr, nw_ptr, ro_ptr, u_ptr, cnt2_ptr, eps, NB, EPI: tl.constexpr, BNORM: tl.constexpr):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
-        rows of both tiles (tiles U, V). EPI / NIN: the producer's and the consumer's half of a split
-        norm (_stats_tail, _x_in); the consumer's first row block also stores the finished x to xo."""
+        rows of both tiles (tiles U, V)."""
         HW: tl.constexpr = G // 8
         HALF: tl.constexpr = BN // 2
         pid_k = tl.program_id(0)
@@ -484,14 +429,8 @@ if HAS_TRITON:
         # weights and scales are written by no kernel: loaded before waiting for the previous kernel
         # (programmatic dependent launch), x and the workspaces after
         pdl_wait(USE_PDL)
-        rstd = 1.0
-        if NIN != 0:  # the producer's per-row-block sums of squares, added in order (deterministic)
-            sj = tl.arange(0, NSLP)
-            ssq = tl.sum(tl.load(slot_ptr + sj, mask=sj < NSL, other=0.0), axis=0)
-            rstd = 1.0 / tl.sqrt(ssq / (NGR * G) + eps)
-        n_xa, n_xc, n_xd, n_xe = _x_in(x_ptr, tl.minimum(g_begin, NGR - 1), hw, G, NIN, res_ptr, nw_ptr, rstd)
-        p_xa, p_xc, p_xd, p_xe = _x_in(x_ptr, tl.minimum(g_begin + 1, NGR - 1), hw, G, NIN, res_ptr, nw_ptr,
-                                       rstd)
+        n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g_begin, NGR - 1), hw, G)
+        p_xa, p_xc, p_xd, p_xe = _x_words(x_ptr, tl.minimum(g_begin + 1, NGR - 1), hw, G)
         # STAGES > 1 (with PREFETCH off): Triton's software pipeliner copies the weights and x of the
         # next STAGES - 1 groups into shared memory (cp.async) while this group is computed
         for g in tl.range(g_begin, g_end, num_stages=STAGES):
@@ -505,8 +444,7 @@ if HAS_TRITON:
                     lim = tl.where(g + 2 < g_end, NR, 0)
                     p_wa, p_wb, p_sa, p_ma, p_sb, p_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, lim,
                                                                    lim + LB, NGR, g + 2, HW, TR)
-                    p_xa, p_xc, p_xd, p_xe = _x_in(x_ptr, tl.minimum(g + 2, g_end - 1), hw, G, NIN, res_ptr,
-                                                   nw_ptr, rstd)
+                    p_xa, p_xc, p_xd, p_xe = _x_words(x_ptr, tl.minimum(g + 2, g_end - 1), hw, G)
                 else:
                     lim = tl.where(g + 1 < g_end, NR, 0)
                     n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, lim,
@@ -515,22 +453,14 @@ if HAS_TRITON:
                         n_ua, n_ub, n_usa, n_uma, n_usb, n_umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR,
                                                                            HALF, lim + NR, lim + NR, NGR, g + 1,
                                                                            HW, TR)
-                    n_xa, n_xc, n_xd, n_xe = _x_in(x_ptr, tl.minimum(g + 1, g_end - 1), hw, G, NIN, res_ptr,
-                                                   nw_ptr, rstd)
+                    n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g + 1, g_end - 1), hw, G)
             else:
                 wa, wb, sa, ma, sb, mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, NR, NR + LB, NGR,
                                                    g, HW, TR)
                 if QUAD:
                     ua_w, ub_w, usa, uma, usb, umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR, HALF, 2 * NR,
                                                                2 * NR, NGR, g, HW, TR)
-                xa, xc, xd, xe = _x_in(x_ptr, g, hw, G, NIN, res_ptr, nw_ptr, rstd)
-            if NIN != 0:
-                if pid_n == 0:  # the finished x, once (GDN's a|b reads it; add_norm: the new residual)
-                    xb = xo_ptr + g * (G // 2) + 2 * hw
-                    tl.store(xb, xa)
-                    tl.store(xb + 1, xc)
-                    tl.store(xb + G // 4, xd)
-                    tl.store(xb + G // 4 + 1, xe)
+                xa, xc, xd, xe = _x_words(x_ptr, g, hw, G)
             x0 = _pair(xa, xc, False, ASM)[None, :]
             x2 = _pair(xa, xc, True, ASM)[None, :]
             x1 = _pair(xd, xe, False, ASM)[None, :]
@@ -553,9 +483,46 @@ if HAS_TRITON:
                 rn = pid_n * BN + tl.arange(0, BN)
                 last = splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT,
                                      GATED)
-                if EPI != 0:
+                if EPI != 0:  # then the last row block to finish runs the norm over the whole row
                     if last:
-                        _stats_tail(y_ptr, res_ptr, ro_ptr, slot_ptr, pid_n, rn, rn < NR, EPI)
+                        tl.debug_barrier()  # this block's rows are stored before the release below
+                        if tl.atomic_add(cnt2_ptr, 1) == NB - 1:  # acq_rel, gpu scope
+                            _norm_tail(y_ptr, r_ptr, nw_ptr, ro_ptr, u_ptr, NR, eps, EPI, BNORM)
+                            tl.atomic_xchg(cnt2_ptr, 0)
+
+    @triton.jit
+    def _norm_tail(y_ptr, r_ptr, w_ptr, ro_ptr, u_ptr, N, eps, EPI: tl.constexpr, BNORM: tl.constexpr):
+        """The norm after a GEMV, run by its last program over the whole row y [N] (bf16, as stored),
+        with kernels.norm's math: EPI 1 add_rmsnorm (ro = r + y, u = norm(ro)), 2 rmsnorm_add
+        (ro = r + norm(y) rounded to y's dtype), 3 residual add (ro = r + y). Two passes in chunks of
+        BNORM (few registers); every element is read and written by the same thread, so ro may alias r."""
+        d0 = tl.arange(0, BNORM)
+        ss = tl.zeros([BNORM], dtype=tl.float32)
+        if EPI != 3:
+            for c in range(0, N, BNORM):
+                d = c + d0
+                m = d < N
+                x = tl.load(y_ptr + d, mask=m, other=0, cache_modifier=".cg").to(tl.float32)
+                if EPI == 1:
+                    x = (x + tl.load(r_ptr + d, mask=m, other=0).to(tl.float32)).to(ro_ptr.dtype.element_ty)
+                    x = x.to(tl.float32)
+                ss += x * x
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / N + eps)
+        for c in range(0, N, BNORM):
+            d = c + d0
+            m = d < N
+            y = tl.load(y_ptr + d, mask=m, other=0, cache_modifier=".cg").to(tl.float32)
+            r = tl.load(r_ptr + d, mask=m, other=0).to(tl.float32)
+            if EPI == 2:
+                w = tl.load(w_ptr + d, mask=m, other=0).to(tl.float32)
+                n = (y * rstd * w).to(y_ptr.dtype.element_ty).to(tl.float32)
+                tl.store(ro_ptr + d, (r + n).to(ro_ptr.dtype.element_ty), mask=m)
+            else:
+                x = (y + r).to(ro_ptr.dtype.element_ty)
+                tl.store(ro_ptr + d, x, mask=m)
+                if EPI == 1:
+                    w = tl.load(w_ptr + d, mask=m, other=0).to(tl.float32)
+                    tl.store(u_ptr + d, (x.to(tl.float32) * rstd * w).to(u_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _q4_group(acc, w, s, m, x_row, gx, mcol, magic, G: tl.constexpr, X_BF16: tl.constexpr,
@@ -645,14 +612,14 @@ if HAS_TRITON:
         GATED: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr,
         GPI: tl.constexpr, MMA: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
         TR: tl.constexpr, STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr,
-        res_ptr, nw_ptr, ro_ptr, slot_ptr, xo_ptr, eps, NSL,  # split norms (tensor-core path only)
-        EPI: tl.constexpr, NIN: tl.constexpr, NSLP: tl.constexpr,
+        r_ptr, nw_ptr, ro_ptr, u_ptr, cnt2_ptr, eps, NB,  # the norm tail (EPI > 0; see _norm_tail)
+        EPI: tl.constexpr, BNORM: tl.constexpr,
     ):
         pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                          G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2,
-                         res_ptr, nw_ptr, ro_ptr, slot_ptr, xo_ptr, eps, NSL, EPI, NIN, NSLP)
+                         r_ptr, nw_ptr, ro_ptr, u_ptr, cnt2_ptr, eps, NB, EPI, BNORM)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -767,18 +734,13 @@ def _wide_launch(gated: bool) -> tuple[int, int, float]:
 
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *, block_n=None, split_k=None,
                num_warps=None, num_stages=2, pairs=None, groups_per_iter=None, mma=None, prefetch=None, stages=None,
-               gate_halves=None, prefetch_depth=None, epi=None):
+               gate_halves=None, prefetch_depth=None, norm=None):
     """The tuning knobs (keyword-only, shared by both public entry points): rows per program, K splits,
     warps, pipeline stages, bf16x2 math, groups per iteration, tensor cores, hand prefetch of the next
     group, Triton-pipelined group loop of the tensor-core path (stages), and for the gated tensor-core
     path BN/2 gate rows + their up rows per program instead of BN + BN (gate_halves), and how many
     groups ahead the hand prefetch loads (prefetch_depth 1 or 2; 2 needs two tiles per group); None
-    picks the default. Split norms (kernels.norm.SplitNorm, tensor-core path only): x may be one, and
-    epi = (1, residual, residual_out) or (2, None, None) makes the launch a producer (returns
-    (out, slots): see q4_gemv_split_norm)."""
-    sn = x if isinstance(x, SplitNorm) else None
-    if sn is not None:
-        x = sn.src
+    picks the default."""
     x2 = _as_rows(x)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -812,8 +774,6 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     use_mma = (DEFAULT_MMA and t == 1 and x_bf16 and g == 128) if mma is None else bool(mma)
     if use_mma and not (t == 1 and x_bf16 and g == 128):
         raise ValueError("the tensor-core q4 path takes one bf16 row of x and group size 128")
-    if (sn is not None or epi is not None) and not (use_mma and (epi is None or not gated)):
-        raise ValueError("split norms need the tensor-core path (and a producer that is not gated)")
     wide = None
     if use_mma and WIDE_PROGRAMS and block_n is None and num_warps is None and split_k is None:
         wide = _wide_launch(gated)
@@ -844,21 +804,19 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     split_k = max(1, min(int(split_k), iters))
     gps = cdiv(iters, split_k) * gpi  # groups per split: whole iterations
     split_k = cdiv(ngr, gps)  # no empty splits
-    epi_mode, residual, ro = epi if epi is not None else (0, None, None)
-    if split_k > 1 or epi_mode:  # a producer's stats tail runs in the split-K epilogue (also for 1 split)
+    if split_k > 1:
         part = workspace("q4_part", (split_k, t, n_w), torch.float32, x.device)
         cnt = workspace("q4_cnt", (n_blocks,), torch.int32, x.device)
     else:
         part = cnt = y2  # unused
-    slots = torch.empty(n_blocks, dtype=torch.float32, device=x.device) if epi_mode else None
-    if sn is not None:
-        nin = 1 if sn.kind == "norm" else 2
-        norm_args = dict(res_ptr=(sn.res if nin == 2 else sn.src).view(torch.int32), nw_ptr=sn.w.view(torch.int32),
-                         ro_ptr=y2, slot_ptr=sn.slots, xo_ptr=sn.out.view(torch.int32), eps=float(sn.eps),
-                         NSL=sn.slots.numel(), EPI=0, NIN=nin, NSLP=next_pow2(sn.slots.numel()))
-    else:
-        norm_args = dict(res_ptr=residual if epi_mode == 1 else y2, nw_ptr=y2, ro_ptr=ro if epi_mode == 1 else y2,
-                         slot_ptr=slots if epi_mode else y2, xo_ptr=y2, eps=0.0, NSL=0, EPI=epi_mode, NIN=0, NSLP=1)
+    epi, nargs = 0, (y2, y2, y2, y2, y2, 0.0)
+    if norm is not None:  # (mode, residual, weight, eps, residual_out, u_out): see q4_gemv_norm
+        mode, residual, weight, eps, ro, u = norm
+        if use_mma and split_k > 1 and not gated and t == 1:
+            epi = _EPI[mode]
+            cnt2 = workspace("q4_cnt2", (1,), torch.int32, x.device)
+            nargs = (residual, weight if weight is not None else residual, ro, u if u is not None else ro, cnt2,
+                     float(eps))
     pdl = use_pdl(x2)
     pf = DEFAULT_PREFETCH if prefetch is None else bool(prefetch)
     depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else int(prefetch_depth)
@@ -866,56 +824,49 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
-        T=t, G=g, BN=bn, SPLIT_K=split_k > 1 or epi_mode != 0, GATED=gated, X_BF16=x_bf16,
-        ASM=x_bf16 and x2.is_cuda, PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi, MMA=use_mma,
+        T=t, G=g, BN=bn, SPLIT_K=split_k > 1, GATED=gated, X_BF16=x_bf16, ASM=x_bf16 and x2.is_cuda,
+        PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi, MMA=use_mma,
         PREFETCH=pf, USE_PDL=pdl,
         TR=TILE_ROWS if tiled else 0, STAGES=1 if pf else (stages or DEFAULT_STAGES), GHALF=ghalf, PF2=pf2,
-        **norm_args, num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
+        r_ptr=nargs[0], nw_ptr=nargs[1], ro_ptr=nargs[2], u_ptr=nargs[3], cnt2_ptr=nargs[4], eps=nargs[5],
+        NB=n_blocks, EPI=epi, BNORM=1024,
+        num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
-    if sn is not None:
-        sn.written = True
-    if epi_mode:
-        return out, slots
+    if norm is not None and epi == 0:  # not fusable here: the separate norm launch
+        _norm_after(out, norm)
     return out
 
 
-def _bf16_row(t: torch.Tensor | None, n: int) -> bool:
-    return t is not None and t.dtype == torch.bfloat16 and t.is_contiguous() and t.numel() == n \
-        and t.data_ptr() % 4 == 0
+_EPI = {"add_rmsnorm": 1, "rmsnorm_add": 2, "add": 3}
 
 
-def split_norm_fits(x: torch.Tensor, group_size: int, n: int, *tensors) -> bool:
-    """Whether a q4 GEMV with input x and n output rows can take part in a split norm on this device:
-    the tensor-core path (one bf16 row, group size 128, Triton) and bf16 rows of n for the norm's
-    tensors (residual, weight)."""
-    return (DEFAULT_MMA and use_triton(x) and group_size == 128
-            and _bf16_row(x, x.numel()) and x.numel() == x.shape[-1] and all(_bf16_row(t, n) for t in tensors))
+def _norm_after(y: torch.Tensor, norm) -> None:
+    """The norm op of q4_gemv_norm as its own launch, writing the given outputs."""
+    from .norm import residual_norm
+
+    mode, residual, weight, eps, ro, u = norm
+    residual_norm(mode, y.view(residual.shape), residual, weight, eps, residual_out=ro, normed_out=u)
 
 
-def q4_gemv_split_norm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                       group_size: int, residual: torch.Tensor, weight: torch.Tensor | None, eps: float, mode: str,
-                       tiled: bool = False, **tune):
-    """A decode GEMV y = q4(x) and the norm op that takes y into the residual stream (kernels.norm
-    semantics), with the norm split between this GEMV and the next one (no norm launch): the GEMV's
-    split-K epilogue leaves each row block's sum of squares in a slot, and the consumer q4 GEMV
-    (q4_gemv / q4_gemv_silu_mul given the returned kernels.norm.SplitNorm) normalises x as it loads it.
-    mode "add_rmsnorm" -> (SplitNorm of rmsnorm(r), r) with r = residual + y written here; "add" -> r;
-    "rmsnorm_add" -> SplitNorm of residual + rmsnorm(y). None when the GEMVs cannot do it here (see
-    split_norm_fits): the caller runs the GEMV and kernels.norm.residual_norm instead."""
-    if mode not in ("add_rmsnorm", "rmsnorm_add", "add"):
+def q4_gemv_norm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                 group_size: int, residual: torch.Tensor, weight: torch.Tensor | None, eps: float, mode: str,
+                 tiled: bool = False, **tune):
+    """A decode GEMV followed by the norm op that consumes its output (kernels.norm semantics, y the
+    GEMV result rounded to x's dtype): mode "add_rmsnorm" -> (normed, new_residual) with
+    new_residual = residual + y; "rmsnorm_add" -> residual + rmsnorm(y); "add" -> residual + y.
+    On CUDA, when the tensor-core split-K path runs (one bf16 row, G = 128), the norm is the GEMV's tail:
+    the last row block to finish normalises the whole row, one launch instead of two; otherwise (and
+    on CPU) the ops run one after the other. x [1, K]; residual [1, N]."""
+    if mode not in _EPI:
         raise ValueError(f"unknown norm mode {mode!r}")
-    n = residual.numel()
-    if not split_norm_fits(x, group_size, n, residual, *(() if mode == "add" else (weight,))):
-        return None
-    if mode == "rmsnorm_add":
-        y, slots = _q4_launch(x, qweight, scales, mins, group_size, None, False, tiled, epi=(2, None, None), **tune)
-        return SplitNorm("add_norm", y.view(residual.shape), residual, weight, eps, slots, torch.empty_like(residual))
-    y = workspace("q4_norm_y", tuple(residual.shape), residual.dtype, residual.device)
-    r = torch.empty_like(residual)
-    _, slots = _q4_launch(x, qweight, scales, mins, group_size, y, False, tiled, epi=(1, residual, r), **tune)
-    if mode == "add":
-        return r
-    return SplitNorm("norm", r, None, weight, eps, slots, torch.empty_like(r)), r
+    ro = torch.empty_like(residual)
+    u = torch.empty_like(residual) if mode == "add_rmsnorm" else None
+    norm = (mode, residual, weight, eps, ro, u)
+    if use_triton(x) and _fits(x):
+        _q4_launch(x, qweight, scales, mins, group_size, None, False, tiled, norm=norm, **tune)
+    else:
+        _norm_after(q4_gemv_ref(x, qweight, scales, mins, group_size, None, tiled), norm)
+    return (u, ro) if mode == "add_rmsnorm" else ro
 
 
 def q4_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
@@ -941,15 +892,6 @@ def _fits(x: torch.Tensor) -> bool:
     return x.dim() == 1 or x.shape[0] <= 8
 
 
-def _input(x: torch.Tensor | SplitNorm, group_size: int) -> torch.Tensor | SplitNorm:
-    """A split norm stays one when this GEMV can finish it as it loads x, else it is computed now."""
-    if isinstance(x, SplitNorm):
-        if split_norm_fits(x.src, group_size, x.src.numel(), x.w, *(() if x.res is None else (x.res,))):
-            return x
-        return x.tensor()
-    return x
-
-
 def q4_gemv(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -959,9 +901,7 @@ def q4_gemv(
     out: torch.Tensor | None = None,
     tiled: bool = False,
 ) -> torch.Tensor:
-    """y = x W^T for q4 weights (x [T, K] or a kernels.norm.SplitNorm that this launch finishes)."""
-    x = _input(x, group_size)
-    if isinstance(x, SplitNorm) or (use_triton(x) and _fits(x)):
+    if use_triton(x) and _fits(x):
         return q4_gemv_triton(x, qweight, scales, mins, group_size, out, tiled)
     return q4_gemv_ref(x, qweight, scales, mins, group_size, out, tiled)
 
@@ -975,8 +915,6 @@ def q4_gemv_silu_mul(
     out: torch.Tensor | None = None,
     tiled: bool = False,
 ) -> torch.Tensor:
-    """silu(x Wg^T) * (x Wu^T) for a merged q4 gate|up weight (x as in q4_gemv)."""
-    x = _input(x, group_size)
-    if isinstance(x, SplitNorm) or (use_triton(x) and _fits(x)):
+    if use_triton(x) and _fits(x):
         return q4_gemv_silu_mul_triton(x, qweight, scales, mins, group_size, out, tiled)
     return q4_gemv_silu_mul_ref(x, qweight, scales, mins, group_size, out, tiled)

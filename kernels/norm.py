@@ -17,15 +17,11 @@ Kernel: one program per row, the whole row in registers, one pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ._triton import HAS_TRITON, next_pow2, tl, triton, pdl_kwargs, use_pdl, use_triton
 
 __all__ = [
-    "SplitNorm",
-    "as_tensor",
     "add_rmsnorm",
     "add_rmsnorm_ref",
     "add_rmsnorm_triton",
@@ -232,36 +228,3 @@ def residual_norm(mode: str, y: torch.Tensor, residual: torch.Tensor, w: torch.T
     if mode == "add":
         return residual_add(y, residual, out=residual_out)
     raise ValueError(f"unknown norm mode {mode!r}")
-
-
-@dataclass(eq=False)
-class SplitNorm:
-    """A norm op split between two decode GEMVs (kernels.gemv_q4.q4_gemv_split_norm): the producer
-    left ``src`` and the sums of squares of ``src`` per row block (``slots``, fp32, added in order);
-    the consumer q4 GEMV finishes the norm as it loads x, and stores x to ``out`` once.
-    kind "norm": x = rmsnorm(src) (src: the residual after the add); "add_norm": x = res + rmsnorm(src)
-    (src: a sublayer output; x is the new residual). tensor() gives x as a tensor: ``out`` after a
-    consumer wrote it, else computed here by the norm op."""
-
-    kind: str
-    src: torch.Tensor
-    res: torch.Tensor | None
-    w: torch.Tensor
-    eps: float
-    slots: torch.Tensor
-    out: torch.Tensor
-    written: bool = False
-
-    def tensor(self) -> torch.Tensor:
-        if not self.written:
-            if self.kind == "norm":
-                rmsnorm(self.src, self.w, self.eps, out=self.out)
-            else:
-                rmsnorm_add(self.src, self.res, self.w, self.eps, out=self.out)
-            self.written = True
-        return self.out
-
-
-def as_tensor(x: torch.Tensor | SplitNorm) -> torch.Tensor:
-    """x itself, or a SplitNorm's value (kernels.norm.SplitNorm.tensor)."""
-    return x.tensor() if isinstance(x, SplitNorm) else x

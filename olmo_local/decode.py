@@ -18,52 +18,44 @@ import torch.nn.functional as F
 from olmo_local.generate import Sampler, SamplingParams, sampling_probs, valid_logits
 from olmo_local.kernels.attention_decode import attention_decode, attention_prep, quantize_kv_int8
 from olmo_local.kernels.gdn_decode import gdn_decode_step
-from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_silu_mul, q4_gemv_split_norm
+from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_norm, q4_gemv_silu_mul
 from olmo_local.kernels.gemv_q8 import q8_gemv, q8_gemv_silu_mul
 from olmo_local.kernels.sample import sample_fits, sample_triton
-from olmo_local.kernels.norm import as_tensor, residual_norm, rmsnorm
+from olmo_local.kernels.norm import residual_norm, rmsnorm
 from olmo_local.model import AttentionLayer, GDNLayer, OlmoHybridModel, apply_rope
 from olmo_local.quant.linear import Q4Linear, Q8Linear
 from olmo_local.state import DecodeState
 
 
-def linear(mod: torch.nn.Module, x) -> torch.Tensor:
-    """x [1, K] through a linear module; quantized weights use the fused dequant-GEMV kernels. x may be
-    a kernels.norm.SplitNorm (see linear_norm): a q4 GEMV finishes it as it loads x."""
+def linear(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x [1, K] through a linear module; quantized weights use the fused dequant-GEMV kernels."""
     if isinstance(mod, Q4Linear):
         return q4_gemv(x, mod.qweight, mod.scales, mod.mins, mod.group_size, tiled=mod.tiled)
-    x = as_tensor(x)
     if isinstance(mod, Q8Linear):
         return q8_gemv(x, mod.qweight, mod.scales)
     return mod(x)
 
 
-def mlp_act(mlp: torch.nn.Module, x) -> torch.Tensor:
+def mlp_act(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """silu(gate(x)) * up(x), the down projection's input, with the gate|up GEMV and its SiLU·mul
-    epilogue fused (x as in linear)."""
+    epilogue fused."""
     gu = mlp.gate_up
     if isinstance(gu, Q4Linear):
         return q4_gemv_silu_mul(x, gu.qweight, gu.scales, gu.mins, gu.group_size, tiled=gu.tiled)
-    x = as_tensor(x)
     if isinstance(gu, Q8Linear):
         return q8_gemv_silu_mul(x, gu.qweight, gu.scales)
     gate, up = gu(x).chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
-def linear_norm(mod: torch.nn.Module, inp: torch.Tensor, x, mode: str, w: torch.Tensor | None = None,
-                eps: float = 0.0, split: bool = True):
+def linear_norm(mod: torch.nn.Module, inp: torch.Tensor, x: torch.Tensor, mode: str,
+                w: torch.Tensor | None = None, eps: float = 0.0, fuse: bool = True):
     """A projection and the norm op that consumes it with the residual stream x (kernels.norm):
-    "add_rmsnorm" -> (normed, x + y); "rmsnorm_add" -> x + rmsnorm(y); "add" -> x + y. With ``split``, a
-    q4 projection on the GPU's tensor-core path splits the norm with the next q4 GEMV instead of a norm
-    launch (kernels.gemv_q4.q4_gemv_split_norm): the normed values then come back as a
-    kernels.norm.SplitNorm, which linear, mlp_act and kernels.norm.as_tensor take."""
-    x = as_tensor(x)
-    if split and isinstance(mod, Q4Linear):
-        got = q4_gemv_split_norm(inp, mod.qweight, mod.scales, mod.mins, mod.group_size, x, w, eps, mode,
-                                 tiled=mod.tiled)
-        if got is not None:
-            return got
+    "add_rmsnorm" -> (normed, x + y); "rmsnorm_add" -> x + rmsnorm(y); "add" -> x + y. A q4 projection
+    runs the norm as its GEMV's tail (kernels.gemv_q4.q4_gemv_norm: one launch)."""
+    if fuse and isinstance(mod, Q4Linear):
+        return q4_gemv_norm(inp, mod.qweight, mod.scales, mod.mins, mod.group_size, x, w, eps, mode,
+                            tiled=mod.tiled)
     return residual_norm(mode, linear(mod, inp), x, w, eps)
 
 
@@ -71,8 +63,10 @@ class DecodeStep:
     """``step(token) -> logits [V]``: feeds one token at ``state.pos`` and advances the state."""
 
     fuse_attention_prep = True  # NoPE attention layers: kernels.attention_decode.attention_prep
-    # norms between two q4 GEMVs split between them (linear_norm): no norm launch
-    split_norms = True
+    # norms after q4 projections as the GEMV's tail (kernels.gemv_q4.q4_gemv_norm): off, it measured
+    # 345 vs 383 tokens/s on the 7B q4 step (H100; the last program's whole-row norm runs serially
+    # while the other SMs wait, longer than the separate one-block norm launch it replaces)
+    fuse_norms = False
     # sampling graphs draw with kernels.sample (temperature, top-p by a radix search on the probabilities
     # instead of a sort, min-p, the race with Philox noise keyed by a device step counter; 3 launches, 7
     # with top-p) when there is no top-k; off: the torch ops of generate.sampling_probs and noise drawn by
@@ -123,14 +117,14 @@ class DecodeStep:
                 x, pending = self._gdn(layer, x, pending)
             else:
                 if pending is not None:
-                    x = linear_norm(*pending, x, "add", split=self.split_norms)
+                    x = linear_norm(*pending, x, "add", fuse=self.fuse_norms)
                     pending = None
                 x = self._attn(layer, x, rope)
         if pending is not None:
-            h, x = linear_norm(*pending, x, "add_rmsnorm", m.norm.weight, m.norm.eps, self.split_norms)
+            h, x = linear_norm(*pending, x, "add_rmsnorm", m.norm.weight, m.norm.eps, self.fuse_norms)
         else:
-            h = rmsnorm(as_tensor(x), m.norm.weight, m.norm.eps)
-        logits = (linear(m.lm_head, h) if m.lm_head is not None else m.head(as_tensor(h)))[0]
+            h = rmsnorm(x, m.norm.weight, m.norm.eps)
+        logits = (linear(m.lm_head, h) if m.lm_head is not None else m.head(h))[0]
         st.pos_t.add_(1)
         return logits
 
@@ -139,12 +133,10 @@ class DecodeStep:
         the down projection with the next norm."""
         st = self.state
         if pending is not None:  # x += previous layer's MLP output, with this layer's input norm
-            u, x = linear_norm(*pending, x, "add_rmsnorm", L.in_norm.weight, L.in_norm.eps, self.split_norms)
+            u, x = linear_norm(*pending, x, "add_rmsnorm", L.in_norm.weight, L.in_norm.eps, self.fuse_norms)
         else:
-            x = as_tensor(x)
             u = rmsnorm(x, L.in_norm.weight, L.in_norm.eps)
         qkv, z = linear(L.qkvz, u)[0].split([L.conv_dim, L.value_dim])
-        u = as_tensor(u)  # written by the in-projection when it finished a split norm
         w_ab = getattr(L.ab, "weight", None)
         if isinstance(w_ab, torch.Tensor) and w_ab.dtype == u.dtype and w_ab.is_contiguous():
             # dense a|b (the usual case): projected inside the GDN step, one launch fewer per layer
@@ -156,7 +148,7 @@ class DecodeStep:
             y = gdn_decode_step(qkv, z, a, b, L.conv_w, st.conv_state[L.idx], L.A_log, L.dt_bias, L.o_norm_w,
                                 st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0)
         h, x = linear_norm(L.o, y.view(1, -1), x, "add_rmsnorm", L.post_norm.weight, L.post_norm.eps,
-                           self.split_norms)  # x += o
+                           self.fuse_norms)  # x += o
         return x, (L.mlp.down, mlp_act(L.mlp, h))
 
     def _attn(self, L: AttentionLayer, x: torch.Tensor, rope) -> torch.Tensor:
@@ -164,7 +156,6 @@ class DecodeStep:
         H, KV, hd = L.n_heads, L.n_kv, L.hd
         i = L.idx
         qkv = linear(L.qkv, x)
-        x = as_tensor(x)  # (a split norm is finished by the qkv GEMV)
         if rope is None and self.fuse_attention_prep:  # NoPE (the 7B): norms, cache writes, length: 1 launch
             scales = dict(k_scale=st.k_scale[i], v_scale=st.v_scale[i]) if st.kv_int8 else {}
             q = attention_prep(qkv, L.q_norm.weight, L.k_norm.weight, L.q_norm.eps, L.k_norm.eps, st.k_cache[i],
@@ -192,9 +183,8 @@ class DecodeStep:
     def _attn_out(self, L: AttentionLayer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """o projection, post-attention norm + residual, MLP, post-feedforward norm + residual."""
         n1, n2 = L.post_attn_norm, L.post_ff_norm
-        x = linear_norm(L.o, o.reshape(1, -1).to(x.dtype), x, "rmsnorm_add", n1.weight, n1.eps, self.split_norms)
-        act = mlp_act(L.mlp, x)  # finishes x when it is a split norm
-        return linear_norm(L.mlp.down, act, x, "rmsnorm_add", n2.weight, n2.eps, self.split_norms)
+        x = linear_norm(L.o, o.reshape(1, -1).to(x.dtype), x, "rmsnorm_add", n1.weight, n1.eps, self.fuse_norms)
+        return linear_norm(L.mlp.down, mlp_act(L.mlp, x), x, "rmsnorm_add", n2.weight, n2.eps, self.fuse_norms)
 
     # ---- graph capture and the per-token calls -----------------------------------------------
     def _pick_tail(self, logits: torch.Tensor, mode: tuple) -> None:

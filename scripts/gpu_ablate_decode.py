@@ -4,8 +4,7 @@ the ablated steps compute wrong values). Each variant captures its own graph of 
 replaced by nothing (their output is an input of the right shape), then times back-to-back replays:
 
     base      the step as it ships
-    nosplit   norms between q4 GEMVs as norm launches instead of split norms (kernels.norm.SplitNorm)
-    nonorm    the residual adds / RMSNorms between projections skipped (73 launches, none split)
+    nonorm    the residual adds / RMSNorms between projections skipped (64 + launches)
     nogdn     the fused GDN step skipped (24 launches)
     noattn    attention prep + decode skipped (8 + 8 launches)
     gemv      all three skipped: the chain of q4 GEMVs, the embedding and the q8 head
@@ -41,7 +40,6 @@ def _patch(variant: str) -> None:
     for k, v in _ORIG.items():
         setattr(dec, k, v)
     kg.AB_ONCE_MAX_D = 0 if variant == "abloop" else _AB_ONCE
-    dec.DecodeStep.split_norms = variant not in ("nosplit", "nonorm", "gemv")
     if variant in ("nonorm", "gemv"):
         dec.residual_norm = _skip_norm
         dec.rmsnorm = lambda x, w, eps: x
@@ -81,7 +79,7 @@ def main() -> None:
     a = ap.parse_args()
     m = build_synthetic(preset(a.preset), "cuda", "q4", seed=0)
     res = {}
-    for v in ("base", "nosplit", "abloop", "nonorm", "nogdn", "noattn", "gemv", "base", "nosplit"):
+    for v in ("base", "abloop", "nonorm", "nogdn", "noattn", "gemv", "base", "abloop"):
         res.setdefault(v, []).append(time_step(m, v, a.reps))
     _patch("base")
     b = min(res["base"])

@@ -3,7 +3,7 @@
 
 A synthetic q4 model (preset given as argv[1], default 1b) is built on CUDA from one seed, with its q4
 linears in the standard layout or tiled (as load_model does). The reference run (standard layout, no
-fused attention prep, norm launches instead of split norms) prefills 64 tokens and decodes 24 greedy tokens through the CUDA
+no fused attention prep) prefills 64 tokens and decodes 24 greedy tokens through the CUDA
 graph; every other variant is fed the same tokens (teacher forcing) and its logits are compared, for
 bf16 and int8 KV. Tiled vs standard must be identical; the fused launches sum in another order
 (within 1 % of the largest logit).
@@ -32,7 +32,6 @@ def run(tiled: bool, fused: bool, kv: str, name: str, feed: list[int] | None):
         ql.Q4Linear.tile_ = orig
     n_tiled = sum(1 for x in m.modules() if isinstance(x, ql.Q4Linear) and x.tiled)
     DecodeStep.fuse_attention_prep = fused
-    DecodeStep.split_norms = fused
     st = DecodeState(m.config, 256, "cuda", torch.bfloat16, kv_cache=kv)
     ids = torch.randint(0, m.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -61,10 +60,9 @@ def main() -> int:
             same_top = (lg.argmax(-1) == ref.argmax(-1)).float().mean().item()
             ok = diff == 0.0 if not fused else diff <= 1e-2 * scale
             bad += not ok
-            print(f"{'PASS' if ok else 'FAIL'} kv={kv} tiled={tiled} ({n} layers) fused prep, split norms={fused}: "
+            print(f"{'PASS' if ok else 'FAIL'} kv={kv} tiled={tiled} ({n} layers) fused prep={fused}: "
                   f"max |dlogit| {diff:.3e} (max |logit| {scale:.2f}), same argmax {100 * same_top:.0f} %")
     DecodeStep.fuse_attention_prep = True
-    DecodeStep.split_norms = True
     return 1 if bad else 0
 
 

@@ -27,21 +27,21 @@ def _quantize_model(model, fmt):
 @pytest.mark.parametrize("fmt,rope,kv", [("dense", None, "bf16"), ("dense", 10000.0, "bf16"), ("q4", None, "bf16"),
                                          ("q4-tiled", None, "bf16"), ("q8", None, "bf16"),
                                          ("dense", None, "int8"), ("unfused", None, "bf16"),
-                                         ("unfused", None, "int8"), ("q4-nosplit", None, "bf16")])
+                                         ("unfused", None, "int8"), ("q4-normtail", None, "bf16")])
 def test_static_step_equals_eager(tmp_path, fmt, rope, kv, monkeypatch):
     """The static step equals the eager forward token by token; "unfused": NoPE attention through the
-    separate norm / cache-write ops instead of attention_prep, and no split norms between q4 GEMVs (both
-    paths must equal the eager forward)."""
+    separate norm / cache-write ops instead of attention_prep, and no norm tails on q4 GEMVs (both paths
+    must equal the eager forward)."""
     cfg = tiny_config(rope_theta=rope, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
                       linear_key_head_dim=16, linear_value_head_dim=32)
     model = load_model(write_checkpoint(hf_model(cfg, seed=5), cfg, tmp_path / "c"), "cpu", torch.float32)
     if fmt == "unfused":
         monkeypatch.setattr(DecodeStep, "fuse_attention_prep", False)
-        monkeypatch.setattr(DecodeStep, "split_norms", False)
+        monkeypatch.setattr(DecodeStep, "fuse_norms", False)
     elif fmt != "dense":
         model = _quantize_model(model, fmt[:2])
-    if fmt == "q4-nosplit":  # the norm launches that split norms replace on the GPU
-        monkeypatch.setattr(DecodeStep, "split_norms", False)
+    if fmt == "q4-normtail":  # the (off by default) norm tails through the decode step's plumbing
+        monkeypatch.setattr(DecodeStep, "fuse_norms", True)
     if fmt == "q4-tiled":  # the GPU layout (what load_model does on CUDA), here on the CPU paths
         tiled = [m.tile_() for m in model.modules() if isinstance(m, Q4Linear)]
         assert sum(tiled) >= 4  # at least every gate|up (rows a multiple of 128)
@@ -309,45 +309,3 @@ def test_fused_sampler_graph_on_cuda(tmp_path):
             assert seqs[0] == seqs[1] and len(set(seqs[0])) > 1
         finally:
             DecodeStep.fused_sampler = True
-
-
-def test_split_norms_in_the_triton_step(tmp_path, monkeypatch):
-    """The decode step on the Triton kernels (interpreter) with bf16 activations and q4 projections of
-    group 128, the GPU's tensor-core path: with split norms (kernels.norm.SplitNorm: no norm launches
-    between q4 GEMVs) it gives the logits and states of the same step with the norm launches, token by
-    token, across GDN -> attention -> GDN layers."""
-    import olmo_local.decode as dec
-    from olmo_local.kernels import backend
-    from olmo_local.quant.formats import quantize_q4
-
-    cfg = tiny_config(hidden_size=256, intermediate_size=256, num_hidden_layers=5, linear_key_head_dim=32,
-                      linear_value_head_dim=64)
-    model = load_model(write_checkpoint(hf_model(cfg, seed=8), cfg, tmp_path / "c"), "cpu", torch.bfloat16)
-    assert [type(layer).__name__ for layer in model.layers].count("AttentionLayer") == 1
-    for layer in model.layers:
-        for name, mod in list(layer.named_modules()):
-            if name.endswith(("qkvz", "qkv", "o", "gate_up", "down")) and hasattr(mod, "weight"):
-                parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
-                setattr(parent, name.rsplit(".", 1)[-1], Q4Linear(**quantize_q4(mod.weight.float(), 128)))
-    split = dec.q4_gemv_split_norm
-    made = []
-    monkeypatch.setattr(dec, "q4_gemv_split_norm", lambda *a, **k: made.append(split(*a, **k)) or made[-1])
-    prompt = torch.randint(1, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
-    toks = [5, 17, 2]
-    runs = []
-    for on in (True, False):
-        monkeypatch.setattr(DecodeStep, "split_norms", on)
-        st = DecodeState(cfg, 32, "cpu", torch.bfloat16)
-        with torch.no_grad():
-            model(prompt, st)
-            step = DecodeStep(model, st, use_graph=False)
-            with backend("triton"):
-                runs.append(([step(t).float() for t in toks], st.rec_state.clone(), st.k_cache.float().clone()))
-    # per token (layers G G G A G): each GDN o-projection's norm (4), the down projections' adds with the
-    # next GDN input norm (2) or the final norm (1), the add before the attention layer and its two
-    # post-norms (3); the GDN layers after the embedding and after the attention layer start with a norm
-    assert sum(m is not None for m in made) == len(toks) * 10
-    for a, b in zip(runs[0][0], runs[1][0]):
-        assert ((a - b).norm() / b.norm()).item() < 1e-2
-    assert torch.allclose(runs[0][1], runs[1][1], rtol=2e-2, atol=2e-2)
-    assert torch.allclose(runs[0][2], runs[1][2], rtol=2e-2, atol=2e-2)
