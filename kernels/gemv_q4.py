@@ -44,7 +44,6 @@ __all__ = [
     "TILE_ROWS",
     "q4_dequantize",
     "q4_gemv",
-    "q4_gemv_norm",
     "q4_gemv_ref",
     "q4_gemv_silu_mul",
     "q4_gemv_silu_mul_ref",
@@ -381,8 +380,7 @@ if HAS_TRITON:
     def _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                      G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
                      ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TR: tl.constexpr,
-                     STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr,
-                     r_ptr, nw_ptr, ro_ptr, u_ptr, cnt2_ptr, eps, NB, EPI: tl.constexpr, BNORM: tl.constexpr):
+                     STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
@@ -481,48 +479,7 @@ if HAS_TRITON:
                       mask_b, NR, stride_y, 1, SPLIT_K, GATED)
             if SPLIT_K:
                 rn = pid_n * BN + tl.arange(0, BN)
-                last = splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT,
-                                     GATED)
-                if EPI != 0:  # then the last row block to finish runs the norm over the whole row
-                    if last:
-                        tl.debug_barrier()  # this block's rows are stored before the release below
-                        if tl.atomic_add(cnt2_ptr, 1) == NB - 1:  # acq_rel, gpu scope
-                            _norm_tail(y_ptr, r_ptr, nw_ptr, ro_ptr, u_ptr, NR, eps, EPI, BNORM)
-                            tl.atomic_xchg(cnt2_ptr, 0)
-
-    @triton.jit
-    def _norm_tail(y_ptr, r_ptr, w_ptr, ro_ptr, u_ptr, N, eps, EPI: tl.constexpr, BNORM: tl.constexpr):
-        """The norm after a GEMV, run by its last program over the whole row y [N] (bf16, as stored),
-        with kernels.norm's math: EPI 1 add_rmsnorm (ro = r + y, u = norm(ro)), 2 rmsnorm_add
-        (ro = r + norm(y) rounded to y's dtype), 3 residual add (ro = r + y). Two passes in chunks of
-        BNORM (few registers); every element is read and written by the same thread, so ro may alias r."""
-        d0 = tl.arange(0, BNORM)
-        ss = tl.zeros([BNORM], dtype=tl.float32)
-        if EPI != 3:
-            for c in range(0, N, BNORM):
-                d = c + d0
-                m = d < N
-                x = tl.load(y_ptr + d, mask=m, other=0, cache_modifier=".cg").to(tl.float32)
-                if EPI == 1:
-                    x = (x + tl.load(r_ptr + d, mask=m, other=0).to(tl.float32)).to(ro_ptr.dtype.element_ty)
-                    x = x.to(tl.float32)
-                ss += x * x
-        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / N + eps)
-        for c in range(0, N, BNORM):
-            d = c + d0
-            m = d < N
-            y = tl.load(y_ptr + d, mask=m, other=0, cache_modifier=".cg").to(tl.float32)
-            r = tl.load(r_ptr + d, mask=m, other=0).to(tl.float32)
-            if EPI == 2:
-                w = tl.load(w_ptr + d, mask=m, other=0).to(tl.float32)
-                n = (y * rstd * w).to(y_ptr.dtype.element_ty).to(tl.float32)
-                tl.store(ro_ptr + d, (r + n).to(ro_ptr.dtype.element_ty), mask=m)
-            else:
-                x = (y + r).to(ro_ptr.dtype.element_ty)
-                tl.store(ro_ptr + d, x, mask=m)
-                if EPI == 1:
-                    w = tl.load(w_ptr + d, mask=m, other=0).to(tl.float32)
-                    tl.store(u_ptr + d, (x.to(tl.float32) * rstd * w).to(u_ptr.dtype.element_ty), mask=m)
+                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT, GATED)
 
     @triton.jit
     def _q4_group(acc, w, s, m, x_row, gx, mcol, magic, G: tl.constexpr, X_BF16: tl.constexpr,
@@ -612,14 +569,11 @@ if HAS_TRITON:
         GATED: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr,
         GPI: tl.constexpr, MMA: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
         TR: tl.constexpr, STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr,
-        r_ptr, nw_ptr, ro_ptr, u_ptr, cnt2_ptr, eps, NB,  # the norm tail (EPI > 0; see _norm_tail)
-        EPI: tl.constexpr, BNORM: tl.constexpr,
     ):
         pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
-                         G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2,
-                         r_ptr, nw_ptr, ro_ptr, u_ptr, cnt2_ptr, eps, NB, EPI, BNORM)
+                         G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -734,7 +688,7 @@ def _wide_launch(gated: bool) -> tuple[int, int, float]:
 
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *, block_n=None, split_k=None,
                num_warps=None, num_stages=2, pairs=None, groups_per_iter=None, mma=None, prefetch=None, stages=None,
-               gate_halves=None, prefetch_depth=None, norm=None):
+               gate_halves=None, prefetch_depth=None):
     """The tuning knobs (keyword-only, shared by both public entry points): rows per program, K splits,
     warps, pipeline stages, bf16x2 math, groups per iteration, tensor cores, hand prefetch of the next
     group, Triton-pipelined group loop of the tensor-core path (stages), and for the gated tensor-core
@@ -809,14 +763,6 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         cnt = workspace("q4_cnt", (n_blocks,), torch.int32, x.device)
     else:
         part = cnt = y2  # unused
-    epi, nargs = 0, (y2, y2, y2, y2, y2, 0.0)
-    if norm is not None:  # (mode, residual, weight, eps, residual_out, u_out): see q4_gemv_norm
-        mode, residual, weight, eps, ro, u = norm
-        if use_mma and split_k > 1 and not gated and t == 1:
-            epi = _EPI[mode]
-            cnt2 = workspace("q4_cnt2", (1,), torch.int32, x.device)
-            nargs = (residual, weight if weight is not None else residual, ro, u if u is not None else ro, cnt2,
-                     float(eps))
     pdl = use_pdl(x2)
     pf = DEFAULT_PREFETCH if prefetch is None else bool(prefetch)
     depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else int(prefetch_depth)
@@ -828,45 +774,9 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi, MMA=use_mma,
         PREFETCH=pf, USE_PDL=pdl,
         TR=TILE_ROWS if tiled else 0, STAGES=1 if pf else (stages or DEFAULT_STAGES), GHALF=ghalf, PF2=pf2,
-        r_ptr=nargs[0], nw_ptr=nargs[1], ro_ptr=nargs[2], u_ptr=nargs[3], cnt2_ptr=nargs[4], eps=nargs[5],
-        NB=n_blocks, EPI=epi, BNORM=1024,
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
-    if norm is not None and epi == 0:  # not fusable here: the separate norm launch
-        _norm_after(out, norm)
     return out
-
-
-_EPI = {"add_rmsnorm": 1, "rmsnorm_add": 2, "add": 3}
-
-
-def _norm_after(y: torch.Tensor, norm) -> None:
-    """The norm op of q4_gemv_norm as its own launch, writing the given outputs."""
-    from .norm import residual_norm
-
-    mode, residual, weight, eps, ro, u = norm
-    residual_norm(mode, y.view(residual.shape), residual, weight, eps, residual_out=ro, normed_out=u)
-
-
-def q4_gemv_norm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                 group_size: int, residual: torch.Tensor, weight: torch.Tensor | None, eps: float, mode: str,
-                 tiled: bool = False, **tune):
-    """A decode GEMV followed by the norm op that consumes its output (kernels.norm semantics, y the
-    GEMV result rounded to x's dtype): mode "add_rmsnorm" -> (normed, new_residual) with
-    new_residual = residual + y; "rmsnorm_add" -> residual + rmsnorm(y); "add" -> residual + y.
-    On CUDA, when the tensor-core split-K path runs (one bf16 row, G = 128), the norm is the GEMV's tail:
-    the last row block to finish normalises the whole row, one launch instead of two; otherwise (and
-    on CPU) the ops run one after the other. x [1, K]; residual [1, N]."""
-    if mode not in _EPI:
-        raise ValueError(f"unknown norm mode {mode!r}")
-    ro = torch.empty_like(residual)
-    u = torch.empty_like(residual) if mode == "add_rmsnorm" else None
-    norm = (mode, residual, weight, eps, ro, u)
-    if use_triton(x) and _fits(x):
-        _q4_launch(x, qweight, scales, mins, group_size, None, False, tiled, norm=norm, **tune)
-    else:
-        _norm_after(q4_gemv_ref(x, qweight, scales, mins, group_size, None, tiled), norm)
-    return (u, ro) if mode == "add_rmsnorm" else ro
 
 
 def q4_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from olmo_local.generate import Sampler, SamplingParams, sampling_probs, valid_logits
 from olmo_local.kernels.attention_decode import attention_decode, attention_prep, quantize_kv_int8
 from olmo_local.kernels.gdn_decode import gdn_decode_step
-from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_norm, q4_gemv_silu_mul
+from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_silu_mul
 from olmo_local.kernels.gemv_q8 import q8_gemv, q8_gemv_silu_mul
 from olmo_local.kernels.sample import sample_fits, sample_triton
 from olmo_local.kernels.norm import residual_norm, rmsnorm
@@ -49,13 +49,12 @@ def mlp_act(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_norm(mod: torch.nn.Module, inp: torch.Tensor, x: torch.Tensor, mode: str,
-                w: torch.Tensor | None = None, eps: float = 0.0, fuse: bool = True):
+                w: torch.Tensor | None = None, eps: float = 0.0):
     """A projection and the norm op that consumes it with the residual stream x (kernels.norm):
-    "add_rmsnorm" -> (normed, x + y); "rmsnorm_add" -> x + rmsnorm(y); "add" -> x + y. A q4 projection
-    runs the norm as its GEMV's tail (kernels.gemv_q4.q4_gemv_norm: one launch)."""
-    if fuse and isinstance(mod, Q4Linear):
-        return q4_gemv_norm(inp, mod.qweight, mod.scales, mod.mins, mod.group_size, x, w, eps, mode,
-                            tiled=mod.tiled)
+    "add_rmsnorm" -> (normed, x + y); "rmsnorm_add" -> x + rmsnorm(y); "add" -> x + y. The norm is its
+    own one-program launch: as the GEMV's tail (the last row block normalising the whole row) it
+    measured 10 % slower on the H100, split between this GEMV and the next (each row block's sum of
+    squares, x normalised as the next GEMV loads it) 14 % slower on the H200 (kernels/NOTES.md)."""
     return residual_norm(mode, linear(mod, inp), x, w, eps)
 
 
@@ -63,10 +62,6 @@ class DecodeStep:
     """``step(token) -> logits [V]``: feeds one token at ``state.pos`` and advances the state."""
 
     fuse_attention_prep = True  # NoPE attention layers: kernels.attention_decode.attention_prep
-    # norms after q4 projections as the GEMV's tail (kernels.gemv_q4.q4_gemv_norm): off, it measured
-    # 345 vs 383 tokens/s on the 7B q4 step (H100; the last program's whole-row norm runs serially
-    # while the other SMs wait, longer than the separate one-block norm launch it replaces)
-    fuse_norms = False
     # sampling graphs draw with kernels.sample (temperature, top-p by a radix search on the probabilities
     # instead of a sort, min-p, the race with Philox noise keyed by a device step counter; 3 launches, 7
     # with top-p) when there is no top-k; off: the torch ops of generate.sampling_probs and noise drawn by
@@ -117,11 +112,11 @@ class DecodeStep:
                 x, pending = self._gdn(layer, x, pending)
             else:
                 if pending is not None:
-                    x = linear_norm(*pending, x, "add", fuse=self.fuse_norms)
+                    x = linear_norm(*pending, x, "add")
                     pending = None
                 x = self._attn(layer, x, rope)
         if pending is not None:
-            h, x = linear_norm(*pending, x, "add_rmsnorm", m.norm.weight, m.norm.eps, self.fuse_norms)
+            h, x = linear_norm(*pending, x, "add_rmsnorm", m.norm.weight, m.norm.eps)
         else:
             h = rmsnorm(x, m.norm.weight, m.norm.eps)
         logits = (linear(m.lm_head, h) if m.lm_head is not None else m.head(h))[0]
@@ -133,7 +128,7 @@ class DecodeStep:
         the down projection with the next norm."""
         st = self.state
         if pending is not None:  # x += previous layer's MLP output, with this layer's input norm
-            u, x = linear_norm(*pending, x, "add_rmsnorm", L.in_norm.weight, L.in_norm.eps, self.fuse_norms)
+            u, x = linear_norm(*pending, x, "add_rmsnorm", L.in_norm.weight, L.in_norm.eps)
         else:
             u = rmsnorm(x, L.in_norm.weight, L.in_norm.eps)
         qkv, z = linear(L.qkvz, u)[0].split([L.conv_dim, L.value_dim])
@@ -147,8 +142,7 @@ class DecodeStep:
             a, b = linear(L.ab, u)[0].split([L.hv, L.hv])
             y = gdn_decode_step(qkv, z, a, b, L.conv_w, st.conv_state[L.idx], L.A_log, L.dt_bias, L.o_norm_w,
                                 st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0)
-        h, x = linear_norm(L.o, y.view(1, -1), x, "add_rmsnorm", L.post_norm.weight, L.post_norm.eps,
-                           self.fuse_norms)  # x += o
+        h, x = linear_norm(L.o, y.view(1, -1), x, "add_rmsnorm", L.post_norm.weight, L.post_norm.eps)  # x += o
         return x, (L.mlp.down, mlp_act(L.mlp, h))
 
     def _attn(self, L: AttentionLayer, x: torch.Tensor, rope) -> torch.Tensor:
@@ -183,8 +177,8 @@ class DecodeStep:
     def _attn_out(self, L: AttentionLayer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """o projection, post-attention norm + residual, MLP, post-feedforward norm + residual."""
         n1, n2 = L.post_attn_norm, L.post_ff_norm
-        x = linear_norm(L.o, o.reshape(1, -1).to(x.dtype), x, "rmsnorm_add", n1.weight, n1.eps, self.fuse_norms)
-        return linear_norm(L.mlp.down, mlp_act(L.mlp, x), x, "rmsnorm_add", n2.weight, n2.eps, self.fuse_norms)
+        x = linear_norm(L.o, o.reshape(1, -1).to(x.dtype), x, "rmsnorm_add", n1.weight, n1.eps)
+        return linear_norm(L.mlp.down, mlp_act(L.mlp, x), x, "rmsnorm_add", n2.weight, n2.eps)
 
     # ---- graph capture and the per-token calls -----------------------------------------------
     def _pick_tail(self, logits: torch.Tensor, mode: tuple) -> None:

@@ -9,8 +9,7 @@ the hand prefetch; pf2: hand prefetch two groups ahead; quad: gate|up programs w
 gate + BN up rows) instead of gate|up row pairs; wideP[gQ]: gemv_q4.WIDE_PROGRAMS with P programs per SM (Q for gate|up, default P); rN: N
 rows per warp in the tensor-core path (16 default, 32: each thread loads twice the bytes per group);
 a trailing "-unfused" runs NoPE attention layers
-through the separate q/k norm and cache-write ops instead of attention_prep; "-nonorm" / "-normtail" run the
-norms after q4 projections as their own launches (the default) / as GEMV tails; "-chunked" prefills GDN
+through the separate q/k norm and cache-write ops instead of attention_prep; "-chunked" prefills GDN
 layers with the chunked torch delta rule instead of the one-launch Triton recurrence; "-narrow" launches
 q4 GEMVs with 16 rows per warp and ~6-7 programs per SM (the default before the wide-program rule).
 """
@@ -31,8 +30,6 @@ def main() -> int:
     import olmo_local.model as mdl
 
     for suffix, cls, attr, value in (("-unfused", dec.DecodeStep, "fuse_attention_prep", False),
-                                     ("-nonorm", dec.DecodeStep, "fuse_norms", False),
-                                     ("-normtail", dec.DecodeStep, "fuse_norms", True),
                                      ("-chunked", mdl.GDNLayer, "fused_prefill", False),
                                      ("-narrow", k4, "WIDE_PROGRAMS", False)):
         if variant.endswith(suffix):

@@ -514,7 +514,7 @@ def aot_report() -> int:
             consts = {**consts, "USE_PDL": True}  # as launched in the decode step on Hopper
         if "TR" in names and "TR" not in consts:
             consts = {**consts, "TR": 0}  # the standard q4 layout
-        for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("EPI", 0), ("BNORM", 1024)):
+        for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("AB_ONCE", False)):
             if knob in names and knob not in consts:
                 consts = {**consts, knob: default}
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
@@ -546,8 +546,7 @@ def aot_report() -> int:
 
     q4_types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "y_ptr": "*bf16",
                 "part_ptr": "*fp32", "cnt_ptr": "*i32", "NR": "i32", "NGR": "i32", "stride_x": "i32",
-                "stride_y": "i32", "GPS": "i32", "SPLIT": "i32", "MAGIC": "i32", "r_ptr": "*bf16", "nw_ptr": "*bf16",
-                "ro_ptr": "*bf16", "u_ptr": "*bf16", "cnt2_ptr": "*i32", "eps": "fp32", "NB": "i32"}
+                "stride_y": "i32", "GPS": "i32", "SPLIT": "i32", "MAGIC": "i32"}
     q8_types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*bf16", "part_ptr": "*fp32",
                 "cnt_ptr": "*i32", "NR": "i32", "KW": "i32", "stride_x": "i32", "stride_y": "i32", "WPS": "i32",
                 "SPLIT": "i32", "MAGIC": "i32"}
@@ -591,9 +590,6 @@ def aot_report() -> int:
         ("q4 gate|up+silu tc tiled gate halves", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
           "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "GHALF": True}, 4, ()),
-        ("q4 T=1 tc tiled + add_rmsnorm tail", kq4._q4_gemv_kernel, q4_types,
-         {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False,
-          "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "EPI": 1}, 4, ()),
         ("q4 gate|up+silu T=1 (128 weights/thr)", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 1, "MMA": False, "PREFETCH": False}, 4, ()),
         ("q4 gate|up+silu T=4", kq4._q4_gemv_kernel, q4_types,
@@ -615,6 +611,9 @@ def aot_report() -> int:
         ("gdn step + fused a|b, BV=64 8 warps", kgdn._gdn_decode_kernel, gdn_types,
          {"KC": 4, "KP": 4, "BK": 128, "BV": 64, "BDV": 256, "NEG": True, "FUSED_AB": True, "BU": 512}, 8,
          ("HK", "DK", "DV", "D")),
+        ("gdn step + a|b rows before the wait", kgdn._gdn_decode_kernel, gdn_types,
+         {"KC": 4, "KP": 4, "BK": 128, "BV": 64, "BDV": 256, "NEG": True, "FUSED_AB": True, "BU": 4096,
+          "AB_ONCE": True}, 8, ("HK", "DK", "DV", "D")),
         ("attention bf16 hd=128 BS=64", katt._attn_decode_kernel, att_types,
          {"G": 1, "BD": 128, "BS": 64, "NS": 18, "NSP": 32, "QUANT": False}, 8, att_div),
         ("attention int8 hd=128 BS=64", katt._attn_decode_kernel, dict(att_types, k_ptr="*u8", v_ptr="*u8"),

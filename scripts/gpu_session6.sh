@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, the CUDA tests named in $TESTS (default: gemv + decode step), then the
 # steps named as arguments: ablate (scripts/gpu_ablate_decode.py), tiled (gpu_tiled_check.py 1b),
-# ab (benchab default / default-nosplit, twice), final (scripts/gpu_final.sh).
+# ab (benchab over the variants in $AB, tg128 rows), final (scripts/gpu_final.sh).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site2 .whl2/*.whl >/dev/null 2>&1
@@ -16,7 +16,7 @@ for step in "$@"; do
   case $step in
     ablate) timeout 200 python3 scripts/gpu_ablate_decode.py 2>&1 | tail -12 ;;
     tiled) timeout 200 python3 scripts/gpu_tiled_check.py 1b 2>&1 | tail -8 ;;
-    ab) for v in default default-nosplit default default-nosplit; do
+    ab) for v in ${AB:-default default}; do
           timeout 120 python3 scripts/gpu_bench_variant.py $v --synthetic 7b --format q4 -r 2 --depth none -q > "$OUT/ab_$v.log" 2>&1
           echo "$v: $(grep -E '^\| olmo' "$OUT/ab_$v.log" | grep tg128 | cut -c1-150)"
         done ;;
