@@ -174,12 +174,14 @@ if HAS_TRITON:
 
     @triton.jit
     def splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y,
-                      T: tl.constexpr, BN: tl.constexpr, SPLIT, GATED: tl.constexpr):
+                      T: tl.constexpr, BN: tl.constexpr, SPLIT, GATED: tl.constexpr, SPLITP: tl.constexpr = 0):
         """Split-K epilogue shared by the GEMV kernels. Each split has written its fp32 partial rows
         part[split, t, :]; the last program of the row block to arrive (self-resetting counter) adds
-        them in split order (deterministic), applies silu(gate) * up when gated, stores the rows.
-        Ordering as in CUTLASS's serial split-K semaphore: CTA barrier, then one gpu-scope acq_rel
-        atomic; the reader's loads bypass L1. Returns whether this program was that last one."""
+        them (deterministic: split order, or with SPLITP >= SPLIT one [SPLITP, BN] load and a fixed
+        reduction tree, all partials in flight at once instead of a chain of loads), applies
+        silu(gate) * up when gated, stores the rows. Ordering as in CUTLASS's serial split-K semaphore:
+        CTA barrier, then one gpu-scope acq_rel atomic; the reader's loads bypass L1. Returns whether
+        this program was that last one."""
         if GATED:
             ntot = 2 * NR
         else:
@@ -188,13 +190,22 @@ if HAS_TRITON:
         done = tl.atomic_add(cnt_ptr + pid_n, 1)  # acq_rel, gpu scope
         if done == SPLIT - 1:
             for t in tl.static_range(T):
-                ra = tl.zeros([BN], dtype=tl.float32)
-                rb = tl.zeros([BN], dtype=tl.float32)
-                for s in range(SPLIT):
-                    base = part_ptr + (s * T + t) * ntot + rn
-                    ra += tl.load(base, mask=rmask, other=0.0, cache_modifier=".cg")
+                if SPLITP > 0:
+                    sj = tl.arange(0, SPLITP)[:, None]
+                    base = part_ptr + (sj * T + t) * ntot + rn[None, :]
+                    m2 = (sj < SPLIT) & rmask[None, :]
+                    ra = tl.sum(tl.load(base, mask=m2, other=0.0, cache_modifier=".cg"), axis=0)
+                    rb = ra
                     if GATED:
-                        rb += tl.load(base + NR, mask=rmask, other=0.0, cache_modifier=".cg")
+                        rb = tl.sum(tl.load(base + NR, mask=m2, other=0.0, cache_modifier=".cg"), axis=0)
+                else:
+                    ra = tl.zeros([BN], dtype=tl.float32)
+                    rb = tl.zeros([BN], dtype=tl.float32)
+                    for s in range(SPLIT):
+                        base = part_ptr + (s * T + t) * ntot + rn
+                        ra += tl.load(base, mask=rmask, other=0.0, cache_modifier=".cg")
+                        if GATED:
+                            rb += tl.load(base + NR, mask=rmask, other=0.0, cache_modifier=".cg")
                 if GATED:
                     ra = ra / (1.0 + tl.exp(-ra)) * rb
                 tl.store(y_ptr + t * stride_y + rn, ra.to(y_ptr.dtype.element_ty), mask=rmask)

@@ -380,7 +380,7 @@ if HAS_TRITON:
     def _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                      G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
                      ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TR: tl.constexpr,
-                     STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr):
+                     STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr, SPLITP: tl.constexpr):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
@@ -471,7 +471,8 @@ if HAS_TRITON:
                       stride_y, 1, SPLIT_K, GATED)
             if SPLIT_K:
                 rn = pid_n * HALF + tl.arange(0, HALF)
-                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, HALF, SPLIT, GATED)
+                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, HALF, SPLIT, GATED,
+                              SPLITP)
         else:
             emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * 0.25, tl.sum(ua, 1) * 0.25, 0, pid_k, rows_a, mask_a, NR,
                       stride_y, 1, SPLIT_K, GATED)
@@ -479,7 +480,8 @@ if HAS_TRITON:
                       mask_b, NR, stride_y, 1, SPLIT_K, GATED)
             if SPLIT_K:
                 rn = pid_n * BN + tl.arange(0, BN)
-                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT, GATED)
+                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT, GATED,
+                              SPLITP)
 
     @triton.jit
     def _q4_group(acc, w, s, m, x_row, gx, mcol, magic, G: tl.constexpr, X_BF16: tl.constexpr,
@@ -569,11 +571,12 @@ if HAS_TRITON:
         GATED: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr,
         GPI: tl.constexpr, MMA: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
         TR: tl.constexpr, STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr,
+        SPLITP: tl.constexpr = 0,  # > 0: split-K partials added by one [SPLITP, BN] load (see splitk_finish)
     ):
         pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
-                         G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2)
+                         G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -643,7 +646,7 @@ if HAS_TRITON:
             if T > 7:
                 _emit_tile(y_ptr, part_ptr, a7, b7, 7, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K, GATED)
             if SPLIT_K:
-                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y, T, BN, SPLIT, GATED)
+                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y, T, BN, SPLIT, GATED, SPLITP)
 
 
 def _pick_split(n_blocks: int, iters: int, device: torch.device) -> int:
@@ -674,6 +677,9 @@ WIDE_PROGRAMS = True  # tensor-core path: wide programs, split-K by a programs-p
 WIDE_ROWS_PER_WARP = 64  # with WIDE_PROGRAMS: four m16 tiles per warp, 256 rows (or 128 gate|up pairs)
 WIDE_PER_SM = 2.0  # with WIDE_PROGRAMS: programs per SM that split-K aims at (gated: WIDE_PER_SM_GATED)
 WIDE_PER_SM_GATED = 2.0
+# split-K partials of up to this many splits are added by one 2-D load and a reduction tree instead of
+# a loop of loads (kernels._triton.splitk_finish)
+SPLITK_TREE_MAX = 64
 
 
 def _wide_launch(gated: bool) -> tuple[int, int, float]:
@@ -774,6 +780,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi, MMA=use_mma,
         PREFETCH=pf, USE_PDL=pdl,
         TR=TILE_ROWS if tiled else 0, STAGES=1 if pf else (stages or DEFAULT_STAGES), GHALF=ghalf, PF2=pf2,
+        SPLITP=next_pow2(split_k) if 1 < split_k <= SPLITK_TREE_MAX else 0,
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     return out

@@ -514,7 +514,8 @@ def aot_report() -> int:
             consts = {**consts, "USE_PDL": True}  # as launched in the decode step on Hopper
         if "TR" in names and "TR" not in consts:
             consts = {**consts, "TR": 0}  # the standard q4 layout
-        for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("AB_ONCE", False)):
+        for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("AB_ONCE", False),
+                              ("SPLITP", 16)):
             if knob in names and knob not in consts:
                 consts = {**consts, knob: default}
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}

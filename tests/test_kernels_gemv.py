@@ -395,6 +395,27 @@ def test_q4_wide_programs_give_the_same_result(gated, monkeypatch):
         assert counters_are_zero()
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("mma,t", [(True, 1), (False, 1), (False, 3)])
+def test_q4_split_k_reduction_tree_matches_the_loop(gated, mma, t, monkeypatch):
+    """The split-K partials added by one [SPLITP, BN] load and a reduction tree (5 splits: a masked
+    power-of-two tile) give the sums of the loop over splits, both equal to the reference."""
+    gen = torch.Generator().manual_seed(11 + t)
+    n, k = (128, 1280) if gated else (96, 1280)
+    _, packed, scales, mins = random_q4(n, k, 128, gen)
+    x = torch.randn(t, k, generator=gen).to(torch.bfloat16)
+    kern = k4.q4_gemv_silu_mul_triton if gated else k4.q4_gemv_triton
+    want = (k4.q4_gemv_silu_mul_ref if gated else k4.q4_gemv_ref)(x, packed, scales, mins, 128)
+    got = []
+    for tree_max in (64, 0):
+        monkeypatch.setattr(k4, "SPLITK_TREE_MAX", tree_max)
+        got.append(kern(x, packed, scales, mins, 128, split_k=5, mma=mma, block_n=64 if mma else None,
+                        num_warps=4 if mma else None))
+        assert relerr(got[-1], want) < tol(torch.bfloat16)
+        assert counters_are_zero()
+    assert relerr(got[0], got[1]) < 1e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
 @pytest.mark.parametrize("rules", [True, False])
 @pytest.mark.parametrize("name,n,k,gated", [("gdn_in", 17280, 3840, False), ("gate_up", 2 * 11008, 3840, True),
