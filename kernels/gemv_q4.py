@@ -677,6 +677,9 @@ WIDE_PROGRAMS = True  # tensor-core path: wide programs, split-K by a programs-p
 WIDE_ROWS_PER_WARP = 64  # with WIDE_PROGRAMS: four m16 tiles per warp, 256 rows (or 128 gate|up pairs)
 WIDE_PER_SM = 2.0  # with WIDE_PROGRAMS: programs per SM that split-K aims at (gated: WIDE_PER_SM_GATED)
 WIDE_PER_SM_GATED = 2.0
+# with WIDE_PROGRAMS: never more programs than that target (one resident wave); rounding to the
+# nearest split count gave the 7B gdn_in, qkv and down 270-272 programs for 264 places (2 x 132 SMs)
+WIDE_ONE_WAVE = True
 # split-K partials of up to this many splits are added by one 2-D load and a reduction tree instead of
 # a loop of loads (kernels._triton.splitk_finish)
 SPLITK_TREE_MAX = 64
@@ -690,6 +693,13 @@ def _wide_launch(gated: bool) -> tuple[int, int, float]:
     -> 11.2, gate|up 22.8 -> 15.6, down 12.0 -> 10.1, GDN o 8.2 -> 7.0, attention o 6.8 -> 6.1. tg128
     (same card, same run): H200 395 -> 418 t/s, H100 380 -> 394 t/s (docs/benchmarks.md, session 4)."""
     return WIDE_ROWS_PER_WARP, 4, (WIDE_PER_SM_GATED if gated else WIDE_PER_SM)
+
+
+def _wide_split(n_blocks: int, iters: int, sms: int, per_sm: float) -> int:
+    """Split count of the wide programs: about per_sm programs per SM (at most that many with
+    WIDE_ONE_WAVE), >= 2 groups per split."""
+    target = per_sm * sms / n_blocks
+    return max(1, min(int(target) if WIDE_ONE_WAVE else round(target), iters // 2))
 
 
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *, block_n=None, split_k=None,
@@ -759,8 +769,8 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     iters = cdiv(ngr, gpi)
     if split_k is None:
         split_k = _pick_split(n_blocks, iters, x.device)
-        if wide:  # aim at wide[2] programs per SM, >= 2 groups per split
-            split_k = max(1, min(round(wide[2] * num_sms(x.device) / n_blocks), iters // 2))
+        if wide:
+            split_k = _wide_split(n_blocks, iters, num_sms(x.device), wide[2])
     split_k = max(1, min(int(split_k), iters))
     gps = cdiv(iters, split_k) * gpi  # groups per split: whole iterations
     split_k = cdiv(ngr, gps)  # no empty splits

@@ -395,6 +395,19 @@ def test_q4_wide_programs_give_the_same_result(gated, monkeypatch):
         assert counters_are_zero()
 
 
+def test_wide_split_stays_within_one_wave():
+    """The wide programs' split count at the 7B shapes on a 132-SM card: every launch fits 2 programs
+    per SM at once (rounding to the nearest split count gave gdn_in, qkv and down 270-272 programs for
+    264 places, a few of them a second wave), and still fills at least 3/4 of the places."""
+    sms, per_sm = 132, 2.0
+    for rows, k in ((17280, 3840), (11520, 3840), (11008 * 2, 3840), (3840, 11008), (3840, 5760), (3840, 3840)):
+        n_blocks = -(-(rows // 2 if rows == 11008 * 2 else rows) // (128 if rows == 11008 * 2 else 256))
+        iters = k // 128
+        split = k4._wide_split(n_blocks, iters, sms, per_sm)
+        split = -(-iters // -(-iters // split))  # as the launch does: whole groups per split, none empty
+        assert 0.75 * per_sm * sms <= n_blocks * split <= per_sm * sms, (rows, k, split)
+
+
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("mma,t", [(True, 1), (False, 1), (False, 3)])
 def test_q4_split_k_reduction_tree_matches_the_loop(gated, mma, t, monkeypatch):
