@@ -160,16 +160,24 @@ if HAS_TRITON:
         sm_scale, HD,
         G: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
         NS: tl.constexpr, NSP: tl.constexpr, QUANT: tl.constexpr, USE_PDL: tl.constexpr,
+        pos_ptr=None, EARLY: tl.constexpr = False,
     ):
         pdl_launch_dependents(USE_PDL)
-        pdl_wait(USE_PDL)
         hq = tl.program_id(0)  # query head
         sp = tl.program_id(1)  # split
         kvh = hq // G
-        n = tl.load(len_ptr)
+        if EARLY:  # length = pos + 1 from a position no kernel of the step writes: read before the wait
+            n = tl.load(pos_ptr) + 1
+        else:
+            pdl_wait(USE_PDL)
+            n = tl.load(len_ptr)
         ss = ((n + NS - 1) // NS + BS - 1) // BS * BS  # positions per split, a multiple of BS
         start = sp * ss
+        # an empty split leaves at once (with EARLY before waiting for the previous kernel: at short
+        # lengths most of the grid, whose slots then go to the active splits and the next kernel)
         if start < n:
+            if EARLY:
+                pdl_wait(USE_PDL)
             end = tl.minimum(start + ss, n)
             n_active = (n + ss - 1) // ss
             d = tl.arange(0, BD)
@@ -331,8 +339,12 @@ def attention_decode_triton(
     block_s: int = 32,
     num_warps: int = 8,
     num_stages: int = 2,
+    pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton version of attention_decode_ref (num_splits / block_s for tests and tuning)."""
+    """Triton version of attention_decode_ref (num_splits / block_s for tests and tuning). pos: an
+    int32 device tensor [1] with length - 1 that no kernel of the step writes before this one (the
+    decode state's position): read before waiting for the previous kernel, so that empty splits
+    leave at once."""
     kvh, max_ctx, hd = k_cache.shape
     h = q.shape[0]
     if q.dim() != 2 or q.shape[1] != hd or h % kvh:
@@ -363,6 +375,7 @@ def attention_decode_triton(
         ks.stride(0) if quant else 0, vs.stride(0) if quant else 0, out.stride(0),
         float(hd) ** -0.5, hd,
         G=g, BD=next_pow2(hd), BS=block_s, NS=ns, NSP=next_pow2(ns), QUANT=quant, USE_PDL=pdl,
+        pos_ptr=pos, EARLY=pos is not None,
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     return out
@@ -409,9 +422,14 @@ def attention_decode(
     *,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    fn = attention_decode_triton if use_triton(q) else attention_decode_ref
-    return fn(q, k_cache, v_cache, length, out, k_scale=k_scale, v_scale=v_scale)
+    """pos (optional): length - 1 as a device tensor that no kernel of the step writes before this
+    one (see attention_decode_triton); the reference reads ``length``."""
+    if use_triton(q):
+        return attention_decode_triton(q, k_cache, v_cache, length, out, k_scale=k_scale, v_scale=v_scale,
+                                       pos=pos)
+    return attention_decode_ref(q, k_cache, v_cache, length, out, k_scale=k_scale, v_scale=v_scale)
 
 
 def quantize_kv_int8(

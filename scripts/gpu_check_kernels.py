@@ -514,7 +514,7 @@ def aot_report() -> int:
             consts = {**consts, "USE_PDL": True}  # as launched in the decode step on Hopper
         if "TR" in names and "TR" not in consts:
             consts = {**consts, "TR": 0}  # the standard q4 layout
-        for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("AB_ONCE", False),
+        for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("AB_ONCE", False), ("EARLY", True),
                               ("SPLITP", 16)):
             if knob in names and knob not in consts:
                 consts = {**consts, knob: default}
@@ -559,7 +559,7 @@ def aot_report() -> int:
                  "len_ptr": "*i32", "out_ptr": "*bf16", "mws_ptr": "*fp32", "lws_ptr": "*fp32", "aws_ptr": "*fp32",
                  "cnt_ptr": "*i32", "stride_qh": "i32", "stride_kh": "i32", "stride_kt": "i32", "stride_vh": "i32",
                  "stride_vt": "i32", "stride_ksh": "i32", "stride_vsh": "i32", "stride_oh": "i32",
-                 "sm_scale": "fp32", "HD": "i32"}
+                 "sm_scale": "fp32", "HD": "i32", "pos_ptr": "*i32"}
     att_div = ("stride_qh", "stride_kh", "stride_kt", "stride_vh", "stride_vt", "stride_ksh", "stride_vsh",
                "stride_oh", "HD")
     prep_types = {"qkv_ptr": "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "qo_ptr": "*bf16", "kc_ptr": "*i8",

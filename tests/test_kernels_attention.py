@@ -89,6 +89,24 @@ def test_attention_lengths_share_one_launch_config():
         assert relerr(y, attention_loop(q, k, v, length)) < 1e-5
 
 
+def test_attention_length_from_the_position_read_before_the_wait():
+    """With pos (length - 1 that no earlier kernel of the step writes) the kernel takes the length from
+    it, before waiting for the previous kernel, and the empty splits leave at once: the same results
+    token by token; the stale ``length`` buffer is not read."""
+    gen = torch.Generator().manual_seed(6)
+    h, kvh, hd, max_ctx = 4, 2, 16, 60
+    q = torch.randn(h, hd, generator=gen)
+    k = torch.randn(kvh, max_ctx, hd, generator=gen)
+    v = torch.randn(kvh, max_ctx, hd, generator=gen)
+    stale = torch.full((1,), 7, dtype=torch.int32)
+    pos = torch.zeros(1, dtype=torch.int32)
+    for length in (1, 3, 8, 9, 33, 60):
+        pos.fill_(length - 1)
+        y = ka.attention_decode_triton(q, k, v, stale, num_splits=6, block_s=8, pos=pos)
+        assert relerr(y, attention_loop(q, k, v, length)) < 1e-5
+    assert all(bool((b == 0).all()) for key, b in _triton._WORKSPACES.items() if key[0] == "attn_cnt")
+
+
 def test_quantize_kv_int8():
     gen = torch.Generator().manual_seed(3)
     k = torch.randn(3, 5, 24, generator=gen)
