@@ -317,6 +317,12 @@ def attention_prep_triton(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tenso
     return out
 
 
+# warps per program below 16K positions of cache (8 above): on the H200 after the 7B qkv GEMV, 4 warps
+# took 9.0 / 10.6 / 26.6 us at lengths 128 / 640 / 4000 of a 4K cache against 11.7 / 12.6 / 30.3 with 8,
+# but at length 32768 of a 33K cache 180 against 132 us (scripts/gpu_attn_probe.py)
+SHORT_CTX_WARPS = 4
+
+
 def default_num_splits(max_ctx: int, num_heads: int, device: torch.device, block_s: int = 32) -> int:
     """Splits per query head, fixed by the context size (the split length follows the actual length):
     ~8 programs per SM for contexts of 16K and more, ~4 below, never more than blocks of work. H200
@@ -337,7 +343,7 @@ def attention_decode_triton(
     v_scale: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_s: int = 32,
-    num_warps: int = 8,
+    num_warps: int | None = None,
     num_stages: int = 2,
     pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -363,6 +369,7 @@ def attention_decode_triton(
     if out is None:
         out = torch.empty((h, hd), dtype=q.dtype, device=q.device)
     ns = num_splits or default_num_splits(max_ctx, h, q.device, block_s)
+    num_warps = num_warps or (SHORT_CTX_WARPS if max_ctx < 16384 else 8)
     g = h // kvh
     mws = workspace("attn_m", (h, ns), torch.float32, q.device)
     lws = workspace("attn_l", (h, ns), torch.float32, q.device)
