@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, kernel checks at 7B shapes, 7B parity, and the bench. Logs under $OUT.
 # Usage (device tool): bash scripts/gpu_check.sh [kernels] [parity] [bench] [benchcmp] [sweep] [issue3] [mem] [profile] [disk] [load7b]
+#   [cudatests] [ablate] [benchab] [final] ... (see the case list; BENCHAB / TESTS pick variants / test files)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -27,6 +28,12 @@ for s in $steps; do
              for v in ${BENCHAB:-stdquad tiledquad tiled tiledpf2}; do
                timeout 110 python3 scripts/gpu_bench_variant.py $v --synthetic 7b --format q4 -r 2 --depth none -q 2>&1 | tee "$OUT/benchab_$v.log" | grep -E "tg128|pp512|ttft" | sed "s/^/$v /" | cut -c1-150
              done ;;
+    cudatests) # the CUDA-only tests of $TESTS (default: all), pytest from the wheels in .whl2 (carry it)
+             python3 -m pip install -q --no-index --no-deps --target /tmp/site2 .whl2/*.whl >/dev/null 2>&1
+             OLMO_LOCAL_TEST_GPU=1 PYTHONPATH=/tmp/site2${PYTHONPATH:+:$PYTHONPATH} timeout 300 python3 -m pytest -q ${TESTS:-tests/} -k cuda > "$OUT/tests.log" 2>&1
+             tail -3 "$OUT/tests.log"; grep -E "^FAILED|Error" "$OUT/tests.log" | head -10 ;;
+    ablate)  timeout 200 python3 scripts/gpu_ablate_decode.py 2>&1 | tee "$OUT/ablate.log" | tail -10 ;;
+    final)   bash scripts/gpu_final.sh ;;
     hostgap) timeout 200 python3 scripts/gpu_host_gap.py 2>&1 | tee "$OUT/hostgap.log" | grep -v Warn | tail -8 ;;
     memprobe) timeout 240 python3 scripts/gpu_mem_probe.py 2>&1 | tee "$OUT/memprobe.log" | grep -v Warn | tail -8 ;;
     profdec) timeout 200 python3 scripts/gpu_profile_decode.py --json "$OUT/profdec.json" 2>&1 | tee "$OUT/profdec.log" | tail -30 ;;
