@@ -15,7 +15,7 @@ import torch
 
 from olmo_local.kernels import gemv_q4 as k4
 
-from gpu_floor_probe import timed
+from gpu_floor_probe import random_q4_tiled, timed
 
 ka = importlib.import_module("olmo_local.kernels.attention_decode")
 H = KV = 30
@@ -26,10 +26,7 @@ def main() -> None:
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     n = (H + 2 * KV) * HD
-    qw = torch.randint(0, 256, (n, D // 2), dtype=torch.uint8, device=dev, generator=gen)
-    s = (torch.rand(n, D // 128, device=dev, generator=gen) * 1e-2).half()
-    m = (-torch.rand(n, D // 128, device=dev, generator=gen) * 1e-1).half()
-    qw, s, m = k4.q4_tile(qw, s, m, 128)
+    qw, s, m = random_q4_tiled(n, D, gen)
     x = torch.randn(1, D, device=dev, generator=gen).to(torch.bfloat16)
     qkv = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
     q = torch.randn(H, HD, device=dev, generator=gen).to(torch.bfloat16)

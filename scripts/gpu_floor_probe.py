@@ -18,6 +18,15 @@ from olmo_local.kernels import gemv_q4 as k4
 from olmo_local.kernels._triton import num_sms, pdl_launch_dependents, pdl_wait
 
 
+def random_q4_tiled(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random q4 weights [n, k] (G = 128) in the tiled GPU layout, as the probes time them: (qweight,
+    scales, mins) on CUDA."""
+    qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=gen)
+    s = (torch.rand(n, k // 128, device="cuda", generator=gen) * 1e-2).half()
+    m = (-torch.rand(n, k // 128, device="cuda", generator=gen) * 1e-1).half()
+    return k4.q4_tile(qw, s, m, 128)
+
+
 @triton.jit
 def _empty(x_ptr, USE_PDL: tl.constexpr):
     pdl_launch_dependents(USE_PDL)
@@ -84,10 +93,7 @@ def main() -> None:
         rows.append((f"barrier P={p} per extra barrier", (t[33] - t[1]) / 32))
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, n, k in (("attn_o", 3840, 3840), ("gdn_o", 3840, 5760), ("down", 3840, 11008), ("tiny", 256, 256)):
-        qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=gen)
-        s = (torch.rand(n, k // 128, device="cuda", generator=gen) * 1e-2).half()
-        m = (-torch.rand(n, k // 128, device="cuda", generator=gen) * 1e-1).half()
-        qw, s, m = k4.q4_tile(qw, s, m, 128)
+        qw, s, m = random_q4_tiled(n, k, gen)
         xin = torch.randn(1, k, device="cuda", generator=gen).to(torch.bfloat16)
         out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
         for sk in (None, 1):

@@ -13,7 +13,7 @@ import torch
 from olmo_local.kernels import gdn_decode as kg
 from olmo_local.kernels import gemv_q4 as k4
 
-from gpu_floor_probe import timed
+from gpu_floor_probe import random_q4_tiled, timed
 
 HK = HV = 30
 DK, DV, KC, D = 96, 192, 4, 3840
@@ -23,10 +23,7 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     dev = "cuda"
     n_in = 2 * HK * DK + 2 * HV * DV
-    qw = torch.randint(0, 256, (n_in, D // 2), dtype=torch.uint8, device=dev, generator=gen)
-    s = (torch.rand(n_in, D // 128, device=dev, generator=gen) * 1e-2).half()
-    m = (-torch.rand(n_in, D // 128, device=dev, generator=gen) * 1e-1).half()
-    qw, s, m = k4.q4_tile(qw, s, m, 128)
+    qw, s, m = random_q4_tiled(n_in, D, gen)
     u = torch.randn(1, D, device=dev, generator=gen).to(torch.bfloat16)
     proj = torch.empty(1, n_in, device=dev, dtype=torch.bfloat16)
     c = 2 * HK * DK + HV * DV

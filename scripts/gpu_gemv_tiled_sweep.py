@@ -16,7 +16,7 @@ import torch
 from olmo_local.kernels import gemv_q4 as k4
 from olmo_local.kernels._triton import num_sms
 
-from gpu_floor_probe import timed as timed_replay
+from gpu_floor_probe import random_q4_tiled, timed as timed_replay
 
 SHAPES = [("gdn_in", 17280, 3840, False), ("qkv", 11520, 3840, False), ("gate_up", 2 * 11008, 3840, True),
           ("down", 3840, 11008, False), ("gdn_o", 3840, 5760, False), ("attn_o", 3840, 3840, False)]
@@ -49,10 +49,7 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for name, n, k, gated in SHAPES:
-        qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=gen)
-        s = (torch.rand(n, k // 128, device="cuda", generator=gen) * 1e-2).half()
-        m = (-torch.rand(n, k // 128, device="cuda", generator=gen) * 1e-1).half()
-        qw, s, m = k4.q4_tile(qw, s, m, 128)
+        qw, s, m = random_q4_tiled(n, k, gen)
         x = torch.randn(1, k, device="cuda", generator=gen).to(torch.bfloat16)
         nbytes = qw.numel() + 2 * s.numel() * 2
         kern = k4.q4_gemv_silu_mul_triton if gated else k4.q4_gemv_triton
