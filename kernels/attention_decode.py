@@ -1,11 +1,14 @@
 """Single-token attention over a KV cache (flash-decoding), bf16/fp32 or int8 caches.
 
-    attention_decode(q, k_cache, v_cache, length, out=None, *, k_scale=None, v_scale=None) -> [H, hd]
+    attention_decode(q, k_cache, v_cache, length=None, out=None, *, k_scale=None, v_scale=None, pos=None)
+        -> [H, hd]
     quantize_kv_int8(k, *, out=None, pos=None) -> (q int8, scale fp32)
 
 attention_decode: q [H, hd]; k_cache, v_cache [KVH, max_ctx, hd] (unit last stride); `length` an
 int32 device tensor [1] = number of valid positions INCLUDING the current token (already written by
-the caller), >= 1. GQA: query head h reads kv head h // (H // KVH). Scale hd**-0.5, fp32 softmax,
+the caller), >= 1; or instead `pos` = length - 1, the decode state's position, which no kernel of the
+step writes before this one: the kernel reads it before waiting for the previous kernel, so that
+empty splits leave at once. GQA: query head h reads kv head h // (H // KVH). Scale hd**-0.5, fp32 softmax,
 result in q.dtype. int8 caches: pass k_scale / v_scale [KVH, max_ctx] fp32 (k = q * scale per
 head and position).
 
@@ -54,17 +57,25 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # torch references
 # ----------------------------------------------------------------------------------------------
+def _length_or_pos(length: torch.Tensor | None, pos: torch.Tensor | None) -> None:
+    if (length is None) == (pos is None):
+        raise ValueError("attention_decode takes the length or the position (length - 1), one of them")
+
+
 def attention_decode_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    length: torch.Tensor,
+    length: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     *,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    n = int(length.reshape(-1)[0])  # a host read: fine on CPU, the reason CUDA uses the kernel
+    _length_or_pos(length, pos)
+    # a host read: fine on CPU, the reason CUDA uses the kernel
+    n = int(length.reshape(-1)[0]) if length is not None else int(pos.reshape(-1)[0]) + 1
     kvh, _, hd = k_cache.shape
     h = q.shape[0]
     k = k_cache[:, :n].to(torch.float32)
@@ -336,7 +347,7 @@ def attention_decode_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    length: torch.Tensor,
+    length: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     *,
     k_scale: torch.Tensor | None = None,
@@ -347,10 +358,10 @@ def attention_decode_triton(
     num_stages: int = 2,
     pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton version of attention_decode_ref (num_splits / block_s for tests and tuning). pos: an
-    int32 device tensor [1] with length - 1 that no kernel of the step writes before this one (the
-    decode state's position): read before waiting for the previous kernel, so that empty splits
-    leave at once."""
+    """Triton version of attention_decode_ref (num_splits / block_s for tests and tuning)."""
+    _length_or_pos(length, pos)
+    if length is None:
+        length = pos  # the kernel reads pos (EARLY); len_ptr is not read
     kvh, max_ctx, hd = k_cache.shape
     h = q.shape[0]
     if q.dim() != 2 or q.shape[1] != hd or h % kvh:
@@ -424,19 +435,15 @@ def attention_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    length: torch.Tensor,
+    length: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     *,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """pos (optional): length - 1 as a device tensor that no kernel of the step writes before this
-    one (see attention_decode_triton); the reference reads ``length``."""
-    if use_triton(q):
-        return attention_decode_triton(q, k_cache, v_cache, length, out, k_scale=k_scale, v_scale=v_scale,
-                                       pos=pos)
-    return attention_decode_ref(q, k_cache, v_cache, length, out, k_scale=k_scale, v_scale=v_scale)
+    fn = attention_decode_triton if use_triton(q) else attention_decode_ref
+    return fn(q, k_cache, v_cache, length, out, k_scale=k_scale, v_scale=v_scale, pos=pos)
 
 
 def quantize_kv_int8(

@@ -765,9 +765,8 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     n_blocks = cdiv(nr, bn // 2 if ghalf else bn)  # output rows per program: BN, or BN/2 gate|up pairs
     iters = cdiv(ngr, gpi)
     if split_k is None:
-        split_k = _pick_split(n_blocks, iters, x.device)
-        if wide:
-            split_k = _wide_split(n_blocks, iters, num_sms(x.device), wide[2])
+        split_k = _wide_split(n_blocks, iters, num_sms(x.device), wide[2]) if wide else \
+            _pick_split(n_blocks, iters, x.device)
     split_k = max(1, min(int(split_k), iters))
     gps = cdiv(iters, split_k) * gpi  # groups per split: whole iterations
     split_k = cdiv(ngr, gps)  # no empty splits

@@ -213,9 +213,6 @@ def rmsnorm_add(
     return fn(x, residual, w, eps, out)
 
 
-RESIDUAL_MODES = ("add_rmsnorm", "rmsnorm_add", "add")
-
-
 def residual_norm(mode: str, y: torch.Tensor, residual: torch.Tensor, w: torch.Tensor | None = None, eps: float = 0.0,
                   residual_out: torch.Tensor | None = None, normed_out: torch.Tensor | None = None):
     """The op that takes a sublayer's output y into the residual stream, by mode: "add_rmsnorm" ->

@@ -62,7 +62,6 @@ class DecodeStep:
     """``step(token) -> logits [V]``: feeds one token at ``state.pos`` and advances the state."""
 
     fuse_attention_prep = True  # NoPE attention layers: kernels.attention_decode.attention_prep
-    early_attention_length = True  # attention_decode reads the position before its wait (_pos_early)
     # sampling graphs draw with kernels.sample (temperature, top-p by a radix search on the probabilities
     # instead of a sort, min-p, the race with Philox noise keyed by a device step counter; 3 launches, 7
     # with top-p) when there is no top-k; off: the torch ops of generate.sampling_probs and noise drawn by
@@ -73,7 +72,7 @@ class DecodeStep:
         self.model, self.state = model, state
         self.device = state.device
         self.token = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.length = torch.zeros(1, dtype=torch.int32, device=self.device)  # pos + 1, for attention
+        self.length = torch.zeros(1, dtype=torch.int32, device=self.device)  # pos + 1, attention_prep writes it
         cfg = model.config
         self.inv_freq = None
         if cfg.rope_theta is not None:
@@ -155,7 +154,7 @@ class DecodeStep:
             scales = dict(k_scale=st.k_scale[i], v_scale=st.v_scale[i]) if st.kv_int8 else {}
             q = attention_prep(qkv, L.q_norm.weight, L.k_norm.weight, L.q_norm.eps, L.k_norm.eps, st.k_cache[i],
                                st.v_cache[i], st.pos_t, self.length, **scales)
-            o = attention_decode(q, st.k_cache[i], st.v_cache[i], self.length, pos=self._pos_early(), **scales)
+            o = attention_decode(q, st.k_cache[i], st.v_cache[i], pos=st.pos_t, **scales)
             return self._attn_out(L, x, o)
         q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
         q = rmsnorm(q, L.q_norm.weight, L.q_norm.eps).view(H, 1, hd)
@@ -166,19 +165,14 @@ class DecodeStep:
         if st.kv_int8:
             quantize_kv_int8(k, out=(st.k_cache[i], st.k_scale[i]), pos=st.pos_t)
             quantize_kv_int8(v, out=(st.v_cache[i], st.v_scale[i]), pos=st.pos_t)
-            o = attention_decode(q.view(H, hd), st.k_cache[i], st.v_cache[i], st.pos_t + 1,
-                                 k_scale=st.k_scale[i], v_scale=st.v_scale[i], pos=self._pos_early())
+            o = attention_decode(q.view(H, hd), st.k_cache[i], st.v_cache[i], pos=st.pos_t,
+                                 k_scale=st.k_scale[i], v_scale=st.v_scale[i])
         else:
             pos = st.pos_t.long()
             st.k_cache[i].index_copy_(1, pos, k.to(st.k_cache.dtype))
             st.v_cache[i].index_copy_(1, pos, v.to(st.v_cache.dtype))
-            o = attention_decode(q.view(H, hd), st.k_cache[i], st.v_cache[i], st.pos_t + 1, pos=self._pos_early())
+            o = attention_decode(q.view(H, hd), st.k_cache[i], st.v_cache[i], pos=st.pos_t)
         return self._attn_out(L, x, o)
-
-    def _pos_early(self) -> torch.Tensor | None:
-        """The position for attention_decode to read before waiting for the previous kernel (only the
-        step's last op advances it), so that its empty splits leave at once."""
-        return self.state.pos_t if self.early_attention_length else None
 
     def _attn_out(self, L: AttentionLayer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """o projection, post-attention norm + residual, MLP, post-feedforward norm + residual."""

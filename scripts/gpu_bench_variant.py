@@ -12,9 +12,8 @@ a trailing "-unfused" runs NoPE attention layers
 through the separate q/k norm and cache-write ops instead of attention_prep; "-chunked" prefills GDN
 layers with the chunked torch delta rule instead of the one-launch Triton recurrence; "-narrow" launches
 q4 GEMVs with 16 rows per warp and ~6-7 programs per SM (the default before the wide-program rule);
-"-splitloop" adds split-K partials with the loop over splits instead of one 2-D load; "-latelen": attention
-decode reads the length after its wait (empty splits wait too); "-attnw8": attention decode with 8 warps
-also below 16K positions of cache.
+"-splitloop" adds split-K partials with the loop over splits instead of one 2-D load; "-attnw8": attention
+decode with 8 warps also below 16K positions of cache.
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ def main() -> int:
                                      ("-chunked", mdl.GDNLayer, "fused_prefill", False),
                                      ("-narrow", k4, "WIDE_PROGRAMS", False),
                                      ("-splitloop", k4, "SPLITK_TREE_MAX", 0),
-                                     ("-latelen", dec.DecodeStep, "early_attention_length", False),
                                      ("-attnw8", ka, "SHORT_CTX_WARPS", 8)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)

@@ -75,35 +75,27 @@ def test_attention_decode_triton(h, kvh, hd, max_ctx, length, num_splits, block_
     assert all(bool((b == 0).all()) for key, b in _triton._WORKSPACES.items() if key[0] == "attn_cnt")
 
 
-def test_attention_lengths_share_one_launch_config():
-    """One split count (as in a captured graph) serves every length, growing token by token."""
+@pytest.mark.parametrize("by", ["length", "pos"])
+def test_attention_lengths_share_one_launch_config(by):
+    """One split count (as in a captured graph) serves every length, growing token by token. The length
+    comes as such, or as pos = length - 1 (the decode state's position, which no earlier kernel of the
+    step writes: the kernel reads it before waiting for the previous kernel and empty splits leave at
+    once); the reference takes either, and one of the two must be given."""
     gen = torch.Generator().manual_seed(5)
-    h, kvh, hd, max_ctx = 2, 2, 8, 40
+    h, kvh, hd, max_ctx = 4, 2, 8, 40
     q = torch.randn(h, hd, generator=gen)
     k = torch.randn(kvh, max_ctx, hd, generator=gen)
     v = torch.randn(kvh, max_ctx, hd, generator=gen)
     n = torch.zeros(1, dtype=torch.int32)
     for length in (1, 2, 5, 8, 9, 23, 40):
-        n.fill_(length)
-        y = ka.attention_decode_triton(q, k, v, n, num_splits=4, block_s=8)
+        n.fill_(length if by == "length" else length - 1)
+        given = {by: n}
+        y = ka.attention_decode_triton(q, k, v, num_splits=4, block_s=8, **given)
         assert relerr(y, attention_loop(q, k, v, length)) < 1e-5
-
-
-def test_attention_length_from_the_position_read_before_the_wait():
-    """With pos (length - 1 that no earlier kernel of the step writes) the kernel takes the length from
-    it, before waiting for the previous kernel, and the empty splits leave at once: the same results
-    token by token; the stale ``length`` buffer is not read."""
-    gen = torch.Generator().manual_seed(6)
-    h, kvh, hd, max_ctx = 4, 2, 16, 60
-    q = torch.randn(h, hd, generator=gen)
-    k = torch.randn(kvh, max_ctx, hd, generator=gen)
-    v = torch.randn(kvh, max_ctx, hd, generator=gen)
-    stale = torch.full((1,), 7, dtype=torch.int32)
-    pos = torch.zeros(1, dtype=torch.int32)
-    for length in (1, 3, 8, 9, 33, 60):
-        pos.fill_(length - 1)
-        y = ka.attention_decode_triton(q, k, v, stale, num_splits=6, block_s=8, pos=pos)
-        assert relerr(y, attention_loop(q, k, v, length)) < 1e-5
+        assert relerr(ka.attention_decode_ref(q, k, v, **given), attention_loop(q, k, v, length)) < 1e-5
+    for bad in (dict(), dict(length=n + 1, pos=n)):
+        with pytest.raises(ValueError, match="one of them"):
+            ka.attention_decode(q, k, v, **bad)
     assert all(bool((b == 0).all()) for key, b in _triton._WORKSPACES.items() if key[0] == "attn_cnt")
 
 
