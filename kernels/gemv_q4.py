@@ -377,14 +377,58 @@ if HAS_TRITON:
         return tl.load(xb), tl.load(xb + 1), tl.load(xb + G // 4), tl.load(xb + G // 4 + 1)
 
     @triton.jit
+    def _l2_prefetch(ptrs, ASM: tl.constexpr):
+        """Ask L2 for the 128-byte lines at ptrs (prefetch.global.L2: no registers held, nothing waits;
+        a hint, so a line already cached or in flight costs one request). No-op in the interpreter."""
+        if ASM:
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+
+    @triton.jit
+    def _l2_weight_lines(qw_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g, HALF: tl.constexpr, HW: tl.constexpr,
+                         TR: tl.constexpr):
+        """The 128-byte lines of group g's words for a program's two tiles (rows tile_a .. tile_a + HALF - 1,
+        and the same from tile_a + OFFB) in the tiled layout: HALF lines, one per thread at 4 warps and
+        HALF = 128. A slab at or past its tile's row limit (lim_a, lim_b; multiples of TR) is clamped to
+        the last slab below it: a valid line, fetched once more."""
+        LPS: tl.constexpr = TR * HW * 4 // 128  # lines per slab and group (32 at G = 128)
+        LPT: tl.constexpr = HALF * HW * 4 // 128  # lines per tile and group
+        i = tl.arange(0, 2 * LPT)
+        tile_b = i >= LPT
+        li = i % LPT
+        row = tile_a + (li // LPS) * TR + tl.where(tile_b, OFFB, 0)
+        row = tl.minimum(row, tl.where(tile_b, lim_b, lim_a) - TR)
+        wo, _so = _row_offsets(row, NGR, HW, TR)
+        return qw_ptr + wo + g * (TR * HW) + (li % LPS) * (128 // 4)
+
+    @triton.jit
+    def _l2_scale_lines(sm_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g_begin, g_end, N: tl.constexpr,
+                        HALF: tl.constexpr, HW: tl.constexpr, TR: tl.constexpr):
+        """The lines of the scales (or mins) of groups g_begin .. g_end - 1 for both tiles (one line per
+        slab and group in the tiled layout), the first N of them; the rest of N repeats the last group."""
+        NSL: tl.constexpr = HALF // TR  # slabs per tile
+        i = tl.arange(0, N)
+        slab = i % (2 * NSL)
+        tile_b = slab >= NSL
+        row = tile_a + (slab % NSL) * TR + tl.where(tile_b, OFFB, 0)
+        row = tl.minimum(row, tl.where(tile_b, lim_b, lim_a) - TR)
+        _wo, so = _row_offsets(row, NGR, HW, TR)
+        g = tl.minimum(g_begin + i // (2 * NSL), g_end - 1)
+        return sm_ptr + so + g * TR
+
+    @triton.jit
     def _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                      G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
                      ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TR: tl.constexpr,
-                     STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr, SPLITP: tl.constexpr):
+                     STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr, SPLITP: tl.constexpr,
+                     L2PF: tl.constexpr = 0):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
-        rows of both tiles (tiles U, V)."""
+        rows of both tiles (tiles U, V).
+        L2PF > 0 (tiled layout, two tiles, HALF a multiple of TR): the split's scales and mins and its
+        groups 1 .. L2PF of words are requested into L2 before the wait, and group g + L2PF + 1 at
+        group g, so that more bytes are in flight than the registers of the hand prefetch hold."""
         HW: tl.constexpr = G // 8
         HALF: tl.constexpr = BN // 2
         pid_k = tl.program_id(0)
@@ -424,6 +468,15 @@ if HAS_TRITON:
                                                            NGR, g_begin + 1, HW, TR)
         else:
             p_wa, p_wb, p_sa, p_ma, p_sb, p_mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
+        if L2PF > 0:
+            tile_a = pid_n * HALF if (GATED and GHALF) else pid_n * BN
+            _l2_prefetch(_l2_scale_lines(s_ptr, tile_a, OFFB, NR, NR + LB, NGR, g_begin, g_end, HALF, HALF, HW, TR),
+                         ASM)
+            _l2_prefetch(_l2_scale_lines(m_ptr, tile_a, OFFB, NR, NR + LB, NGR, g_begin, g_end, HALF, HALF, HW, TR),
+                         ASM)
+            for j in tl.static_range(1, L2PF + 1):  # group g_begin is already loaded above
+                _l2_prefetch(_l2_weight_lines(qw_ptr, tile_a, OFFB, NR, NR + LB, NGR,
+                                              tl.minimum(g_begin + j, g_end - 1), HALF, HW, TR), ASM)
         # weights and scales are written by no kernel: loaded before waiting for the previous kernel
         # (programmatic dependent launch), x and the workspaces after
         pdl_wait(USE_PDL)
@@ -432,6 +485,10 @@ if HAS_TRITON:
         # STAGES > 1 (with PREFETCH off): Triton's software pipeliner copies the weights and x of the
         # next STAGES - 1 groups into shared memory (cp.async) while this group is computed
         for g in tl.range(g_begin, g_end, num_stages=STAGES):
+            if L2PF > 0:
+                if g + L2PF + 1 < g_end:
+                    _l2_prefetch(_l2_weight_lines(qw_ptr, tile_a, OFFB, NR, NR + LB, NGR, g + L2PF + 1, HALF, HW, TR),
+                                 ASM)
             if PREFETCH:
                 wa, wb, sa, ma, sb, mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
                 ua_w, ub_w, usa, uma, usb, umb = n_ua, n_ub, n_usa, n_uma, n_usb, n_umb
@@ -572,11 +629,12 @@ if HAS_TRITON:
         GPI: tl.constexpr, MMA: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
         TR: tl.constexpr, STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr,
         SPLITP: tl.constexpr = 0,  # > 0: split-K partials added by one [SPLITP, BN] load (see splitk_finish)
+        L2PF: tl.constexpr = 0,  # > 0: L2 prefetch that many groups ahead (tensor-core path, see _q4_mma_body)
     ):
         pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
-                         G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP)
+                         G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP, L2PF)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -677,6 +735,8 @@ WIDE_PROGRAMS = True  # tensor-core path: wide programs, split-K by a programs-p
 WIDE_ROWS_PER_WARP = 64  # with WIDE_PROGRAMS: four m16 tiles per warp, 256 rows (or 128 gate|up pairs)
 WIDE_PER_SM = 2.0  # with WIDE_PROGRAMS: programs per SM that split-K aims at (gated: WIDE_PER_SM_GATED)
 WIDE_PER_SM_GATED = 2.0
+# tensor-core path, tiled layout: groups of words requested into L2 ahead of the loop (0: off), see _q4_mma_body
+L2_PREFETCH_GROUPS = 0
 # split-K partials of up to this many splits are added by one 2-D load and a reduction tree instead of
 # a loop of loads (kernels._triton.splitk_finish)
 SPLITK_TREE_MAX = 64
@@ -779,6 +839,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     pf = DEFAULT_PREFETCH if prefetch is None else bool(prefetch)
     depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else int(prefetch_depth)
     pf2 = bool(use_mma and pf and depth == 2 and (ghalf or not gated))
+    l2pf = L2_PREFETCH_GROUPS if (use_mma and tiled and (ghalf or not gated) and (bn // 2) % TILE_ROWS == 0) else 0
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
@@ -786,7 +847,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi, MMA=use_mma,
         PREFETCH=pf, USE_PDL=pdl,
         TR=TILE_ROWS if tiled else 0, STAGES=1 if pf else (stages or DEFAULT_STAGES), GHALF=ghalf, PF2=pf2,
-        SPLITP=next_pow2(split_k) if 1 < split_k <= SPLITK_TREE_MAX else 0,
+        SPLITP=next_pow2(split_k) if 1 < split_k <= SPLITK_TREE_MAX else 0, L2PF=l2pf,
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     return out

@@ -447,3 +447,71 @@ def test_q4_default_launch_at_7b_shapes_on_cuda(name, n, k, gated, rules, monkey
         got = kern(x, packed, scales, mins, 128, tiled=True)
         assert relerr(got.float(), ref) < 1e-2, name
     assert counters_are_zero()
+
+
+if _triton.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _l2_lines_probe(qw_ptr, s_ptr, wout_ptr, sout_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g, g_begin, g_end,
+                        HALF: tl.constexpr, HW: tl.constexpr, TR: tl.constexpr):
+        """Reads through the prefetch helpers' pointers from buffers that hold their own indices, so the
+        values read are the offsets the prefetches would ask for."""
+        i = tl.arange(0, HALF)
+        tl.store(wout_ptr + i, tl.load(k4._l2_weight_lines(qw_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g, HALF, HW, TR)))
+        tl.store(sout_ptr + i, tl.load(k4._l2_scale_lines(s_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g_begin, g_end, HALF,
+                                                          HALF, HW, TR)))
+
+
+@pytest.mark.parametrize("gated,nr,pid_n", [(False, 512, 1), (False, 320, 1), (True, 256, 1), (True, 320, 2)])
+def test_q4_l2_prefetch_lines_cover_the_programs_groups(gated, nr, pid_n):
+    """The L2 prefetch of the tensor-core path asks for exactly the 128-byte lines that a program's
+    loads of group g touch (tiled layout, both tiles; a tile past the last row is clamped onto rows
+    that exist), and for the lines of its split's scales."""
+    g_, tr, half, ngr = 128, k4.TILE_ROWS, 128, 6
+    hw = g_ // 8
+    words = torch.arange(nr * (2 if gated else 1) * ngr * hw, dtype=torch.int32)
+    svals = torch.arange(nr * (2 if gated else 1) * ngr, dtype=torch.int16)
+    tile_a = pid_n * (half if gated else 2 * half)
+    offb, lim_b = (nr, 2 * nr) if gated else (half, nr)
+    g, g_begin, g_end = 3, 2, 5
+    wout = torch.empty(half, dtype=torch.int32)
+    sout = torch.empty(half, dtype=torch.int16)
+    _l2_lines_probe[(1,)](words, svals, wout, sout, tile_a, offb, nr, lim_b, ngr, g, g_begin, g_end, HALF=half, HW=hw,
+                          TR=tr,
+                          num_warps=4)
+    # what the loads of group g read: rows of tile A and tile B that exist, 16 words each
+    rows = [r for r in range(tile_a, tile_a + half) if r < nr]
+    rows += [r + offb for r in range(tile_a, tile_a + half) if r + offb < lim_b]
+    want_w, want_s = set(), set()
+    for r in rows:
+        base = (r // tr) * (tr * ngr * hw) + (r % tr) * hw + g * tr * hw
+        want_w |= {w // 32 for w in range(base, base + hw)}
+        for gg in range(g_begin, g_end):
+            want_s.add(((r // tr) * (tr * ngr) + r % tr + gg * tr) // 64)
+    got_w = wout.tolist()
+    assert all(w % 32 == 0 for w in got_w)  # line starts
+    assert {w // 32 for w in got_w} == want_w
+    got_s = sout.tolist()
+    assert all(s % 64 == 0 for s in got_s)
+    assert {s // 64 for s in got_s} == want_s
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_q4_l2_prefetch_keeps_the_result(gated, monkeypatch):
+    """With the L2 prefetch on (a hint: no-op in the interpreter, its addresses still computed) the
+    tiled tensor-core path gives the same result, bitwise, as with it off."""
+    gen = torch.Generator().manual_seed(17)
+    n, k = (512, 1280) if gated else (512, 1280)
+    _, packed, scales, mins = random_q4(n, k, 128, gen)
+    qt, st, mt = k4.q4_tile(packed, scales, mins, 128)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    kern = k4.q4_gemv_silu_mul_triton if gated else k4.q4_gemv_triton
+    got = []
+    for groups in (0, 3):
+        monkeypatch.setattr(k4, "L2_PREFETCH_GROUPS", groups)
+        got.append(kern(x, qt, st, mt, 128, tiled=True, split_k=2))
+    assert torch.equal(got[0], got[1])
+    ref = (k4.q4_gemv_silu_mul_ref if gated else k4.q4_gemv_ref)(x, packed, scales, mins, 128)
+    assert relerr(got[1], ref) < tol(torch.bfloat16)
