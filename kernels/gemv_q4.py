@@ -377,44 +377,44 @@ if HAS_TRITON:
         return tl.load(xb), tl.load(xb + 1), tl.load(xb + G // 4), tl.load(xb + G // 4 + 1)
 
     @triton.jit
-    def _l2_prefetch(ptrs, ASM: tl.constexpr):
-        """Ask L2 for the 128-byte lines at ptrs (prefetch.global.L2: no registers held, nothing waits;
-        a hint, so a line already cached or in flight costs one request). No-op in the interpreter."""
+    def _l2_bulk(ptrs, nbytes, on, ASM: tl.constexpr):
+        """cp.async.bulk.prefetch.L2 of nbytes (a multiple of 16) at ptrs where `on` (the copy engine
+        fetches the run into L2: one instruction per run, no registers held, nothing waits on it).
+        No-op in the interpreter."""
         if ASM:
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                      is_pure=False, pack=1)
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
+                "=r,l,r,r", [ptrs, on.to(tl.int32), nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _l2_weight_lines(qw_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g, HALF: tl.constexpr, HW: tl.constexpr,
-                         TR: tl.constexpr):
-        """The 128-byte lines of group g's words for a program's two tiles (rows tile_a .. tile_a + HALF - 1,
-        and the same from tile_a + OFFB) in the tiled layout: HALF lines, one per thread at 4 warps and
-        HALF = 128. A slab at or past its tile's row limit (lim_a, lim_b; multiples of TR) is clamped to
-        the last slab below it: a valid line, fetched once more."""
-        LPS: tl.constexpr = TR * HW * 4 // 128  # lines per slab and group (32 at G = 128)
-        LPT: tl.constexpr = HALF * HW * 4 // 128  # lines per tile and group
-        i = tl.arange(0, 2 * LPT)
-        tile_b = i >= LPT
-        li = i % LPT
-        row = tile_a + (li // LPS) * TR + tl.where(tile_b, OFFB, 0)
-        row = tl.minimum(row, tl.where(tile_b, lim_b, lim_a) - TR)
-        wo, _so = _row_offsets(row, NGR, HW, TR)
-        return qw_ptr + wo + g * (TR * HW) + (li % LPS) * (128 // 4)
-
-    @triton.jit
-    def _l2_scale_lines(sm_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g_begin, g_end, N: tl.constexpr,
-                        HALF: tl.constexpr, HW: tl.constexpr, TR: tl.constexpr):
-        """The lines of the scales (or mins) of groups g_begin .. g_end - 1 for both tiles (one line per
-        slab and group in the tiled layout), the first N of them; the rest of N repeats the last group."""
-        NSL: tl.constexpr = HALF // TR  # slabs per tile
-        i = tl.arange(0, N)
-        slab = i % (2 * NSL)
+    def _l2_runs(qw_ptr, s_ptr, m_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g0, g1, HALF: tl.constexpr,
+                 HW: tl.constexpr, TR: tl.constexpr):
+        """The runs of groups g0 .. g1 - 1 that a program reads in the tiled layout, as (pointer, bytes,
+        enabled) over HALF elements: element j < NS (NS = the program's 2 * HALF / TR slabs) is slab j's
+        words, NS + j its scales, 2 NS + j its mins (each slab stores a group run contiguously); slabs at
+        or past a tile's row limit and the remaining elements are disabled."""
+        NSL: tl.constexpr = HALF // TR
+        NS: tl.constexpr = 2 * NSL
+        i = tl.arange(0, HALF)
+        slab = i % NS
+        kind = i // NS  # 0 words, 1 scales, 2 mins, more: unused
         tile_b = slab >= NSL
         row = tile_a + (slab % NSL) * TR + tl.where(tile_b, OFFB, 0)
-        row = tl.minimum(row, tl.where(tile_b, lim_b, lim_a) - TR)
-        _wo, so = _row_offsets(row, NGR, HW, TR)
-        g = tl.minimum(g_begin + i // (2 * NSL), g_end - 1)
-        return sm_ptr + so + g * TR
+        on = (kind < 3) & (row < tl.where(tile_b, lim_b, lim_a)) & (g0 < g1)
+        row = tl.where(on, row, 0)
+        wo, so = _row_offsets(row, NGR, HW, TR)
+        ng = tl.maximum(g1 - g0, 0)
+        wptr = qw_ptr + wo + g0 * (TR * HW)
+        sptr = tl.where(kind == 1, s_ptr, m_ptr) + so + g0 * TR
+        return wptr, sptr, tl.where(kind == 0, ng * (TR * HW * 4), ng * (TR * 2)), kind == 0, on
+
+    @triton.jit
+    def _l2_prefetch_groups(qw_ptr, s_ptr, m_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g0, g1, HALF: tl.constexpr,
+                            HW: tl.constexpr, TR: tl.constexpr, ASM: tl.constexpr):
+        wptr, sptr, nbytes, is_w, on = _l2_runs(qw_ptr, s_ptr, m_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g0, g1,
+                                                HALF, HW, TR)
+        _l2_bulk(wptr, nbytes, on & is_w, ASM)
+        _l2_bulk(sptr, nbytes, on & (is_w == 0), ASM)
 
     @triton.jit
     def _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
@@ -426,9 +426,9 @@ if HAS_TRITON:
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
         rows of both tiles (tiles U, V).
-        L2PF > 0 (tiled layout, two tiles, HALF a multiple of TR): the split's scales and mins and its
-        groups 1 .. L2PF of words are requested into L2 before the wait, and group g + L2PF + 1 at
-        group g, so that more bytes are in flight than the registers of the hand prefetch hold."""
+        L2PF > 0 (tiled layout, two tiles, HALF a multiple of TR): groups 1 .. L2PF of the split (words,
+        scales, mins) are bulk-prefetched into L2 before the wait, and group g + L2PF + 1 at group g, so
+        that more bytes are in flight than the registers of the hand prefetch hold."""
         HW: tl.constexpr = G // 8
         HALF: tl.constexpr = BN // 2
         pid_k = tl.program_id(0)
@@ -470,13 +470,9 @@ if HAS_TRITON:
             p_wa, p_wb, p_sa, p_ma, p_sb, p_mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
         if L2PF > 0:
             tile_a = pid_n * HALF if (GATED and GHALF) else pid_n * BN
-            _l2_prefetch(_l2_scale_lines(s_ptr, tile_a, OFFB, NR, NR + LB, NGR, g_begin, g_end, HALF, HALF, HW, TR),
-                         ASM)
-            _l2_prefetch(_l2_scale_lines(m_ptr, tile_a, OFFB, NR, NR + LB, NGR, g_begin, g_end, HALF, HALF, HW, TR),
-                         ASM)
-            for j in tl.static_range(1, L2PF + 1):  # group g_begin is already loaded above
-                _l2_prefetch(_l2_weight_lines(qw_ptr, tile_a, OFFB, NR, NR + LB, NGR,
-                                              tl.minimum(g_begin + j, g_end - 1), HALF, HW, TR), ASM)
+            # group g_begin is in flight already; its scales and mins, and groups g_begin + 1 .. + L2PF
+            _l2_prefetch_groups(qw_ptr, s_ptr, m_ptr, tile_a, OFFB, NR, NR + LB, NGR, g_begin + 1,
+                                tl.minimum(g_begin + 1 + L2PF, g_end), HALF, HW, TR, ASM)
         # weights and scales are written by no kernel: loaded before waiting for the previous kernel
         # (programmatic dependent launch), x and the workspaces after
         pdl_wait(USE_PDL)
@@ -487,8 +483,8 @@ if HAS_TRITON:
         for g in tl.range(g_begin, g_end, num_stages=STAGES):
             if L2PF > 0:
                 if g + L2PF + 1 < g_end:
-                    _l2_prefetch(_l2_weight_lines(qw_ptr, tile_a, OFFB, NR, NR + LB, NGR, g + L2PF + 1, HALF, HW, TR),
-                                 ASM)
+                    _l2_prefetch_groups(qw_ptr, s_ptr, m_ptr, tile_a, OFFB, NR, NR + LB, NGR, g + L2PF + 1,
+                                        g + L2PF + 2, HALF, HW, TR, ASM)
             if PREFETCH:
                 wa, wb, sa, ma, sb, mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
                 ua_w, ub_w, usa, uma, usb, umb = n_ua, n_ub, n_usa, n_uma, n_usb, n_umb

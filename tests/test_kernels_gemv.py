@@ -454,48 +454,58 @@ if _triton.HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _l2_lines_probe(qw_ptr, s_ptr, wout_ptr, sout_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g, g_begin, g_end,
-                        HALF: tl.constexpr, HW: tl.constexpr, TR: tl.constexpr):
-        """Reads through the prefetch helpers' pointers from buffers that hold their own indices, so the
-        values read are the offsets the prefetches would ask for."""
+    def _l2_runs_probe(qw_ptr, s_ptr, m_ptr, out_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g0, g1,
+                       HALF: tl.constexpr, HW: tl.constexpr, TR: tl.constexpr):
+        """Reads through the prefetch runs' pointers from buffers that hold their own indices (the mins'
+        shifted by 10**6), so the values read are where each run starts; stores (word start, scale or
+        min start, bytes, is words, enabled) per element."""
         i = tl.arange(0, HALF)
-        tl.store(wout_ptr + i, tl.load(k4._l2_weight_lines(qw_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g, HALF, HW, TR)))
-        tl.store(sout_ptr + i, tl.load(k4._l2_scale_lines(s_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g_begin, g_end, HALF,
-                                                          HALF, HW, TR)))
+        wptr, sptr, nbytes, is_w, on = k4._l2_runs(qw_ptr, s_ptr, m_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g0, g1,
+                                                   HALF, HW, TR)
+        tl.store(out_ptr + i, tl.load(wptr))
+        tl.store(out_ptr + HALF + i, tl.load(sptr))
+        tl.store(out_ptr + 2 * HALF + i, nbytes)
+        tl.store(out_ptr + 3 * HALF + i, is_w.to(tl.int32))
+        tl.store(out_ptr + 4 * HALF + i, on.to(tl.int32))
 
 
-@pytest.mark.parametrize("gated,nr,pid_n", [(False, 512, 1), (False, 320, 1), (True, 256, 1), (True, 320, 2)])
-def test_q4_l2_prefetch_lines_cover_the_programs_groups(gated, nr, pid_n):
-    """The L2 prefetch of the tensor-core path asks for exactly the 128-byte lines that a program's
-    loads of group g touch (tiled layout, both tiles; a tile past the last row is clamped onto rows
-    that exist), and for the lines of its split's scales."""
-    g_, tr, half, ngr = 128, k4.TILE_ROWS, 128, 6
-    hw = g_ // 8
-    words = torch.arange(nr * (2 if gated else 1) * ngr * hw, dtype=torch.int32)
-    svals = torch.arange(nr * (2 if gated else 1) * ngr, dtype=torch.int16)
+@pytest.mark.parametrize("gated,nr,pid_n,g0,g1", [(False, 512, 1, 3, 5), (False, 320, 1, 1, 6), (True, 256, 1, 2, 3),
+                                                  (True, 320, 2, 0, 4), (False, 512, 0, 4, 4)])
+def test_q4_l2_prefetch_runs_cover_the_programs_groups(gated, nr, pid_n, g0, g1):
+    """The bulk L2 prefetch of the tensor-core path asks for exactly the words, scales and mins that a
+    program's loads of groups g0 .. g1 - 1 read (tiled layout, both tiles; slabs past the last row and
+    an empty range ask for nothing)."""
+    tr, half, ngr, hw = k4.TILE_ROWS, 128, 6, 16
+    rows_total = nr * (2 if gated else 1)
+    words = torch.arange(rows_total * ngr * hw, dtype=torch.int32)
+    sidx = torch.arange(rows_total * ngr, dtype=torch.int32)
+    midx = sidx + 10**6
     tile_a = pid_n * (half if gated else 2 * half)
     offb, lim_b = (nr, 2 * nr) if gated else (half, nr)
-    g, g_begin, g_end = 3, 2, 5
-    wout = torch.empty(half, dtype=torch.int32)
-    sout = torch.empty(half, dtype=torch.int16)
-    _l2_lines_probe[(1,)](words, svals, wout, sout, tile_a, offb, nr, lim_b, ngr, g, g_begin, g_end, HALF=half, HW=hw,
-                          TR=tr,
-                          num_warps=4)
-    # what the loads of group g read: rows of tile A and tile B that exist, 16 words each
+    out = torch.empty(5 * half, dtype=torch.int32)
+    _l2_runs_probe[(1,)](words, sidx, midx, out, tile_a, offb, nr, lim_b, ngr, g0, g1, HALF=half, HW=hw, TR=tr,
+                         num_warps=4)
+    w0, s0, nbytes, is_w, on = (out[j * half:(j + 1) * half].tolist() for j in range(5))
+    got_w, got_s, got_m = set(), set(), set()
+    for j in range(half):
+        if not on[j]:
+            continue
+        if is_w[j]:
+            got_w |= set(range(w0[j], w0[j] + nbytes[j] // 4))
+        elif s0[j] >= 10**6:
+            got_m |= set(range(s0[j] - 10**6, s0[j] - 10**6 + nbytes[j] // 2))
+        else:
+            got_s |= set(range(s0[j], s0[j] + nbytes[j] // 2))
     rows = [r for r in range(tile_a, tile_a + half) if r < nr]
     rows += [r + offb for r in range(tile_a, tile_a + half) if r + offb < lim_b]
     want_w, want_s = set(), set()
     for r in rows:
-        base = (r // tr) * (tr * ngr * hw) + (r % tr) * hw + g * tr * hw
-        want_w |= {w // 32 for w in range(base, base + hw)}
-        for gg in range(g_begin, g_end):
-            want_s.add(((r // tr) * (tr * ngr) + r % tr + gg * tr) // 64)
-    got_w = wout.tolist()
-    assert all(w % 32 == 0 for w in got_w)  # line starts
-    assert {w // 32 for w in got_w} == want_w
-    got_s = sout.tolist()
-    assert all(s % 64 == 0 for s in got_s)
-    assert {s // 64 for s in got_s} == want_s
+        for g in range(g0, g1):
+            base = (r // tr) * (tr * ngr * hw) + (r % tr) * hw + g * tr * hw
+            want_w |= set(range(base, base + hw))
+            want_s.add((r // tr) * (tr * ngr) + r % tr + g * tr)
+    assert got_w == want_w
+    assert got_s == want_s and got_m == want_s
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -509,9 +519,9 @@ def test_q4_l2_prefetch_keeps_the_result(gated, monkeypatch):
     x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
     kern = k4.q4_gemv_silu_mul_triton if gated else k4.q4_gemv_triton
     got = []
-    for groups in (0, 3):
+    for groups in (0, 1, 3):
         monkeypatch.setattr(k4, "L2_PREFETCH_GROUPS", groups)
         got.append(kern(x, qt, st, mt, 128, tiled=True, split_k=2))
-    assert torch.equal(got[0], got[1])
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
     ref = (k4.q4_gemv_silu_mul_ref if gated else k4.q4_gemv_ref)(x, packed, scales, mins, 128)
     assert relerr(got[1], ref) < tol(torch.bfloat16)
