@@ -377,58 +377,14 @@ if HAS_TRITON:
         return tl.load(xb), tl.load(xb + 1), tl.load(xb + G // 4), tl.load(xb + G // 4 + 1)
 
     @triton.jit
-    def _l2_bulk(ptrs, nbytes, on, ASM: tl.constexpr):
-        """cp.async.bulk.prefetch.L2 of nbytes (a multiple of 16) at ptrs where `on` (the copy engine
-        fetches the run into L2: one instruction per run, no registers held, nothing waits on it).
-        No-op in the interpreter."""
-        if ASM:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
-                "=r,l,r,r", [ptrs, on.to(tl.int32), nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _l2_runs(qw_ptr, s_ptr, m_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g0, g1, HALF: tl.constexpr,
-                 HW: tl.constexpr, TR: tl.constexpr):
-        """The runs of groups g0 .. g1 - 1 that a program reads in the tiled layout, as (pointer, bytes,
-        enabled) over HALF elements: element j < NS (NS = the program's 2 * HALF / TR slabs) is slab j's
-        words, NS + j its scales, 2 NS + j its mins (each slab stores a group run contiguously); slabs at
-        or past a tile's row limit and the remaining elements are disabled."""
-        NSL: tl.constexpr = HALF // TR
-        NS: tl.constexpr = 2 * NSL
-        i = tl.arange(0, HALF)
-        slab = i % NS
-        kind = i // NS  # 0 words, 1 scales, 2 mins, more: unused
-        tile_b = slab >= NSL
-        row = tile_a + (slab % NSL) * TR + tl.where(tile_b, OFFB, 0)
-        on = (kind < 3) & (row < tl.where(tile_b, lim_b, lim_a)) & (g0 < g1)
-        row = tl.where(on, row, 0)
-        wo, so = _row_offsets(row, NGR, HW, TR)
-        ng = tl.maximum(g1 - g0, 0)
-        wptr = qw_ptr + wo + g0 * (TR * HW)
-        sptr = tl.where(kind == 1, s_ptr, m_ptr) + so + g0 * TR
-        return wptr, sptr, tl.where(kind == 0, ng * (TR * HW * 4), ng * (TR * 2)), kind == 0, on
-
-    @triton.jit
-    def _l2_prefetch_groups(qw_ptr, s_ptr, m_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g0, g1, HALF: tl.constexpr,
-                            HW: tl.constexpr, TR: tl.constexpr, ASM: tl.constexpr):
-        wptr, sptr, nbytes, is_w, on = _l2_runs(qw_ptr, s_ptr, m_ptr, tile_a, OFFB, lim_a, lim_b, NGR, g0, g1,
-                                                HALF, HW, TR)
-        _l2_bulk(wptr, nbytes, on & is_w, ASM)
-        _l2_bulk(sptr, nbytes, on & (is_w == 0), ASM)
-
-    @triton.jit
     def _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                      G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
                      ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TR: tl.constexpr,
-                     STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr, SPLITP: tl.constexpr,
-                     L2PF: tl.constexpr = 0):
+                     STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr, SPLITP: tl.constexpr):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
-        rows of both tiles (tiles U, V).
-        L2PF > 0 (tiled layout, two tiles, HALF a multiple of TR): groups 1 .. L2PF of the split (words,
-        scales, mins) are bulk-prefetched into L2 before the wait, and group g + L2PF + 1 at group g, so
-        that more bytes are in flight than the registers of the hand prefetch hold."""
+        rows of both tiles (tiles U, V)."""
         HW: tl.constexpr = G // 8
         HALF: tl.constexpr = BN // 2
         pid_k = tl.program_id(0)
@@ -468,11 +424,6 @@ if HAS_TRITON:
                                                            NGR, g_begin + 1, HW, TR)
         else:
             p_wa, p_wb, p_sa, p_ma, p_sb, p_mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
-        if L2PF > 0:
-            tile_a = pid_n * HALF if (GATED and GHALF) else pid_n * BN
-            # group g_begin is in flight already; its scales and mins, and groups g_begin + 1 .. + L2PF
-            _l2_prefetch_groups(qw_ptr, s_ptr, m_ptr, tile_a, OFFB, NR, NR + LB, NGR, g_begin + 1,
-                                tl.minimum(g_begin + 1 + L2PF, g_end), HALF, HW, TR, ASM)
         # weights and scales are written by no kernel: loaded before waiting for the previous kernel
         # (programmatic dependent launch), x and the workspaces after
         pdl_wait(USE_PDL)
@@ -481,10 +432,6 @@ if HAS_TRITON:
         # STAGES > 1 (with PREFETCH off): Triton's software pipeliner copies the weights and x of the
         # next STAGES - 1 groups into shared memory (cp.async) while this group is computed
         for g in tl.range(g_begin, g_end, num_stages=STAGES):
-            if L2PF > 0:
-                if g + L2PF + 1 < g_end:
-                    _l2_prefetch_groups(qw_ptr, s_ptr, m_ptr, tile_a, OFFB, NR, NR + LB, NGR, g + L2PF + 1,
-                                        g + L2PF + 2, HALF, HW, TR, ASM)
             if PREFETCH:
                 wa, wb, sa, ma, sb, mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
                 ua_w, ub_w, usa, uma, usb, umb = n_ua, n_ub, n_usa, n_uma, n_usb, n_umb
@@ -625,12 +572,11 @@ if HAS_TRITON:
         GPI: tl.constexpr, MMA: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
         TR: tl.constexpr, STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr,
         SPLITP: tl.constexpr = 0,  # > 0: split-K partials added by one [SPLITP, BN] load (see splitk_finish)
-        L2PF: tl.constexpr = 0,  # > 0: L2 prefetch that many groups ahead (tensor-core path, see _q4_mma_body)
     ):
         pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
-                         G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP, L2PF)
+                         G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -731,8 +677,6 @@ WIDE_PROGRAMS = True  # tensor-core path: wide programs, split-K by a programs-p
 WIDE_ROWS_PER_WARP = 64  # with WIDE_PROGRAMS: four m16 tiles per warp, 256 rows (or 128 gate|up pairs)
 WIDE_PER_SM = 2.0  # with WIDE_PROGRAMS: programs per SM that split-K aims at (gated: WIDE_PER_SM_GATED)
 WIDE_PER_SM_GATED = 2.0
-# tensor-core path, tiled layout: groups of words requested into L2 ahead of the loop (0: off), see _q4_mma_body
-L2_PREFETCH_GROUPS = 0
 # split-K partials of up to this many splits are added by one 2-D load and a reduction tree instead of
 # a loop of loads (kernels._triton.splitk_finish)
 SPLITK_TREE_MAX = 64
@@ -835,7 +779,6 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     pf = DEFAULT_PREFETCH if prefetch is None else bool(prefetch)
     depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else int(prefetch_depth)
     pf2 = bool(use_mma and pf and depth == 2 and (ghalf or not gated))
-    l2pf = L2_PREFETCH_GROUPS if (use_mma and tiled and (ghalf or not gated) and (bn // 2) % TILE_ROWS == 0) else 0
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
@@ -843,7 +786,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi, MMA=use_mma,
         PREFETCH=pf, USE_PDL=pdl,
         TR=TILE_ROWS if tiled else 0, STAGES=1 if pf else (stages or DEFAULT_STAGES), GHALF=ghalf, PF2=pf2,
-        SPLITP=next_pow2(split_k) if 1 < split_k <= SPLITK_TREE_MAX else 0, L2PF=l2pf,
+        SPLITP=next_pow2(split_k) if 1 < split_k <= SPLITK_TREE_MAX else 0,
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
     )
     return out

@@ -13,8 +13,7 @@ through the separate q/k norm and cache-write ops instead of attention_prep; "-c
 layers with the chunked torch delta rule instead of the one-launch Triton recurrence; "-narrow" launches
 q4 GEMVs with 16 rows per warp and ~6-7 programs per SM (the default before the wide-program rule);
 "-splitloop" adds split-K partials with the loop over splits instead of one 2-D load; "-attnw8": attention
-decode with 8 warps also below 16K positions of cache; "-l2pfN": gemv_q4.L2_PREFETCH_GROUPS = N (the
-tensor-core path asks L2 for the next N groups of its weights, before the PDL wait and in the loop).
+decode with 8 warps also below 16K positions of cache.
 """
 
 from __future__ import annotations
@@ -45,10 +44,6 @@ def main() -> int:
         if variant.endswith(suffix):
             setattr(cls, attr, value)
             variant = variant[: -len(suffix)]
-    m2 = re.search(r"-l2pf(\d+)$", variant)
-    if m2:
-        k4.L2_PREFETCH_GROUPS = int(m2.group(1))
-        variant = variant[: m2.start()]
     m = re.fullmatch(r"(std|tiled|default)(?:st(\d))?(pf2)?(quad)?(?:wide([\d.]+)(?:g([\d.]+))?)?(?:r(\d+))?", variant)
     if not m:
         print(f"unknown variant {variant!r}", file=sys.stderr)
