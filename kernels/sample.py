@@ -38,7 +38,7 @@ import torch
 
 from ._triton import HAS_TRITON, cdiv, next_pow2, pdl_kwargs, tl, triton, use_pdl, workspace
 
-__all__ = ["sample_fits", "sample_ref", "sample_triton"]
+__all__ = ["greedy_fits", "greedy_triton", "sample_fits", "sample_ref", "sample_triton"]
 
 BLOCK = 1024  # logits per program
 FIXED = float(2 ** 40)  # fixed-point scale of the top-p histograms
@@ -157,6 +157,55 @@ if HAS_TRITON:
         tl.store(id_ptr, best.to(tl.int64))
         tl.store(tok_ptr, best.to(tl.int64))
         tl.store(rng_ptr + 1, tl.load(rng_ptr + 1) + 1)
+
+
+    @triton.jit
+    def _greedy_kernel(lg_ptr, bs_ptr, bi_ptr, cnt_ptr, id_ptr, tok_ptr, N, NB, BS: tl.constexpr, NBP: tl.constexpr,
+                       USE_PDL: tl.constexpr):
+        """Every program: the max of its block of logits and its first index; the last program to arrive
+        (self-resetting counter) takes the first block holding the overall max, so the id is the first
+        index of the max, as torch.argmax."""
+        pdl_launch_dependents(USE_PDL)
+        pdl_wait(USE_PDL)
+        pid = tl.program_id(0)
+        i = pid * BS + tl.arange(0, BS)
+        x = tl.load(lg_ptr + i, mask=i < N, other=float("-inf")).to(tl.float32)
+        tl.store(bs_ptr + pid, tl.max(x, 0))
+        tl.store(bi_ptr + pid, pid * BS + tl.argmax(x, 0))
+        tl.debug_barrier()
+        if tl.atomic_add(cnt_ptr, 1) == NB - 1:  # acq_rel: every block's partial is visible
+            b = tl.arange(0, NBP)
+            s = tl.load(bs_ptr + b, mask=b < NB, other=float("-inf"), cache_modifier=".cg")
+            bi = tl.load(bi_ptr + b, mask=b < NB, other=0, cache_modifier=".cg")
+            best = tl.sum(tl.where(b == tl.argmax(s, 0), bi, 0), 0)
+            tl.store(id_ptr, best.to(tl.int64))
+            tl.store(tok_ptr, best.to(tl.int64))
+            tl.atomic_xchg(cnt_ptr, 0)
+
+
+GREEDY_BLOCK = 4096  # logits per program of greedy_triton
+
+
+def greedy_fits(logits: torch.Tensor) -> bool:
+    """Whether greedy_triton takes this argmax: Triton and a 1-D logits vector."""
+    return HAS_TRITON and logits.dim() == 1
+
+
+def greedy_triton(logits: torch.Tensor, out_id: torch.Tensor, out_token: torch.Tensor, *,
+                  block: int | None = None) -> None:
+    """argmax of logits [N] (first index of the max, as torch.argmax) written to out_id and out_token (int64
+    [1]) in one launch (PDL-chained after the lm_head on Hopper), instead of torch's argmax and a copy.
+    CUDA-graph capturable (scratch allocated on first use)."""
+    n = logits.numel()
+    bs = block or GREEDY_BLOCK
+    nb = cdiv(n, bs)
+    dev = logits.device
+    best_s = workspace("greedy_bs", (nb,), torch.float32, dev)
+    best_i = workspace("greedy_bi", (nb,), torch.int32, dev)
+    cnt = workspace("greedy_cnt", (1,), torch.int32, dev)
+    pdl = use_pdl(logits)
+    _greedy_kernel[(nb,)](logits, best_s, best_i, cnt, out_id, out_token, n, nb, BS=bs, NBP=max(2, next_pow2(nb)),
+                          USE_PDL=pdl, num_warps=4, **pdl_kwargs(pdl))
 
 
 def sample_fits(logits: torch.Tensor, top_k: int) -> bool:

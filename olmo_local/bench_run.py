@@ -72,6 +72,18 @@ class OursEngine:
         CUDA the argmax and the token feedback are inside the step's graph)."""
         return self.gen.greedy_step(token)
 
+    def greedy_run(self, first: int, n: int) -> None:
+        """``n`` greedy steps from ``first``, each id read on the host, as a greedy chat decodes: with the
+        step's pipelined picks (one step in flight, as Generator.stream) where it has them."""
+        step = self.gen.step_fn
+        if getattr(step, "pipelined", False):
+            for _ in step.greedy_picks(first, n):
+                pass
+            return
+        tok = first
+        for _ in range(n):
+            tok = self.gen.greedy_step(tok)
+
     def first_token_s(self, ids: list[int]) -> float:
         """Through Generator.stream, as the chat does: its own ttft (prefill + sampling the first token)."""
         from olmo_local.generate import SamplingParams
@@ -159,6 +171,10 @@ def _timed(engine: Engine, fn: Callable[[], object]) -> float:
 
 
 def _decode(engine: Engine, first: int, n: int) -> None:
+    run = getattr(engine, "greedy_run", None)
+    if run is not None:
+        run(first, n)
+        return
     tok = first
     for _ in range(n):
         tok = engine.greedy(tok)  # greedy feedback: the id reaches the host every token, like the chat

@@ -12,6 +12,8 @@ its SiLU·mul epilogue, the down projection, and the norms.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +22,7 @@ from olmo_local.kernels.attention_decode import attention_decode, attention_prep
 from olmo_local.kernels.gdn_decode import gdn_decode_step
 from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_silu_mul
 from olmo_local.kernels.gemv_q8 import q8_gemv, q8_gemv_silu_mul
-from olmo_local.kernels.sample import sample_fits, sample_triton
+from olmo_local.kernels.sample import greedy_fits, greedy_triton, sample_fits, sample_triton
 from olmo_local.kernels.norm import residual_norm, rmsnorm
 from olmo_local.model import AttentionLayer, GDNLayer, OlmoHybridModel, apply_rope
 from olmo_local.quant.linear import Q4Linear, Q8Linear
@@ -67,6 +69,14 @@ class DecodeStep:
     # with top-p) when there is no top-k; off: the torch ops of generate.sampling_probs and noise drawn by
     # the host's generator before each replay
     fused_sampler = True
+    # greedy graphs take the argmax with kernels.sample.greedy_triton (one PDL-chained launch that also
+    # writes the next step's token) instead of torch.argmax and a copy
+    fused_greedy = True
+    # whether Generator.stream and bench use greedy_picks() / sample_picks() (one step in flight: the step
+    # that feeds id k is launched before id k is read) instead of one greedy() / sample() call per token;
+    # an instance with a graph takes this class default, one without a graph (CPU) is off (nothing to
+    # overlap) unless a test turns it on
+    pipelined = True
 
     def __init__(self, model: OlmoHybridModel, state: DecodeState, use_graph: bool | None = None) -> None:
         self.model, self.state = model, state
@@ -80,18 +90,22 @@ class DecodeStep:
             self.inv_freq = 1.0 / (cfg.rope_theta ** (
                 torch.arange(0, hd, 2, dtype=torch.float32, device=self.device) / hd))
         self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
+        self.pipelined = type(self).pipelined and self.use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         # greedy() / sample(): graphs that also pick the next token (its feedback stays on the device),
-        # by kind: {"greedy" | "sample": (mode, graph)}
+        # by kind: {"greedy" | "sample": (mode, [graph, graph])}; the two graphs differ only in the host
+        # slot the id is copied to, so that two steps can be in flight (greedy_picks / sample_picks)
         self.pick_graphs: dict[str, tuple] = {}
         self.rng: torch.Generator | None = None
         self.noise = torch.ones(model.config.vocab_size, dtype=torch.float32, device=self.device)
         self.rng_state = torch.zeros(2, dtype=torch.int64, device=self.device)  # kernels.sample: (seed, step)
         self.next_id = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.host_id = torch.zeros(1, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        self._host_np = self.host_id.numpy()  # read without torch's per-call overhead (~20 us measured)
-        self._done = torch.cuda.Event() if self.device.type == "cuda" else None
+        cuda = self.device.type == "cuda"
+        self.host_ids = [torch.zeros(1, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self.host_id = self.host_ids[0]
+        self._host_nps = [h.numpy() for h in self.host_ids]  # read without torch's per-call overhead (~20 us)
+        self._events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None
         self._token_on_device: int | None = None  # the id greedy() left in self.token
 
     # ---- the static path ---------------------------------------------------------------------
@@ -181,7 +195,7 @@ class DecodeStep:
         return linear_norm(L.mlp.down, mlp_act(L.mlp, x), x, "rmsnorm_add", n2.weight, n2.eps)
 
     # ---- graph capture and the per-token calls -----------------------------------------------
-    def _pick_tail(self, logits: torch.Tensor, mode: tuple) -> None:
+    def _pick_tail(self, logits: torch.Tensor, mode: tuple, slot: int = 0) -> None:
         """The next token chosen on the device, written to the token buffer (the next step's input) and
         copied to host memory; all on the stream, so it can be part of the graph. mode = ("greedy",
         n_valid): argmax over the valid ids; ("sample", params, n_valid): a draw from
@@ -192,15 +206,18 @@ class DecodeStep:
         if mode[0] == "sample" and self._fused_draw(lg, mode[1]):
             p = mode[1]
             sample_triton(lg, p.temperature, p.top_p, p.min_p, self.rng_state, self.next_id, self.token)
-            self.host_id.copy_(self.next_id, non_blocking=True)
+            self.host_ids[slot].copy_(self.next_id, non_blocking=True)
             return
         if mode[0] == "sample":
             probs = sampling_probs(lg.float(), mode[1])
             # ids outside the support never win, whatever the noise (an E of exactly 0 would make 0 / 0)
             lg = (probs / self.noise[: probs.numel()]).masked_fill(probs == 0, -1.0)
-        torch.argmax(lg.view(1, -1), dim=1, out=self.next_id)
-        self.token.copy_(self.next_id)
-        self.host_id.copy_(self.next_id, non_blocking=True)
+        if mode[0] == "greedy" and self.fused_greedy and lg.is_cuda and greedy_fits(lg):
+            greedy_triton(lg, self.next_id, self.token)
+        else:
+            torch.argmax(lg.view(1, -1), dim=1, out=self.next_id)
+            self.token.copy_(self.next_id)
+        self.host_ids[slot].copy_(self.next_id, non_blocking=True)
 
     def _fused_draw(self, lg: torch.Tensor, params) -> bool:
         """Whether the sampling graph draws with kernels.sample (else the torch ops and host noise)."""
@@ -230,7 +247,11 @@ class DecodeStep:
         if mode is None:
             self.graph, self.logits = graph, logits
         else:
-            self.pick_graphs[mode[0]] = (mode, graph)
+            # the same step copying its id to the second host slot (capturing runs nothing; one memory pool)
+            graph1 = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph1, pool=graph.pool()), torch.inference_mode():
+                self._pick_tail(self.forward(), mode, 1)
+            self.pick_graphs[mode[0]] = (mode, [graph, graph1])
         self.state.restore(snap)
         self.rng_state.copy_(rng)
         self._token_on_device = None
@@ -293,6 +314,92 @@ class DecodeStep:
                 self.noise[:n].exponential_(generator=self.rng)  # before the replay, on the same stream
         return self._pick(token, ("sample", key, n_valid))
 
+    def greedy_picks(self, token: int, limit: int, n_valid: int | None = None) -> Iterator[int]:
+        """The ids of up to ``limit`` greedy() calls, the first fed ``token`` and each later one the id
+        before it, with one step in flight (see picks)."""
+        return self.picks(token, ("greedy", n_valid), limit)
+
+    def sample_picks(self, token: int, params, limit: int, n_valid: int | None = None) -> Iterator[int]:
+        """As greedy_picks for sample(): the same draws as that many sample() calls."""
+        if self.rng is None:
+            self.seed_sampler(None)
+        key = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                             min_p=params.min_p)
+        before = None
+        if not self._fused_draw(self.noise, key):  # the torch draw: noise from the host's generator
+            n = n_valid if n_valid is not None else self.model.config.vocab_size
+
+            def before() -> None:
+                with torch.inference_mode():
+                    self.noise[:n].exponential_(generator=self.rng)  # on the stream, before the replay
+
+        return self.picks(token, ("sample", key, n_valid), limit, before)
+
+    def picks(self, token: int, mode: tuple, limit: int, before: Callable[[], None] | None = None
+              ) -> Iterator[int]:
+        """Yield the ids of up to ``limit`` steps that pick on the device (mode as _pick_tail): the first
+        step feeds ``token``, each later one the id the step before it picked (the feedback stays on the
+        device). The step that feeds id k is launched before id k is read, so the GPU does not wait for
+        the host between tokens (the two pick graphs copy their ids to two host slots). A step is
+        launched only while the context has room. When the consumer stops early (a stop id, Ctrl-C),
+        the step in flight has fed the last id yielded: closing waits for it and the state holds that id
+        (pos and tokens agree with what the device computed). Without a graph the steps run eagerly,
+        one at a time, with the same bookkeeping."""
+        st = self.state
+        if limit < 1:
+            return
+        graphs = None
+        if self.use_graph:
+            have = self.pick_graphs.get(mode[0])
+            if have is None or have[0] != mode:
+                with torch.inference_mode():
+                    self.capture(mode)
+                have = self.pick_graphs[mode[0]]
+            graphs = have[1]
+        inputs = [int(token)]  # inputs[j]: the id step j feeds (known once step j - 1 is read)
+        n_launched = n_read = 0
+
+        def launch(feed: int | None) -> None:
+            nonlocal n_launched
+            st.check_room(1)
+            slot = n_launched % 2
+            if feed is not None and self._token_on_device != feed:
+                with torch.inference_mode():
+                    self.token.fill_(feed)
+            if before is not None:
+                before()
+            if graphs is not None:
+                graphs[slot].replay()
+                if self._events is not None:
+                    self._events[slot].record()
+            else:
+                with torch.inference_mode():
+                    self._pick_tail(self.forward(), mode, slot)
+            st.pos += 1
+            n_launched += 1
+
+        def read() -> int:
+            nonlocal n_read
+            slot = n_read % 2
+            if self._events is not None:
+                self._events[slot].synchronize()
+            nxt = int(self._host_nps[slot][0])
+            st.tokens.append(inputs[n_read])
+            inputs.append(nxt)
+            n_read += 1
+            self._token_on_device = nxt
+            return nxt
+
+        launch(token)
+        try:
+            while n_read < n_launched:
+                if n_launched < limit and st.room >= 1:
+                    launch(None)
+                yield read()
+        finally:
+            while n_read < n_launched:  # the consumer stopped: book the step in flight
+                read()
+
     def _pick(self, token: int, mode: tuple) -> int:
         # the hot path of on-device picking: no inference-mode context (a graph replay records nothing
         # for autograd), an event wait instead of a stream sync (~15 us less per token, H100) and a
@@ -307,11 +414,11 @@ class DecodeStep:
         if self._token_on_device != token:
             with torch.inference_mode():
                 self.token.fill_(token)
-        have[1].replay()
-        if self._done is not None:
-            self._done.record()
-            self._done.synchronize()  # host_id is written by the graph
-        nxt = int(self._host_np[0])
+        have[1][0].replay()
+        if self._events is not None:
+            self._events[0].record()
+            self._events[0].synchronize()  # host_ids[0] is written by the graph
+        nxt = int(self._host_nps[0][0])
         self._token_on_device = nxt
         st.pos += 1
         st.tokens.append(int(token))

@@ -198,6 +198,11 @@ class Generator:
         if on_device:
             self.step_fn.seed_sampler(params.seed)
         nxt: int | None = None
+        # a step function with picks (the CUDA-graph DecodeStep) keeps one step in flight: the step that
+        # feeds a token is launched before the token is checked, so a reply that ends on a stop id leaves
+        # that id fed into the state (the chat template's next token after a reply, mostly)
+        pipe: Iterator[int] | None = None
+        pipelined = (greedy or on_device) and getattr(self.step_fn, "pipelined", False)
         t1 = time.perf_counter()
         try:
             while True:
@@ -217,6 +222,16 @@ class Generator:
                 if st.gen_tokens >= params.max_new_tokens:
                     st.stop_reason = "length"
                     return
+                if pipelined:
+                    if pipe is None and self.state.room >= 1:
+                        left = params.max_new_tokens - st.gen_tokens
+                        pipe = (self.step_fn.greedy_picks(tok, left, n_valid) if greedy else
+                                self.step_fn.sample_picks(tok, params, left, n_valid))
+                    nxt = next(pipe, None) if pipe is not None else None
+                    if nxt is None:  # the picks stop only when the context is full (left covers the length)
+                        st.stop_reason = "context"
+                        return
+                    continue
                 if self.state.room < 1:
                     st.stop_reason = "context"
                     return
@@ -230,6 +245,8 @@ class Generator:
             st.stop_reason = st.stop_reason or "interrupted"
             raise
         finally:
+            if pipe is not None:
+                pipe.close()  # waits for the step in flight and books it in the state
             st.decode_s = time.perf_counter() - t1
 
     def generate(self, new_ids: list[int], params: SamplingParams, stop_ids=frozenset(),

@@ -13,7 +13,9 @@ through the separate q/k norm and cache-write ops instead of attention_prep; "-c
 layers with the chunked torch delta rule instead of the one-launch Triton recurrence; "-narrow" launches
 q4 GEMVs with 16 rows per warp and ~6-7 programs per SM (the default before the wide-program rule);
 "-splitloop" adds split-K partials with the loop over splits instead of one 2-D load; "-attnw8": attention
-decode with 8 warps also below 16K positions of cache.
+decode with 8 warps also below 16K positions of cache; "-nopipe": one greedy() call per token instead of the
+pipelined picks (DecodeStep.pipelined off); "-torchargmax": the greedy graph takes torch.argmax and a copy
+instead of kernels.sample.greedy_triton.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ def main() -> int:
                                      ("-chunked", mdl.GDNLayer, "fused_prefill", False),
                                      ("-narrow", k4, "WIDE_PROGRAMS", False),
                                      ("-splitloop", k4, "SPLITK_TREE_MAX", 0),
-                                     ("-attnw8", ka, "SHORT_CTX_WARPS", 8)):
+                                     ("-attnw8", ka, "SHORT_CTX_WARPS", 8),
+                                     ("-nopipe", dec.DecodeStep, "pipelined", False),
+                                     ("-torchargmax", dec.DecodeStep, "fused_greedy", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)
             variant = variant[: -len(suffix)]

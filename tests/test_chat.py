@@ -233,6 +233,31 @@ def test_ctrl_c_keeps_the_partial_answer(rt, hard):
     assert_consistent(s)
 
 
+@pytest.mark.parametrize("stop", [None, "soft", "hard"])
+def test_pipelined_greedy_replies_keep_the_state_consistent(rt, stop):
+    """A greedy chat on a pipelined decode step (one step in flight, as on CUDA; here its eager form):
+    after replies, and after Ctrl-C in the middle of one, the state equals a fresh prefill of the tokens
+    it claims, and the next turn's prompt is fed."""
+    from olmo_local.decode import DecodeStep
+
+    view = StopAfter(3, stop == "hard") if stop else View()
+    s = make(rt, view=view, temperature=0.0, max_tokens=8)
+    step = DecodeStep(rt.model, s.state, use_graph=False)
+    step.pipelined = True
+    s.gen.step_fn = step
+    if stop:
+        view.session = s
+    s.send("hello")
+    assert_consistent(s)
+    if stop:
+        assert s.last_stats.stop_reason == "interrupted"
+        view.n = -1
+    s.send("go on")
+    assert s.messages[-1]["role"] == "assistant" and len(s.messages) == 4
+    prompt_is_fed(s)
+    assert_consistent(s)
+
+
 # ---- settings, show, stats, help, clear, bye ---------------------------------------------------
 def test_set(rt):
     s = make(rt)

@@ -123,21 +123,39 @@ def test_first_graph_step_decodes_its_own_token(tmp_path):
 
 
 class _PickReplay:
-    """A CPU stand-in for a captured greedy / sampling graph: replay = the static forward + _pick_tail."""
+    """A CPU stand-in for a captured greedy / sampling graph: replay = the static forward + _pick_tail
+    (copying the id to host slot ``slot``, as the two captured graphs do)."""
 
-    def __init__(self, step, mode):
-        self.step, self.mode = step, mode
+    def __init__(self, step, mode, slot):
+        self.step, self.mode, self.slot = step, mode, slot
 
     def replay(self):
-        self.step._pick_tail(self.step.forward(), self.mode)
+        self.step.log.append(("launch", self.slot))
+        self.step._pick_tail(self.step.forward(), self.mode, self.slot)
 
 
 class _FakePickGraphStep(DecodeStep):
-    """DecodeStep whose greedy / sampling "graphs" are _PickReplay (the real capture needs CUDA)."""
+    """DecodeStep whose greedy / sampling "graphs" are _PickReplay (the real capture needs CUDA); ``log``
+    records the replays and the host reads of the id slots."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log = []
+        step = self
+
+        class Slot:
+            def __init__(self, arr, i):
+                self.arr, self.i = arr, i
+
+            def __getitem__(self, k):
+                step.log.append(("read", self.i))
+                return self.arr[k]
+
+        self._host_nps = [Slot(a, i) for i, a in enumerate(self._host_nps)]
 
     def capture(self, mode=None):
         assert mode is not None
-        self.pick_graphs[mode[0]] = (mode, _PickReplay(self, mode))
+        self.pick_graphs[mode[0]] = (mode, [_PickReplay(self, mode, 0), _PickReplay(self, mode, 1)])
         self._token_on_device = None
 
 
@@ -305,3 +323,114 @@ def test_fused_sampler_graph_on_cuda(tmp_path):
             assert seqs[0] == seqs[1] and len(set(seqs[0])) > 1
         finally:
             DecodeStep.fused_sampler = True
+
+
+def _greedy_reference(model, cfg, prompt, n, n_valid=None):
+    """Greedy ids and the state after feeding prompt + those ids one at a time (the eager model)."""
+    st = DecodeState(cfg, 128)
+    ids = []
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]), st)[0, -1]
+        for _ in range(n):
+            ids.append(int(logits[:n_valid].argmax()))
+            logits = model(torch.tensor([[ids[-1]]]), st)[0, -1]
+    return ids, st
+
+
+def test_picks_keep_one_step_in_flight(tmp_path):
+    """greedy_picks launches the step that feeds id k before it reads id k (two host slots, used in
+    turn), yields the greedy ids, and launches nothing past its limit."""
+    cfg = tiny_config()
+    model = load_model(write_checkpoint(hf_model(cfg, seed=8), cfg, tmp_path / "c"), "cpu", torch.float32)
+    prompt = list(range(3, 30))
+    want, _ = _greedy_reference(model, cfg, prompt, 7)
+    st = DecodeState(cfg, 128)
+    with torch.no_grad():
+        model(torch.tensor([prompt]), st)
+    step = _FakePickGraphStep(model, st, use_graph=True)
+    got = list(step.greedy_picks(want[0], 6))
+    assert got == want[1:]
+    assert step.log == [("launch", 0), ("launch", 1), ("read", 0), ("launch", 0), ("read", 1), ("launch", 1),
+                        ("read", 0), ("launch", 0), ("read", 1), ("launch", 1), ("read", 0), ("read", 1)]
+    assert st.pos == len(prompt) + 6 == int(st.pos_t) and st.tokens == prompt + want[:6]
+
+
+@pytest.mark.parametrize("how", ["stop", "close", "context"])
+def test_pipelined_stream_books_the_step_in_flight(tmp_path, how):
+    """Generator.stream on a pipelined step yields what the one-step-at-a-time path yields. When it ends
+    on a stop id, or the consumer stops reading, the step in flight has fed the last id: the state holds
+    it (host bookkeeping, device position and the recurrent state agree with feeding those tokens). A
+    full context ends the reply where the one-step path ends it."""
+    cfg = tiny_config()
+    model = load_model(write_checkpoint(hf_model(cfg, seed=8), cfg, tmp_path / "c"), "cpu", torch.float32)
+    prompt = list(range(3, 30))
+    ref, _ = _greedy_reference(model, cfg, prompt, 10)
+    stop = ref[5] if ref[5] not in ref[:5] else None
+    if how == "stop" and stop is None:
+        pytest.skip("this random model repeats its sixth id earlier")
+    max_ctx = len(prompt) + 6 if how == "context" else 128
+    runs = []
+    for pipelined in (False, True):
+        st = DecodeState(cfg, max_ctx)
+        step = _FakePickGraphStep(model, st, use_graph=True)
+        step.pipelined = pipelined
+        gen = Generator(model, st, step_fn=step)
+        sp = SamplingParams(temperature=0, max_new_tokens=20)
+        it = gen.stream(prompt, sp, stop_ids={stop} if how == "stop" else frozenset())
+        out = []
+        for tok in it:
+            out.append(tok)
+            if how == "close" and len(out) == 4:
+                it.close()
+                break
+        runs.append((out, gen.stats.stop_reason, list(st.tokens), st))
+    (out0, why0, toks0, _), (out1, why1, toks1, st1) = runs
+    assert out1 == out0 and why1 == why0
+    if how == "stop":
+        assert out1 == ref[:5] and why1 == "stop"
+        assert toks0 == prompt + ref[:5] and toks1 == prompt + ref[:6]  # the stop id fed by the step in flight
+    elif how == "close":
+        assert out1 == ref[:4] and toks0 == prompt + ref[:3] and toks1 == prompt + ref[:4]
+    else:
+        assert why1 == "context" and toks1 == toks0 and st1.pos == max_ctx
+    assert st1.pos == len(toks1) == int(st1.pos_t)
+    _, want_state = _greedy_reference(model, cfg, prompt, len(toks1) - len(prompt))
+    assert torch.allclose(st1.rec_state, want_state.rec_state, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
+@pytest.mark.parametrize("kind", ["greedy", "sample-fused", "sample-torch"])
+def test_picks_on_cuda_equal_one_step_at_a_time(tmp_path, kind):
+    """On the GPU, greedy_picks / sample_picks (two pick graphs, one step in flight) give the ids and the
+    state that as many greedy() / sample() calls give (same seed); closing early books the step in flight."""
+    cfg = tiny_config()
+    path = write_checkpoint(hf_model(cfg, seed=6), cfg, tmp_path / "c")
+    prompt = torch.randint(1, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
+    sp = SamplingParams(temperature=0.9, top_p=0.95, top_k=0 if kind == "sample-fused" else 8)
+    model = load_model(path, "cuda", torch.bfloat16)
+    runs = []
+    for pipelined in (False, True, "close"):
+        st = DecodeState(cfg, 128, "cuda", torch.bfloat16)
+        with torch.inference_mode():
+            tok = int(model(prompt.cuda(), st)[0, -1].argmax())
+        step = DecodeStep(model, st)
+        step.seed_sampler(11)
+        if pipelined:
+            it = step.greedy_picks(tok, 12) if kind == "greedy" else step.sample_picks(tok, sp, 12)
+            out = []
+            for nxt in it:
+                out.append(nxt)
+                if pipelined == "close" and len(out) == 5:
+                    it.close()
+                    break
+        else:
+            out = []
+            for _ in range(12):
+                tok = step.greedy(tok) if kind == "greedy" else step.sample(tok, sp)
+                out.append(tok)
+        torch.cuda.synchronize()
+        runs.append((out, list(st.tokens), st.pos, int(st.pos_t), st.rec_state.clone()))
+    (o0, t0, p0, d0, r0), (o1, t1, p1, d1, r1), (o2, t2, p2, d2, _) = runs
+    assert o1 == o0 and t1 == t0 and p1 == p0 == d1 == d0 and torch.equal(r1, r0)
+    assert len(set(o0)) > 1 or kind == "greedy"
+    assert o2 == o0[:5] and t2 == t0[:len(t0) - 6] and p2 == d2 == len(t2)  # the step feeding o0[4] was in flight

@@ -122,3 +122,26 @@ def test_uniforms_never_reach_0_or_1():
     logits = peaked(2000, seed=1)
     _, _, _, du, _ = run(logits, 1.0, 1.0, 0.0, seed=77)
     assert float(du.max()) < 1.0 and float(du.min()) > 0.0
+
+
+@pytest.mark.parametrize("n,block", [(1000, 128), (4096, 4096), (777, 256), (5, 128)])
+def test_greedy_argmax_is_torch_argmax(n, block):
+    """greedy_triton writes the first index of the max (as torch.argmax) to both outputs, also when the
+    max is tied within a block and across blocks, and its counter is reset for the next call."""
+    from olmo_local.kernels import _triton
+    from olmo_local.kernels.sample import greedy_triton
+
+    gen = torch.Generator().manual_seed(n)
+    for case in range(4):
+        x = torch.randn(n, generator=gen).to(torch.bfloat16)
+        if case == 1:  # ties across blocks: the max at a late and an early position
+            x[n - 1] = x[n // 3] = x.max() + 1
+        elif case == 2:  # ties inside one block
+            x[n // 2] = x[n // 2 + 1] = x.max() + 2
+        elif case == 3:
+            x = torch.full((n,), -3.0, dtype=torch.bfloat16)  # all equal: id 0
+        out_id, out_tok = torch.full((1,), -1, dtype=torch.long), torch.full((1,), -1, dtype=torch.long)
+        greedy_triton(x, out_id, out_tok, block=block)
+        want = int(torch.argmax(x))
+        assert int(out_id) == int(out_tok) == want, case
+    assert all(bool((b == 0).all()) for k, b in _triton._WORKSPACES.items() if k[0] == "greedy_cnt")
