@@ -11,7 +11,9 @@ Decode-path ops (batch 1, CUDA-graph capturable: no host syncs, static shapes, o
   gdn_decode_step                         gdn_decode.py
   attention_decode / quantize_kv_int8     attention_decode.py
   rmsnorm / add_rmsnorm / rmsnorm_add     norm.py
+  q8_embed (the q8 embedding rows of the step's token)                               embed.py
   sample_triton (temperature, top-p, min-p and the draw of a sampling graph)          sample.py
+  greedy_triton (the argmax of a greedy graph, with the token feedback)               sample.py
 Prefill ops:
   q4_dequantize_into / q4_dequantize_scratch   dequant.py (one-pass q4 -> bf16 for a tensor-core GEMM)
   gdn_prefill_prep / gated_rms_norm           gdn_prefill.py (conv + SiLU + q/k norms; the gated norm)

@@ -148,7 +148,8 @@ if HAS_TRITON:
             tl.store(du_ptr + i, u, mask=msk)
 
     @triton.jit
-    def _sample_pick(bs_ptr, bi_ptr, rng_ptr, id_ptr, tok_ptr, NB, NBP: tl.constexpr, USE_PDL: tl.constexpr):
+    def _sample_pick(bs_ptr, bi_ptr, rng_ptr, id_ptr, tok_ptr, NB, NBP: tl.constexpr, USE_PDL: tl.constexpr,
+                     pos_ptr=None, ADVANCE: tl.constexpr = False):
         pdl_launch_dependents(USE_PDL)
         pdl_wait(USE_PDL)
         b = tl.arange(0, NBP)
@@ -157,11 +158,13 @@ if HAS_TRITON:
         tl.store(id_ptr, best.to(tl.int64))
         tl.store(tok_ptr, best.to(tl.int64))
         tl.store(rng_ptr + 1, tl.load(rng_ptr + 1) + 1)
+        if ADVANCE:  # the decode step's position, after every kernel of the step has read it
+            tl.store(pos_ptr, tl.load(pos_ptr) + 1)
 
 
     @triton.jit
     def _greedy_kernel(lg_ptr, bs_ptr, bi_ptr, cnt_ptr, id_ptr, tok_ptr, N, NB, BS: tl.constexpr, NBP: tl.constexpr,
-                       USE_PDL: tl.constexpr):
+                       USE_PDL: tl.constexpr, pos_ptr=None, ADVANCE: tl.constexpr = False):
         """Every program: the max of its block of logits and its first index; the last program to arrive
         (self-resetting counter) takes the first block holding the overall max, so the id is the first
         index of the max, as torch.argmax."""
@@ -180,6 +183,8 @@ if HAS_TRITON:
             best = tl.sum(tl.where(b == tl.argmax(s, 0), bi, 0), 0)
             tl.store(id_ptr, best.to(tl.int64))
             tl.store(tok_ptr, best.to(tl.int64))
+            if ADVANCE:  # the decode step's position, after every kernel of the step has read it
+                tl.store(pos_ptr, tl.load(pos_ptr) + 1)
             tl.atomic_xchg(cnt_ptr, 0)
 
 
@@ -192,10 +197,11 @@ def greedy_fits(logits: torch.Tensor) -> bool:
 
 
 def greedy_triton(logits: torch.Tensor, out_id: torch.Tensor, out_token: torch.Tensor, *,
-                  block: int | None = None) -> None:
+                  block: int | None = None, pos: torch.Tensor | None = None) -> None:
     """argmax of logits [N] (first index of the max, as torch.argmax) written to out_id and out_token (int64
-    [1]) in one launch (PDL-chained after the lm_head on Hopper), instead of torch's argmax and a copy.
-    CUDA-graph capturable (scratch allocated on first use)."""
+    [1]) in one launch (PDL-chained after the lm_head on Hopper), instead of torch's argmax and a copy;
+    with ``pos`` (int32 [1], the decode position) it also adds 1 to pos, so that the step needs no
+    separate launch for that. CUDA-graph capturable (scratch allocated on first use)."""
     n = logits.numel()
     bs = block or GREEDY_BLOCK
     nb = cdiv(n, bs)
@@ -205,7 +211,7 @@ def greedy_triton(logits: torch.Tensor, out_id: torch.Tensor, out_token: torch.T
     cnt = workspace("greedy_cnt", (1,), torch.int32, dev)
     pdl = use_pdl(logits)
     _greedy_kernel[(nb,)](logits, best_s, best_i, cnt, out_id, out_token, n, nb, BS=bs, NBP=max(2, next_pow2(nb)),
-                          USE_PDL=pdl, num_warps=4, **pdl_kwargs(pdl))
+                          USE_PDL=pdl, pos_ptr=pos, ADVANCE=pos is not None, num_warps=4, **pdl_kwargs(pdl))
 
 
 def sample_fits(logits: torch.Tensor, top_k: int) -> bool:
@@ -215,9 +221,10 @@ def sample_fits(logits: torch.Tensor, top_k: int) -> bool:
 
 def sample_triton(logits: torch.Tensor, temperature: float, top_p: float, min_p: float, rng: torch.Tensor,
                   out_id: torch.Tensor, out_token: torch.Tensor, *, debug: tuple | None = None,
-                  block: int | None = None) -> None:
+                  block: int | None = None, pos: torch.Tensor | None = None) -> None:
     """Draw one id from logits [N] (any float dtype) and write it to out_id and out_token (int64 [1]);
-    rng is int64 [2] = (seed, step) on the same device, step advanced. debug = (probs [N] fp32 zeros, u [N]
+    rng is int64 [2] = (seed, step) on the same device, step advanced; with ``pos`` (int32 [1], the decode
+    position) the last launch also adds 1 to it. debug = (probs [N] fp32 zeros, u [N]
     fp32) receives the final probabilities (renormalised after top-p, zeros after min-p, as
     generate.sampling_probs) and the uniforms. CUDA-graph capturable (scratch allocated on first use)."""
     n = logits.numel()
@@ -245,4 +252,5 @@ def sample_triton(logits: torch.Tensor, temperature: float, top_p: float, min_p:
     _sample_race[(nb,)](logits, pm, ps, hist, rng, best_s, best_i, n, t, nb, tau, tp, float(min_p),
                         BS=bs, NBP=nbp, TOPP=topp, MINP=min_p > 0.0, dp_ptr=dp, du_ptr=du,
                         DEBUG=debug is not None, USE_PDL=pdl, **kw)
-    _sample_pick[(1,)](best_s, best_i, rng, out_id, out_token, nb, NBP=nbp, USE_PDL=pdl, **kw)
+    _sample_pick[(1,)](best_s, best_i, rng, out_id, out_token, nb, NBP=nbp, USE_PDL=pdl, pos_ptr=pos,
+                       ADVANCE=pos is not None, **kw)

@@ -109,8 +109,9 @@ class DecodeStep:
         self._token_on_device: int | None = None  # the id greedy() left in self.token
 
     # ---- the static path ---------------------------------------------------------------------
-    def forward(self) -> torch.Tensor:
-        """One step on ``self.token`` at position ``state.pos_t``; advances pos_t (on the device)."""
+    def forward(self, advance: bool = True) -> torch.Tensor:
+        """One step on ``self.token`` at position ``state.pos_t``; advances pos_t (on the device) unless
+        ``advance`` is False (a pick tail that advances it in its own last launch follows)."""
         st, m = self.state, self.model
         x = m.embed(self.token)  # [1, d]
         rope = None
@@ -134,7 +135,8 @@ class DecodeStep:
         else:
             h = rmsnorm(x, m.norm.weight, m.norm.eps)
         logits = (linear(m.lm_head, h) if m.lm_head is not None else m.head(h))[0]
-        st.pos_t.add_(1)
+        if advance:
+            st.pos_t.add_(1)
         return logits
 
     def _gdn(self, L: GDNLayer, x: torch.Tensor, pending: tuple | None) -> tuple[torch.Tensor, tuple]:
@@ -195,7 +197,20 @@ class DecodeStep:
         return linear_norm(L.mlp.down, mlp_act(L.mlp, x), x, "rmsnorm_add", n2.weight, n2.eps)
 
     # ---- graph capture and the per-token calls -----------------------------------------------
-    def _pick_tail(self, logits: torch.Tensor, mode: tuple, slot: int = 0) -> None:
+    def _forward_pick(self, mode: tuple, slot: int = 0) -> None:
+        """The step and its pick tail (see _pick_tail); pos_t advances in the tail's last kernel where it
+        is a Triton kernel (no torch launch between the lm_head and the pick), else in forward()."""
+        adv = self._tail_advances(mode)
+        self._pick_tail(self.forward(advance=not adv), mode, slot, advance=adv)
+
+    def _tail_advances(self, mode: tuple) -> bool:
+        if self.device.type != "cuda":
+            return False
+        if mode[0] == "greedy":
+            return self.fused_greedy and greedy_fits(self.noise)
+        return self._fused_draw(self.noise, mode[1])
+
+    def _pick_tail(self, logits: torch.Tensor, mode: tuple, slot: int = 0, advance: bool = False) -> None:
         """The next token chosen on the device, written to the token buffer (the next step's input) and
         copied to host memory; all on the stream, so it can be part of the graph. mode = ("greedy",
         n_valid): argmax over the valid ids; ("sample", params, n_valid): a draw from
@@ -203,9 +218,10 @@ class DecodeStep:
         CUDA all in kernels.sample (noise from Philox keyed by rng_state), otherwise torch ops with E from
         the ``noise`` buffer (filled before each replay by the step's own seeded generator)."""
         lg = valid_logits(logits, mode[-1])
+        pos = self.state.pos_t if advance else None
         if mode[0] == "sample" and self._fused_draw(lg, mode[1]):
             p = mode[1]
-            sample_triton(lg, p.temperature, p.top_p, p.min_p, self.rng_state, self.next_id, self.token)
+            sample_triton(lg, p.temperature, p.top_p, p.min_p, self.rng_state, self.next_id, self.token, pos=pos)
             self.host_ids[slot].copy_(self.next_id, non_blocking=True)
             return
         if mode[0] == "sample":
@@ -213,8 +229,9 @@ class DecodeStep:
             # ids outside the support never win, whatever the noise (an E of exactly 0 would make 0 / 0)
             lg = (probs / self.noise[: probs.numel()]).masked_fill(probs == 0, -1.0)
         if mode[0] == "greedy" and self.fused_greedy and lg.is_cuda and greedy_fits(lg):
-            greedy_triton(lg, self.next_id, self.token)
+            greedy_triton(lg, self.next_id, self.token, pos=pos)
         else:
+            assert pos is None, "only the Triton pick tails advance the position"
             torch.argmax(lg.view(1, -1), dim=1, out=self.next_id)
             self.token.copy_(self.next_id)
         self.host_ids[slot].copy_(self.next_id, non_blocking=True)
@@ -234,23 +251,25 @@ class DecodeStep:
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s), torch.inference_mode():
             for _ in range(2):
-                logits = self.forward()
                 if mode is not None:
-                    self._pick_tail(logits, mode)
+                    self._forward_pick(mode)
+                else:
+                    self.forward()
                 self.state.pos_t.fill_(snap.pos)
         torch.cuda.current_stream(self.device).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.inference_mode():
-            logits = self.forward()
             if mode is not None:
-                self._pick_tail(logits, mode)
+                self._forward_pick(mode)
+            else:
+                logits = self.forward()
         if mode is None:
             self.graph, self.logits = graph, logits
         else:
             # the same step copying its id to the second host slot (capturing runs nothing; one memory pool)
             graph1 = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph1, pool=graph.pool()), torch.inference_mode():
-                self._pick_tail(self.forward(), mode, 1)
+                self._forward_pick(mode, 1)
             self.pick_graphs[mode[0]] = (mode, [graph, graph1])
         self.state.restore(snap)
         self.rng_state.copy_(rng)
@@ -374,7 +393,7 @@ class DecodeStep:
                     self._events[slot].record()
             else:
                 with torch.inference_mode():
-                    self._pick_tail(self.forward(), mode, slot)
+                    self._forward_pick(mode, slot)
             st.pos += 1
             n_launched += 1
 

@@ -15,7 +15,8 @@ q4 GEMVs with 16 rows per warp and ~6-7 programs per SM (the default before the 
 "-splitloop" adds split-K partials with the loop over splits instead of one 2-D load; "-attnw8": attention
 decode with 8 warps also below 16K positions of cache; "-nopipe": one greedy() call per token instead of the
 pipelined picks (DecodeStep.pipelined off); "-torchargmax": the greedy graph takes torch.argmax and a copy
-instead of kernels.sample.greedy_triton.
+instead of kernels.sample.greedy_triton; "-oldends": the q8 embedding in torch ops and pos_t advanced by a torch
+add (as before the q8_embed kernel and the pick tails' position update).
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def main() -> int:
 
     import olmo_local.model as mdl
 
+    if variant.endswith("-oldends"):
+        import olmo_local.kernels.embed as ke
+
+        ke.q8_embed = ke.q8_embed_ref
+        dec.DecodeStep._tail_advances = lambda self, mode: False
+        variant = variant[: -len("-oldends")]
     for suffix, cls, attr, value in (("-unfused", dec.DecodeStep, "fuse_attention_prep", False),
                                      ("-chunked", mdl.GDNLayer, "fused_prefill", False),
                                      ("-narrow", k4, "WIDE_PROGRAMS", False),

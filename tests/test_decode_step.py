@@ -131,7 +131,7 @@ class _PickReplay:
 
     def replay(self):
         self.step.log.append(("launch", self.slot))
-        self.step._pick_tail(self.step.forward(), self.mode, self.slot)
+        self.step._forward_pick(self.mode, self.slot)
 
 
 class _FakePickGraphStep(DecodeStep):

@@ -154,3 +154,27 @@ def test_q4linear_cuda_prefill_in_row_blocks(monkeypatch):
     tiled_blocks = tiled(x)  # 192-row blocks are whole 64-row slabs of the tiled layout
     assert ((tiled_blocks.float() - tiled_whole.float()).norm() / tiled_whole.float().norm()).item() < 1e-3
     dq.clear_scratch()
+
+
+@pytest.mark.parametrize("groups", [None, 32])
+@pytest.mark.parametrize("shape", [(1,), (2, 3)])
+def test_q8_embed_matches_the_torch_form(groups, shape):
+    """The q8 embedding kernel (interpreter) gives the torch form's rows, per-row and group scales, for
+    ids of any shape (fp32 output: exact; bf16: within the interpreter's truncating cast)."""
+    from olmo_local.kernels.embed import q8_embed_ref, q8_embed_triton
+
+    gen = torch.Generator().manual_seed(3)
+    v, d = 50, 96
+    q = torch.randint(-127, 128, (v, d), generator=gen, dtype=torch.int32).to(torch.int8)
+    s = (torch.rand(v, d // groups if groups else v, generator=gen) * 0.02 + 1e-3).half()
+    if not groups:
+        s = s[:, 0].contiguous()
+    ids = torch.randint(0, v, shape, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = q8_embed_triton(ids, q, s, dtype, block_d=64)
+        want = q8_embed_ref(ids, q, s, dtype)
+        assert got.shape == (*shape, d) and got.dtype == dtype
+        if dtype == torch.float32:
+            assert torch.equal(got, want)
+        else:
+            assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2 ** -7

@@ -127,7 +127,8 @@ def test_uniforms_never_reach_0_or_1():
 @pytest.mark.parametrize("n,block", [(1000, 128), (4096, 4096), (777, 256), (5, 128)])
 def test_greedy_argmax_is_torch_argmax(n, block):
     """greedy_triton writes the first index of the max (as torch.argmax) to both outputs, also when the
-    max is tied within a block and across blocks, and its counter is reset for the next call."""
+    max is tied within a block and across blocks, its counter is reset for the next call, and a given
+    decode position is advanced by one."""
     from olmo_local.kernels import _triton
     from olmo_local.kernels.sample import greedy_triton
 
@@ -141,7 +142,24 @@ def test_greedy_argmax_is_torch_argmax(n, block):
         elif case == 3:
             x = torch.full((n,), -3.0, dtype=torch.bfloat16)  # all equal: id 0
         out_id, out_tok = torch.full((1,), -1, dtype=torch.long), torch.full((1,), -1, dtype=torch.long)
-        greedy_triton(x, out_id, out_tok, block=block)
+        pos = torch.tensor([41 + case], dtype=torch.int32)
+        greedy_triton(x, out_id, out_tok, block=block, pos=pos if case % 2 else None)
         want = int(torch.argmax(x))
         assert int(out_id) == int(out_tok) == want, case
+        assert int(pos) == 41 + case + case % 2  # advanced once when given
     assert all(bool((b == 0).all()) for k, b in _triton._WORKSPACES.items() if k[0] == "greedy_cnt")
+
+
+def test_sample_advances_a_given_position():
+    """sample_triton with ``pos`` adds one to it (the decode step's position, in the pick's last launch)
+    and draws the same id as without it."""
+    x = torch.randn(300, generator=torch.Generator().manual_seed(2))
+    ids = []
+    for pos in (None, torch.tensor([7], dtype=torch.int32)):
+        rng = torch.tensor([5, 0], dtype=torch.int64)
+        out_id, out_tok = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+        ks.sample_triton(x, 0.8, 0.9, 0.0, rng, out_id, out_tok, block=128, pos=pos)
+        ids.append(int(out_id))
+        if pos is not None:
+            assert int(pos) == 8
+    assert ids[0] == ids[1]
