@@ -201,3 +201,81 @@ def test_attention_prep(int8, h, kvh, hd):
     else:
         deq = (vc0[:, 5].float() * vs0[:, 5, None]).reshape(-1)
         assert relerr(deq, vf) < 1e-2
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("h,kvh,hd,max_ctx,p,splits,min_split", [
+    (4, 4, 16, 40, 0, 4, 8),      # the first token: only the new position
+    (4, 4, 16, 40, 6, 4, 8),      # one split (min_split covers it): written directly
+    (6, 2, 24, 70, 37, 3, 8),     # GQA, several splits with a merge, the new position in the last
+    (4, 4, 16, 130, 128, 5, 32),  # the new position alone in the last split
+])
+def test_attention_step_matches_prep_then_decode(int8, h, kvh, hd, max_ctx, p, splits, min_split):
+    """The fused attention step (q/k norms, cache write, attention over the cache and the new position;
+    one launch) gives the output of attention_prep then attention_decode, and leaves the same caches:
+    the new row at p, every other row untouched."""
+    gen = torch.Generator().manual_seed(h * hd + p + int8)
+    qkv = (torch.randn(1, (h + 2 * kvh) * hd, generator=gen) * 3).to(torch.bfloat16)
+    q_w = (1 + 0.1 * torch.randn(h * hd, generator=gen)).to(torch.bfloat16)
+    k_w = (1 + 0.1 * torch.randn(kvh * hd, generator=gen)).to(torch.bfloat16)
+    pos = torch.tensor([p], dtype=torch.int32)
+    k0 = torch.randn(kvh, max_ctx, hd, generator=gen)
+    v0 = torch.randn(kvh, max_ctx, hd, generator=gen)
+
+    def caches():
+        if int8:
+            kq, ks = ka.quantize_kv_int8_ref(k0)
+            vq, vs = ka.quantize_kv_int8_ref(v0)
+            return kq, vq, ks, vs
+        return k0.to(torch.bfloat16), v0.to(torch.bfloat16), None, None
+
+    results = []
+    for fn, kw in ((ka.attention_step_ref, {}),
+                   (ka.attention_step_triton, dict(num_splits=splits, block_s=8, min_split=min_split))):
+        kc, vc, ks, vs = caches()
+        o = fn(qkv, q_w, k_w, 1e-6, 1e-5, kc, vc, pos, k_scale=ks, v_scale=vs, **kw)
+        assert o.shape == (h, hd) and o.dtype == torch.bfloat16
+        results.append((o, kc, vc, ks, vs))
+    (o0, kc0, vc0, ks0, vs0), (o1, kc1, vc1, ks1, vs1) = results
+    assert relerr(o1, o0) < 2e-2  # bf16 output (the interpreter truncates fp32 -> bf16)
+    others = [i for i in range(max_ctx) if i != p]
+    for c0, c1 in ((kc0, kc1), (vc0, vc1)):
+        assert torch.equal(c1[:, others], c0[:, others])
+        if int8:
+            assert (c1[:, p].int() - c0[:, p].int()).abs().max() <= 1  # the normed row, rounded the same way
+        else:
+            assert relerr(c1[:, p], c0[:, p]) < 1e-2
+    if int8:
+        torch.testing.assert_close(ks1, ks0, rtol=1e-2, atol=0)
+        torch.testing.assert_close(vs1, vs0, rtol=1e-2, atol=0)
+    assert all(bool((b == 0).all()) for k, b in _triton._WORKSPACES.items() if k[0] == "attn_cnt")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("max_ctx", [4096, 33000])
+def test_attention_step_at_the_7b_shape_on_cuda(int8, max_ctx):
+    """The one-launch attention step as the decode step launches it (default splits, warps and minimum
+    split) at the 7B attention shape, against prep + decode references, at lengths with one split
+    (written directly) and with several (merged)."""
+    h, kvh, hd = 30, 30, 128
+    gen = torch.Generator().manual_seed(max_ctx + int8)
+    q_w = (1 + 0.1 * torch.randn(h * hd, generator=gen)).to(torch.bfloat16).cuda()
+    k_w = (1 + 0.1 * torch.randn(kvh * hd, generator=gen)).to(torch.bfloat16).cuda()
+    k0 = torch.randn(kvh, max_ctx, hd, generator=gen).cuda()
+    v0 = torch.randn(kvh, max_ctx, hd, generator=gen).cuda()
+    for p in (0, 100, 127, 128, 700, 4000):
+        qkv = (torch.randn(1, (h + 2 * kvh) * hd, generator=gen) * 3).to(torch.bfloat16).cuda()
+        pos = torch.tensor([p], dtype=torch.int32, device="cuda")
+        outs = []
+        for fn in (ka.attention_step_ref, ka.attention_step_triton):
+            if int8:
+                kc, ks = ka.quantize_kv_int8_ref(k0)
+                vc, vs = ka.quantize_kv_int8_ref(v0)
+            else:
+                kc, vc, ks, vs = k0.to(torch.bfloat16), v0.to(torch.bfloat16), None, None
+            outs.append((fn(qkv, q_w, k_w, 1e-6, 1e-5, kc, vc, pos, k_scale=ks, v_scale=vs), kc[:, p].clone()))
+        (o0, r0), (o1, r1) = outs
+        assert relerr(o1, o0) < 1e-2, p
+        assert (r1.float() - r0.float()).abs().max() <= (1 if int8 else 0.05), p
+    assert all(bool((b == 0).all()) for k, b in _triton._WORKSPACES.items() if k[0] == "attn_cnt")
