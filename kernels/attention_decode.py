@@ -41,9 +41,6 @@ import torch
 from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, tl, triton, pdl_kwargs, use_pdl, use_triton, workspace
 
 __all__ = [
-    "attention_step",
-    "attention_step_ref",
-    "attention_step_triton",
     "attention_prep",
     "attention_prep_ref",
     "attention_prep_triton",
@@ -154,16 +151,6 @@ def attention_prep_ref(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor, 
     return q
 
 
-def attention_step_ref(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor, eps_q: float, eps_k: float,
-                       k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, *,
-                       k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """attention_prep, then attention_decode over the updated caches."""
-    length = torch.zeros(1, dtype=torch.int32, device=qkv.device)
-    q = attention_prep_ref(qkv, q_w, k_w, eps_q, eps_k, k_cache, v_cache, pos, length, k_scale=k_scale,
-                           v_scale=v_scale)
-    return attention_decode_ref(q, k_cache, v_cache, pos=pos, k_scale=k_scale, v_scale=v_scale)
-
-
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +246,7 @@ if HAS_TRITON:
             amax = tl.max(tl.abs(x), axis=0)
             inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
             qv = tl.minimum(tl.maximum(tl.floor(x * inv + 0.5), -127.0), 127.0)
-            tl.store(c_ptr + d, qv.to(tl.int8).to(c_ptr.dtype.element_ty, bitcast=True), mask=dm)  # int8 or its uint8 view
+            tl.store(c_ptr + d, qv.to(tl.int8), mask=dm)
             tl.store(s_ptr + p, amax / 127.0)
         else:
             tl.store(c_ptr + d, x.to(c_ptr.dtype.element_ty), mask=dm)
@@ -313,119 +300,6 @@ if HAS_TRITON:
             _store_kv_row(vh, vc_ptr + j * stride_vh + p * stride_vt, vs_ptr + j * stride_vsh, p, d, dm, QUANT)
         if h == 0:
             tl.store(len_ptr, p + 1)
-
-    @triton.jit
-    def _attn_step_kernel(
-        qkv_ptr, qw_ptr, kw_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pos_ptr, out_ptr, mws_ptr, lws_ptr, aws_ptr, cnt_ptr,
-        eps_q, eps_k, NQ, NK, stride_kh, stride_kt, stride_vh, stride_vt, stride_ksh, stride_vsh, sm_scale, HD,
-        G: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-        NS: tl.constexpr, NSP: tl.constexpr, MINS: tl.constexpr, QUANT: tl.constexpr, USE_PDL: tl.constexpr,
-    ):
-        """attention_prep and attention_decode in one launch (see attention_step). Program (head, split):
-        the split length is at least MINS positions, so a short context has one active split per head,
-        which writes its output directly (no partials, no merge). The split holding the new position
-        takes it from the projection (normed k and v, int8-rounded like the cache when QUANT) instead of
-        the cache, and for the first query head of a kv group also writes it into the cache; the other
-        splits read only older positions."""
-        pdl_launch_dependents(USE_PDL)
-        hq = tl.program_id(0)
-        sp = tl.program_id(1)
-        kvh = hq // G
-        p = tl.load(pos_ptr)  # written by no kernel of this step: read before the wait
-        n = p + 1
-        ss = tl.maximum(((n + NS - 1) // NS + BS - 1) // BS * BS, MINS)
-        start = sp * ss
-        if start < n:
-            end = tl.minimum(start + ss, n)
-            n_active = (n + ss - 1) // ss
-            pdl_wait(USE_PDL)
-            d = tl.arange(0, BD)
-            dm = d < HD
-            out_ty = out_ptr.dtype.element_ty
-            iq = tl.arange(0, BQ)
-            qa = tl.load(qkv_ptr + iq, mask=iq < NQ, other=0).to(tl.float32)
-            rq = 1.0 / tl.sqrt(tl.sum(qa * qa, axis=0) / NQ + eps_q)
-            qh = tl.load(qkv_ptr + hq * HD + d, mask=dm, other=0).to(tl.float32)
-            wq = tl.load(qw_ptr + hq * HD + d, mask=dm, other=0).to(tl.float32)
-            q = (qh * rq * wq).to(out_ty).to(tl.float32) * sm_scale  # the normed q in the model dtype, as unfused
-            m_l = tl.full([BS], -1.0e30, dtype=tl.float32)
-            l_l = tl.zeros([BS], dtype=tl.float32)
-            acc = tl.zeros([BS, BD], dtype=tl.float32)
-            for s0 in range(start, tl.minimum(end, p), BS):  # cached positions (the new one, p, below)
-                pos = s0 + tl.arange(0, BS)
-                pm = pos < tl.minimum(end, p)
-                kvm = pm[:, None] & dm[None, :]
-                kt = tl.load(k_ptr + kvh * stride_kh + pos[:, None] * stride_kt + d[None, :], mask=kvm, other=0)
-                vt = tl.load(v_ptr + kvh * stride_vh + pos[:, None] * stride_vt + d[None, :], mask=kvm, other=0)
-                sc = tl.sum(_kv_to_f32(kt, QUANT) * q[None, :], axis=1)
-                if QUANT:
-                    sc = sc * tl.load(ks_ptr + kvh * stride_ksh + pos, mask=pm, other=0.0)
-                m_new = tl.where(pm, tl.maximum(m_l, sc), m_l)
-                alpha = tl.exp(m_l - m_new)
-                pr = tl.exp(tl.where(pm, sc - m_new, -1.0e30))
-                l_l = l_l * alpha + pr
-                if QUANT:
-                    pr = pr * tl.load(vs_ptr + kvh * stride_vsh + pos, mask=pm, other=0.0)
-                acc = acc * alpha[:, None] + pr[:, None] * _kv_to_f32(vt, QUANT)
-                m_l = m_new
-            m_s = tl.max(m_l, axis=0)
-            w = tl.exp(m_l - m_s)
-            l_s = tl.sum(l_l * w, axis=0)
-            o_s = tl.sum(acc * w[:, None], axis=0)
-            if end == n:  # this split holds the new position p
-                ik = tl.arange(0, BK)
-                ka = tl.load(qkv_ptr + NQ + ik, mask=ik < NK, other=0).to(tl.float32)
-                rk = 1.0 / tl.sqrt(tl.sum(ka * ka, axis=0) / NK + eps_k)
-                kh = tl.load(qkv_ptr + NQ + kvh * HD + d, mask=dm, other=0).to(tl.float32)
-                wk = tl.load(kw_ptr + kvh * HD + d, mask=dm, other=0).to(tl.float32)
-                kh = (kh * rk * wk).to(out_ty).to(tl.float32)
-                vh = tl.load(qkv_ptr + NQ + NK + kvh * HD + d, mask=dm, other=0).to(tl.float32)
-                if hq % G == 0:  # the first query head of a kv group writes that kv head
-                    _store_kv_row(kh, k_ptr + kvh * stride_kh + p * stride_kt, ks_ptr + kvh * stride_ksh, p, d, dm,
-                                  QUANT)
-                    _store_kv_row(vh, v_ptr + kvh * stride_vh + p * stride_vt, vs_ptr + kvh * stride_vsh, p, d, dm,
-                                  QUANT)
-                kn = _kv_round(kh, k_ptr, QUANT)  # what the cache now holds for p
-                vn = _kv_round(vh, v_ptr, QUANT)
-                sn = tl.sum(kn * q, axis=0)
-                m2 = tl.maximum(m_s, sn)
-                a_old = tl.exp(m_s - m2)
-                a_new = tl.exp(sn - m2)
-                l_s = l_s * a_old + a_new
-                o_s = o_s * a_old + a_new * vn
-                m_s = m2
-            if n_active == 1:
-                tl.store(out_ptr + hq * HD + d, (o_s / l_s).to(out_ty), mask=dm)
-            else:
-                tl.store(mws_ptr + hq * NS + sp, m_s)
-                tl.store(lws_ptr + hq * NS + sp, l_s)
-                tl.store(aws_ptr + (hq * NS + sp) * HD + d, o_s, mask=dm)
-                tl.debug_barrier()
-                done = tl.atomic_add(cnt_ptr + hq, 1)  # acq_rel, gpu scope
-                if done == n_active - 1:  # the last split of this head merges all splits
-                    sj = tl.arange(0, NSP)
-                    sm = sj < n_active
-                    mm = tl.load(mws_ptr + hq * NS + sj, mask=sm, other=-1.0e30, cache_modifier=".cg")
-                    mx = tl.max(mm, axis=0)
-                    ww = tl.where(sm, tl.exp(mm - mx), 0.0)
-                    ll = tl.load(lws_ptr + hq * NS + sj, mask=sm, other=0.0, cache_modifier=".cg")
-                    aa = tl.load(aws_ptr + (hq * NS + sj[:, None]) * HD + d[None, :],
-                                 mask=sm[:, None] & dm[None, :], other=0.0, cache_modifier=".cg")
-                    o = tl.sum(aa * ww[:, None], axis=0) / tl.sum(ll * ww, axis=0)
-                    tl.store(out_ptr + hq * HD + d, o.to(out_ty), mask=dm)
-                    tl.atomic_xchg(cnt_ptr + hq, 0)
-
-    @triton.jit
-    def _kv_round(x, c_ptr, QUANT: tl.constexpr):
-        """A row as a cache of c_ptr's kind returns it: bf16 / fp16 / fp32 rounding, or int8 with its
-        per-row scale (quantize_kv_int8's rounding)."""
-        if QUANT:
-            amax = tl.max(tl.abs(x), axis=0)
-            inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-            qv = tl.minimum(tl.maximum(tl.floor(x * inv + 0.5), -127.0), 127.0)
-            return qv * (amax / 127.0)
-        return x.to(c_ptr.dtype.element_ty).to(tl.float32)
-
 
 
 def attention_prep_triton(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor, eps_q: float, eps_k: float,
@@ -525,49 +399,6 @@ def attention_decode_triton(
     return out
 
 
-# the fused attention step's splits hold at least this many positions: up to it a head is one program
-# that writes its output directly (no partials, no merge)
-STEP_MIN_SPLIT = 128
-
-
-def attention_step_triton(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor, eps_q: float, eps_k: float,
-                          k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, *,
-                          k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                          out: torch.Tensor | None = None, num_splits: int | None = None, block_s: int = 32,
-                          min_split: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """Triton version of attention_step_ref: one launch (num_splits, block_s, min_split for tests and
-    tuning)."""
-    h, kvh, hd = _prep_shapes(qkv, k_cache)
-    qkv = qkv.reshape(-1)
-    if qkv.stride(0) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("attention_step needs a contiguous qkv row and caches with a unit last stride")
-    quant = k_cache.dtype == torch.int8
-    if quant and (k_scale is None or v_scale is None):
-        raise ValueError("int8 caches need k_scale and v_scale")
-    kc, vc = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if quant else (k_cache, v_cache)
-    ks = k_scale if quant else pos  # unused when not quantized
-    vs = v_scale if quant else pos
-    max_ctx = k_cache.shape[1]
-    out = torch.empty((h, hd), dtype=qkv.dtype, device=qkv.device) if out is None else out
-    ns = num_splits or default_num_splits(max_ctx, h, qkv.device, block_s)
-    mins = min_split if min_split is not None else STEP_MIN_SPLIT
-    mins = max(block_s, mins // block_s * block_s)
-    mws = workspace("attn_m", (h, ns), torch.float32, qkv.device)
-    lws = workspace("attn_l", (h, ns), torch.float32, qkv.device)
-    aws = workspace("attn_acc", (h, ns, hd), torch.float32, qkv.device)
-    cnt = workspace("attn_cnt", (h,), torch.int32, qkv.device)
-    pdl = use_pdl(qkv)
-    _attn_step_kernel[(h, ns)](
-        qkv, q_w, k_w, kc, vc, ks, vs, pos, out, mws, lws, aws, cnt, float(eps_q), float(eps_k), h * hd, kvh * hd,
-        kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), ks.stride(0) if quant else 0,
-        vs.stride(0) if quant else 0, float(hd) ** -0.5, hd,
-        G=h // kvh, BQ=next_pow2(h * hd), BK=next_pow2(kvh * hd), BD=next_pow2(hd), BS=block_s, NS=ns,
-        NSP=next_pow2(ns), MINS=mins, QUANT=quant, USE_PDL=pdl,
-        num_warps=num_warps or (SHORT_CTX_WARPS if max_ctx < 16384 else 8), num_stages=2, **pdl_kwargs(pdl),
-    )
-    return out
-
-
 def quantize_kv_int8_triton(
     k: torch.Tensor,
     *,
@@ -623,13 +454,6 @@ def quantize_kv_int8(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     fn = quantize_kv_int8_triton if use_triton(k) else quantize_kv_int8_ref
     return fn(k, out=out, pos=pos)
-
-
-def attention_step(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor, eps_q: float, eps_k: float,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, *,
-                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    fn = attention_step_triton if use_triton(qkv) else attention_step_ref
-    return fn(qkv, q_w, k_w, eps_q, eps_k, k_cache, v_cache, pos, k_scale=k_scale, v_scale=v_scale)
 
 
 def attention_prep(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor, eps_q: float, eps_k: float,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from olmo_local.generate import Sampler, SamplingParams, sampling_probs, valid_logits
-from olmo_local.kernels.attention_decode import attention_decode, attention_prep, attention_step, quantize_kv_int8
+from olmo_local.kernels.attention_decode import attention_decode, attention_prep, quantize_kv_int8
 from olmo_local.kernels.gdn_decode import gdn_decode_step
 from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_silu_mul
 from olmo_local.kernels.gemv_q8 import q8_gemv, q8_gemv_silu_mul
@@ -64,8 +64,6 @@ class DecodeStep:
     """``step(token) -> logits [V]``: feeds one token at ``state.pos`` and advances the state."""
 
     fuse_attention_prep = True  # NoPE attention layers: kernels.attention_decode.attention_prep
-    # NoPE attention layers (with fuse_attention_prep): prep and decode in one launch (attention_step)
-    fuse_attention_step = True
     # sampling graphs draw with kernels.sample (temperature, top-p by a radix search on the probabilities
     # instead of a sort, min-p, the race with Philox noise keyed by a device step counter; 3 launches, 7
     # with top-p) when there is no top-k; off: the torch ops of generate.sampling_probs and noise drawn by
@@ -170,10 +168,6 @@ class DecodeStep:
         qkv = linear(L.qkv, x)
         if rope is None and self.fuse_attention_prep:  # NoPE (the 7B): norms, cache writes, length: 1 launch
             scales = dict(k_scale=st.k_scale[i], v_scale=st.v_scale[i]) if st.kv_int8 else {}
-            if self.fuse_attention_step:
-                o = attention_step(qkv, L.q_norm.weight, L.k_norm.weight, L.q_norm.eps, L.k_norm.eps, st.k_cache[i],
-                                   st.v_cache[i], st.pos_t, **scales)
-                return self._attn_out(L, x, o)
             q = attention_prep(qkv, L.q_norm.weight, L.k_norm.weight, L.q_norm.eps, L.k_norm.eps, st.k_cache[i],
                                st.v_cache[i], st.pos_t, self.length, **scales)
             o = attention_decode(q, st.k_cache[i], st.v_cache[i], pos=st.pos_t, **scales)

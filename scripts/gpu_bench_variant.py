@@ -16,9 +16,7 @@ q4 GEMVs with 16 rows per warp and ~6-7 programs per SM (the default before the 
 decode with 8 warps also below 16K positions of cache; "-nopipe": one greedy() call per token instead of the
 pipelined picks (DecodeStep.pipelined off); "-torchargmax": the greedy graph takes torch.argmax and a copy
 instead of kernels.sample.greedy_triton; "-oldends": the q8 embedding in torch ops and pos_t advanced by a torch
-add (as before the q8_embed kernel and the pick tails' position update); "-prepdecode": NoPE attention through
-attention_prep and attention_decode instead of the one-launch attention_step; "-minsN": attention_step's
-minimum split length N (attention_decode.STEP_MIN_SPLIT).
+add (as before the q8_embed kernel and the pick tails' position update).
 """
 
 from __future__ import annotations
@@ -41,10 +39,6 @@ def main() -> int:
 
     import olmo_local.model as mdl
 
-    m_mins = re.search(r"-mins(\d+)$", variant)
-    if m_mins:
-        ka.STEP_MIN_SPLIT = int(m_mins.group(1))
-        variant = variant[: m_mins.start()]
     if variant.endswith("-oldends"):
         import olmo_local.kernels.embed as ke
 
@@ -57,7 +51,6 @@ def main() -> int:
                                      ("-splitloop", k4, "SPLITK_TREE_MAX", 0),
                                      ("-attnw8", ka, "SHORT_CTX_WARPS", 8),
                                      ("-nopipe", dec.DecodeStep, "pipelined", False),
-                                     ("-prepdecode", dec.DecodeStep, "fuse_attention_step", False),
                                      ("-torchargmax", dec.DecodeStep, "fused_greedy", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)

@@ -566,12 +566,6 @@ def aot_report() -> int:
                   "vc_ptr": "*i8", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "pos_ptr": "*i32", "len_ptr": "*i32",
                   "eps_q": "fp32", "eps_k": "fp32", "NQ": "i32", "NK": "i32", "HD": "i32", "stride_kh": "i32",
                   "stride_kt": "i32", "stride_vh": "i32", "stride_vt": "i32", "stride_ksh": "i32", "stride_vsh": "i32"}
-    step_types = {"qkv_ptr": "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
-                  "ks_ptr": "*fp32", "vs_ptr": "*fp32", "pos_ptr": "*i32", "out_ptr": "*bf16", "mws_ptr": "*fp32",
-                  "lws_ptr": "*fp32", "aws_ptr": "*fp32", "cnt_ptr": "*i32", "eps_q": "fp32", "eps_k": "fp32",
-                  "NQ": "i32", "NK": "i32", "stride_kh": "i32", "stride_kt": "i32", "stride_vh": "i32",
-                  "stride_vt": "i32", "stride_ksh": "i32", "stride_vsh": "i32", "sm_scale": "fp32", "HD": "i32"}
-    step_div = ("NQ", "NK", "stride_kh", "stride_kt", "stride_vh", "stride_vt", "stride_ksh", "stride_vsh", "HD")
     norm_types = {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "ro_ptr": "*bf16",
                   "D": "i32", "eps": "fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
                   "stride_ro": "i32"}
@@ -625,12 +619,6 @@ def aot_report() -> int:
          {"G": 1, "BD": 128, "BS": 64, "NS": 18, "NSP": 32, "QUANT": False}, 8, att_div),
         ("attention int8 hd=128 BS=64", katt._attn_decode_kernel, dict(att_types, k_ptr="*u8", v_ptr="*u8"),
          {"G": 1, "BD": 128, "BS": 64, "NS": 18, "NSP": 32, "QUANT": True}, 8, att_div),
-        ("attention step bf16 (prep + decode)", katt._attn_step_kernel, step_types,
-         {"G": 1, "BQ": 4096, "BK": 4096, "BD": 128, "BS": 32, "NS": 18, "NSP": 32, "MINS": 128, "QUANT": False},
-         4, step_div),
-        ("attention step int8 (prep + decode)", katt._attn_step_kernel, dict(step_types, k_ptr="*u8", v_ptr="*u8"),
-         {"G": 1, "BQ": 4096, "BK": 4096, "BD": 128, "BS": 32, "NS": 36, "NSP": 64, "MINS": 128, "QUANT": True},
-         8, step_div),
         ("attention prep (q/k norm + int8 KV write)", katt._attn_prep_kernel, prep_types,
          {"G": 1, "BQ": 4096, "BK": 4096, "BD": 128, "QUANT": True}, 4, ("NQ", "NK", "HD")),
         ("attention prep (bf16 KV write)", katt._attn_prep_kernel, dict(prep_types, kc_ptr="*bf16", vc_ptr="*bf16"),

@@ -27,18 +27,15 @@ def _quantize_model(model, fmt):
 @pytest.mark.parametrize("fmt,rope,kv", [("dense", None, "bf16"), ("dense", 10000.0, "bf16"), ("q4", None, "bf16"),
                                          ("q4-tiled", None, "bf16"), ("q8", None, "bf16"),
                                          ("dense", None, "int8"), ("unfused", None, "bf16"),
-                                         ("unfused", None, "int8"), ("prep", None, "bf16"), ("prep", None, "int8")])
+                                         ("unfused", None, "int8")])
 def test_static_step_equals_eager(tmp_path, fmt, rope, kv, monkeypatch):
     """The static step equals the eager forward token by token; "unfused": NoPE attention through the
-    separate norm / cache-write ops instead of attention_step, "prep": through attention_prep and
-    attention_decode (every path must equal the eager forward)."""
+    separate norm / cache-write ops instead of attention_prep (both paths must equal the eager forward)."""
     cfg = tiny_config(rope_theta=rope, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
                       linear_key_head_dim=16, linear_value_head_dim=32)
     model = load_model(write_checkpoint(hf_model(cfg, seed=5), cfg, tmp_path / "c"), "cpu", torch.float32)
     if fmt == "unfused":
         monkeypatch.setattr(DecodeStep, "fuse_attention_prep", False)
-    elif fmt == "prep":  # attention_prep then attention_decode instead of the one-launch attention_step
-        monkeypatch.setattr(DecodeStep, "fuse_attention_step", False)
     elif fmt != "dense":
         model = _quantize_model(model, fmt[:2])
     if fmt == "q4-tiled":  # the GPU layout (what load_model does on CUDA), here on the CPU paths
