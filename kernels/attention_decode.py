@@ -332,6 +332,9 @@ def attention_prep_triton(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tenso
 # took 9.0 / 10.6 / 26.6 us at lengths 128 / 640 / 4000 of a 4K cache against 11.7 / 12.6 / 30.3 with 8,
 # but at length 32768 of a 33K cache 180 against 132 us (scripts/gpu_attn_probe.py)
 SHORT_CTX_WARPS = 4
+# the launch is tuned for the cache size (or a ctx_hint): from this many positions on, 8 warps and ~8
+# programs per SM; below, SHORT_CTX_WARPS and ~4 per SM
+LONG_CTX_LAUNCH = 16384
 
 
 def default_num_splits(max_ctx: int, num_heads: int, device: torch.device, block_s: int = 32) -> int:
@@ -339,7 +342,7 @@ def default_num_splits(max_ctx: int, num_heads: int, device: torch.device, block
     ~8 programs per SM for contexts of 16K and more, ~4 below, never more than blocks of work. H200
     sweep (30 heads x 128): at L=32768, 36 splits of 32-position blocks took 131 us (bf16) / 109 us
     (int8) vs 152 / 116 us at 18 x 64; at L=4096, 18 x 32 took 26.7 us vs 29.6 at 18 x 64."""
-    per_sm = 8 if max_ctx >= 16384 else 4
+    per_sm = 8 if max_ctx >= LONG_CTX_LAUNCH else 4
     return max(1, min(cdiv(max_ctx, block_s), cdiv(per_sm * num_sms(device), num_heads), 64))
 
 
@@ -357,8 +360,11 @@ def attention_decode_triton(
     num_warps: int | None = None,
     num_stages: int = 2,
     pos: torch.Tensor | None = None,
+    ctx_hint: int | None = None,
 ) -> torch.Tensor:
-    """Triton version of attention_decode_ref (num_splits / block_s for tests and tuning)."""
+    """Triton version of attention_decode_ref (num_splits / block_s for tests and tuning). ``ctx_hint``:
+    the context size to tune the launch for instead of the cache's (split count, warps; any length
+    stays correct): a decode graph for short contexts in a long cache passes LONG_CTX_LAUNCH - 1."""
     _length_or_pos(length, pos)
     if length is None:
         length = pos  # the kernel reads pos (EARLY); len_ptr is not read
@@ -379,8 +385,9 @@ def attention_decode_triton(
         ks = vs = length  # unused
     if out is None:
         out = torch.empty((h, hd), dtype=q.dtype, device=q.device)
-    ns = num_splits or default_num_splits(max_ctx, h, q.device, block_s)
-    num_warps = num_warps or (SHORT_CTX_WARPS if max_ctx < 16384 else 8)
+    tune_ctx = min(max_ctx, ctx_hint) if ctx_hint else max_ctx
+    ns = num_splits or default_num_splits(tune_ctx, h, q.device, block_s)
+    num_warps = num_warps or (SHORT_CTX_WARPS if tune_ctx < LONG_CTX_LAUNCH else 8)
     g = h // kvh
     mws = workspace("attn_m", (h, ns), torch.float32, q.device)
     lws = workspace("attn_l", (h, ns), torch.float32, q.device)
@@ -441,9 +448,12 @@ def attention_decode(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     pos: torch.Tensor | None = None,
+    ctx_hint: int | None = None,
 ) -> torch.Tensor:
-    fn = attention_decode_triton if use_triton(q) else attention_decode_ref
-    return fn(q, k_cache, v_cache, length, out, k_scale=k_scale, v_scale=v_scale, pos=pos)
+    if use_triton(q):
+        return attention_decode_triton(q, k_cache, v_cache, length, out, k_scale=k_scale, v_scale=v_scale, pos=pos,
+                                       ctx_hint=ctx_hint)
+    return attention_decode_ref(q, k_cache, v_cache, length, out, k_scale=k_scale, v_scale=v_scale, pos=pos)
 
 
 def quantize_kv_int8(

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from olmo_local.generate import Sampler, SamplingParams, sampling_probs, valid_logits
-from olmo_local.kernels.attention_decode import attention_decode, attention_prep, quantize_kv_int8
+from olmo_local.kernels.attention_decode import (LONG_CTX_LAUNCH, attention_decode, attention_prep,
+                                                 quantize_kv_int8)
 from olmo_local.kernels.gdn_decode import gdn_decode_step
 from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_silu_mul
 from olmo_local.kernels.gemv_q8 import q8_gemv, q8_gemv_silu_mul
@@ -72,6 +73,11 @@ class DecodeStep:
     # greedy graphs take the argmax with kernels.sample.greedy_triton (one PDL-chained launch that also
     # writes the next step's token) instead of torch.argmax and a copy
     fused_greedy = True
+    # a cache of LONG_CTX_LAUNCH positions or more gets two captures of each graph: attention launched as
+    # for a short context (fewer splits, 4 warps; correct at any length) for steps below this position,
+    # and as for the long cache from it on (H200: 4 warps took 9.0 vs 11.7 us per layer at 128 positions,
+    # 8 warps 132 vs 180 us at 32768)
+    long_ctx_from = 12288
     # whether Generator.stream and bench use greedy_picks() / sample_picks() (one step in flight: the step
     # that feeds id k is launched before id k is read) instead of one greedy() / sample() call per token;
     # an instance with a graph takes this class default, one without a graph (CPU) is off (nothing to
@@ -91,11 +97,13 @@ class DecodeStep:
                 torch.arange(0, hd, 2, dtype=torch.float32, device=self.device) / hd))
         self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
         self.pipelined = type(self).pipelined and self.use_graph
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        # per launch regime (see _regime): the plain graph and its logits
+        self.graphs: list[tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None = None
+        self._ctx_hint: int | None = None  # the regime being captured (None: from the position)
         # greedy() / sample(): graphs that also pick the next token (its feedback stays on the device),
-        # by kind: {"greedy" | "sample": (mode, [graph, graph])}; the two graphs differ only in the host
-        # slot the id is copied to, so that two steps can be in flight (greedy_picks / sample_picks)
+        # by kind: {"greedy" | "sample": (mode, [[graph, graph] per regime])}; the two graphs of a regime
+        # differ only in the host slot the id is copied to, so that two steps can be in flight
+        # (greedy_picks / sample_picks)
         self.pick_graphs: dict[str, tuple] = {}
         self.rng: torch.Generator | None = None
         self.noise = torch.ones(model.config.vocab_size, dtype=torch.float32, device=self.device)
@@ -109,10 +117,20 @@ class DecodeStep:
         self._token_on_device: int | None = None  # the id greedy() left in self.token
 
     # ---- the static path ---------------------------------------------------------------------
+    def _hints(self) -> list[int]:
+        """The context sizes the attention launches are tuned for, one per regime."""
+        mc = self.state.max_ctx
+        return [LONG_CTX_LAUNCH - 1, mc] if mc >= LONG_CTX_LAUNCH else [mc]
+
+    def _regime(self, pos: int) -> int:
+        """The regime of the step at position ``pos``: 0 (short-context launch) or 1 (long)."""
+        return 1 if len(self._hints()) > 1 and pos >= self.long_ctx_from else 0
+
     def forward(self, advance: bool = True) -> torch.Tensor:
         """One step on ``self.token`` at position ``state.pos_t``; advances pos_t (on the device) unless
         ``advance`` is False (a pick tail that advances it in its own last launch follows)."""
         st, m = self.state, self.model
+        self._hint_now = self._ctx_hint if self._ctx_hint is not None else self._hints()[self._regime(st.pos)]
         x = m.embed(self.token)  # [1, d]
         rope = None
         if self.inv_freq is not None:
@@ -170,7 +188,7 @@ class DecodeStep:
             scales = dict(k_scale=st.k_scale[i], v_scale=st.v_scale[i]) if st.kv_int8 else {}
             q = attention_prep(qkv, L.q_norm.weight, L.k_norm.weight, L.q_norm.eps, L.k_norm.eps, st.k_cache[i],
                                st.v_cache[i], st.pos_t, self.length, **scales)
-            o = attention_decode(q, st.k_cache[i], st.v_cache[i], pos=st.pos_t, **scales)
+            o = attention_decode(q, st.k_cache[i], st.v_cache[i], pos=st.pos_t, ctx_hint=self._hint_now, **scales)
             return self._attn_out(L, x, o)
         q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
         q = rmsnorm(q, L.q_norm.weight, L.q_norm.eps).view(H, 1, hd)
@@ -182,12 +200,12 @@ class DecodeStep:
             quantize_kv_int8(k, out=(st.k_cache[i], st.k_scale[i]), pos=st.pos_t)
             quantize_kv_int8(v, out=(st.v_cache[i], st.v_scale[i]), pos=st.pos_t)
             o = attention_decode(q.view(H, hd), st.k_cache[i], st.v_cache[i], pos=st.pos_t,
-                                 k_scale=st.k_scale[i], v_scale=st.v_scale[i])
+                                 k_scale=st.k_scale[i], v_scale=st.v_scale[i], ctx_hint=self._hint_now)
         else:
             pos = st.pos_t.long()
             st.k_cache[i].index_copy_(1, pos, k.to(st.k_cache.dtype))
             st.v_cache[i].index_copy_(1, pos, v.to(st.v_cache.dtype))
-            o = attention_decode(q.view(H, hd), st.k_cache[i], st.v_cache[i], pos=st.pos_t)
+            o = attention_decode(q.view(H, hd), st.k_cache[i], st.v_cache[i], pos=st.pos_t, ctx_hint=self._hint_now)
         return self._attn_out(L, x, o)
 
     def _attn_out(self, L: AttentionLayer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -241,36 +259,45 @@ class DecodeStep:
         return self.fused_sampler and lg.is_cuda and sample_fits(lg, params.top_k)
 
     def capture(self, mode: tuple | None = None) -> None:
-        """Record the step into a CUDA graph (warm-up runs compile the kernels first; the state is
-        restored afterwards, so capturing does not change the conversation). With a ``mode`` (see
-        _pick_tail) the recorded step also picks the next token: the greedy or the sampling graph."""
+        """Record the step into CUDA graphs, one per regime (warm-up runs compile the kernels first; the
+        state is restored afterwards, so capturing does not change the conversation). With a ``mode``
+        (see _pick_tail) the recorded step also picks the next token: the greedy or the sampling graphs,
+        two per regime (one per host slot). All of one call's graphs share one memory pool."""
         snap = self.state.snapshot()
         rng = self.rng_state.clone()  # the warm-up draws must not advance a seeded reply's steps
         self.token.fill_(0)
-        s = torch.cuda.Stream(device=self.device)
-        s.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(s), torch.inference_mode():
-            for _ in range(2):
-                if mode is not None:
-                    self._forward_pick(mode)
-                else:
-                    self.forward()
-                self.state.pos_t.fill_(snap.pos)
-        torch.cuda.current_stream(self.device).wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
-            if mode is not None:
-                self._forward_pick(mode)
-            else:
-                logits = self.forward()
+        pool = None
+        plain, picks = [], []
+        try:
+            for hint in self._hints():
+                self._ctx_hint = hint
+                s = torch.cuda.Stream(device=self.device)
+                s.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(s), torch.inference_mode():
+                    for _ in range(2):
+                        if mode is not None:
+                            self._forward_pick(mode)
+                        else:
+                            self.forward()
+                        self.state.pos_t.fill_(snap.pos)
+                torch.cuda.current_stream(self.device).wait_stream(s)
+                pair = []
+                for slot in ((0, 1) if mode is not None else (0,)):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
+                        if mode is not None:
+                            self._forward_pick(mode, slot)
+                        else:
+                            plain.append((graph, self.forward()))
+                    pool = pool or graph.pool()
+                    pair.append(graph)
+                picks.append(pair)
+        finally:
+            self._ctx_hint = None
         if mode is None:
-            self.graph, self.logits = graph, logits
+            self.graphs = plain
         else:
-            # the same step copying its id to the second host slot (capturing runs nothing; one memory pool)
-            graph1 = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph1, pool=graph.pool()), torch.inference_mode():
-                self._forward_pick(mode, 1)
-            self.pick_graphs[mode[0]] = (mode, [graph, graph1])
+            self.pick_graphs[mode[0]] = (mode, picks)
         self.state.restore(snap)
         self.rng_state.copy_(rng)
         self._token_on_device = None
@@ -280,13 +307,13 @@ class DecodeStep:
     def __call__(self, token: int) -> torch.Tensor:
         st = self.state
         st.check_room(1)
-        if self.use_graph and self.graph is None:
+        if self.use_graph and self.graphs is None:
             self.capture()  # before the token is set: capturing runs warm-up steps on token 0
         self.token.fill_(token)
         self._token_on_device = None
         if self.use_graph:
-            self.graph.replay()
-            logits = self.logits
+            graph, logits = self.graphs[self._regime(st.pos)]
+            graph.replay()
         else:
             logits = self.forward()
         st.pos += 1
@@ -388,7 +415,7 @@ class DecodeStep:
             if before is not None:
                 before()
             if graphs is not None:
-                graphs[slot].replay()
+                graphs[self._regime(st.pos)][slot].replay()
                 if self._events is not None:
                     self._events[slot].record()
             else:
@@ -433,7 +460,7 @@ class DecodeStep:
         if self._token_on_device != token:
             with torch.inference_mode():
                 self.token.fill_(token)
-        have[1][0].replay()
+        have[1][self._regime(st.pos)][0].replay()
         if self._events is not None:
             self._events[0].record()
             self._events[0].synchronize()  # host_ids[0] is written by the graph

@@ -58,7 +58,7 @@ def time_step(m, variant: str, reps: int) -> float:
         dec.attention_prep = lambda qkv, *a, **k: qkv.view(-1)[: H * hd]
     with torch.inference_mode():
         step(1)
-        g = step.graph
+        g = step.graphs[0][0]
         for _ in range(10):
             g.replay()
         torch.cuda.synchronize()

@@ -50,13 +50,13 @@ def main() -> None:
         ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         ev0.record()
         for _ in range(a.steps):
-            step.graph.replay()
+            step.graphs[0][0].replay()
         ev1.record()
         torch.cuda.synchronize()
         wall = ev0.elapsed_time(ev1) * 1e3 / a.steps
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(a.steps):
-                step.graph.replay()
+                step.graphs[0][0].replay()
             torch.cuda.synchronize()
     evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     evs.sort(key=lambda e: e.time_range.start)

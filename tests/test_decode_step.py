@@ -91,11 +91,11 @@ def test_first_graph_step_decodes_its_own_token(tmp_path):
     model = load_model(write_checkpoint(hf_model(cfg, seed=3), cfg, tmp_path / "c"), "cpu", torch.float32)
 
     class Replay:
-        def __init__(self, step):
-            self.step = step
+        def __init__(self, step, buf):
+            self.step, self.buf = step, buf
 
         def replay(self):
-            self.step.logits = self.step.forward()
+            self.buf.copy_(self.step.forward())  # a graph's static logits buffer
 
     class FakeGraphStep(DecodeStep):
         def capture(self):
@@ -105,7 +105,8 @@ def test_first_graph_step_decodes_its_own_token(tmp_path):
                 self.forward()
                 self.state.pos_t.fill_(snap.pos)
             self.state.restore(snap)
-            self.graph = Replay(self)
+            buf = torch.empty(cfg.vocab_size)
+            self.graphs = [(Replay(self, buf), buf)]
 
     prompt = torch.randint(1, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4))
     eager, static = DecodeState(cfg, 64), DecodeState(cfg, 64)
@@ -155,7 +156,7 @@ class _FakePickGraphStep(DecodeStep):
 
     def capture(self, mode=None):
         assert mode is not None
-        self.pick_graphs[mode[0]] = (mode, [_PickReplay(self, mode, 0), _PickReplay(self, mode, 1)])
+        self.pick_graphs[mode[0]] = (mode, [[_PickReplay(self, mode, 0), _PickReplay(self, mode, 1)]])
         self._token_on_device = None
 
 
@@ -434,3 +435,70 @@ def test_picks_on_cuda_equal_one_step_at_a_time(tmp_path, kind):
     assert o1 == o0 and t1 == t0 and p1 == p0 == d1 == d0 and torch.equal(r1, r0)
     assert len(set(o0)) > 1 or kind == "greedy"
     assert o2 == o0[:5] and t2 == t0[:len(t0) - 6] and p2 == d2 == len(t2)  # the step feeding o0[4] was in flight
+
+
+def test_long_caches_switch_graphs_by_position(tmp_path, monkeypatch):
+    """A cache of LONG_CTX_LAUNCH positions or more gets one pick graph pair per regime: steps below
+    long_ctx_from replay the short-context capture (attention tuned for a 16K cache), later ones the
+    long one, also in the middle of a pipelined run; the ids are the greedy ids either way."""
+    from olmo_local.kernels.attention_decode import LONG_CTX_LAUNCH
+
+    cfg = tiny_config()
+    model = load_model(write_checkpoint(hf_model(cfg, seed=8), cfg, tmp_path / "c"), "cpu", torch.float32)
+    prompt = list(range(3, 30))
+    want, _ = _greedy_reference(model, cfg, prompt, 7)
+    hints = []
+
+    class TwoRegimes(_FakePickGraphStep):
+        def capture(self, mode=None):
+            pairs = []
+            for r, hint in enumerate(self._hints()):
+                pairs.append([_PickReplay(self, mode, 0), _PickReplay(self, mode, 1)])
+                for g in pairs[-1]:
+                    g.regime = r
+            self.pick_graphs[mode[0]] = (mode, pairs)
+            self._token_on_device = None
+
+        def forward(self, advance=True):
+            hints.append(self._hints()[self._regime(self.state.pos)])
+            return super().forward(advance)
+
+    st = DecodeState(cfg, LONG_CTX_LAUNCH)
+    with torch.no_grad():
+        model(torch.tensor([prompt]), st)
+    step = TwoRegimes(model, st, use_graph=True)
+    assert step._hints() == [LONG_CTX_LAUNCH - 1, LONG_CTX_LAUNCH]
+    monkeypatch.setattr(step, "long_ctx_from", len(prompt) + 3)
+    assert list(step.greedy_picks(want[0], 6)) == want[1:]
+    # the steps at positions len(prompt) .. + 5: three below long_ctx_from, three from it on
+    assert hints == [LONG_CTX_LAUNCH - 1] * 3 + [LONG_CTX_LAUNCH] * 3
+    small = TwoRegimes(model, DecodeState(cfg, 128), use_graph=True)
+    assert small._hints() == [128] and small._regime(10**6) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
+def test_long_cache_graphs_on_cuda_cross_the_regime_boundary(tmp_path):
+    """On the GPU with a 16K cache: the greedy graphs switch from the short- to the long-context capture
+    in the middle of a pipelined run and pick what the same step without graphs picks, token by token."""
+    from olmo_local.kernels.attention_decode import LONG_CTX_LAUNCH
+
+    cfg = tiny_config()
+    path = write_checkpoint(hf_model(cfg, seed=6), cfg, tmp_path / "c")
+    model = load_model(path, "cuda", torch.float32)
+    prompt = torch.randint(1, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
+    runs = []
+    for graph in (False, True):
+        st = DecodeState(cfg, LONG_CTX_LAUNCH, "cuda", torch.float32)
+        with torch.inference_mode():
+            tok = int(model(prompt.cuda(), st)[0, -1].argmax())
+        step = DecodeStep(model, st, use_graph=graph)
+        step.long_ctx_from = 46
+        if graph:
+            out = list(step.greedy_picks(tok, 12))
+        else:
+            out = []
+            for _ in range(12):
+                tok = step.greedy(tok)
+                out.append(tok)
+        runs.append((out, list(st.tokens)))
+    assert runs[0] == runs[1]

@@ -201,3 +201,23 @@ def test_attention_prep(int8, h, kvh, hd):
     else:
         deq = (vc0[:, 5].float() * vs0[:, 5, None]).reshape(-1)
         assert relerr(deq, vf) < 1e-2
+
+
+def test_attention_ctx_hint_tunes_the_launch_not_the_result():
+    """A ctx_hint below the cache size picks the short-context launch (fewer splits) and gives the same
+    attention output as the launch tuned for the cache, both equal to the reference."""
+    gen = torch.Generator().manual_seed(7)
+    h, hd, max_ctx, n = 2, 16, ka.LONG_CTX_LAUNCH, 300
+    q = torch.randn(h, hd, generator=gen).to(torch.bfloat16)
+    k = torch.randn(h, max_ctx, hd, generator=gen).to(torch.bfloat16)
+    v = torch.randn(h, max_ctx, hd, generator=gen).to(torch.bfloat16)
+    pos = torch.tensor([n - 1], dtype=torch.int32)
+    ref = ka.attention_decode_ref(q, k, v, pos=pos)
+    outs = []
+    for hint in (None, ka.LONG_CTX_LAUNCH - 1):
+        outs.append(ka.attention_decode_triton(q, k, v, pos=pos, ctx_hint=hint))
+        assert relerr(outs[-1], ref) < 1e-2
+    short = ka.default_num_splits(ka.LONG_CTX_LAUNCH - 1, h, q.device)
+    long = ka.default_num_splits(max_ctx, h, q.device)
+    assert short < long
+    assert {k[1] for k in _triton._WORKSPACES if k[0] == "attn_m"} >= {(h, short), (h, long)}
