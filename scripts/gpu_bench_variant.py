@@ -16,7 +16,8 @@ q4 GEMVs with 16 rows per warp and ~6-7 programs per SM (the default before the 
 decode with 8 warps also below 16K positions of cache; "-nopipe": one greedy() call per token instead of the
 pipelined picks (DecodeStep.pipelined off); "-torchargmax": the greedy graph takes torch.argmax and a copy
 instead of kernels.sample.greedy_triton; "-oldends": the q8 embedding in torch ops and pos_t advanced by a torch
-add (as before the q8_embed kernel and the pick tails' position update).
+add (as before the q8_embed kernel and the pick tails' position update); "-oneregime": decode graphs of a long
+cache launch attention as for the long cache at every position (DecodeStep.long_ctx_from = 0).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> int:
                                      ("-splitloop", k4, "SPLITK_TREE_MAX", 0),
                                      ("-attnw8", ka, "SHORT_CTX_WARPS", 8),
                                      ("-nopipe", dec.DecodeStep, "pipelined", False),
+                                     ("-oneregime", dec.DecodeStep, "long_ctx_from", 0),
                                      ("-torchargmax", dec.DecodeStep, "fused_greedy", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)
