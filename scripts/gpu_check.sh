@@ -34,6 +34,7 @@ for s in $steps; do
              tail -3 "$OUT/tests.log"; grep -E "^FAILED|Error" "$OUT/tests.log" | head -10 ;;
     ablate)  timeout 200 python3 scripts/gpu_ablate_decode.py 2>&1 | tee "$OUT/ablate.log" | tail -10 ;;
     final)   bash scripts/gpu_final.sh ;;
+    ttft)    timeout 200 python3 scripts/gpu_ttft_probe.py 2>&1 | tee "$OUT/ttft.log" | grep -v Warn | tail -10 ;;
     hostgap) timeout 200 python3 scripts/gpu_host_gap.py 2>&1 | tee "$OUT/hostgap.log" | grep -v Warn | tail -8 ;;
     memprobe) timeout 240 python3 scripts/gpu_mem_probe.py 2>&1 | tee "$OUT/memprobe.log" | grep -v Warn | tail -8 ;;
     profdec) timeout 200 python3 scripts/gpu_profile_decode.py --json "$OUT/profdec.json" 2>&1 | tee "$OUT/profdec.log" | tail -30 ;;
