@@ -77,12 +77,17 @@ def gdn_decode_step_ref(
     out: torch.Tensor | None = None,
     *,
     ab_from: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ab_rstd: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     hk, hv, dk, dv, conv_dim, kconv = _shapes(qkv, A_log, rec_state, conv_weight)
     f32 = torch.float32
     if ab_from is not None:  # a|b = u @ W_ab.T computed here, in fp32 (the fused kernel does the same)
         u, w_ab = ab_from
-        a, b = (w_ab.to(f32) @ u.reshape(-1).to(f32)).split([hv, hv])
+        ab = w_ab.to(f32) @ u.reshape(-1).to(f32)
+        if ab_rstd is not None:  # u is x~ of a folded norm (kernels.gemv_q4.q4_gemv_fold): scale by rstd
+            ss, eps = ab_rstd
+            ab = ab * torch.rsqrt(ss.to(f32).sum() / u.numel() + eps)
+        a, b = ab.split([hv, hv])
     # short causal conv over [old K-1 inputs, current], then SiLU
     x = qkv.reshape(conv_dim, 1).to(f32)
     win = torch.cat([conv_state.to(f32), x], dim=1)  # [conv_dim, K]
@@ -165,6 +170,7 @@ if HAS_TRITON:
         NEG: tl.constexpr, USE_PDL: tl.constexpr,
         u_ptr=None, wab_ptr=None, D=0, FUSED_AB: tl.constexpr = False, BU: tl.constexpr = 512,
         AB_ONCE: tl.constexpr = False,
+        rss_ptr=None, NSS=0, eps_r=0.0, AB_RSTD: tl.constexpr = False, NSSP: tl.constexpr = 1,
     ):
         pdl_launch_dependents(USE_PDL)
         h = tl.program_id(0)
@@ -198,6 +204,9 @@ if HAS_TRITON:
             w_a = tl.load(wab_ptr + h * D + du, mask=mu, other=0)
             w_b = tl.load(wab_ptr + (HK * R + h) * D + du, mask=mu, other=0)
         pdl_wait(USE_PDL)
+        if AB_RSTD:  # u is x~ of a folded norm: a|b scaled by rstd from the producer's row-block sums
+            jss = tl.arange(0, NSSP)
+            ab_scale = 1.0 / tl.sqrt(tl.sum(tl.load(rss_ptr + jss, mask=jss < NSS, other=0.0), axis=0) / D + eps_r)
 
         # q and k of this head: conv, SiLU, L2 norm (recomputed by every program of the group)
         win_q, nxt_q = _conv_window(qkv_ptr, old_q, nxt_q, qch, mk, jj, KC)
@@ -230,6 +239,9 @@ if HAS_TRITON:
         else:
             a_h = tl.load(a_ptr + h).to(tl.float32)
             b_h = tl.load(b_ptr + h).to(tl.float32)
+        if AB_RSTD:
+            a_h = a_h * ab_scale
+            b_h = b_h * ab_scale
         x = a_h + dt_b
         sp = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
         alpha = tl.exp(-tl.exp(a_log) * sp)
@@ -283,6 +295,7 @@ def gdn_decode_step_triton(
     out: torch.Tensor | None = None,
     *,
     ab_from: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ab_rstd: tuple[torch.Tensor, float] | None = None,
     block_v: int = 64,
     num_warps: int = 8,
     ab_once_max: int | None = None,
@@ -300,7 +313,13 @@ def gdn_decode_step_triton(
         fused = dict(u_ptr=u, wab_ptr=w_ab, D=u.numel(), FUSED_AB=True)
         if u.numel() <= (AB_ONCE_MAX_D if ab_once_max is None else ab_once_max):
             fused.update(BU=next_pow2(u.numel()), AB_ONCE=True)
+        if ab_rstd is not None:
+            ss, eps = ab_rstd
+            fused.update(rss_ptr=ss, NSS=ss.numel(), eps_r=float(eps), AB_RSTD=True,
+                         NSSP=max(2, next_pow2(ss.numel())))
     else:
+        if ab_rstd is not None:
+            raise ValueError("ab_rstd scales the fused a|b projection: give ab_from too")
         fused = {}
     if rec_state.dtype != torch.float32 or not rec_state.is_contiguous():
         raise ValueError("rec_state must be a contiguous fp32 [Hv, dk, dv] tensor")
@@ -348,9 +367,11 @@ def gdn_decode_step(
     out: torch.Tensor | None = None,
     *,
     ab_from: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ab_rstd: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """One decode step of a GDN layer. With ``ab_from=(u, W_ab)`` the a|b projection of the normed
-    input u is computed inside the step (a and b are then ignored: pass None)."""
+    input u is computed inside the step (a and b are then ignored: pass None); with ``ab_rstd=(ss,
+    eps)`` u is the x~ of a folded norm and a|b are scaled by rsqrt(sum(ss) / D + eps)."""
     fn = gdn_decode_step_triton if use_triton(rec_state) else gdn_decode_step_ref
     return fn(qkv, z, a, b, conv_weight, conv_state, A_log, dt_bias, norm_weight, rec_state,
-              allow_neg_eigval, out, ab_from=ab_from)
+              allow_neg_eigval, out, ab_from=ab_from, ab_rstd=ab_rstd)

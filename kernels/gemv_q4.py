@@ -44,6 +44,8 @@ __all__ = [
     "TILE_ROWS",
     "q4_dequantize",
     "q4_gemv",
+    "q4_gemv_fold",
+    "q4_gemv_fold_ref",
     "q4_gemv_ref",
     "q4_gemv_silu_mul",
     "q4_gemv_silu_mul_ref",
@@ -115,6 +117,14 @@ def _finish(y: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None) -> torch
     return out
 
 
+def _rstd(rstd: tuple | None, k: int) -> float | torch.Tensor:
+    """The consumer side of a folded norm: rsqrt(sum of the producer's row-block sums / K + eps)."""
+    if rstd is None:
+        return 1.0
+    ss, eps = rstd
+    return torch.rsqrt(ss.to(torch.float32).sum() / k + eps)
+
+
 def q4_gemv_ref(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -123,11 +133,28 @@ def q4_gemv_ref(
     group_size: int,
     out: torch.Tensor | None = None,
     tiled: bool = False,
+    rstd: tuple | None = None,
 ) -> torch.Tensor:
-    """y = x @ W.T with W dequantized in fp32; result in x.dtype."""
+    """y = x @ W.T with W dequantized in fp32; result in x.dtype. rstd = (ss, eps): the consumer of a
+    folded norm (see q4_gemv_fold): y is scaled by rsqrt(sum(ss) / K + eps) before the rounding."""
     w = q4_dequantize(qweight, scales, mins, group_size, tiled)
-    y = _as_rows(x).to(torch.float32) @ w.T
+    y = (_as_rows(x).to(torch.float32) @ w.T) * _rstd(rstd, w.shape[1])
     return _finish(y, x, out)
+
+
+def q4_gemv_fold_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                     group_size: int, residual: torch.Tensor, w: torch.Tensor | None = None,
+                     tiled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The producer of a folded norm: y = x @ W.T (rounded to x.dtype), x_new = residual + y (rounded to
+    residual.dtype); with the norm weight w also x~ = x_new * w (x.dtype) and ss, the sum of x_new^2 (one
+    or more partial sums). The norm's consumer then computes rmsnorm(x_new) * w @ W2.T as
+    q4_gemv(x~, W2, rstd=(ss, eps)): the pre-norm without its own launch."""
+    y = q4_gemv_ref(x, qweight, scales, mins, group_size, tiled=tiled)
+    xn = (residual.to(torch.float32) + y.to(torch.float32).reshape(residual.shape)).to(residual.dtype)
+    if w is None:
+        return xn, None, None
+    xf = xn.to(torch.float32)
+    return xn, (xf * w.to(torch.float32)).to(x.dtype), xf.pow(2).sum().reshape(1)
 
 
 def q4_gemv_silu_mul_ref(
@@ -138,10 +165,12 @@ def q4_gemv_silu_mul_ref(
     group_size: int,
     out: torch.Tensor | None = None,
     tiled: bool = False,
+    rstd: tuple | None = None,
 ) -> torch.Tensor:
-    """For a merged gate|up weight [2I, K]: silu(x @ Wg.T) * (x @ Wu.T), fp32 math, x.dtype result."""
+    """For a merged gate|up weight [2I, K]: silu(x @ Wg.T) * (x @ Wu.T), fp32 math, x.dtype result
+    (rstd: as q4_gemv_ref, applied before the SiLU)."""
     w = q4_dequantize(qweight, scales, mins, group_size, tiled)
-    y = _as_rows(x).to(torch.float32) @ w.T
+    y = (_as_rows(x).to(torch.float32) @ w.T) * _rstd(rstd, w.shape[1])
     i = w.shape[0] // 2
     y = torch.nn.functional.silu(y[:, :i]) * y[:, i:]
     return _finish(y, x, out)
@@ -380,11 +409,16 @@ if HAS_TRITON:
     def _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                      G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
                      ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TR: tl.constexpr,
-                     STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr, SPLITP: tl.constexpr):
+                     STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr, SPLITP: tl.constexpr,
+                     rss_ptr, NSS, eps_r, RSTD: tl.constexpr, NSSP: tl.constexpr, FOLD: tl.constexpr,
+                     res_ptr, fw_ptr, xt_ptr, ss_ptr):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
-        rows of both tiles (tiles U, V)."""
+        rows of both tiles (tiles U, V).
+        RSTD (the consumer of a folded norm): the rows are scaled by rsqrt(sum(rss[:NSS]) / K + eps_r),
+        from the producer's row-block sums loaded beside x; FOLD (the producer, split-K only): the
+        finished rows go to the residual stream by fold_store instead of y."""
         HW: tl.constexpr = G // 8
         HALF: tl.constexpr = BN // 2
         pid_k = tl.program_id(0)
@@ -427,6 +461,11 @@ if HAS_TRITON:
         # weights and scales are written by no kernel: loaded before waiting for the previous kernel
         # (programmatic dependent launch), x and the workspaces after
         pdl_wait(USE_PDL)
+        rstd = 1.0
+        if RSTD:
+            jss = tl.arange(0, NSSP)
+            tot = tl.sum(tl.load(rss_ptr + jss, mask=jss < NSS, other=0.0), axis=0)
+            rstd = 1.0 / tl.sqrt(tot / (NGR * G) + eps_r)
         n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g_begin, NGR - 1), hw, G)
         p_xa, p_xc, p_xd, p_xe = _x_words(x_ptr, tl.minimum(g_begin + 1, NGR - 1), hw, G)
         # STAGES > 1 (with PREFETCH off): Triton's software pipeliner copies the weights and x of the
@@ -466,22 +505,25 @@ if HAS_TRITON:
             ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
             if QUAD:  # the matching up-projection rows
                 ua, ub = _mma_acc(ua, ub, ua_w, ub_w, usa, uma, usb, umb, x0, x1, x2, x3, ASM)
+        sc = 0.25  # the MMA gives every lane of a row the row's sum: four copies
+        if not SPLIT_K:
+            sc = sc * rstd  # split-K scales the finished sums instead (the partials stay unscaled)
         if GATED and GHALF:  # tile A: gate rows, tile B: their up rows
-            emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * 0.25, tl.sum(gb, 1) * 0.25, 0, pid_k, rows_a, mask_a, NR,
+            emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * sc, tl.sum(gb, 1) * sc, 0, pid_k, rows_a, mask_a, NR,
                       stride_y, 1, SPLIT_K, GATED)
             if SPLIT_K:
                 rn = pid_n * HALF + tl.arange(0, HALF)
                 splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, HALF, SPLIT, GATED,
-                              SPLITP)
+                              SPLITP, rstd)
         else:
-            emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * 0.25, tl.sum(ua, 1) * 0.25, 0, pid_k, rows_a, mask_a, NR,
+            emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * sc, tl.sum(ua, 1) * sc, 0, pid_k, rows_a, mask_a, NR,
                       stride_y, 1, SPLIT_K, GATED)
-            emit_rows(y_ptr, part_ptr, tl.sum(gb, 1) * 0.25, tl.sum(ub, 1) * 0.25, 0, pid_k, rows_a + HALF,
+            emit_rows(y_ptr, part_ptr, tl.sum(gb, 1) * sc, tl.sum(ub, 1) * sc, 0, pid_k, rows_a + HALF,
                       mask_b, NR, stride_y, 1, SPLIT_K, GATED)
             if SPLIT_K:
                 rn = pid_n * BN + tl.arange(0, BN)
                 splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT, GATED,
-                              SPLITP)
+                              SPLITP, rstd, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr)
 
     @triton.jit
     def _q4_group(acc, w, s, m, x_row, gx, mcol, magic, G: tl.constexpr, X_BF16: tl.constexpr,
@@ -572,11 +614,14 @@ if HAS_TRITON:
         GPI: tl.constexpr, MMA: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
         TR: tl.constexpr, STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr,
         SPLITP: tl.constexpr = 0,  # > 0: split-K partials added by one [SPLITP, BN] load (see splitk_finish)
+        rss_ptr=None, NSS=0, eps_r=0.0, RSTD: tl.constexpr = False, NSSP: tl.constexpr = 1,  # folded norm, consumer
+        FOLD: tl.constexpr = 0, res_ptr=None, fw_ptr=None, xt_ptr=None, ss_ptr=None,  # folded norm, producer
     ):
         pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
-                         G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP)
+                         G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP,
+                         rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -701,13 +746,14 @@ def _wide_split(n_blocks: int, iters: int, sms: int, per_sm: float) -> int:
 
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *, block_n=None, split_k=None,
                num_warps=None, num_stages=2, pairs=None, groups_per_iter=None, mma=None, prefetch=None, stages=None,
-               gate_halves=None, prefetch_depth=None):
+               gate_halves=None, prefetch_depth=None, rstd=None, fold=None):
     """The tuning knobs (keyword-only, shared by both public entry points): rows per program, K splits,
     warps, pipeline stages, bf16x2 math, groups per iteration, tensor cores, hand prefetch of the next
     group, Triton-pipelined group loop of the tensor-core path (stages), and for the gated tensor-core
     path BN/2 gate rows + their up rows per program instead of BN + BN (gate_halves), and how many
     groups ahead the hand prefetch loads (prefetch_depth 1 or 2; 2 needs two tiles per group); None
-    picks the default."""
+    picks the default. rstd = (ss, eps) / fold = (residual, w or None): the two sides of a folded norm
+    (see q4_gemv_fold; with fold the result is (x_new, x~, ss)), tensor-core path only."""
     x2 = _as_rows(x)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -741,6 +787,10 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     use_mma = (DEFAULT_MMA and t == 1 and x_bf16 and g == 128) if mma is None else bool(mma)
     if use_mma and not (t == 1 and x_bf16 and g == 128):
         raise ValueError("the tensor-core q4 path takes one bf16 row of x and group size 128")
+    if (rstd is not None or fold is not None) and not use_mma:
+        raise ValueError("a folded norm runs on the tensor-core q4 path only (one bf16 row, group 128)")
+    if fold is not None and (gated or ngr < 2):
+        raise ValueError("the producer of a folded norm is a plain projection with at least two groups")
     wide = None
     if use_mma and WIDE_PROGRAMS and block_n is None and num_warps is None and split_k is None:
         wide = _wide_launch(gated)
@@ -767,7 +817,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     if split_k is None:
         split_k = _wide_split(n_blocks, iters, num_sms(x.device), wide[2]) if wide else \
             _pick_split(n_blocks, iters, x.device)
-    split_k = max(1, min(int(split_k), iters))
+    split_k = max(2 if fold is not None else 1, min(int(split_k), iters))  # a fold finishes in the split-K tail
     gps = cdiv(iters, split_k) * gpi  # groups per split: whole iterations
     split_k = cdiv(ngr, gps)  # no empty splits
     if split_k > 1:
@@ -779,6 +829,19 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     pf = DEFAULT_PREFETCH if prefetch is None else bool(prefetch)
     depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else int(prefetch_depth)
     pf2 = bool(use_mma and pf and depth == 2 and (ghalf or not gated))
+    extra = {}
+    if rstd is not None:
+        ss_in, eps = rstd
+        extra.update(rss_ptr=ss_in, NSS=ss_in.numel(), eps_r=float(eps), RSTD=True, NSSP=max(2, next_pow2(ss_in.numel())))
+    if fold is not None:
+        res, fw = fold
+        if res.numel() != nr or not res.is_contiguous() or (fw is not None and fw.numel() != nr):
+            raise ValueError(f"a fold's residual and weight need {nr} contiguous values")
+        xn = torch.empty_like(res)
+        xt = torch.empty((1, nr), dtype=x.dtype, device=x.device) if fw is not None else None
+        ss_out = workspace("q4_fold_ss", (n_blocks,), torch.float32, x.device) if fw is not None else None
+        extra.update(FOLD=1 if fw is None else 2, res_ptr=res, fw_ptr=fw, xt_ptr=xt, ss_ptr=ss_out)
+        out, y2 = (xn, xt, ss_out), xn.view(1, -1)
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
@@ -787,7 +850,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         PREFETCH=pf, USE_PDL=pdl,
         TR=TILE_ROWS if tiled else 0, STAGES=1 if pf else (stages or DEFAULT_STAGES), GHALF=ghalf, PF2=pf2,
         SPLITP=next_pow2(split_k) if 1 < split_k <= SPLITK_TREE_MAX else 0,
-        num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
+        num_warps=num_warps, num_stages=num_stages, **extra, **pdl_kwargs(pdl),
     )
     return out
 
@@ -815,6 +878,11 @@ def _fits(x: torch.Tensor) -> bool:
     return x.dim() == 1 or x.shape[0] <= 8
 
 
+def _mma_fits(x: torch.Tensor, group_size: int) -> bool:
+    """Whether the tensor-core path (and so a folded norm) takes x: one bf16 row, group size 128."""
+    return x.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and group_size == 128
+
+
 def q4_gemv(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -823,10 +891,20 @@ def q4_gemv(
     group_size: int,
     out: torch.Tensor | None = None,
     tiled: bool = False,
+    rstd: tuple | None = None,
 ) -> torch.Tensor:
-    if use_triton(x) and _fits(x):
-        return q4_gemv_triton(x, qweight, scales, mins, group_size, out, tiled)
-    return q4_gemv_ref(x, qweight, scales, mins, group_size, out, tiled)
+    if use_triton(x) and _fits(x) and (rstd is None or _mma_fits(x, group_size)):
+        return q4_gemv_triton(x, qweight, scales, mins, group_size, out, tiled, rstd=rstd)
+    return q4_gemv_ref(x, qweight, scales, mins, group_size, out, tiled, rstd)
+
+
+def q4_gemv_fold(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                 residual: torch.Tensor, w: torch.Tensor | None = None, tiled: bool = False):
+    """Dispatch of q4_gemv_fold_ref: on the tensor-core path the split-K tail of each row block writes
+    x_new, x~ and the block's sum of squares (no norm launch)."""
+    if use_triton(x) and _mma_fits(x, group_size) and 2 * qweight.shape[1] // group_size >= 2:
+        return _q4_launch(x, qweight, scales, mins, group_size, None, False, tiled, fold=(residual, w))
+    return q4_gemv_fold_ref(x, qweight, scales, mins, group_size, residual, w, tiled)
 
 
 def q4_gemv_silu_mul(
@@ -837,7 +915,8 @@ def q4_gemv_silu_mul(
     group_size: int,
     out: torch.Tensor | None = None,
     tiled: bool = False,
+    rstd: tuple | None = None,
 ) -> torch.Tensor:
-    if use_triton(x) and _fits(x):
-        return q4_gemv_silu_mul_triton(x, qweight, scales, mins, group_size, out, tiled)
-    return q4_gemv_silu_mul_ref(x, qweight, scales, mins, group_size, out, tiled)
+    if use_triton(x) and _fits(x) and (rstd is None or _mma_fits(x, group_size)):
+        return q4_gemv_silu_mul_triton(x, qweight, scales, mins, group_size, out, tiled, rstd=rstd)
+    return q4_gemv_silu_mul_ref(x, qweight, scales, mins, group_size, out, tiled, rstd)

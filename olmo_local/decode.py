@@ -21,7 +21,7 @@ from olmo_local.generate import Sampler, SamplingParams, sampling_probs, valid_l
 from olmo_local.kernels.attention_decode import (LONG_CTX_LAUNCH, attention_decode, attention_prep,
                                                  quantize_kv_int8)
 from olmo_local.kernels.gdn_decode import gdn_decode_step
-from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_silu_mul
+from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_fold, q4_gemv_silu_mul
 from olmo_local.kernels.gemv_q8 import q8_gemv, q8_gemv_silu_mul
 from olmo_local.kernels.sample import greedy_fits, greedy_triton, sample_fits, sample_triton
 from olmo_local.kernels.norm import residual_norm, rmsnorm
@@ -39,16 +39,22 @@ def linear(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mod(x)
 
 
-def mlp_act(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def mlp_act(mlp: torch.nn.Module, x: torch.Tensor, rstd: tuple | None = None) -> torch.Tensor:
     """silu(gate(x)) * up(x), the down projection's input, with the gate|up GEMV and its SiLU·mul
-    epilogue fused."""
+    epilogue fused (rstd: the consumer side of a folded norm, q4 only)."""
     gu = mlp.gate_up
     if isinstance(gu, Q4Linear):
-        return q4_gemv_silu_mul(x, gu.qweight, gu.scales, gu.mins, gu.group_size, tiled=gu.tiled)
+        return q4_gemv_silu_mul(x, gu.qweight, gu.scales, gu.mins, gu.group_size, tiled=gu.tiled, rstd=rstd)
     if isinstance(gu, Q8Linear):
         return q8_gemv_silu_mul(x, gu.qweight, gu.scales)
     gate, up = gu(x).chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def fold(mod: torch.nn.Module, inp: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None = None):
+    """A q4 projection whose output goes into the residual stream x without a norm launch
+    (kernels.gemv_q4.q4_gemv_fold): -> (x + y, (x + y) * w, sums of squares), or x + y alone without w."""
+    return q4_gemv_fold(inp, mod.qweight, mod.scales, mod.mins, mod.group_size, x, w, tiled=mod.tiled)
 
 
 def linear_norm(mod: torch.nn.Module, inp: torch.Tensor, x: torch.Tensor, mode: str,
@@ -65,6 +71,9 @@ class DecodeStep:
     """``step(token) -> logits [V]``: feeds one token at ``state.pos`` and advances the state."""
 
     fuse_attention_prep = True  # NoPE attention layers: kernels.attention_decode.attention_prep
+    # q4 models: the GDN layers' post-norm and the residual add before an attention layer folded into
+    # the GEMVs around them (fold(): no norm launch; the consumer scales its rows by rstd)
+    fold_norms = True
     # sampling graphs draw with kernels.sample (temperature, top-p by a radix search on the probabilities
     # instead of a sort, min-p, the race with Philox noise keyed by a device step counter; 3 launches, 7
     # with top-p) when there is no top-k; off: the torch ops of generate.sampling_probs and noise drawn by
@@ -145,7 +154,10 @@ class DecodeStep:
                 x, pending = self._gdn(layer, x, pending)
             else:
                 if pending is not None:
-                    x = linear_norm(*pending, x, "add")
+                    if self._folds(pending[0]):
+                        x = fold(*pending, x)[0]
+                    else:
+                        x = linear_norm(*pending, x, "add")
                     pending = None
                 x = self._attn(layer, x, rope)
         if pending is not None:
@@ -161,23 +173,40 @@ class DecodeStep:
         """Returns (x without this layer's MLP output, (down projection, its input)): the caller runs
         the down projection with the next norm."""
         st = self.state
-        if pending is not None:  # x += previous layer's MLP output, with this layer's input norm
-            u, x = linear_norm(*pending, x, "add_rmsnorm", L.in_norm.weight, L.in_norm.eps)
-        else:
-            u = rmsnorm(x, L.in_norm.weight, L.in_norm.eps)
-        qkv, z = linear(L.qkvz, u)[0].split([L.conv_dim, L.value_dim])
         w_ab = getattr(L.ab, "weight", None)
-        if isinstance(w_ab, torch.Tensor) and w_ab.dtype == u.dtype and w_ab.is_contiguous():
+        dense_ab = isinstance(w_ab, torch.Tensor) and w_ab.dtype == x.dtype and w_ab.is_contiguous()
+        rs = None  # with a folded input norm: (row-block sums of squares, eps) for the consumers
+        if pending is not None and dense_ab and self._folds(pending[0], L.qkvz):
+            # x += previous layer's MLP output; u = rmsnorm(x) * w never formed: its consumers (the
+            # in-projection, the a|b projection in the GDN step) take x * w and scale by rstd
+            x, u, ss = fold(*pending, x, L.in_norm.weight)
+            rs = (ss, L.in_norm.eps)
+            qkvz = q4_gemv(u, L.qkvz.qweight, L.qkvz.scales, L.qkvz.mins, L.qkvz.group_size, tiled=L.qkvz.tiled,
+                           rstd=rs)
+        else:
+            if pending is not None:  # x += previous layer's MLP output, with this layer's input norm
+                u, x = linear_norm(*pending, x, "add_rmsnorm", L.in_norm.weight, L.in_norm.eps)
+            else:
+                u = rmsnorm(x, L.in_norm.weight, L.in_norm.eps)
+            qkvz = linear(L.qkvz, u)
+        qkv, z = qkvz[0].split([L.conv_dim, L.value_dim])
+        if dense_ab:
             # dense a|b (the usual case): projected inside the GDN step, one launch fewer per layer
             y = gdn_decode_step(qkv, z, None, None, L.conv_w, st.conv_state[L.idx], L.A_log, L.dt_bias,
                                 L.o_norm_w, st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0,
-                                ab_from=(u.view(-1), w_ab))
+                                ab_from=(u.view(-1), w_ab), ab_rstd=rs)
         else:
             a, b = linear(L.ab, u)[0].split([L.hv, L.hv])
             y = gdn_decode_step(qkv, z, a, b, L.conv_w, st.conv_state[L.idx], L.A_log, L.dt_bias, L.o_norm_w,
                                 st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0)
+        if self._folds(L.o, L.mlp.gate_up):  # x += o; gate|up of rmsnorm(x) as rstd * gate|up(x * w)
+            x, xt, ss = fold(L.o, y.view(1, -1), x, L.post_norm.weight)
+            return x, (L.mlp.down, mlp_act(L.mlp, xt, rstd=(ss, L.post_norm.eps)))
         h, x = linear_norm(L.o, y.view(1, -1), x, "add_rmsnorm", L.post_norm.weight, L.post_norm.eps)  # x += o
         return x, (L.mlp.down, mlp_act(L.mlp, h))
+
+    def _folds(self, *mods: torch.nn.Module) -> bool:
+        return self.fold_norms and all(isinstance(m, Q4Linear) for m in mods)
 
     def _attn(self, L: AttentionLayer, x: torch.Tensor, rope) -> torch.Tensor:
         st = self.state

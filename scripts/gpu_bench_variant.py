@@ -17,7 +17,8 @@ decode with 8 warps also below 16K positions of cache; "-nopipe": one greedy() c
 pipelined picks (DecodeStep.pipelined off); "-torchargmax": the greedy graph takes torch.argmax and a copy
 instead of kernels.sample.greedy_triton; "-oldends": the q8 embedding in torch ops and pos_t advanced by a torch
 add (as before the q8_embed kernel and the pick tails' position update); "-oneregime": decode graphs of a long
-cache launch attention as for the long cache at every position (DecodeStep.long_ctx_from = 0).
+cache launch attention as for the long cache at every position (DecodeStep.long_ctx_from = 0); "-nofold": the
+norms as their own launches instead of folded into the q4 GEMVs around them (DecodeStep.fold_norms off).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main() -> int:
                                      ("-attnw8", ka, "SHORT_CTX_WARPS", 8),
                                      ("-nopipe", dec.DecodeStep, "pipelined", False),
                                      ("-oneregime", dec.DecodeStep, "long_ctx_from", 0),
+                                     ("-nofold", dec.DecodeStep, "fold_norms", False),
                                      ("-torchargmax", dec.DecodeStep, "fused_greedy", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)

@@ -515,7 +515,7 @@ def aot_report() -> int:
         if "TR" in names and "TR" not in consts:
             consts = {**consts, "TR": 0}  # the standard q4 layout
         for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("AB_ONCE", False), ("EARLY", True),
-                              ("SPLITP", 16)):
+                              ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False)):
             if knob in names and knob not in consts:
                 consts = {**consts, knob: default}
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
@@ -547,14 +547,16 @@ def aot_report() -> int:
 
     q4_types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "y_ptr": "*bf16",
                 "part_ptr": "*fp32", "cnt_ptr": "*i32", "NR": "i32", "NGR": "i32", "stride_x": "i32",
-                "stride_y": "i32", "GPS": "i32", "SPLIT": "i32", "MAGIC": "i32"}
+                "stride_y": "i32", "GPS": "i32", "SPLIT": "i32", "MAGIC": "i32", "rss_ptr": "*fp32", "NSS": "i32",
+                "eps_r": "fp32", "res_ptr": "*bf16", "fw_ptr": "*bf16", "xt_ptr": "*bf16", "ss_ptr": "*fp32"}
     q8_types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*bf16", "part_ptr": "*fp32",
                 "cnt_ptr": "*i32", "NR": "i32", "KW": "i32", "stride_x": "i32", "stride_y": "i32", "WPS": "i32",
                 "SPLIT": "i32", "MAGIC": "i32"}
     gdn_types = {"qkv_ptr": "*bf16", "z_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "cw_ptr": "*bf16",
                  "cs_ptr": "*bf16", "alog_ptr": "*fp32", "dtb_ptr": "*fp32", "nw_ptr": "*bf16", "s_ptr": "*fp32",
                  "out_ptr": "*bf16", "ows_ptr": "*fp32", "cnt_ptr": "*i32", "HK": "i32", "DK": "i32", "DV": "i32",
-                 "R": "i32", "NVB": "i32", "q_scale": "fp32", "u_ptr": "*bf16", "wab_ptr": "*bf16", "D": "i32"}
+                 "R": "i32", "NVB": "i32", "q_scale": "fp32", "u_ptr": "*bf16", "wab_ptr": "*bf16", "D": "i32",
+                 "rss_ptr": "*fp32", "NSS": "i32", "eps_r": "fp32"}
     att_types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
                  "len_ptr": "*i32", "out_ptr": "*bf16", "mws_ptr": "*fp32", "lws_ptr": "*fp32", "aws_ptr": "*fp32",
                  "cnt_ptr": "*i32", "stride_qh": "i32", "stride_kh": "i32", "stride_kt": "i32", "stride_vh": "i32",
@@ -591,6 +593,12 @@ def aot_report() -> int:
         ("q4 gate|up+silu tc tiled gate halves", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
           "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "GHALF": True}, 4, ()),
+        ("q4 tc tiled wide, folded-norm producer", kq4._q4_gemv_kernel, q4_types,
+         {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False,
+          "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "FOLD": 2}, 4, ()),
+        ("q4 gate|up tc tiled wide, folded-norm rstd", kq4._q4_gemv_kernel, q4_types,
+         {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
+          "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "GHALF": True, "RSTD": True}, 4, ()),
         ("q4 gate|up+silu T=1 (128 weights/thr)", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 1, "MMA": False, "PREFETCH": False}, 4, ()),
         ("q4 gate|up+silu T=4", kq4._q4_gemv_kernel, q4_types,

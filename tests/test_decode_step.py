@@ -502,3 +502,28 @@ def test_long_cache_graphs_on_cuda_cross_the_regime_boundary(tmp_path):
                 out.append(tok)
         runs.append((out, list(st.tokens)))
     assert runs[0] == runs[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
+def test_folded_norms_on_cuda_match_the_norm_launches(monkeypatch):
+    """On the GPU, a q4 model at the 1B widths (group 128, tiled: the folded norms run in the GEMV
+    kernels) decodes the same tokens to logits close to the step with the norm launches."""
+    from olmo_local.bench_synth import build_synthetic
+    from olmo_local.config import preset
+
+    cfg = preset("1b", num_hidden_layers=8)
+    model = build_synthetic(cfg, "cuda", "q4", seed=0)
+    prompt = torch.randint(1, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(5)).cuda()
+    toks = torch.randint(1, cfg.vocab_size, (8,), generator=torch.Generator().manual_seed(6)).tolist()
+    runs = []
+    for folds in (False, True):
+        monkeypatch.setattr(DecodeStep, "fold_norms", folds)
+        st = DecodeState(cfg, 64, "cuda", torch.bfloat16)
+        with torch.inference_mode():
+            model(prompt, st)
+            step = DecodeStep(model, st, use_graph=False)
+            runs.append(([step(t).float() for t in toks], st.rec_state.clone()))
+    (l0, r0), (l1, r1) = runs
+    for a, b in zip(l0, l1):
+        assert ((a - b).norm() / b.norm()).item() < 3e-2
+    assert ((r0 - r1).norm() / r0.norm()).item() < 3e-2

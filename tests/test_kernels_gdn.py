@@ -174,3 +174,26 @@ def test_gdn_step_with_fused_ab_projection(dtype, d_model, ab_once_max):
     assert relerr(got, want) < tol
     assert relerr(fused["rec_state"], plain["rec_state"]) < 1e-5
     assert torch.equal(fused["conv_state"], plain["conv_state"])
+
+
+@pytest.mark.parametrize("ab_once_max", [None, 0])
+def test_gdn_step_fused_ab_scaled_by_a_folded_norm(ab_once_max):
+    """ab_rstd=(ss, eps): u is the x~ of a folded norm, so the fused a|b projection is scaled by
+    rsqrt(sum(ss) / D + eps): the step equals one given a|b of the normed input (reference and kernel)."""
+    hk, hv, dk, dv, d_model = 2, 4, 16, 24, 96
+    gen = torch.Generator().manual_seed(3)
+    inp = make_inputs(hk, hv, dk, dv, 4, torch.float32, gen)
+    xt = torch.randn(d_model, generator=gen) * 3
+    ss = torch.tensor([5.0, 7.5, 11.25]) * d_model  # three row blocks' sums of squares
+    eps = 1e-6
+    w_ab = torch.randn(2 * hv, d_model, generator=gen) * d_model ** -0.5
+    ab = (w_ab @ xt) * torch.rsqrt(ss.sum() / d_model + eps)
+    plain = clone(inp)
+    plain["a"], plain["b"] = ab[:hv], ab[hv:]
+    want = call(kg.gdn_decode_step_ref, plain, True)
+    for fn, kw in ((kg.gdn_decode_step_ref, {}), (kg.gdn_decode_step_triton, dict(block_v=8, ab_once_max=ab_once_max))):
+        st = clone(inp)
+        got = fn(st["qkv"], st["z"], None, None, st["conv_weight"], st["conv_state"], st["A_log"], st["dt_bias"],
+                 st["norm_weight"], st["rec_state"], True, ab_from=(xt, w_ab), ab_rstd=(ss, eps), **kw)
+        assert relerr(got, want) < 1e-5
+        assert relerr(st["rec_state"], plain["rec_state"]) < 1e-5

@@ -447,3 +447,75 @@ def test_q4_default_launch_at_7b_shapes_on_cuda(name, n, k, gated, rules, monkey
         got = kern(x, packed, scales, mins, 128, tiled=True)
         assert relerr(got.float(), ref) < 1e-2, name
     assert counters_are_zero()
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("consumer,csplit", [("plain", 1), ("plain", 2), ("gated", 1), ("gated", 2)])
+def test_q4_folded_norm_equals_gemv_then_norm_then_gemv(norm, consumer, csplit):
+    """A folded norm: the producer GEMV's split-K tail writes x_new = residual + y (and, with the norm
+    weight, x~ = x_new * w and its row blocks' sums of squares), and the consumer GEMV scales its rows
+    by rstd from those sums. Kernels (tensor-core path, interpreter) against the fold's reference, and
+    the reference against the unfused ops: GEMV, add_rmsnorm (or the residual add), GEMV."""
+    from olmo_local.kernels.norm import add_rmsnorm_ref, residual_add_ref
+
+    gen = torch.Generator().manual_seed(21 + norm)
+    d, k1, n2 = 384, 512, 256  # hidden 384 = 3 row blocks of 128 (block_n 128, 2 warps) in the producer
+    _, p1, s1, m1 = random_q4(d, k1, 128, gen)
+    _, p2, s2, m2 = random_q4(2 * n2 if consumer == "gated" else n2, d, 128, gen)
+    p1, s1, m1 = k4.q4_tile(p1, s1, m1, 128)
+    p2, s2, m2 = k4.q4_tile(p2, s2, m2, 128)
+    x = torch.randn(1, k1, generator=gen).to(torch.bfloat16)
+    res = (torch.randn(1, d, generator=gen) * 4).to(torch.bfloat16)
+    w = (1 + 0.2 * torch.randn(d, generator=gen)).to(torch.bfloat16) if norm else None
+    eps = 1e-6
+    cons, cons_ref = ((k4.q4_gemv_silu_mul_triton, k4.q4_gemv_silu_mul_ref) if consumer == "gated" else
+                      (k4.q4_gemv_triton, k4.q4_gemv_ref))
+    # unfused: GEMV, the norm op, GEMV
+    y = k4.q4_gemv_ref(x, p1, s1, m1, 128, tiled=True)
+    if norm:
+        u, xn_want = add_rmsnorm_ref(y, res, w, eps)
+    else:
+        xn_want = u = residual_add_ref(y, res)
+    want = cons_ref(u, p2, s2, m2, 128, tiled=True)
+    # the fold's reference
+    xn_r, xt_r, ss_r = k4.q4_gemv_fold_ref(x, p1, s1, m1, 128, res, w, tiled=True)
+    assert torch.equal(xn_r, xn_want)
+    got_r = cons_ref(xt_r if norm else xn_r, p2, s2, m2, 128, tiled=True, rstd=(ss_r, eps) if norm else None)
+    assert relerr(got_r, want) < 1e-2
+    # the kernels
+    xn, xt, ss = k4._q4_launch(x, p1, s1, m1, 128, None, False, True, fold=(res, w), block_n=128, num_warps=2,
+                               split_k=2)
+    assert relerr(xn, xn_r) < 1e-2
+    if norm:
+        assert ss.numel() == 3 and torch.allclose(ss.sum(), ss_r[0], rtol=1e-2)
+        assert relerr(xt, xt_r) < 1e-2
+    got = cons(xt if norm else xn, p2, s2, m2, 128, tiled=True, rstd=(ss, eps) if norm else None, block_n=64,
+               num_warps=2, split_k=csplit)
+    assert relerr(got, want) < 2e-2
+    assert counters_are_zero()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
+@pytest.mark.parametrize("producer_k,consumer_n,gated", [(5760, 2 * 11008, True), (11008, 17280, False)])
+def test_q4_folded_norm_at_7b_shapes_on_cuda(producer_k, consumer_n, gated):
+    """The folded norm as the decode step launches it at the 7B shapes (GDN o -> gate|up, down -> the
+    in-projection): the default launch rules, against GEMV, add_rmsnorm, GEMV in fp32."""
+    from olmo_local.kernels.norm import add_rmsnorm_ref
+
+    gen = torch.Generator().manual_seed(17)
+    d = 3840
+    p1, s1, m1 = (t.cuda() for t in k4.q4_tile(*random_q4(d, producer_k, 128, gen)[1:], 128))
+    p2, s2, m2 = (t.cuda() for t in k4.q4_tile(*random_q4(consumer_n, d, 128, gen)[1:], 128))
+    x = torch.randn(1, producer_k, generator=gen).to(torch.bfloat16).cuda()
+    res = (torch.randn(1, d, generator=gen) * 4).to(torch.bfloat16).cuda()
+    w = (1 + 0.2 * torch.randn(d, generator=gen)).to(torch.bfloat16).cuda()
+    y = k4.q4_gemv_ref(x, p1, s1, m1, 128, tiled=True)
+    u, xn_want = add_rmsnorm_ref(y, res, w, 1e-6)
+    cons = k4.q4_gemv_silu_mul if gated else k4.q4_gemv
+    want = (k4.q4_gemv_silu_mul_ref if gated else k4.q4_gemv_ref)(u.float(), p2, s2, m2, 128, tiled=True)
+    for _ in range(3):  # repeated launches reuse the workspaces and counters
+        xn, xt, ss = k4.q4_gemv_fold(x, p1, s1, m1, 128, res, w, tiled=True)
+        assert relerr(xn, xn_want) < 1e-2
+        got = cons(xt, p2, s2, m2, 128, tiled=True, rstd=(ss, 1e-6))
+        assert relerr(got.float(), want) < 2e-2
+    assert counters_are_zero()
