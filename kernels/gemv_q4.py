@@ -8,6 +8,10 @@ Layout (docs/contracts.md): W [N, K], group size G (32/64/128), K % G == 0.
 Ops (same signature for reference, Triton kernel and dispatch):
   q4_gemv(x, qweight, scales, mins, group_size, out=None)            -> y [T, N]
   q4_gemv_silu_mul(x, qweight, scales, mins, group_size, out=None)   -> silu(y[:, :I]) * y[:, I:], [T, I]
+  q4_gemv_fold(x, qweight, scales, mins, group_size, residual, w=None)  -> (residual + y, (residual + y) * w,
+      sums of squares): a projection whose output goes into the residual stream with the next pre-norm
+      folded in; its consumer passes rstd=(sums, eps) to q4_gemv / q4_gemv_silu_mul, which scale their
+      rows by rsqrt(sum / K + eps): rmsnorm(x_new) * w @ W.T without a norm launch.
 x is [T, K] (or [K]), bf16/fp16/fp32; the result has x's dtype (and rank).
 
 Tiled layout (``tiled=True``; q4_tile / q4_untile convert): the same bytes and scales, but inside each
