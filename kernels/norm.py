@@ -7,6 +7,10 @@
     rmsnorm_add(x, residual, w, eps, out=None) -> residual + rmsnorm(x)
         -- the post-norm pattern of the attention layers (x is the sublayer output); the norm is
            rounded to x.dtype before the add, as transformers does; result in residual.dtype.
+    rmsnorm_add_rmsnorm(x, residual, w, eps, w2, eps2) -> (rmsnorm(new_residual) with w2, new_residual),
+        new_residual = rmsnorm_add(x, residual, w, eps)
+        -- a post-norm attention layer's output straight into the next layer's pre-norm (or the final
+           norm): the two ops in one launch
     residual_add(x, residual, out=None) -> residual + x (rounded to residual.dtype; no norm)
         -- a decode-step add in the same kernel, so that it joins the programmatic-dependent-launch
            chain (a torch add would break it)
@@ -29,6 +33,9 @@ __all__ = [
     "residual_add",
     "residual_add_ref",
     "residual_add_triton",
+    "rmsnorm_add_rmsnorm",
+    "rmsnorm_add_rmsnorm_ref",
+    "rmsnorm_add_rmsnorm_triton",
     "rmsnorm",
     "rmsnorm_add",
     "rmsnorm_add_ref",
@@ -84,6 +91,12 @@ def rmsnorm_add_ref(
     return _put(residual.to(torch.float32) + normed.to(torch.float32), residual.dtype, out)
 
 
+def rmsnorm_add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float, w2: torch.Tensor,
+                            eps2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    new_res = rmsnorm_add_ref(x, residual, w, eps)
+    return rmsnorm_ref(new_res, w2, eps2).to(x.dtype), new_res
+
+
 # ----------------------------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------------------------
@@ -93,8 +106,9 @@ if HAS_TRITON:
     @triton.jit
     def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, ro_ptr, D, eps,
                         stride_x, stride_r, stride_y, stride_ro,
-                        BD: tl.constexpr, MODE: tl.constexpr, USE_PDL: tl.constexpr):
-        # MODE 0: y = norm(x); 1: ro = r + x, y = norm(ro); 2: y = r + norm(x); 3: y = r + x
+                        BD: tl.constexpr, MODE: tl.constexpr, USE_PDL: tl.constexpr, w2_ptr=None, eps2=0.0):
+        # MODE 0: y = norm(x); 1: ro = r + x, y = norm(ro); 2: y = r + norm(x); 3: y = r + x;
+        # 4: ro = r + norm(x), y = norm2(ro)
         pdl_launch_dependents(USE_PDL)
         pdl_wait(USE_PDL)
         row = tl.program_id(0)
@@ -115,10 +129,16 @@ if HAS_TRITON:
             w = tl.load(w_ptr + d, mask=m, other=0).to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
             y = x * rstd * w
-            if MODE == 2:
+            if MODE == 2 or MODE == 4:
                 y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
                 y = y + tl.load(r_ptr + row * stride_r + d, mask=m, other=0).to(tl.float32)
                 tl.debug_barrier()
+            if MODE == 4:
+                xn = y.to(ro_ptr.dtype.element_ty)
+                tl.store(ro_ptr + row * stride_ro + d, xn, mask=m)
+                xf = xn.to(tl.float32)
+                w2 = tl.load(w2_ptr + d, mask=m, other=0).to(tl.float32)
+                y = xf * (1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps2)) * w2
             tl.store(y_ptr + row * stride_y + d, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -129,7 +149,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2
 
 
-def _launch(x, residual, w, eps, y, ro, mode):
+def _launch(x, residual, w, eps, y, ro, mode, w2=None, eps2=0.0):
     x2 = _rows(x)
     y2 = _rows(y)
     r2 = _rows(residual) if residual is not None else x2
@@ -143,7 +163,7 @@ def _launch(x, residual, w, eps, y, ro, mode):
     _rmsnorm_kernel[(n,)](
         x2, r2, w, y2, ro2, d, float(eps),
         x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0),
-        BD=bd, MODE=mode, USE_PDL=pdl, num_warps=nw, **pdl_kwargs(pdl),
+        BD=bd, MODE=mode, USE_PDL=pdl, w2_ptr=w2, eps2=float(eps2), num_warps=nw, **pdl_kwargs(pdl),
     )
 
 
@@ -175,6 +195,14 @@ def rmsnorm_add_triton(
     return out
 
 
+def rmsnorm_add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float, w2: torch.Tensor,
+                               eps2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty_like(x)
+    residual_out = torch.empty_like(residual)
+    _launch(x, residual, w, eps, out, residual_out, 4, w2, eps2)
+    return out, residual_out
+
+
 def residual_add_triton(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     out = torch.empty_like(residual) if out is None else out
     _launch(x, residual, residual, 0.0, out, None, 3)  # the weight is not read
@@ -187,6 +215,12 @@ def residual_add_triton(x: torch.Tensor, residual: torch.Tensor, out: torch.Tens
 def residual_add(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     fn = residual_add_triton if use_triton(x) else residual_add_ref
     return fn(x, residual, out)
+
+
+def rmsnorm_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float, w2: torch.Tensor,
+                        eps2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = rmsnorm_add_rmsnorm_triton if use_triton(x) else rmsnorm_add_rmsnorm_ref
+    return fn(x, residual, w, eps, w2, eps2)
 
 
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:

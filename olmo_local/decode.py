@@ -24,7 +24,7 @@ from olmo_local.kernels.gdn_decode import gdn_decode_step
 from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_fold, q4_gemv_silu_mul
 from olmo_local.kernels.gemv_q8 import q8_gemv, q8_gemv_silu_mul
 from olmo_local.kernels.sample import greedy_fits, greedy_triton, sample_fits, sample_triton
-from olmo_local.kernels.norm import residual_norm, rmsnorm
+from olmo_local.kernels.norm import residual_norm, rmsnorm, rmsnorm_add_rmsnorm
 from olmo_local.model import AttentionLayer, GDNLayer, OlmoHybridModel, apply_rope
 from olmo_local.quant.linear import Q4Linear, Q8Linear
 from olmo_local.state import DecodeState
@@ -75,6 +75,9 @@ class DecodeStep:
     # q4 models: the GDN layers' post-norm and the residual add before an attention layer folded into
     # the GEMVs around them (fold(): no norm launch; the consumer scales its rows by rstd)
     fold_norms = True
+    # an attention layer's post-feedforward norm + residual and the next layer's input norm (or the final
+    # norm) in one launch (kernels.norm.rmsnorm_add_rmsnorm) instead of two
+    merge_post_norms = True
     # sampling graphs draw with kernels.sample (temperature, top-p by a radix search on the probabilities
     # instead of a sort, min-p, the race with Philox noise keyed by a device step counter; 3 launches, 7
     # with top-p) when there is no top-k; off: the torch ops of generate.sampling_probs and noise drawn by
@@ -148,20 +151,27 @@ class DecodeStep:
             emb = torch.cat([f, f], -1)
             rope = (emb.cos(), emb.sin())
         # a GDN layer's down projection is deferred: (down, its input), run by the next consumer of x
-        # together with that consumer's norm (or plain residual add)
-        pending = None
+        # together with that consumer's norm (or plain residual add); an attention layer's last
+        # rmsnorm_add likewise ("post": (down, its input, norm weight, eps)), merged with the next norm
+        pending = post = None
         for layer in m.layers:
             if isinstance(layer, GDNLayer):
-                x, pending = self._gdn(layer, x, pending)
+                x, pending = self._gdn(layer, x, pending, post)
+                post = None
             else:
+                if post is not None:  # attention after attention: the plain post-norm
+                    x = linear_norm(post[0], post[1], x, "rmsnorm_add", post[2], post[3])
+                    post = None
                 if pending is not None:
                     if self._folds(pending[0]):
                         x = fold(*pending, x)[0]
                     else:
                         x = linear_norm(*pending, x, "add")
                     pending = None
-                x = self._attn(layer, x, rope)
-        if pending is not None:
+                x, post = self._attn(layer, x, rope)
+        if post is not None:
+            h, x = rmsnorm_add_rmsnorm(linear(post[0], post[1]), x, post[2], post[3], m.norm.weight, m.norm.eps)
+        elif pending is not None:
             h, x = linear_norm(*pending, x, "add_rmsnorm", m.norm.weight, m.norm.eps)
         else:
             h = rmsnorm(x, m.norm.weight, m.norm.eps)
@@ -170,7 +180,8 @@ class DecodeStep:
             st.pos_t.add_(1)
         return logits
 
-    def _gdn(self, L: GDNLayer, x: torch.Tensor, pending: tuple | None) -> tuple[torch.Tensor, tuple]:
+    def _gdn(self, L: GDNLayer, x: torch.Tensor, pending: tuple | None, post: tuple | None = None
+             ) -> tuple[torch.Tensor, tuple]:
         """Returns (x without this layer's MLP output, (down projection, its input)): the caller runs
         the down projection with the next norm."""
         st = self.state
@@ -187,6 +198,9 @@ class DecodeStep:
         else:
             if pending is not None:  # x += previous layer's MLP output, with this layer's input norm
                 u, x = linear_norm(*pending, x, "add_rmsnorm", L.in_norm.weight, L.in_norm.eps)
+            elif post is not None:  # x += rmsnorm(previous attention layer's MLP output), then this norm
+                u, x = rmsnorm_add_rmsnorm(linear(post[0], post[1]), x, post[2], post[3], L.in_norm.weight,
+                                           L.in_norm.eps)
             else:
                 u = rmsnorm(x, L.in_norm.weight, L.in_norm.eps)
             qkvz = linear(L.qkvz, u)
@@ -238,11 +252,15 @@ class DecodeStep:
             o = attention_decode(q.view(H, hd), st.k_cache[i], st.v_cache[i], pos=st.pos_t, ctx_hint=self._hint_now)
         return self._attn_out(L, x, o)
 
-    def _attn_out(self, L: AttentionLayer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        """o projection, post-attention norm + residual, MLP, post-feedforward norm + residual."""
+    def _attn_out(self, L: AttentionLayer, x: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """o projection, post-attention norm + residual, MLP, post-feedforward norm + residual; with
+        merge_post_norms the last is returned undone, (down, its input, weight, eps), for the next norm."""
         n1, n2 = L.post_attn_norm, L.post_ff_norm
         x = linear_norm(L.o, o.reshape(1, -1).to(x.dtype), x, "rmsnorm_add", n1.weight, n1.eps)
-        return linear_norm(L.mlp.down, mlp_act(L.mlp, x), x, "rmsnorm_add", n2.weight, n2.eps)
+        act = mlp_act(L.mlp, x)
+        if self.merge_post_norms:
+            return x, (L.mlp.down, act, n2.weight, n2.eps)
+        return linear_norm(L.mlp.down, act, x, "rmsnorm_add", n2.weight, n2.eps), None
 
     # ---- graph capture and the per-token calls -----------------------------------------------
     def _forward_pick(self, mode: tuple, slot: int = 0) -> None:

@@ -4,7 +4,8 @@ the ablated steps compute wrong values). Each variant captures its own graph of 
 replaced by nothing (their output is an input of the right shape), then times back-to-back replays:
 
     base      the step as it ships
-    nonorm    the residual adds / RMSNorms between projections skipped (64 + launches)
+    nonorm    the residual adds / RMSNorms launched between projections skipped (those folded into the
+              q4 GEMVs stay)
     nogdn     the fused GDN step skipped (24 launches)
     noattn    attention prep + decode skipped (8 + 8 launches)
     gemv      all three skipped: the chain of q4 GEMVs, the embedding and the q8 head
@@ -26,8 +27,8 @@ from olmo_local.bench_synth import build_synthetic
 from olmo_local.config import preset
 from olmo_local.state import DecodeState
 
-_ORIG = {k: getattr(dec, k) for k in ("residual_norm", "rmsnorm", "gdn_decode_step", "attention_prep",
-                                      "attention_decode")}
+_ORIG = {k: getattr(dec, k) for k in ("residual_norm", "rmsnorm", "rmsnorm_add_rmsnorm", "gdn_decode_step",
+                                      "attention_prep", "attention_decode")}
 
 _AB_ONCE = kg.AB_ONCE_MAX_D
 
@@ -43,6 +44,7 @@ def _patch(variant: str) -> None:
     if variant in ("nonorm", "gemv"):
         dec.residual_norm = _skip_norm
         dec.rmsnorm = lambda x, w, eps: x
+        dec.rmsnorm_add_rmsnorm = lambda y, x, w, eps, w2, eps2: (y, x)
     if variant in ("nogdn", "gemv"):
         dec.gdn_decode_step = lambda qkv, z, *a, **k: z
     if variant in ("noattn", "gemv"):

@@ -27,15 +27,27 @@ def _quantize_model(model, fmt):
 @pytest.mark.parametrize("fmt,rope,kv", [("dense", None, "bf16"), ("dense", 10000.0, "bf16"), ("q4", None, "bf16"),
                                          ("q4-tiled", None, "bf16"), ("q8", None, "bf16"),
                                          ("dense", None, "int8"), ("unfused", None, "bf16"),
-                                         ("unfused", None, "int8")])
+                                         ("unfused", None, "int8"), ("nomerge", None, "bf16"),
+                                         ("q4-nofold", None, "bf16"), ("q4-8layers", None, "bf16")])
 def test_static_step_equals_eager(tmp_path, fmt, rope, kv, monkeypatch):
     """The static step equals the eager forward token by token; "unfused": NoPE attention through the
-    separate norm / cache-write ops instead of attention_prep (both paths must equal the eager forward)."""
+    separate norm / cache-write ops instead of attention_prep; "nomerge": an attention layer's last
+    post-norm and the next norm as two ops; "q4-nofold": q4 with norm ops instead of folded norms (every
+    path must equal the eager forward)."""
+    extra = {}
+    if fmt == "q4-8layers":  # GDN layers after an attention layer too (its post-norm merged with their input norm)
+        extra = dict(num_hidden_layers=8, layer_types=["linear_attention"] * 3 + ["full_attention"]
+                     + ["linear_attention"] * 3 + ["full_attention"])
     cfg = tiny_config(rope_theta=rope, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
-                      linear_key_head_dim=16, linear_value_head_dim=32)
+                      linear_key_head_dim=16, linear_value_head_dim=32, **extra)
     model = load_model(write_checkpoint(hf_model(cfg, seed=5), cfg, tmp_path / "c"), "cpu", torch.float32)
     if fmt == "unfused":
         monkeypatch.setattr(DecodeStep, "fuse_attention_prep", False)
+    elif fmt == "nomerge":  # an attention layer's post-norm and the next norm as two ops
+        monkeypatch.setattr(DecodeStep, "merge_post_norms", False)
+    elif fmt == "q4-nofold":  # q4 with the norm ops instead of the folded norms
+        monkeypatch.setattr(DecodeStep, "fold_norms", False)
+        model = _quantize_model(model, "q4")
     elif fmt != "dense":
         model = _quantize_model(model, fmt[:2])
     if fmt == "q4-tiled":  # the GPU layout (what load_model does on CUDA), here on the CPU paths

@@ -72,6 +72,14 @@ def test_norm_kernels(rows, d, dtype):
     res = r.clone()
     assert kn.residual_add_triton(x, res, out=res) is res and relerr(res, want) < tol
 
+    # rmsnorm_add then the next layer's rmsnorm (MODE 4), against the two reference ops in a row
+    w2 = (1 + 0.1 * torch.randn(d, generator=gen)).to(dtype)
+    u1, x1 = kn.rmsnorm_add_rmsnorm_triton(x, r, w, 1e-5, w2, 1e-6)
+    x2 = kn.rmsnorm_add_ref(x, r, w, 1e-5)
+    u2 = kn.rmsnorm_ref(x2, w2, 1e-6)
+    assert relerr(x1, x2) < tol and relerr(u1, u2) < tol
+    assert torch.equal(kn.rmsnorm_add_rmsnorm_ref(x, r, w, 1e-5, w2, 1e-6)[0], u2)
+
 
 def test_leading_dims_and_dispatch():
     gen = torch.Generator().manual_seed(2)
