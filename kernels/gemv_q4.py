@@ -781,7 +781,11 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     x_bf16 = x2.dtype == torch.bfloat16 and x2.data_ptr() % 4 == 0 and x2.stride(0) % 2 == 0
     x_arg = x2.view(torch.int32) if x_bf16 else x2  # bf16 pairs, unpacked with shifts
     stride_x = x2.stride(0) // 2 if x_bf16 else x2.stride(0)
-    if out is None:
+    if fold is not None:  # the rows go to x_new (the residual's shape and dtype), not to a y
+        if fold[0].numel() != nr or not fold[0].is_contiguous():
+            raise ValueError(f"a fold's residual needs {nr} contiguous values")
+        out = torch.empty_like(fold[0])
+    elif out is None:
         shape = (nr,) if x.dim() == 1 else (t, nr)
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
     y2 = _as_rows(out)
@@ -839,13 +843,12 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         extra.update(rss_ptr=ss_in, NSS=ss_in.numel(), eps_r=float(eps), RSTD=True, NSSP=max(2, next_pow2(ss_in.numel())))
     if fold is not None:
         res, fw = fold
-        if res.numel() != nr or not res.is_contiguous() or (fw is not None and fw.numel() != nr):
-            raise ValueError(f"a fold's residual and weight need {nr} contiguous values")
-        xn = torch.empty_like(res)
+        if fw is not None and fw.numel() != nr:
+            raise ValueError(f"a fold's norm weight needs {nr} values")
         xt = torch.empty((1, nr), dtype=x.dtype, device=x.device) if fw is not None else None
         ss_out = workspace("q4_fold_ss", (n_blocks,), torch.float32, x.device) if fw is not None else None
         extra.update(FOLD=1 if fw is None else 2, res_ptr=res, fw_ptr=fw, xt_ptr=xt, ss_ptr=ss_out)
-        out, y2 = (xn, xt, ss_out), xn.view(1, -1)
+        out = (out, xt, ss_out)
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,

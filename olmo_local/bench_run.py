@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -72,17 +72,12 @@ class OursEngine:
         CUDA the argmax and the token feedback are inside the step's graph)."""
         return self.gen.greedy_step(token)
 
-    def greedy_run(self, first: int, n: int) -> None:
-        """``n`` greedy steps from ``first``, each id read on the host, as a greedy chat decodes: with the
-        step's pipelined picks (one step in flight, as Generator.stream) where it has them."""
+    def greedy_picks(self, first: int, n: int) -> Iterator[int] | None:
+        """The ids of ``n`` greedy steps from ``first`` through the step's pipelined picks (one step in
+        flight, as Generator.stream decodes a greedy chat); None when the step has none (then greedy()
+        per token)."""
         step = self.gen.step_fn
-        if getattr(step, "pipelined", False):
-            for _ in step.greedy_picks(first, n):
-                pass
-            return
-        tok = first
-        for _ in range(n):
-            tok = self.gen.greedy_step(tok)
+        return step.greedy_picks(first, n) if getattr(step, "pipelined", False) else None
 
     def first_token_s(self, ids: list[int]) -> float:
         """Through Generator.stream, as the chat does: its own ttft (prefill + sampling the first token)."""
@@ -171,9 +166,10 @@ def _timed(engine: Engine, fn: Callable[[], object]) -> float:
 
 
 def _decode(engine: Engine, first: int, n: int) -> None:
-    run = getattr(engine, "greedy_run", None)
-    if run is not None:
-        run(first, n)
+    picks = engine.greedy_picks(first, n) if hasattr(engine, "greedy_picks") else None
+    if picks is not None:
+        for _ in picks:
+            pass
         return
     tok = first
     for _ in range(n):

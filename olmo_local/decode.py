@@ -124,7 +124,6 @@ class DecodeStep:
         self.next_id = torch.zeros(1, dtype=torch.long, device=self.device)
         cuda = self.device.type == "cuda"
         self.host_ids = [torch.zeros(1, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
-        self.host_id = self.host_ids[0]
         self._host_nps = [h.numpy() for h in self.host_ids]  # read without torch's per-call overhead (~20 us)
         self._events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None
         self._token_on_device: int | None = None  # the id greedy() left in self.token
@@ -376,7 +375,7 @@ class DecodeStep:
         if not self.use_graph:
             with torch.inference_mode():
                 return int(torch.argmax(valid_logits(self(token), n_valid)))
-        return self._pick(token, ("greedy", n_valid))
+        return self._pick_one(self.greedy_picks(token, 1, n_valid))
 
     def seed_sampler(self, seed: int | None) -> None:
         """Seed the generator of sample() (a random seed for None), as a Sampler is seeded per reply."""
@@ -399,14 +398,13 @@ class DecodeStep:
             with torch.inference_mode():
                 logits = self(token)
                 return int(torch.multinomial(Sampler.probs(logits, params, n_valid), 1, generator=self.rng))
-        # the graph depends on these four only (a change of seed or length does not recapture)
-        key = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                             min_p=params.min_p)
-        if not self._fused_draw(self.noise, key):  # the torch draw reads noise from the host's generator
-            n = n_valid if n_valid is not None else self.model.config.vocab_size
-            with torch.inference_mode():
-                self.noise[:n].exponential_(generator=self.rng)  # before the replay, on the same stream
-        return self._pick(token, ("sample", key, n_valid))
+        return self._pick_one(self.sample_picks(token, params, 1, n_valid))
+
+    @staticmethod
+    def _pick_one(picks: Iterator[int]) -> int:
+        """The one id of a picks() run of limit 1 (run to its end: nothing is left in flight)."""
+        (nxt,) = picks
+        return nxt
 
     def greedy_picks(self, token: int, limit: int, n_valid: int | None = None) -> Iterator[int]:
         """The ids of up to ``limit`` greedy() calls, the first fed ``token`` and each later one the id
@@ -417,6 +415,7 @@ class DecodeStep:
         """As greedy_picks for sample(): the same draws as that many sample() calls."""
         if self.rng is None:
             self.seed_sampler(None)
+        # the graph depends on these four only (a change of seed or length does not recapture)
         key = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                              min_p=params.min_p)
         before = None
@@ -438,7 +437,9 @@ class DecodeStep:
         launched only while the context has room. When the consumer stops early (a stop id, Ctrl-C),
         the step in flight has fed the last id yielded: closing waits for it and the state holds that id
         (pos and tokens agree with what the device computed). Without a graph the steps run eagerly,
-        one at a time, with the same bookkeeping."""
+        one at a time, with the same bookkeeping. The hot path enters no inference-mode context (a graph
+        replay records nothing for autograd), waits on an event instead of a stream sync (~15 us less per
+        token, H100) and reads the pinned id through numpy."""
         st = self.state
         if limit < 1:
             return
@@ -494,27 +495,4 @@ class DecodeStep:
             while n_read < n_launched:  # the consumer stopped: book the step in flight
                 read()
 
-    def _pick(self, token: int, mode: tuple) -> int:
-        # the hot path of on-device picking: no inference-mode context (a graph replay records nothing
-        # for autograd), an event wait instead of a stream sync (~15 us less per token, H100) and a
-        # numpy read of the pinned id
-        st = self.state
-        st.check_room(1)
-        have = self.pick_graphs.get(mode[0])
-        if have is None or have[0] != mode:
-            with torch.inference_mode():
-                self.capture(mode)
-            have = self.pick_graphs[mode[0]]
-        if self._token_on_device != token:
-            with torch.inference_mode():
-                self.token.fill_(token)
-        have[1][self._regime(st.pos)][0].replay()
-        if self._events is not None:
-            self._events[0].record()
-            self._events[0].synchronize()  # host_ids[0] is written by the graph
-        nxt = int(self._host_nps[0][0])
-        self._token_on_device = nxt
-        st.pos += 1
-        st.tokens.append(int(token))
-        return nxt
 

@@ -44,7 +44,7 @@ def main() -> None:
     gen.step_fn = step
     gen.prefill(list(range(16)))
     tok = step.greedy(1)
-    g = step.pick_graphs["greedy"][1]
+    g = step.pick_graphs["greedy"][1][0][0]
     s = torch.cuda.current_stream()
     ev = torch.cuda.Event()
 
@@ -60,7 +60,7 @@ def main() -> None:
     rewind()
     rows.append(("replay + event sync", per_token(lambda: (g.replay(), ev.record(), ev.synchronize()))))
     rewind()
-    rows.append(("replay + sync + read pinned id", per_token(lambda: (g.replay(), s.synchronize(), int(step.host_id[0])))))
+    rows.append(("replay + sync + read pinned id", per_token(lambda: (g.replay(), s.synchronize(), int(step.host_ids[0][0])))))
     rewind()
     state = {"t": tok}
 

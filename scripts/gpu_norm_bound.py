@@ -22,7 +22,7 @@ def step_us(m) -> float:
     tok = step.greedy(1)
     for _ in range(5):
         tok = step.greedy(tok)
-    g = step.pick_graphs["greedy"][1]
+    g = step.pick_graphs["greedy"][1][0][0]
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     ts = []

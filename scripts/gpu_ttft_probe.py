@@ -54,7 +54,8 @@ def main() -> None:
         row("fresh")
         row("again")
         eng.reset()
-        eng.greedy_run(1, 128)
+        for _ in eng.greedy_picks(1, 128):
+            pass
         torch.cuda.synchronize()
         row("after a pipelined tg128")
         G.Generator.prefill, G.Generator._sync = timed_prefill, timed_sync
