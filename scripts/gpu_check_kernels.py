@@ -570,7 +570,7 @@ def aot_report() -> int:
                   "stride_kt": "i32", "stride_vh": "i32", "stride_vt": "i32", "stride_ksh": "i32", "stride_vsh": "i32"}
     norm_types = {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "ro_ptr": "*bf16",
                   "D": "i32", "eps": "fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
-                  "stride_ro": "i32"}
+                  "stride_ro": "i32", "w2_ptr": "*bf16", "eps2": "fp32"}
     rec_types = {"q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
                  "alog_ptr": "*fp32", "dtb_ptr": "*fp32", "s_ptr": "*fp32", "o_ptr": "*fp32", "T": "i32", "HV": "i32",
                  "REP": "i32", "DK": "i32", "DV": "i32", "sa_b": "i32", "sa_t": "i32", "sb_b": "i32", "sb_t": "i32",
@@ -634,6 +634,8 @@ def aot_report() -> int:
         ("gdn recurrent prefill dk=96 dv=192 BV=16", kgr._gdn_recurrent_kernel, rec_types,
          {"BK": 128, "BV": 16, "HAS_STATE": True}, 1, ("DK", "DV")),
         ("add_rmsnorm d=3840", knorm._rmsnorm_kernel, norm_types, {"BD": 4096, "MODE": 1}, 8,
+         ("D", "stride_x", "stride_r", "stride_y", "stride_ro")),
+        ("rmsnorm_add + rmsnorm d=3840", knorm._rmsnorm_kernel, norm_types, {"BD": 4096, "MODE": 4}, 8,
          ("D", "stride_x", "stride_r", "stride_y", "stride_ro")),
     ]
     print(f"triton {triton.__version__}: sm_90 builds")
