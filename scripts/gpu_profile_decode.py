@@ -61,18 +61,34 @@ def main() -> None:
     evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     evs.sort(key=lambda e: e.time_range.start)
     per = collections.defaultdict(list)
-    for e in evs:
+    marg = collections.defaultdict(list)  # end minus the previous kernel's end: what the kernel adds
+    for i, e in enumerate(evs):
         per[short(e.name)].append(e.time_range.end - e.time_range.start)
+        if i:
+            marg[short(e.name)].append(e.time_range.end - evs[i - 1].time_range.end)
     busy = sum(e.time_range.end - e.time_range.start for e in evs) / a.steps
     span = (evs[-1].time_range.end - evs[0].time_range.start) / a.steps if evs else 0.0
     gaps = [b.time_range.start - a_.time_range.end for a_, b in zip(evs, evs[1:])]
     neg = sum(1 for g in gaps if g < 0)
     print(f"step wall {wall:.1f} us (graph replay, events) · profiled span {span:.1f} us · kernel busy {busy:.1f} us"
           f" · {len(evs) / a.steps:.0f} kernels/step · overlapping starts {neg / a.steps:.0f}/step (PDL)")
-    print(f"{'kernel':<62}{'n/step':>7}{'mean us':>9}{'us/step':>9}")
+    print(f"{'kernel':<40}{'n/step':>7}{'mean us':>9}{'us/step':>9}{'marg us':>9}{'marg/step':>10}")
     rows = sorted(per.items(), key=lambda kv: -sum(kv[1]))
     for name, ds in rows:
-        print(f"{name:<62}{len(ds) / a.steps:>7.0f}{sum(ds) / len(ds):>9.2f}{sum(ds) / a.steps:>9.1f}")
+        mg = marg.get(name, [0.0])
+        print(f"{name[:40]:<40}{len(ds) / a.steps:>7.0f}{sum(ds) / len(ds):>9.2f}{sum(ds) / a.steps:>9.1f}"
+              f"{sum(mg) / len(mg):>9.2f}{sum(mg) / a.steps:>10.1f}")
+    # per position in the step (the first two layers and the tail), averaged over the steps
+    k = len(evs) // a.steps
+    if k * a.steps == len(evs):
+        pos = list(range(min(20, k))) + list(range(max(20, k - 6), k))
+        cells = []
+        for i in pos:
+            m_ = [evs[j * k + i].time_range.end - evs[j * k + i - 1].time_range.end for j in range(a.steps)
+                  if j * k + i > 0]
+            d_ = [evs[j * k + i].time_range.end - evs[j * k + i].time_range.start for j in range(a.steps)]
+            cells.append(f"{i}:{short(evs[i].name).strip('_')[:10]} {sum(d_) / len(d_):.1f}/{sum(m_) / max(1, len(m_)):.1f}")
+        print("by position (duration/marginal us):", " | ".join(cells))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"wall_us": wall, "busy_us": busy, "span_us": span,
