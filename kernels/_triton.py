@@ -173,32 +173,43 @@ if HAS_TRITON:
                 tl.store(base + NR, rb, mask=rmask)
 
     @triton.jit
-    def fold_store(y, rn, rmask, pid_n, xn_ptr, res_ptr, fw_ptr, xt_ptr, ss_ptr, FOLD: tl.constexpr):
+    def fold_store(y, rn, rmask, pid_n, xn_ptr, res_ptr, fw_ptr, xt_ptr, ss_ptr, FOLD: tl.constexpr,
+                   r_pre=None, w_pre=None, PRE: tl.constexpr = False):
         """A producer GEMV's rows y (fp32) taken into the residual stream instead of stored (FOLD 1:
         x_new = residual + y; FOLD 2: also x~ = x_new * w and this row block's sum of x_new^2, so that
         the consumer GEMV computes rmsnorm(x_new) * w @ W.T as rstd * (x~ @ W.T) with rstd from the
         blocks' sums: the pre-norm with no launch and no full-row step). y is rounded to xn's dtype
-        first, as the separate GEMV output was; x_new is rounded to it before x~ and the sum."""
+        first, as the separate GEMV output was; x_new is rounded to it before x~ and the sum. PRE: the
+        residual rows (r_pre) and the norm weight (w_pre) were loaded by the caller at its start, so the
+        last program's chain after the split-K atomic has no loads but the partials."""
         ty = xn_ptr.dtype.element_ty
-        r = tl.load(res_ptr + rn, mask=rmask, other=0).to(tl.float32)
+        if PRE:
+            r = r_pre.to(tl.float32)
+        else:
+            r = tl.load(res_ptr + rn, mask=rmask, other=0).to(tl.float32)
         xn = (r + y.to(ty).to(tl.float32)).to(ty)
         tl.store(xn_ptr + rn, xn, mask=rmask)
         if FOLD == 2:
             xf = xn.to(tl.float32)
-            w = tl.load(fw_ptr + rn, mask=rmask, other=0).to(tl.float32)
+            if PRE:
+                w = w_pre.to(tl.float32)
+            else:
+                w = tl.load(fw_ptr + rn, mask=rmask, other=0).to(tl.float32)
             tl.store(xt_ptr + rn, (xf * w).to(xt_ptr.dtype.element_ty), mask=rmask)
             tl.store(ss_ptr + pid_n, tl.sum(tl.where(rmask, xf * xf, 0.0), axis=0))
 
     @triton.jit
     def splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y,
                       T: tl.constexpr, BN: tl.constexpr, SPLIT, GATED: tl.constexpr, SPLITP: tl.constexpr = 0,
-                      rscale=1.0, FOLD: tl.constexpr = 0, res_ptr=None, fw_ptr=None, xt_ptr=None, ss_ptr=None):
+                      rscale=1.0, FOLD: tl.constexpr = 0, res_ptr=None, fw_ptr=None, xt_ptr=None, ss_ptr=None,
+                      r_pre=None, w_pre=None, PRE: tl.constexpr = False):
         """Split-K epilogue shared by the GEMV kernels. Each split has written its fp32 partial rows
         part[split, t, :]; the last program of the row block to arrive (self-resetting counter) adds
         them (deterministic: split order, or with SPLITP >= SPLIT one [SPLITP, BN] load and a fixed
         reduction tree, all partials in flight at once instead of a chain of loads), applies
         silu(gate) * up when gated, stores the rows (scaled by rscale first, before the SiLU; or with FOLD,
-        taken into the residual stream by fold_store, T = 1). Ordering as in CUTLASS's serial split-K semaphore:
+        taken into the residual stream by fold_store, T = 1; PRE: with the residual and weight rows the
+        caller preloaded). Ordering as in CUTLASS's serial split-K semaphore:
         CTA barrier, then one gpu-scope acq_rel atomic; the reader's loads bypass L1. Returns whether
         this program was that last one."""
         if GATED:
@@ -230,7 +241,7 @@ if HAS_TRITON:
                 if GATED:
                     ra = ra / (1.0 + tl.exp(-ra)) * rb
                 if FOLD > 0:
-                    fold_store(ra, rn, rmask, pid_n, y_ptr, res_ptr, fw_ptr, xt_ptr, ss_ptr, FOLD)
+                    fold_store(ra, rn, rmask, pid_n, y_ptr, res_ptr, fw_ptr, xt_ptr, ss_ptr, FOLD, r_pre, w_pre, PRE)
                 else:
                     tl.store(y_ptr + t * stride_y + rn, ra.to(y_ptr.dtype.element_ty), mask=rmask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)

@@ -415,14 +415,16 @@ if HAS_TRITON:
                      ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TR: tl.constexpr,
                      STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr, SPLITP: tl.constexpr,
                      rss_ptr, NSS, eps_r, RSTD: tl.constexpr, NSSP: tl.constexpr, FOLD: tl.constexpr,
-                     res_ptr, fw_ptr, xt_ptr, ss_ptr):
+                     res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE: tl.constexpr):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
         rows of both tiles (tiles U, V).
         RSTD (the consumer of a folded norm): the rows are scaled by rsqrt(sum(rss[:NSS]) / K + eps_r),
         from the producer's row-block sums loaded beside x; FOLD (the producer, split-K only): the
-        finished rows go to the residual stream by fold_store instead of y."""
+        finished rows go to the residual stream by fold_store instead of y; FPRE: every program loads its
+        row block's norm weight before the wait and residual rows after it (a few hundred bytes, L2), so
+        that the last program's tail after the split-K atomic does not wait for them."""
         HW: tl.constexpr = G // 8
         HALF: tl.constexpr = BN // 2
         pid_k = tl.program_id(0)
@@ -464,7 +466,16 @@ if HAS_TRITON:
             p_wa, p_wb, p_sa, p_ma, p_sb, p_mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
         # weights and scales are written by no kernel: loaded before waiting for the previous kernel
         # (programmatic dependent launch), x and the workspaces after
+        PRE: tl.constexpr = FPRE and FOLD > 0 and SPLIT_K and not GATED
+        r_pre = 0.0
+        w_pre = 0.0
+        if PRE:
+            rn_f = pid_n * BN + tl.arange(0, BN)
+            if FOLD == 2:
+                w_pre = tl.load(fw_ptr + rn_f, mask=rn_f < NR, other=0)
         pdl_wait(USE_PDL)
+        if PRE:
+            r_pre = tl.load(res_ptr + rn_f, mask=rn_f < NR, other=0)
         rstd = 1.0
         if RSTD:
             jss = tl.arange(0, NSSP)
@@ -527,7 +538,7 @@ if HAS_TRITON:
             if SPLIT_K:
                 rn = pid_n * BN + tl.arange(0, BN)
                 splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT, GATED,
-                              SPLITP, rstd, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr)
+                              SPLITP, rstd, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, r_pre, w_pre, PRE)
 
     @triton.jit
     def _q4_group(acc, w, s, m, x_row, gx, mcol, magic, G: tl.constexpr, X_BF16: tl.constexpr,
@@ -620,12 +631,13 @@ if HAS_TRITON:
         SPLITP: tl.constexpr = 0,  # > 0: split-K partials added by one [SPLITP, BN] load (see splitk_finish)
         rss_ptr=None, NSS=0, eps_r=0.0, RSTD: tl.constexpr = False, NSSP: tl.constexpr = 1,  # folded norm, consumer
         FOLD: tl.constexpr = 0, res_ptr=None, fw_ptr=None, xt_ptr=None, ss_ptr=None,  # folded norm, producer
+        FPRE: tl.constexpr = False,  # producer: residual and weight rows loaded at the start (FOLD_PRELOAD)
     ):
         pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                          G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP,
-                         rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr)
+                         rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -729,6 +741,9 @@ WIDE_PER_SM_GATED = 2.0
 # split-K partials of up to this many splits are added by one 2-D load and a reduction tree instead of
 # a loop of loads (kernels._triton.splitk_finish)
 SPLITK_TREE_MAX = 64
+# a folded norm's producer loads its row block's residual and norm weight at its start instead of in the
+# last program's tail (after the split-K atomic)
+FOLD_PRELOAD = True
 
 
 def _wide_launch(gated: bool) -> tuple[int, int, float]:
@@ -847,7 +862,8 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
             raise ValueError(f"a fold's norm weight needs {nr} values")
         xt = torch.empty((1, nr), dtype=x.dtype, device=x.device) if fw is not None else None
         ss_out = workspace("q4_fold_ss", (n_blocks,), torch.float32, x.device) if fw is not None else None
-        extra.update(FOLD=1 if fw is None else 2, res_ptr=res, fw_ptr=fw, xt_ptr=xt, ss_ptr=ss_out)
+        extra.update(FOLD=1 if fw is None else 2, res_ptr=res, fw_ptr=fw, xt_ptr=xt, ss_ptr=ss_out,
+                     FPRE=FOLD_PRELOAD)
         out = (out, xt, ss_out)
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,

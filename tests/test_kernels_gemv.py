@@ -450,13 +450,17 @@ def test_q4_default_launch_at_7b_shapes_on_cuda(name, n, k, gated, rules, monkey
 
 
 @pytest.mark.parametrize("norm", [False, True])
-@pytest.mark.parametrize("consumer,csplit", [("plain", 1), ("plain", 2), ("gated", 1), ("gated", 2)])
-def test_q4_folded_norm_equals_gemv_then_norm_then_gemv(norm, consumer, csplit):
+@pytest.mark.parametrize("consumer,csplit,preload", [("plain", 1, True), ("plain", 2, False), ("gated", 1, False),
+                                                     ("gated", 2, True)])
+def test_q4_folded_norm_equals_gemv_then_norm_then_gemv(norm, consumer, csplit, preload, monkeypatch):
     """A folded norm: the producer GEMV's split-K tail writes x_new = residual + y (and, with the norm
     weight, x~ = x_new * w and its row blocks' sums of squares), and the consumer GEMV scales its rows
     by rstd from those sums. Kernels (tensor-core path, interpreter) against the fold's reference, and
-    the reference against the unfused ops: GEMV, add_rmsnorm (or the residual add), GEMV."""
+    the reference against the unfused ops: GEMV, add_rmsnorm (or the residual add), GEMV. preload: the
+    producer's residual and weight rows loaded at its start (FOLD_PRELOAD) or in its tail."""
     from olmo_local.kernels.norm import add_rmsnorm_ref, residual_add_ref
+
+    monkeypatch.setattr(k4, "FOLD_PRELOAD", preload)
 
     gen = torch.Generator().manual_seed(21 + norm)
     d, k1, n2 = 384, 512, 256  # hidden 384 = 3 row blocks of 128 (block_n 128, 2 warps) in the producer
