@@ -541,112 +541,6 @@ if HAS_TRITON:
                               SPLITP, rstd, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, r_pre, w_pre, PRE)
 
     @triton.jit
-    def _sk_load(qw_ptr, s_ptr, m_ptr, x_ptr, rows_a, hw, NR, NGR, u, bA, u1, BN: tl.constexpr, G: tl.constexpr,
-                 TR: tl.constexpr):
-        """Loads of work unit u of a stream-K program (row block bA, or bA + 1 past the block's last
-        group; units at or past u1 are masked off): the group's words, scales and mins for the two row
-        tiles, and its x words. The next row block starts BN * NGR * HW words and BN * NGR scales later in
-        both layouts (the tiled one needs BN % TR == 0)."""
-        HW: tl.constexpr = G // 8
-        bi = ((u - bA * NGR) >= NGR).to(tl.int32)
-        g = u - (bA + bi) * NGR
-        lim = tl.where(u < u1, NR - bi * BN, 0)
-        # the next block as a group offset (BN * NGR * HW words = that many groups' steps of either
-        # layout), so the loads' address tensors are those of _q4_mma_body's loop plus one scalar
-        if TR:
-            gb_step: tl.constexpr = BN // TR
-        else:
-            gb_step: tl.constexpr = BN
-        wa, wb, sa, ma, sb, mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, BN // 2, lim, lim, NGR,
-                                           g + bi * (gb_step * NGR), HW, TR)
-        xa, xc, xd, xe = _x_words(x_ptr, tl.minimum(tl.maximum(g, 0), NGR - 1), hw, G)
-        return wa, wb, sa, ma, sb, mb, xa, xc, xd, xe
-
-    @triton.jit
-    def _sk_loop(qw_ptr, s_ptr, m_ptr, x_ptr, rows_a, hw, NR, NGR, bA, u_begin, u_end, u1, ga, gb,
-                 n_wa, n_wb, n_sa, n_ma, n_sb, n_mb, n_xa, n_xc, n_xd, n_xe,
-                 BN: tl.constexpr, G: tl.constexpr, TR: tl.constexpr, ASM: tl.constexpr):
-        """Units u_begin..u_end - 1 into the accumulators (ga, gb), each unit's loads issued one unit ahead
-        (the hand prefetch of _q4_mma_body), the last one's prefetch being unit u_end's."""
-        for u in range(u_begin, u_end):
-            wa, wb, sa, ma, sb, mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
-            xa, xc, xd, xe = n_xa, n_xc, n_xd, n_xe
-            n_wa, n_wb, n_sa, n_ma, n_sb, n_mb, n_xa, n_xc, n_xd, n_xe = _sk_load(
-                qw_ptr, s_ptr, m_ptr, x_ptr, rows_a, hw, NR, NGR, u + 1, bA, u1, BN, G, TR)
-            x0 = _pair(xa, xc, False, ASM)[None, :]
-            x2 = _pair(xa, xc, True, ASM)[None, :]
-            x1 = _pair(xd, xe, False, ASM)[None, :]
-            x3 = _pair(xd, xe, True, ASM)[None, :]
-            ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
-        return ga, gb, n_wa, n_wb, n_sa, n_ma, n_sb, n_mb, n_xa, n_xc, n_xd, n_xe
-
-    @triton.jit
-    def _sk_finish(y_ptr, part_ptr, cnt_ptr, ra, rb, b, slot, n_b, NR, stride_y, BN: tl.constexpr,
-                   SPLITP: tl.constexpr, rstd, FOLD: tl.constexpr, res_ptr, fw_ptr, xt_ptr, ss_ptr):
-        """Row block b's partial from this program (slot `slot` of the block's n_b contributors): stored,
-        and the last contributor adds the n_b partials in slot order and finishes the rows."""
-        HALF: tl.constexpr = BN // 2
-        rows = b * BN + tl.arange(0, HALF)
-        emit_rows(y_ptr, part_ptr, ra, rb, 0, slot, rows, rows < NR, NR, stride_y, 1, True, False)
-        emit_rows(y_ptr, part_ptr, rb, rb, 0, slot, rows + HALF, rows + HALF < NR, NR, stride_y, 1, True, False)
-        rn = b * BN + tl.arange(0, BN)
-        splitk_finish(y_ptr, part_ptr, cnt_ptr, b, rn, rn < NR, NR, stride_y, 1, BN, n_b, False, SPLITP, rstd,
-                      FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr)
-
-    @triton.jit
-    def _q4_mma_stream(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS,
-                       G: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr, USE_PDL: tl.constexpr,
-                       TR: tl.constexpr, SPLITP: tl.constexpr, rss_ptr, NSS, eps_r, RSTD: tl.constexpr,
-                       NSSP: tl.constexpr, FOLD: tl.constexpr, res_ptr, fw_ptr, xt_ptr, ss_ptr):
-        """Stream-K form of the plain tensor-core GEMV (_q4_mma_body with two tiles and the hand
-        prefetch): the (row block, group) work units, row-block major, are dealt out GPS at a time, so
-        every program of the one resident wave has GPS or fewer groups (split-K by whole splits gave the
-        7B in-projection 204 programs of 10 groups and down 225 of 6, for 264 places). A program's units
-        span at most two row blocks (GPS <= NGR): it finishes the first (partial, counter, and if last the
-        rows) before the units of the second. Block b's contributors are the programs
-        b*NGR // GPS .. ((b+1)*NGR - 1) // GPS, their partials in that order (deterministic)."""
-        HW: tl.constexpr = G // 8
-        HALF: tl.constexpr = BN // 2
-        pid = tl.program_id(0)
-        NB = (NR + BN - 1) // BN
-        u0 = pid * GPS
-        u1 = tl.minimum(u0 + GPS, NB * NGR)
-        bA = u0 // NGR
-        bnd = (bA + 1) * NGR
-        end_a = tl.minimum(u1, bnd)
-        rows_a = bA * BN + tl.arange(0, HALF)
-        hw = tl.arange(0, HW)
-        ga = tl.zeros([HALF, HW], dtype=tl.float32)
-        gb = tl.zeros([HALF, HW], dtype=tl.float32)
-        # the first unit's weights before the wait (written by no kernel); its x after
-        lim = tl.where(u0 < u1, NR, 0)
-        n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, HALF, lim, lim, NGR,
-                                                       u0 - bA * NGR, HW, TR)
-        pdl_wait(USE_PDL)
-        rstd = 1.0
-        if RSTD:
-            jss = tl.arange(0, NSSP)
-            tot = tl.sum(tl.load(rss_ptr + jss, mask=jss < NSS, other=0.0), axis=0)
-            rstd = 1.0 / tl.sqrt(tot / (NGR * G) + eps_r)
-        n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, u0 - bA * NGR, hw, G)
-        ga, gb, n_wa, n_wb, n_sa, n_ma, n_sb, n_mb, n_xa, n_xc, n_xd, n_xe = _sk_loop(
-            qw_ptr, s_ptr, m_ptr, x_ptr, rows_a, hw, NR, NGR, bA, u0, end_a, u1, ga, gb,
-            n_wa, n_wb, n_sa, n_ma, n_sb, n_mb, n_xa, n_xc, n_xd, n_xe, BN, G, TR, ASM)
-        first_a = (bA * NGR) // GPS
-        n_a = (bnd - 1) // GPS - first_a + 1
-        _sk_finish(y_ptr, part_ptr, cnt_ptr, tl.sum(ga, 1) * 0.25, tl.sum(gb, 1) * 0.25, bA, pid - first_a,
-                   n_a, NR, stride_y, BN, SPLITP, rstd, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr)
-        if u1 > bnd:  # the next row block's first units (slot 0 of that block); its first loads are in flight
-            ga = tl.zeros([HALF, HW], dtype=tl.float32)
-            gb = tl.zeros([HALF, HW], dtype=tl.float32)
-            ga, gb, n_wa, n_wb, n_sa, n_ma, n_sb, n_mb, n_xa, n_xc, n_xd, n_xe = _sk_loop(
-                qw_ptr, s_ptr, m_ptr, x_ptr, rows_a, hw, NR, NGR, bA, bnd, u1, u1, ga, gb,
-                n_wa, n_wb, n_sa, n_ma, n_sb, n_mb, n_xa, n_xc, n_xd, n_xe, BN, G, TR, ASM)
-            n_b = (bnd + NGR - 1) // GPS - bnd // GPS + 1
-            _sk_finish(y_ptr, part_ptr, cnt_ptr, tl.sum(ga, 1) * 0.25, tl.sum(gb, 1) * 0.25, bA + 1, 0,
-                       n_b, NR, stride_y, BN, SPLITP, rstd, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr)
-
-    @triton.jit
     def _q4_group(acc, w, s, m, x_row, gx, mcol, magic, G: tl.constexpr, X_BF16: tl.constexpr,
                   ASM: tl.constexpr, PAIRS: tl.constexpr):
         """acc += s * sum q x + m * sum x for each word column (elementwise, reduced after the loop).
@@ -738,13 +632,9 @@ if HAS_TRITON:
         rss_ptr=None, NSS=0, eps_r=0.0, RSTD: tl.constexpr = False, NSSP: tl.constexpr = 1,  # folded norm, consumer
         FOLD: tl.constexpr = 0, res_ptr=None, fw_ptr=None, xt_ptr=None, ss_ptr=None,  # folded norm, producer
         FPRE: tl.constexpr = False,  # producer: residual and weight rows loaded at the start (FOLD_PRELOAD)
-        SK: tl.constexpr = False,  # stream-K (tensor-core path, plain): GPS work units per program
     ):
         pdl_launch_dependents(USE_PDL)
-        if SK:
-            _q4_mma_stream(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, G, BN, ASM,
-                           USE_PDL, TR, SPLITP, rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr)
-        elif MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
+        if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                          G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP,
                          rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE)
@@ -851,9 +741,6 @@ WIDE_PER_SM_GATED = 2.0
 # split-K partials of up to this many splits are added by one 2-D load and a reduction tree instead of
 # a loop of loads (kernels._triton.splitk_finish)
 SPLITK_TREE_MAX = 64
-# wide plain GEMVs whose whole-split form leaves programs with more groups than an even deal of the
-# (row block, group) units over one resident wave run stream-K (_q4_mma_stream)
-STREAM_K = True
 # a folded norm's producer loads its row block's residual and norm weight at its start instead of in the
 # last program's tail (after the split-K atomic)
 FOLD_PRELOAD = True
@@ -876,27 +763,16 @@ def _wide_split(n_blocks: int, iters: int, sms: int, per_sm: float) -> int:
     return max(1, min(int(per_sm * sms / n_blocks), iters // 2))
 
 
-def _stream_k_gps(n_blocks: int, ngr: int, gps: int, places: int) -> int:
-    """Groups per program of the stream-K form (0: keep whole splits of gps groups): the n_blocks * ngr
-    (row block, group) units dealt evenly over the places of one resident wave, when that gives each
-    program fewer groups than the splits do (at least 2, at most one row block's worth)."""
-    sk = cdiv(n_blocks * ngr, places)
-    return sk if 2 <= sk < min(gps, ngr) else 0
-
-
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *, block_n=None, split_k=None,
                num_warps=None, num_stages=2, pairs=None, groups_per_iter=None, mma=None, prefetch=None, stages=None,
-               gate_halves=None, prefetch_depth=None, rstd=None, fold=None, stream_k=None, wide_per_sm=None):
+               gate_halves=None, prefetch_depth=None, rstd=None, fold=None):
     """The tuning knobs (keyword-only, shared by both public entry points): rows per program, K splits,
     warps, pipeline stages, bf16x2 math, groups per iteration, tensor cores, hand prefetch of the next
     group, Triton-pipelined group loop of the tensor-core path (stages), and for the gated tensor-core
     path BN/2 gate rows + their up rows per program instead of BN + BN (gate_halves), and how many
     groups ahead the hand prefetch loads (prefetch_depth 1 or 2; 2 needs two tiles per group); None
     picks the default. rstd = (ss, eps) / fold = (residual, w or None): the two sides of a folded norm
-    (see q4_gemv_fold; with fold the result is (x_new, x~, ss)), tensor-core path only. stream_k: deal the
-    (row block, group) units evenly over one wave (None: STREAM_K where it shortens the longest program;
-    True where possible); wide_per_sm: programs per SM of the wide rule (tests: several programs per
-    "SM" of the interpreter's nominal 8)."""
+    (see q4_gemv_fold; with fold the result is (x_new, x~, ss)), tensor-core path only."""
     x2 = _as_rows(x)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -941,8 +817,6 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     wide = None
     if use_mma and WIDE_PROGRAMS and block_n is None and num_warps is None and split_k is None:
         wide = _wide_launch(gated)
-        if wide_per_sm is not None:
-            wide = (wide[0], wide[1], float(wide_per_sm))
         block_n, num_warps = wide[0] * wide[1], wide[1]
     num_warps = num_warps or 4
     if use_mma:
@@ -969,27 +843,11 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     split_k = max(2 if fold is not None else 1, min(int(split_k), iters))  # a fold finishes in the split-K tail
     gps = cdiv(iters, split_k) * gpi  # groups per split: whole iterations
     split_k = cdiv(ngr, gps)  # no empty splits
-    sk_gps = 0
-    if wide and not gated and (STREAM_K if stream_k is None else stream_k) and (not tiled or bn % TILE_ROWS == 0):
-        sk_gps = _stream_k_gps(n_blocks, ngr, gps, int(wide[2] * num_sms(x.device)))
-    elif stream_k:
-        raise ValueError("stream-K runs on the wide tensor-core path of a plain GEMV")
-    if sk_gps:
-        slots = cdiv(ngr, sk_gps) + 1  # contributors of one row block at most
-        part = workspace("q4_part", (slots, t, n_w), torch.float32, x.device)
-        cnt = workspace("q4_cnt", (n_blocks,), torch.int32, x.device)
-        grid = (cdiv(n_blocks * ngr, sk_gps), 1)
-        gps, split_k = sk_gps, slots
-        splitp = next_pow2(slots)
-    elif split_k > 1:
+    if split_k > 1:
         part = workspace("q4_part", (split_k, t, n_w), torch.float32, x.device)
         cnt = workspace("q4_cnt", (n_blocks,), torch.int32, x.device)
-        grid = (split_k, n_blocks)
-        splitp = next_pow2(split_k) if split_k <= SPLITK_TREE_MAX else 0
     else:
         part = cnt = y2  # unused
-        grid = (split_k, n_blocks)
-        splitp = 0
     pdl = use_pdl(x2)
     pf = DEFAULT_PREFETCH if prefetch is None else bool(prefetch)
     depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else int(prefetch_depth)
@@ -1007,16 +865,14 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         extra.update(FOLD=1 if fw is None else 2, res_ptr=res, fw_ptr=fw, xt_ptr=xt, ss_ptr=ss_out,
                      FPRE=FOLD_PRELOAD)
         out = (out, xt, ss_out)
-    if sk_gps and "FPRE" in extra:
-        extra["FPRE"] = False  # a stream-K program may finish two row blocks: the tail loads them
-    _q4_gemv_kernel[grid](
+    _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
         T=t, G=g, BN=bn, SPLIT_K=split_k > 1, GATED=gated, X_BF16=x_bf16, ASM=x_bf16 and x2.is_cuda,
         PAIRS=DEFAULT_PAIRS if pairs is None else bool(pairs), GPI=gpi, MMA=use_mma,
         PREFETCH=pf, USE_PDL=pdl,
         TR=TILE_ROWS if tiled else 0, STAGES=1 if pf else (stages or DEFAULT_STAGES), GHALF=ghalf, PF2=pf2,
-        SPLITP=splitp, SK=bool(sk_gps),
+        SPLITP=next_pow2(split_k) if 1 < split_k <= SPLITK_TREE_MAX else 0,
         num_warps=num_warps, num_stages=num_stages, **extra, **pdl_kwargs(pdl),
     )
     return out

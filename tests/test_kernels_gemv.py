@@ -499,52 +499,6 @@ def test_q4_folded_norm_equals_gemv_then_norm_then_gemv(norm, consumer, csplit, 
     assert counters_are_zero()
 
 
-def test_stream_k_plan_at_7b_shapes():
-    """Stream-K where whole splits leave programs with more groups than an even deal over the 264 places
-    of 2 wide programs per SM on 132 SMs: the in-projection (68 row blocks x 30 groups: 10 -> 8 groups per
-    program) and down (15 x 86: 6 -> 5); not qkv, GDN o, attention o, whose splits are already even."""
-    want = {(17280, 3840): 8, (3840, 11008): 5, (11520, 3840): 0, (3840, 5760): 0, (3840, 3840): 0}
-    for (n, k), sk in want.items():
-        nb, ngr = -(-n // 256), k // 128
-        gps = -(-ngr // k4._wide_split(nb, ngr, 132, 2.0))
-        assert k4._stream_k_gps(nb, ngr, gps, 264) == sk, (n, k)
-
-
-@pytest.mark.parametrize("mode", ["plain", "rstd", "fold"])
-def test_q4_stream_k_equals_whole_splits_and_reference(mode):
-    """The stream-K form (interpreter): 704 rows (3 row blocks of 256, the last one masked) x 10 groups
-    dealt 4 units at a time over the nominal 8 places (1 wide program per interpreter "SM"): 8 programs,
-    two of them spanning two row blocks, the last with 2 units; whole splits would give 5 groups per
-    program. Against the reference and the whole-split launch, as a plain GEMV, a folded norm's consumer
-    (rows scaled by rstd) and its producer (x_new, x~ and per-block sums of squares)."""
-    gen = torch.Generator().manual_seed(31)
-    n, k = 704, 1280
-    _, p, sc, mn = random_q4(n, k, 128, gen)
-    p, sc, mn = k4.q4_tile(p, sc, mn, 128)
-    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
-    gps = -(-10 // k4._wide_split(3, 10, 8, 1.0))
-    assert gps == 5 and k4._stream_k_gps(3, 10, gps, 8) == 4
-    if mode == "fold":
-        res = (torch.randn(1, n, generator=gen) * 4).to(torch.bfloat16)
-        w = (1 + 0.2 * torch.randn(n, generator=gen)).to(torch.bfloat16)
-        xn_r, xt_r, ss_r = k4.q4_gemv_fold_ref(x, p, sc, mn, 128, res, w, tiled=True)
-        for _ in range(2):  # again: the counters were reset
-            outs = [k4._q4_launch(x, p, sc, mn, 128, None, False, True, fold=(res, w), stream_k=sk, wide_per_sm=1.0)
-                    for sk in (True, False)]
-            for xn, xt, ss in outs:
-                assert relerr(xn, xn_r) < 1e-2 and relerr(xt, xt_r) < 1e-2
-                assert ss.numel() == 3 and torch.allclose(ss.sum(), ss_r[0], rtol=1e-2)  # bf16 truncation here
-            assert torch.allclose(outs[0][2], outs[1][2], rtol=1e-3)
-    else:
-        rstd = (torch.tensor([3.0, 5.0, 9.0]), 1e-6) if mode == "rstd" else None
-        want = k4.q4_gemv_ref(x, p, sc, mn, 128, tiled=True, rstd=rstd)
-        for _ in range(2):
-            got = k4._q4_launch(x, p, sc, mn, 128, None, False, True, rstd=rstd, stream_k=True, wide_per_sm=1.0)
-            split = k4._q4_launch(x, p, sc, mn, 128, None, False, True, rstd=rstd, stream_k=False, wide_per_sm=1.0)
-            assert relerr(got, want) < 1e-2 and relerr(got, split) < 1e-2
-    assert counters_are_zero()
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
 @pytest.mark.parametrize("producer_k,consumer_n,gated", [(5760, 2 * 11008, True), (11008, 17280, False)])
 def test_q4_folded_norm_at_7b_shapes_on_cuda(producer_k, consumer_n, gated):
