@@ -17,9 +17,9 @@ the row scale is applied at the end. bf16 x is read as int32 pairs. Split-K part
 the last program of a row block (self-resetting atomic counter): one deterministic, CUDA-graph
 capturable launch.
 
-Group scales: a K block never crosses a group boundary inside it except at its middle (BK = G, or 2G:
-two groups, the default for ungated GEMVs, GROUP_PAIRS), and splits are whole blocks, so each iteration
-loads one (or two) scales per row ([BN] values, L1-resident after the first row block touches them). The block's sum f*x is formed in a fresh [BN, BW] tile and added to the accumulator times the
+Group scales: a K block never crosses a group (BK = min(block_k, G), and splits are whole blocks), so
+each iteration loads one scale per row ([BN] values, L1-resident after the first row block touches
+them). The block's sum f*x is formed in a fresh [BN, BW] tile and added to the accumulator times the
 scale (one extra FMA per word column), and sum x is reduced to one number per block and accumulated as
 scale * sum x per row. The per-row path (_q8_gemv_kernel, GW = 0) is its own kernel, with the same
 signature and code as before.
@@ -133,21 +133,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _q8_step(acc, xs, w, x_row, k0, bw, kmask, magic, s, X_BF16: tl.constexpr, EVEN_K: tl.constexpr,
-                 GROUPED: tl.constexpr, s2=None, GW: tl.constexpr = 0):
+                 GROUPED: tl.constexpr):
         """One [BN, BW] block of words for one row of x. Per-row scales: _q8_block (scale applied in
         _q8_emit; xs is [BW]). Group scales s [BN] (this block lies in one group): the block's sums
-        start from zero and are added as s * sum f*x ([BN, BW]) and s * sum x ([BN]). With GW > 0 the
-        block holds two groups of GW words: word columns below GW take s, the others s2."""
+        start from zero and are added as s * sum f*x ([BN, BW]) and s * sum x ([BN])."""
         if GROUPED:
             p, px = _q8_block(tl.zeros_like(acc), tl.zeros_like(bw).to(tl.float32), w, x_row, k0, bw, kmask,
                               magic, X_BF16, EVEN_K)
-            if GW > 0:
-                lo = bw < GW
-                acc = acc + p * tl.where(lo[None, :], s[:, None], s2[:, None])
-                xs = xs + s * tl.sum(tl.where(lo, px, 0.0), 0) + s2 * tl.sum(tl.where(lo, 0.0, px), 0)
-            else:
-                acc = acc + p * s[:, None]
-                xs = xs + s * tl.sum(px, 0)
+            acc = acc + p * s[:, None]
+            xs = xs + s * tl.sum(px, 0)
         else:
             acc, xs = _q8_block(acc, xs, w, x_row, k0, bw, kmask, magic, X_BF16, EVEN_K)
         return acc, xs
@@ -155,31 +149,23 @@ if HAS_TRITON:
     @triton.jit
     def _q8_rows(a0, a1, a2, a3, a4, a5, a6, a7, s0, s1, s2, s3, s4, s5, s6, s7, w, x_ptr, stride_x, k0, bw,
                  kmask, magic, sc, T: tl.constexpr, X_BF16: tl.constexpr, EVEN_K: tl.constexpr,
-                 GROUPED: tl.constexpr, sc2=None, G2: tl.constexpr = 0):
-        """One block of words for each of the T rows of x (named accumulators: Triton unrolls); G2 > 0:
-        two scale groups of G2 words per block (scales sc, sc2)."""
-        a0, s0 = _q8_step(a0, s0, w, x_ptr, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED, sc2, G2)
+                 GROUPED: tl.constexpr):
+        """One block of words for each of the T rows of x (named accumulators: Triton unrolls)."""
+        a0, s0 = _q8_step(a0, s0, w, x_ptr, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED)
         if T > 1:
-            a1, s1 = _q8_step(a1, s1, w, x_ptr + stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED,
-                              sc2, G2)
+            a1, s1 = _q8_step(a1, s1, w, x_ptr + stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED)
         if T > 2:
-            a2, s2 = _q8_step(a2, s2, w, x_ptr + 2 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED,
-                              sc2, G2)
+            a2, s2 = _q8_step(a2, s2, w, x_ptr + 2 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED)
         if T > 3:
-            a3, s3 = _q8_step(a3, s3, w, x_ptr + 3 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED,
-                              sc2, G2)
+            a3, s3 = _q8_step(a3, s3, w, x_ptr + 3 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED)
         if T > 4:
-            a4, s4 = _q8_step(a4, s4, w, x_ptr + 4 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED,
-                              sc2, G2)
+            a4, s4 = _q8_step(a4, s4, w, x_ptr + 4 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED)
         if T > 5:
-            a5, s5 = _q8_step(a5, s5, w, x_ptr + 5 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED,
-                              sc2, G2)
+            a5, s5 = _q8_step(a5, s5, w, x_ptr + 5 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED)
         if T > 6:
-            a6, s6 = _q8_step(a6, s6, w, x_ptr + 6 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED,
-                              sc2, G2)
+            a6, s6 = _q8_step(a6, s6, w, x_ptr + 6 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED)
         if T > 7:
-            a7, s7 = _q8_step(a7, s7, w, x_ptr + 7 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED,
-                              sc2, G2)
+            a7, s7 = _q8_step(a7, s7, w, x_ptr + 7 * stride_x, k0, bw, kmask, magic, sc, X_BF16, EVEN_K, GROUPED)
         return a0, a1, a2, a3, a4, a5, a6, a7, s0, s1, s2, s3, s4, s5, s6, s7
 
     @triton.jit
@@ -251,10 +237,6 @@ if HAS_TRITON:
             zx = z1  # sum x per word column; the row scale is applied in _q8_emit
         sa = tl.zeros([BN], dtype=tl.float32)  # this block's group scales (GROUPED only)
         sb = sa
-        # a block of two scale groups (BW == 2 GW): the second group's scales
-        G2: tl.constexpr = GW if (GW > 0 and BW == 2 * GW) else 0
-        sa2 = sa
-        sb2 = sa
         a0, a1, a2, a3, a4, a5, a6, a7 = z2, z2, z2, z2, z2, z2, z2, z2
         b0, b1, b2, b3, b4, b5, b6, b7 = z2, z2, z2, z2, z2, z2, z2, z2
         s0, s1, s2, s3, s4, s5, s6, s7 = zx, zx, zx, zx, zx, zx, zx, zx
@@ -272,23 +254,18 @@ if HAS_TRITON:
                 kmask = w0 + bw < w_end
                 wmask = rmask[:, None] & kmask[None, :]
             wa = tl.load(wa_ptr + w0, mask=wmask, other=0)
-            if GROUPED:  # one scale per row for this block (it lies inside one group), or two
+            if GROUPED:  # one scale per row for this block (it lies inside one group)
                 sa = tl.load(s_ptr + rn * NG + w0 // GW, mask=rmask, other=0).to(tl.float32)
-                if G2 > 0:
-                    m2 = rmask & (rn * 0 + w0 // GW + 1 < NG)  # the last block of an uneven K has one group
-                    sa2 = tl.load(s_ptr + rn * NG + w0 // GW + 1, mask=m2, other=0).to(tl.float32)
             a0, a1, a2, a3, a4, a5, a6, a7, s0, s1, s2, s3, s4, s5, s6, s7 = _q8_rows(
                 a0, a1, a2, a3, a4, a5, a6, a7, s0, s1, s2, s3, s4, s5, s6, s7, wa, x_ptr, stride_x, k0, bw,
-                kmask, MAGIC, sa, T, X_BF16, EVEN_K, GROUPED, sa2, G2)
+                kmask, MAGIC, sa, T, X_BF16, EVEN_K, GROUPED)
             if GATED:
                 wb = tl.load(wb_ptr + w0, mask=wmask, other=0)
                 if GROUPED:
                     sb = tl.load(s_ptr + (NR + rn) * NG + w0 // GW, mask=rmask, other=0).to(tl.float32)
-                    if G2 > 0:
-                        sb2 = tl.load(s_ptr + (NR + rn) * NG + w0 // GW + 1, mask=m2, other=0).to(tl.float32)
                 b0, b1, b2, b3, b4, b5, b6, b7, u0, u1, u2, u3, u4, u5, u6, u7 = _q8_rows(
                     b0, b1, b2, b3, b4, b5, b6, b7, u0, u1, u2, u3, u4, u5, u6, u7, wb, x_ptr, stride_x, k0,
-                    bw, kmask, MAGIC, sb, T, X_BF16, EVEN_K, GROUPED, sb2, G2)
+                    bw, kmask, MAGIC, sb, T, X_BF16, EVEN_K, GROUPED)
 
         _q8_emit(y_ptr, part_ptr, s_ptr, a0, s0, b0, u0, 0, pid_k, rn, rmask, NR, stride_y, T, SPLIT_K,
                  GATED, GROUPED)
@@ -329,10 +306,6 @@ def _group_size(qweight: torch.Tensor, scales: torch.Tensor) -> int | None:
     return g if g >= 16 and g & (g - 1) == 0 else None
 
 
-# grouped q8, ungated: K blocks of two scale groups (see _q8_launch)
-GROUP_PAIRS = True
-
-
 def _q8_launch(x, qweight, scales, out, gated, block_n, block_k, split_k, num_warps, num_stages):
     x2 = _as_rows(x)
     if x2.stride(-1) != 1:
@@ -369,10 +342,7 @@ def _q8_launch(x, qweight, scales, out, gated, block_n, block_k, split_k, num_wa
         # scale, one sum of x) over twice the weights: sm_90 SASS 4.8 vs 5.9 instructions per weight
         # for G = 128 (per-row q8: 4.8 at its default tile, 4.0 at BN=32, BK=256). H200: the g128
         # 3840x100352 lm_head takes 112 us (86 % of copy) at this default.
-        # GROUP_PAIRS: ungated, a K block of two groups (256-byte row pieces at G = 128, as the per-row
-        # path's best block): the second group's scales go with the block's upper word columns
-        pair = GROUP_PAIRS and not gated and k % (2 * g) == 0 and block_k is None
-        bk = 2 * g if pair else min(block_k or g, 2 * g)
+        bk = min(block_k or g, g)
         tile = 4096 if gated else 8192
     else:
         # per-row scales: 256-byte K blocks and 8 KB tiles when K allows (H200, 3840x100352 lm_head:

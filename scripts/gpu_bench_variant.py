@@ -20,8 +20,7 @@ add (as before the q8_embed kernel and the pick tails' position update); "-onere
 cache launch attention as for the long cache at every position (DecodeStep.long_ctx_from = 0); "-nofold": the
 norms as their own launches instead of folded into the q4 GEMVs around them (DecodeStep.fold_norms off);
 "-nomerge": an attention layer's last rmsnorm_add and the next norm as two launches (merge_post_norms off);
-"-nofoldpre": a folded norm's producer loads the residual and weight rows in its split-K tail (FOLD_PRELOAD off);
-"-nopairs": grouped q8 GEMVs (the lm_head) with K blocks of one scale group (gemv_q8.GROUP_PAIRS off).
+"-nofoldpre": a folded norm's producer loads the residual and weight rows in its split-K tail (FOLD_PRELOAD off).
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import sys
 import importlib
 
 import olmo_local.kernels.gemv_q4 as k4
-import olmo_local.kernels.gemv_q8 as k8
 import olmo_local.quant.linear as ql
 
 
@@ -61,7 +59,6 @@ def main() -> int:
                                      ("-nofold", dec.DecodeStep, "fold_norms", False),
                                      ("-nomerge", dec.DecodeStep, "merge_post_norms", False),
                                      ("-nofoldpre", k4, "FOLD_PRELOAD", False),
-                                     ("-nopairs", k8, "GROUP_PAIRS", False),
                                      ("-torchargmax", dec.DecodeStep, "fused_greedy", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)
