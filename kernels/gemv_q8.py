@@ -353,10 +353,14 @@ def _q8_launch(x, qweight, scales, out, gated, block_n, block_k, split_k, num_wa
     bn = block_n or max(16, min(tile // bk, next_pow2(nr)))
     if block_n is None and t * (2 if gated else 1) > 4:
         bn = max(16, bn // 2)  # one accumulator per row of x (and half): keep them in registers
+    sms = num_sms(x.device)
+    if block_n is None and g and not gated and t == 1 and cdiv(nr, 2 * bn) >= 4 * sms:
+        # a tall grouped GEMV without split-K (the lm_head): twice the rows per program. H200, 3840 x
+        # 100352 g128 head alone: 104.5 us at 128 rows vs 109.0 at 64 (scripts/gpu_head_probe.py)
+        bn *= 2
     iters = cdiv(k, bk)
     n_blocks = cdiv(nr, bn)
     if split_k is None:
-        sms = num_sms(x.device)
         split_k = 1 if n_blocks >= 4 * sms else max(1, min(cdiv(6 * sms, n_blocks), iters // 2))
     split_k = max(1, min(int(split_k), iters))
     per_split = cdiv(iters, split_k)

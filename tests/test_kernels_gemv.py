@@ -309,6 +309,7 @@ Q8_GROUP_CASES = [  # n, k, group, t, split_k, block_k, dtype
     (24, 512, 128, 1, 2, 256, torch.bfloat16),  # block_k above G: one group per block
     (20, 96, 32, 8, 2, None, torch.float32),
     (17, 128, 16, 2, 1, None, torch.float16),
+    (4160, 256, 128, 1, 1, None, torch.bfloat16),  # tall (>= 4 blocks of 128 rows per nominal SM): 128-row blocks
 ]
 
 
