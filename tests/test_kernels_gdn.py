@@ -197,3 +197,45 @@ def test_gdn_step_fused_ab_scaled_by_a_folded_norm(ab_once_max):
                  st["norm_weight"], st["rec_state"], True, ab_from=(xt, w_ab), ab_rstd=(ss, eps), **kw)
         assert relerr(got, want) < 1e-5
         assert relerr(st["rec_state"], plain["rec_state"]) < 1e-5
+
+
+@pytest.mark.parametrize("hk,dk,dv,dtype,rstd", [(2, 16, 24, torch.float32, False),  # 3 sub-tiles of 8
+                                                  (2, 96, 192, torch.float32, True),  # 7B head dims: 3 x 64
+                                                  (3, 12, 32, torch.bfloat16, False),  # one sub-tile, dk padded
+                                                  (1, 8, 256, torch.float32, True)])  # 4 x 64
+def test_gdn_step_one_program_per_head(hk, dk, dv, dtype, rstd):
+    """The one-program-per-head kernel (Hv == Hk; the fused a|b projection, optionally scaled by a folded
+    norm's rstd) against the reference over two steps, states included; and that the launch really took
+    it (per_head=True raises where it does not fit)."""
+    hv, d_model = hk, 96
+    assert kg._head_tiles(hk, hv, dv) is not None
+    gen = torch.Generator().manual_seed(dv + dk)
+    inp = make_inputs(hk, hv, dk, dv, 4, dtype, gen)
+    w_ab = (torch.randn(2 * hv, d_model, generator=gen) * d_model ** -0.5).to(dtype)
+    ab_rstd = (torch.tensor([5.0, 7.5]) * d_model, 1e-6) if rstd else None
+    ref_in, ker_in = clone(inp), clone(inp)
+    tol = 1e-5 if dtype == torch.float32 else 1.5e-2
+    for _step in range(2):
+        u = (torch.randn(d_model, generator=gen) * 2).to(dtype)
+        args = lambda st: (st["qkv"], st["z"], None, None, st["conv_weight"], st["conv_state"], st["A_log"],  # noqa: E731
+                           st["dt_bias"], st["norm_weight"], st["rec_state"], True)
+        want = kg.gdn_decode_step_ref(*args(ref_in), ab_from=(u, w_ab), ab_rstd=ab_rstd)
+        got = kg.gdn_decode_step_triton(*args(ker_in), ab_from=(u, w_ab), ab_rstd=ab_rstd, per_head=True)
+        assert torch.isfinite(got).all() and relerr(got, want) < tol
+        assert relerr(ker_in["rec_state"], ref_in["rec_state"]) < 1e-5
+        assert torch.equal(ker_in["conv_state"], ref_in["conv_state"])
+        nxt = make_inputs(hk, hv, dk, dv, 4, dtype, gen)
+        for key in ("qkv", "z"):
+            ref_in[key] = nxt[key].clone()
+            ker_in[key] = nxt[key].clone()
+
+
+def test_gdn_step_per_head_only_where_it_fits():
+    assert kg._head_tiles(2, 2, 192) == (64, 3) and kg._head_tiles(2, 2, 24) == (8, 3)
+    assert kg._head_tiles(2, 4, 192) is None  # two value heads per key head
+    assert kg._head_tiles(2, 2, 20) is None  # 20 = 5 x 4: sub-tiles too narrow
+    assert kg._head_tiles(1, 1, 320) is None  # 5 x 64
+    gen = torch.Generator().manual_seed(5)
+    inp = make_inputs(2, 4, 16, 24, 4, torch.float32, gen)
+    with pytest.raises(ValueError, match="per-head"):
+        call(kg.gdn_decode_step_triton, inp, True, per_head=True)
