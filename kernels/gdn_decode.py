@@ -42,9 +42,6 @@ NORM_EPS = 1e-5
 # the fused a|b projection loads a head's two W_ab rows whole, before waiting for the previous kernel,
 # for hidden sizes up to this (beyond it, a loop over 512-wide chunks after the wait)
 AB_ONCE_MAX_D = 8192
-# one program per head (_gdn_decode_head_kernel) where it fits, with this many warps
-PER_HEAD = True
-HEAD_WARPS = 8
 
 
 def _shapes(qkv, A_log, rec_state, conv_weight):
@@ -283,154 +280,6 @@ if HAS_TRITON:
             tl.atomic_xchg(cnt_ptr + kh, 0)
 
 
-    @triton.jit
-    def _head_sub_load(s_ptr, cs_ptr, cw_ptr, h, j: tl.constexpr, dk, mk, jj, DK, DV, HK, BV: tl.constexpr,
-                       KC: tl.constexpr):
-        """Sub-tile j of a head (value columns j*BV ..): its [BK, BV] state slice and its v channels' conv
-        state and weights (loaded before the wait)."""
-        dvi = j * BV + tl.arange(0, BV)
-        soff = h * DK * DV + dk[:, None] * DV + dvi[None, :]
-        st = tl.load(s_ptr + soff, mask=mk[:, None], other=0.0)
-        vch = 2 * HK * DK + h * DV + dvi
-        mv = dvi < DV
-        old, nxt = _conv_old(cs_ptr, vch, mv, jj, KC)
-        return st, old, nxt, _conv_w(cw_ptr, vch, mv, jj, KC)
-
-    @triton.jit
-    def _head_sub_step(qkv_ptr, s_ptr, st, old, nxt, w, q, k, alpha, beta, h, j: tl.constexpr, dk, mk, jj, DK, DV,
-                       HK, BV: tl.constexpr, KC: tl.constexpr):
-        """The delta rule on sub-tile j: state updated and stored, o slice and next conv state returned."""
-        dvi = j * BV + tl.arange(0, BV)
-        vch = 2 * HK * DK + h * DV + dvi
-        win, nxt = _conv_window(qkv_ptr, old, nxt, vch, dvi < DV, jj, KC)
-        v = _conv_silu(w, win)
-        st = st * alpha
-        mem = tl.sum(st * k[:, None], axis=0)
-        st = st + k[:, None] * (beta * (v - mem))[None, :]
-        o = tl.sum(st * q[:, None], axis=0)
-        tl.store(s_ptr + h * DK * DV + dk[:, None] * DV + dvi[None, :], st, mask=mk[:, None])
-        return o, nxt
-
-    @triton.jit
-    def _head_sub_out(out_ptr, z_ptr, nw_ptr, o, rstd, h, j: tl.constexpr, DV, BV: tl.constexpr):
-        dvi = j * BV + tl.arange(0, BV)
-        zz = tl.load(z_ptr + h * DV + dvi).to(tl.float32)
-        w = tl.load(nw_ptr + dvi).to(tl.float32)
-        tl.store(out_ptr + h * DV + dvi, (o * rstd * w * (zz / (1.0 + tl.exp(-zz)))).to(out_ptr.dtype.element_ty))
-
-    @triton.jit
-    def _gdn_decode_head_kernel(
-        qkv_ptr, z_ptr, cw_ptr, cs_ptr, alog_ptr, dtb_ptr, nw_ptr, s_ptr, out_ptr,
-        HK, DK, DV, q_scale, u_ptr, wab_ptr, D,
-        KC: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NSUB: tl.constexpr,
-        NEG: tl.constexpr, USE_PDL: tl.constexpr, BU: tl.constexpr,
-        rss_ptr=None, NSS=0, eps_r=0.0, AB_RSTD: tl.constexpr = False, NSSP: tl.constexpr = 1,
-    ):
-        """One program per head (Hv == Hk, dv = NSUB sub-tiles of BV columns): q, k and the gates once,
-        the state in NSUB [BK, BV] sub-tiles loaded before the wait, and the gated RMSNorm over the whole
-        head in registers, so there is no o scratch, no counter and no last-program tail. a|b come from
-        the fused projection with the head's W_ab rows loaded before the wait (AB_ONCE form)."""
-        pdl_launch_dependents(USE_PDL)
-        h = tl.program_id(0)
-        jj = tl.arange(0, KP)
-        dk = tl.arange(0, BK)
-        mk = dk < DK
-        qch = h * DK + dk
-        kch = HK * DK + h * DK + dk
-        st0, ov0, nv0, wv0 = _head_sub_load(s_ptr, cs_ptr, cw_ptr, h, 0, dk, mk, jj, DK, DV, HK, BV, KC)
-        st1, ov1, nv1, wv1 = st0, ov0, nv0, wv0
-        st2, ov2, nv2, wv2 = st0, ov0, nv0, wv0
-        st3, ov3, nv3, wv3 = st0, ov0, nv0, wv0
-        if NSUB > 1:
-            st1, ov1, nv1, wv1 = _head_sub_load(s_ptr, cs_ptr, cw_ptr, h, 1, dk, mk, jj, DK, DV, HK, BV, KC)
-        if NSUB > 2:
-            st2, ov2, nv2, wv2 = _head_sub_load(s_ptr, cs_ptr, cw_ptr, h, 2, dk, mk, jj, DK, DV, HK, BV, KC)
-        if NSUB > 3:
-            st3, ov3, nv3, wv3 = _head_sub_load(s_ptr, cs_ptr, cw_ptr, h, 3, dk, mk, jj, DK, DV, HK, BV, KC)
-        old_q, nxt_q = _conv_old(cs_ptr, qch, mk, jj, KC)
-        old_k, nxt_k = _conv_old(cs_ptr, kch, mk, jj, KC)
-        w_q = _conv_w(cw_ptr, qch, mk, jj, KC)
-        w_k = _conv_w(cw_ptr, kch, mk, jj, KC)
-        dt_b = tl.load(dtb_ptr + h).to(tl.float32)
-        a_log = tl.load(alog_ptr + h).to(tl.float32)
-        du = tl.arange(0, BU)
-        mu = du < D
-        w_a = tl.load(wab_ptr + h * D + du, mask=mu, other=0)
-        w_b = tl.load(wab_ptr + (HK + h) * D + du, mask=mu, other=0)
-        pdl_wait(USE_PDL)
-        uu = tl.load(u_ptr + du, mask=mu, other=0).to(tl.float32)
-        a_h = tl.sum(uu * w_a.to(tl.float32), axis=0)
-        b_h = tl.sum(uu * w_b.to(tl.float32), axis=0)
-        if AB_RSTD:
-            jss = tl.arange(0, NSSP)
-            ab_scale = 1.0 / tl.sqrt(tl.sum(tl.load(rss_ptr + jss, mask=jss < NSS, other=0.0), axis=0) / D + eps_r)
-            a_h = a_h * ab_scale
-            b_h = b_h * ab_scale
-        win_q, nxt_q = _conv_window(qkv_ptr, old_q, nxt_q, qch, mk, jj, KC)
-        win_k, nxt_k = _conv_window(qkv_ptr, old_k, nxt_k, kch, mk, jj, KC)
-        q = _conv_silu(w_q, win_q)
-        k = _conv_silu(w_k, win_k)
-        q = q * (q_scale / tl.sqrt(tl.sum(q * q, axis=0) + 1e-6))
-        k = k / tl.sqrt(tl.sum(k * k, axis=0) + 1e-6)
-        x = a_h + dt_b
-        sp = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
-        alpha = tl.exp(-tl.exp(a_log) * sp)
-        beta = 1.0 / (1.0 + tl.exp(-b_h))
-        if NEG:
-            beta = beta * 2.0
-        o0, nv0 = _head_sub_step(qkv_ptr, s_ptr, st0, ov0, nv0, wv0, q, k, alpha, beta, h, 0, dk, mk, jj, DK, DV, HK,
-                                 BV, KC)
-        ss = tl.sum(o0 * o0, axis=0)
-        o1 = o0
-        o2 = o0
-        o3 = o0
-        if NSUB > 1:
-            o1, nv1 = _head_sub_step(qkv_ptr, s_ptr, st1, ov1, nv1, wv1, q, k, alpha, beta, h, 1, dk, mk, jj, DK, DV,
-                                     HK, BV, KC)
-            ss += tl.sum(o1 * o1, axis=0)
-        if NSUB > 2:
-            o2, nv2 = _head_sub_step(qkv_ptr, s_ptr, st2, ov2, nv2, wv2, q, k, alpha, beta, h, 2, dk, mk, jj, DK, DV,
-                                     HK, BV, KC)
-            ss += tl.sum(o2 * o2, axis=0)
-        if NSUB > 3:
-            o3, nv3 = _head_sub_step(qkv_ptr, s_ptr, st3, ov3, nv3, wv3, q, k, alpha, beta, h, 3, dk, mk, jj, DK, DV,
-                                     HK, BV, KC)
-            ss += tl.sum(o3 * o3, axis=0)
-        rstd = 1.0 / tl.sqrt(ss / DV + 1e-5)
-        _head_sub_out(out_ptr, z_ptr, nw_ptr, o0, rstd, h, 0, DV, BV)
-        if NSUB > 1:
-            _head_sub_out(out_ptr, z_ptr, nw_ptr, o1, rstd, h, 1, DV, BV)
-        if NSUB > 2:
-            _head_sub_out(out_ptr, z_ptr, nw_ptr, o2, rstd, h, 2, DV, BV)
-        if NSUB > 3:
-            _head_sub_out(out_ptr, z_ptr, nw_ptr, o3, rstd, h, 3, DV, BV)
-        # every thread has read its conv inputs: the head's conv channels are this program's alone
-        tl.debug_barrier()
-        _store_conv_state(cs_ptr, nxt_q, qch, mk, jj, KC)
-        _store_conv_state(cs_ptr, nxt_k, kch, mk, jj, KC)
-        for_v = 2 * HK * DK + h * DV
-        _store_conv_state(cs_ptr, nv0, for_v + tl.arange(0, BV), tl.arange(0, BV) < BV, jj, KC)
-        if NSUB > 1:
-            _store_conv_state(cs_ptr, nv1, for_v + BV + tl.arange(0, BV), tl.arange(0, BV) < BV, jj, KC)
-        if NSUB > 2:
-            _store_conv_state(cs_ptr, nv2, for_v + 2 * BV + tl.arange(0, BV), tl.arange(0, BV) < BV, jj, KC)
-        if NSUB > 3:
-            _store_conv_state(cs_ptr, nv3, for_v + 3 * BV + tl.arange(0, BV), tl.arange(0, BV) < BV, jj, KC)
-
-
-def _head_tiles(hk: int, hv: int, dv: int) -> tuple[int, int] | None:
-    """(BV, NSUB) of the one-program-per-head kernel: dv as NSUB <= 4 sub-tiles of BV columns (the largest
-    power of two dividing dv, at most 64, at least 8), one value head per key head; None if it does not fit."""
-    if hv != hk:
-        return None
-    bv = 64
-    while bv >= 8 and dv % bv:
-        bv //= 2
-    if bv < 8 or dv // bv > 4:
-        return None
-    return bv, dv // bv
-
-
 def gdn_decode_step_triton(
     qkv: torch.Tensor,
     z: torch.Tensor,
@@ -450,12 +299,9 @@ def gdn_decode_step_triton(
     block_v: int = 64,
     num_warps: int = 8,
     ab_once_max: int | None = None,
-    per_head: bool | None = None,
 ) -> torch.Tensor:
     """Triton version of gdn_decode_step_ref (block_v: state columns per program; 64 columns with 8
-    warps took 7.6 us per 7B layer on an H100 against 8.3 us for 32 with 4, the earlier default).
-    per_head (None: PER_HEAD): one program per head (_gdn_decode_head_kernel) where it fits (Hv == Hk,
-    the fused a|b projection with its rows whole, dv in at most 4 power-of-two sub-tiles)."""
+    warps took 7.6 us per 7B layer on an H100 against 8.3 us for 32 with 4, the earlier default)."""
     hk, hv, dk, dv, conv_dim, kconv = _shapes(qkv, A_log, rec_state, conv_weight)
     if ab_from is not None:
         u, w_ab = ab_from
@@ -485,22 +331,6 @@ def gdn_decode_step_triton(
         out = torch.empty(hv * dv, dtype=z.dtype, device=z.device)
     elif not out.is_contiguous() or out.numel() != hv * dv:
         raise ValueError(f"out must be contiguous with {hv * dv} elements")
-    tiles = _head_tiles(hk, hv, dv)
-    if (PER_HEAD if per_head is None else per_head) and tiles and fused.get("AB_ONCE"):
-        bv, nsub = tiles
-        pdl = use_pdl(z)
-        extra = {k: fused[k] for k in ("rss_ptr", "NSS", "eps_r", "AB_RSTD", "NSSP") if k in fused}
-        _gdn_decode_head_kernel[(hv,)](
-            qkv.reshape(-1), z.reshape(-1), conv_weight.reshape(conv_dim, kconv), conv_state, A_log.reshape(-1),
-            dt_bias.reshape(-1), norm_weight.reshape(-1), rec_state, out, hk, dk, dv, float(dk) ** -0.5,
-            fused["u_ptr"], fused["wab_ptr"], fused["D"],
-            KC=kconv, KP=next_pow2(kconv), BK=next_pow2(dk), BV=bv, NSUB=nsub, NEG=bool(allow_neg_eigval),
-            USE_PDL=pdl, BU=fused["BU"], **extra, num_warps=HEAD_WARPS, **pdl_kwargs(pdl),
-        )
-        return out
-    elif per_head:
-        raise ValueError("the one-program-per-head GDN step needs Hv == Hk, the fused a|b projection with its "
-                         "rows whole, and dv in at most 4 power-of-two sub-tiles")
     bv = min(block_v, next_pow2(dv))
     nvb = cdiv(dv, bv)
     ows = workspace("gdn_o", (hv * dv,), torch.float32, z.device)

@@ -20,9 +20,7 @@ add (as before the q8_embed kernel and the pick tails' position update); "-onere
 cache launch attention as for the long cache at every position (DecodeStep.long_ctx_from = 0); "-nofold": the
 norms as their own launches instead of folded into the q4 GEMVs around them (DecodeStep.fold_norms off);
 "-nomerge": an attention layer's last rmsnorm_add and the next norm as two launches (merge_post_norms off);
-"-nofoldpre": a folded norm's producer loads the residual and weight rows in its split-K tail (FOLD_PRELOAD off);
-"-nohead": the GDN step with its programs per (head, 64 value columns) and the last one's gated-norm tail
-instead of one program per head (gdn_decode.PER_HEAD off).
+"-nofoldpre": a folded norm's producer loads the residual and weight rows in its split-K tail (FOLD_PRELOAD off).
 """
 
 from __future__ import annotations
@@ -37,7 +35,6 @@ import olmo_local.quant.linear as ql
 
 
 ka = importlib.import_module("olmo_local.kernels.attention_decode")
-kgd = importlib.import_module("olmo_local.kernels.gdn_decode")
 
 
 def main() -> int:
@@ -62,7 +59,6 @@ def main() -> int:
                                      ("-nofold", dec.DecodeStep, "fold_norms", False),
                                      ("-nomerge", dec.DecodeStep, "merge_post_norms", False),
                                      ("-nofoldpre", k4, "FOLD_PRELOAD", False),
-                                     ("-nohead", kgd, "PER_HEAD", False),
                                      ("-torchargmax", dec.DecodeStep, "fused_greedy", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)

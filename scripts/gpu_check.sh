@@ -40,7 +40,6 @@ for s in $steps; do
     profdec) timeout 200 python3 scripts/gpu_profile_decode.py --json "$OUT/profdec.json" 2>&1 | tee "$OUT/profdec.log" | tail -30 ;;
     tiledchk) timeout 200 python3 scripts/gpu_tiled_check.py ${TILED_PRESET:-1b} 2>&1 | tee "$OUT/tiledchk.log" | tail -8 ;;
     blocks)  timeout 120 python3 scripts/gpu_prefill_blocks_check.py 2>&1 | tee "$OUT/blocks.log" | tail -3 ;;
-    gdnprobe) timeout 200 python3 scripts/gpu_gdn_step_probe.py 2>&1 | tee "$OUT/gdnprobe.log" | tail -8 ;;
     head)    timeout 200 python3 scripts/gpu_head_probe.py 2>&1 | tee "$OUT/head.log" | tail -9 ;;
     gps)     timeout 200 python3 scripts/gpu_gps_probe.py 2>&1 | tee "$OUT/gps.log" | tail -12 ;;
     probe)   timeout 240 python3 scripts/gpu_stream_probe.py 2>&1 | tee "$OUT/probe.log" | tail -60 ;;

@@ -1,8 +1,7 @@
 #!/usr/bin/env python
 """What the fused GDN decode step costs after the 7B in-projection, per launch configuration: 20 pairs
 (q4 in-projection GEMV, GDN step) chained in a CUDA graph (PDL on, as in the decode step), minus 20
-in-projections alone; also the step chained after itself. Session 8: one program per head against the
-(head, 64 value columns) programs with the gated-norm tail.
+in-projections alone; also the step chained after itself.
 
     python scripts/gpu_gdn_step_probe.py
 """
@@ -54,11 +53,11 @@ def main() -> None:
     base = timed(gemv, n) / n
     print(f"{torch.cuda.get_device_name()}: in-projection alone {base:.2f} us")
     print(f"{'variant':<40}{'after GEMV us':>14}{'chained us':>12}")
-    variants = [("per head (default), w8", dict(per_head=True)), ("ab once, bv64 w8", dict(per_head=False)),
-                ("per head, w4", dict(per_head=True, warps=4)), ("ab once, bv32 w8", dict(block_v=32, per_head=False)),
-                ("per head (default), w8", dict(per_head=True)), ("ab once, bv64 w8", dict(per_head=False))]
+    variants = [("ab once, bv64 w8", dict()), ("ab loop, bv64 w8", dict(ab_once_max=0)),
+                ("ab given, bv64 w8", dict(fused=False)), ("ab once, bv32 w4", dict(block_v=32, num_warps=4)),
+                ("ab once, bv64 w4", dict(num_warps=4)), ("ab once, bv32 w8", dict(block_v=32)),
+                ("ab once, bv16 w4", dict(block_v=16, num_warps=4)), ("ab once, bv64 w8", dict())]
     for name, kw in variants:
-        kg.HEAD_WARPS = kw.pop("warps", 8)
         pair = timed(lambda: (gemv(), step(**dict(kw))), n) / n
         alone = timed(lambda: step(**dict(kw)), n) / n
         print(f"{name:<40}{pair - base:>14.2f}{alone:>12.2f}")
