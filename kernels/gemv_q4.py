@@ -396,37 +396,6 @@ if HAS_TRITON:
         return wa, wb, sa, ma, sb, mb
 
     @triton.jit
-    def _mma_load_words(w_ptr, rows_a, half, lim_a, lim_b, NGR, g, HW: tl.constexpr, TR: tl.constexpr):
-        """_mma_load's words only (the pipelined loop's part: STAGES > 1 with SPF)."""
-        mw = tl.arange(0, HW)[None, :]
-        if TR:
-            wg = TR * HW
-        else:
-            wg = HW
-        wo_a, so_a = _row_offsets(rows_a, NGR, HW, TR)
-        wo_b, so_b = _row_offsets(rows_a + half, NGR, HW, TR)
-        wa = tl.load(w_ptr + wo_a[:, None] + g * wg + mw, mask=(rows_a < lim_a)[:, None], other=0)
-        wb = tl.load(w_ptr + wo_b[:, None] + g * wg + mw, mask=(rows_a + half < lim_b)[:, None], other=0)
-        return wa, wb
-
-    @triton.jit
-    def _mma_load_scales(s_ptr, m_ptr, rows_a, half, lim_a, lim_b, NGR, g, HW: tl.constexpr, TR: tl.constexpr):
-        """_mma_load's scales and mins only (loaded by hand one group ahead next to a pipelined loop)."""
-        mask_a = rows_a < lim_a
-        mask_b = rows_a + half < lim_b
-        if TR:
-            sg = TR
-        else:
-            sg = 1
-        wo_a, so_a = _row_offsets(rows_a, NGR, HW, TR)
-        wo_b, so_b = _row_offsets(rows_a + half, NGR, HW, TR)
-        sa = tl.load(s_ptr + so_a + g * sg, mask=mask_a, other=0)
-        ma = tl.load(m_ptr + so_a + g * sg, mask=mask_a, other=0)
-        sb = tl.load(s_ptr + so_b + g * sg, mask=mask_b, other=0)
-        mb = tl.load(m_ptr + so_b + g * sg, mask=mask_b, other=0)
-        return sa, ma, sb, mb
-
-    @triton.jit
     def _mma_acc(acc_a, acc_b, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM: tl.constexpr):
         da, db, d1 = _mma_word(wa, wb, x0, x1, x2, x3, ASM)
         sa = sa.to(tl.float32)[:, None]
@@ -446,7 +415,7 @@ if HAS_TRITON:
                      ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TR: tl.constexpr,
                      STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr, SPLITP: tl.constexpr,
                      rss_ptr, NSS, eps_r, RSTD: tl.constexpr, NSSP: tl.constexpr, FOLD: tl.constexpr,
-                     res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE: tl.constexpr, SPF: tl.constexpr):
+                     res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE: tl.constexpr):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
@@ -537,14 +506,6 @@ if HAS_TRITON:
                                                                            HALF, lim + NR, lim + NR, NGR, g + 1,
                                                                            HW, TR)
                     n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g + 1, g_end - 1), hw, G)
-            elif SPF:  # words through Triton's pipeliner (cp.async, STAGES deep), scales and x by hand
-                sa, ma, sb, mb = n_sa, n_ma, n_sb, n_mb
-                xa, xc, xd, xe = n_xa, n_xc, n_xd, n_xe
-                lim = tl.where(g + 1 < g_end, NR, 0)
-                n_sa, n_ma, n_sb, n_mb = _mma_load_scales(s_ptr, m_ptr, rows_a, OFFB, lim, lim + LB, NGR, g + 1,
-                                                          HW, TR)
-                n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g + 1, g_end - 1), hw, G)
-                wa, wb = _mma_load_words(qw_ptr, rows_a, OFFB, NR, NR + LB, NGR, g, HW, TR)
             else:
                 wa, wb, sa, ma, sb, mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, NR, NR + LB, NGR,
                                                    g, HW, TR)
@@ -671,13 +632,12 @@ if HAS_TRITON:
         rss_ptr=None, NSS=0, eps_r=0.0, RSTD: tl.constexpr = False, NSSP: tl.constexpr = 1,  # folded norm, consumer
         FOLD: tl.constexpr = 0, res_ptr=None, fw_ptr=None, xt_ptr=None, ss_ptr=None,  # folded norm, producer
         FPRE: tl.constexpr = False,  # producer: residual and weight rows loaded at the start (FOLD_PRELOAD)
-        SPF: tl.constexpr = False,  # STAGES > 1: scales and x loaded by hand a group ahead (STAGE_SCALE_PREFETCH)
     ):
         pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                          G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP,
-                         rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE, SPF)
+                         rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -771,9 +731,6 @@ DEFAULT_BYTES_PER_ROW = 64  # contiguous weight bytes per row and iteration (GPI
 DEFAULT_MMA = True  # tensor cores for one bf16 row of x at group size 128 (decode)
 DEFAULT_PREFETCH = True  # tensor-core path: next group's loads issued before this group's math
 DEFAULT_STAGES = 3  # tensor-core path without PREFETCH: groups in flight in Triton's pipelined loop
-# the pipelined loop (STAGES > 1) leaves only the weight words to the pipeliner: scales, mins and x are
-# loaded by hand one group ahead (as 2-byte rows they were synchronous loads in the pipelined loop)
-STAGE_SCALE_PREFETCH = True
 DEFAULT_GATE_HALVES = True  # gated tensor-core path: BN/2 gate rows + their up rows per program
 DEFAULT_PREFETCH_DEPTH = 1  # groups the hand prefetch runs ahead
 DEFAULT_MMA_ROWS_PER_WARP = 16  # tensor-core path: output rows per warp (16: one m16 tile per group)
@@ -916,7 +873,6 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         PREFETCH=pf, USE_PDL=pdl,
         TR=TILE_ROWS if tiled else 0, STAGES=1 if pf else (stages or DEFAULT_STAGES), GHALF=ghalf, PF2=pf2,
         SPLITP=next_pow2(split_k) if 1 < split_k <= SPLITK_TREE_MAX else 0,
-        SPF=bool(use_mma and not pf and STAGE_SCALE_PREFETCH and not (gated and not ghalf)),
         num_warps=num_warps, num_stages=num_stages, **extra, **pdl_kwargs(pdl),
     )
     return out

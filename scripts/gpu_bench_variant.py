@@ -20,8 +20,7 @@ add (as before the q8_embed kernel and the pick tails' position update); "-onere
 cache launch attention as for the long cache at every position (DecodeStep.long_ctx_from = 0); "-nofold": the
 norms as their own launches instead of folded into the q4 GEMVs around them (DecodeStep.fold_norms off);
 "-nomerge": an attention layer's last rmsnorm_add and the next norm as two launches (merge_post_norms off);
-"-nofoldpre": a folded norm's producer loads the residual and weight rows in its split-K tail (FOLD_PRELOAD off);
-"-syncscales": with stN, the scales, mins and x also in Triton's pipelined loop (STAGE_SCALE_PREFETCH off).
+"-nofoldpre": a folded norm's producer loads the residual and weight rows in its split-K tail (FOLD_PRELOAD off).
 """
 
 from __future__ import annotations
@@ -60,7 +59,6 @@ def main() -> int:
                                      ("-nofold", dec.DecodeStep, "fold_norms", False),
                                      ("-nomerge", dec.DecodeStep, "merge_post_norms", False),
                                      ("-nofoldpre", k4, "FOLD_PRELOAD", False),
-                                     ("-syncscales", k4, "STAGE_SCALE_PREFETCH", False),
                                      ("-torchargmax", dec.DecodeStep, "fused_greedy", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)

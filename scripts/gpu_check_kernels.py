@@ -515,7 +515,7 @@ def aot_report() -> int:
         if "TR" in names and "TR" not in consts:
             consts = {**consts, "TR": 0}  # the standard q4 layout
         for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("AB_ONCE", False), ("EARLY", True),
-                              ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False), ("FPRE", False), ("SPF", False)):
+                              ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False), ("FPRE", False)):
             if knob in names and knob not in consts:
                 consts = {**consts, knob: default}
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
@@ -599,15 +599,6 @@ def aot_report() -> int:
         ("q4 tc tiled wide, producer, preloaded rows", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False,
           "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "FOLD": 2, "FPRE": True}, 4, ()),
-        ("q4 tc tiled wide, pipelined words st3 + hand scales", kq4._q4_gemv_kernel, q4_types,
-         {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False,
-          "GPI": 1, "MMA": True, "PREFETCH": False, "TR": 64, "STAGES": 3, "SPF": True}, 4, ()),
-        ("q4 tc tiled wide, pipelined st3 (all loads)", kq4._q4_gemv_kernel, q4_types,
-         {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False,
-          "GPI": 1, "MMA": True, "PREFETCH": False, "TR": 64, "STAGES": 3}, 4, ()),
-        ("q4 gate|up tc tiled wide st4 + hand scales", kq4._q4_gemv_kernel, q4_types,
-         {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
-          "GPI": 1, "MMA": True, "PREFETCH": False, "TR": 64, "GHALF": True, "STAGES": 4, "SPF": True}, 4, ()),
         ("q4 gate|up tc tiled wide, folded-norm rstd", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
           "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "GHALF": True, "RSTD": True}, 4, ()),

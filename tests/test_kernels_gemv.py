@@ -112,19 +112,14 @@ def test_q4_gemv_tiling_variants(dtype, pairs, gated, gpi, split_k):
     assert counters_are_zero()
 
 
-@pytest.mark.parametrize("prefetch", [True, False, 2, "stages-sync"])
+@pytest.mark.parametrize("prefetch", [True, False, 2])
 @pytest.mark.parametrize("gated", [False, True, "quad"])
 @pytest.mark.parametrize("n,split_k,block_n,warps", [(70, 3, None, 4), (32, 1, 32, 2), (16, 2, 16, 1), (100, 1, 128, 4)])
-def test_q4_gemv_tensor_core_path(gated, n, split_k, block_n, warps, prefetch, monkeypatch):
+def test_q4_gemv_tensor_core_path(gated, n, split_k, block_n, warps, prefetch):
     """The T = 1, bf16, group-128 path that uses mma.m16n8k16 on the GPU (the interpreter runs its
     per-lane emulation): odd N (masked rows in both row halves), split-K, several tile heights; gated
     with gate|up row pairs per program (the default) and with four tiles ("quad"); the hand prefetch
-    one or two groups ahead (2; split-K then has splits shorter than the prefetch distance); without it
-    (False) Triton's pipelined loop for the words with scales and x loaded by hand a group ahead, or
-    ("stages-sync") with everything in the pipelined loop."""
-    if prefetch == "stages-sync":
-        monkeypatch.setattr(k4, "STAGE_SCALE_PREFETCH", False)
-        prefetch = False
+    one or two groups ahead (2; split-K then has splits shorter than the prefetch distance)."""
     gen = torch.Generator().manual_seed(n + split_k)
     n_rows = 2 * n if gated else n
     _, packed, scales, mins = random_q4(n_rows, 512, 128, gen)
