@@ -8,6 +8,7 @@ or OLMO_LOCAL_KERNELS).
 Decode-path ops (batch 1, CUDA-graph capturable: no host syncs, static shapes, optional out=):
   q4_gemv / q4_gemv_silu_mul              gemv_q4.py
   q8_gemv / q8_gemv_silu_mul              gemv_q8.py
+  nf4_gemv (bitsandbytes nf4 / fp4, one row of x)   gemv_nf4.py
   gdn_decode_step                         gdn_decode.py
   attention_decode / quantize_kv_int8     attention_decode.py
   rmsnorm / add_rmsnorm / rmsnorm_add     norm.py
@@ -27,6 +28,7 @@ from .attention_decode import attention_decode, quantize_kv_int8
 from .dequant import q4_dequantize_into, q4_dequantize_scratch
 from .gdn_decode import gdn_decode_step
 from .gemv_q4 import q4_dequantize, q4_gemv, q4_gemv_silu_mul
+from .gemv_nf4 import nf4_gemv
 from .gemv_q8 import q8_gemv, q8_gemv_silu_mul
 from .norm import add_rmsnorm, rmsnorm, rmsnorm_add
 
@@ -37,6 +39,7 @@ __all__ = [
     "backend",
     "current_backend",
     "gdn_decode_step",
+    "nf4_gemv",
     "q4_dequantize",
     "q4_dequantize_into",
     "q4_dequantize_scratch",

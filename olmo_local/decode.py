@@ -22,20 +22,28 @@ from olmo_local.kernels.attention_decode import (LONG_CTX_LAUNCH, attention_deco
                                                  quantize_kv_int8)
 from olmo_local.kernels.gdn_decode import gdn_decode_step
 from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_fold, q4_gemv_silu_mul
+from olmo_local.kernels.gemv_nf4 import nf4_fits, nf4_gemv
 from olmo_local.kernels.gemv_q8 import q8_gemv, q8_gemv_silu_mul
+from olmo_local.kernels._triton import use_triton
 from olmo_local.kernels.sample import greedy_fits, greedy_triton, sample_fits, sample_triton
 from olmo_local.kernels.norm import residual_norm, rmsnorm, rmsnorm_add_rmsnorm
 from olmo_local.model import AttentionLayer, GDNLayer, OlmoHybridModel, apply_rope
-from olmo_local.quant.linear import Q4Linear, Q8Linear
+from olmo_local.quant.linear import NF4Linear, Q4Linear, Q8Linear
 from olmo_local.state import DecodeState
 
 
 def linear(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x [1, K] through a linear module; quantized weights use the fused dequant-GEMV kernels."""
+    """x [1, K] through a linear module; quantized weights use the fused dequant-GEMV kernels (nf4: where
+    Triton runs, i.e. on CUDA, and whole absmax blocks per row; else the module's own dequantize + matmul)."""
     if isinstance(mod, Q4Linear):
         return q4_gemv(x, mod.qweight, mod.scales, mod.mins, mod.group_size, tiled=mod.tiled)
     if isinstance(mod, Q8Linear):
         return q8_gemv(x, mod.qweight, mod.scales)
+    if isinstance(mod, NF4Linear) and use_triton(x) and nf4_fits(x, mod.in_features, mod.blocksize):
+        am = getattr(mod, "_absmax_f32", None)
+        if am is None or am.device != x.device:  # undone double quant, kept (computed before any capture)
+            am = mod._absmax_f32 = mod.absmax_fp32().float().contiguous()
+        return nf4_gemv(x, mod.weight, am, mod.quant_map, mod.blocksize, mod.out_features)
     return mod(x)
 
 
@@ -47,7 +55,7 @@ def mlp_act(mlp: torch.nn.Module, x: torch.Tensor, rstd: tuple | None = None) ->
         return q4_gemv_silu_mul(x, gu.qweight, gu.scales, gu.mins, gu.group_size, tiled=gu.tiled, rstd=rstd)
     if isinstance(gu, Q8Linear):
         return q8_gemv_silu_mul(x, gu.qweight, gu.scales)
-    gate, up = gu(x).chunk(2, dim=-1)
+    gate, up = linear(gu, x).chunk(2, dim=-1)
     return F.silu(gate) * up
 
 

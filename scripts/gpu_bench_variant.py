@@ -21,6 +21,7 @@ cache launch attention as for the long cache at every position (DecodeStep.long_
 norms as their own launches instead of folded into the q4 GEMVs around them (DecodeStep.fold_norms off);
 "-nomerge": an attention layer's last rmsnorm_add and the next norm as two launches (merge_post_norms off);
 "-nofoldpre": a folded norm's producer loads the residual and weight rows in its split-K tail (FOLD_PRELOAD off);
+"-nonf4": nf4 projections through NF4Linear's dequantize + matmul instead of the fused nf4 GEMV;
 "-rpw32": wide tensor-core programs of 32 rows per warp (gemv_q4.WIDE_ROWS_PER_WARP; default 64), e.g. with
 wide3 (three programs per SM) and pf2 (the hand prefetch two groups ahead).
 """
@@ -45,6 +46,9 @@ def main() -> int:
 
     import olmo_local.model as mdl
 
+    if variant.endswith("-nonf4"):
+        dec.nf4_fits = lambda *a: False
+        variant = variant[: -len("-nonf4")]
     if variant.endswith("-oldends"):
         import olmo_local.kernels.embed as ke
 

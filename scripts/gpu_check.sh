@@ -40,6 +40,11 @@ for s in $steps; do
     profdec) timeout 200 python3 scripts/gpu_profile_decode.py --json "$OUT/profdec.json" 2>&1 | tee "$OUT/profdec.log" | tail -30 ;;
     tiledchk) timeout 200 python3 scripts/gpu_tiled_check.py ${TILED_PRESET:-1b} 2>&1 | tee "$OUT/tiledchk.log" | tail -8 ;;
     blocks)  timeout 120 python3 scripts/gpu_prefill_blocks_check.py 2>&1 | tee "$OUT/blocks.log" | tail -3 ;;
+    nf4ab)   # nf4 decode: the fused nf4 GEMV against NF4Linear's dequantize + matmul (needs .whl: bitsandbytes)
+             for v in ${NF4AB:-default default-nonf4}; do
+               timeout 200 python3 scripts/gpu_bench_variant.py $v --synthetic 7b --format nf4 -r 1 -n 64 --depth none -q 2>&1 | tee "$OUT/nf4ab_$v.log" | grep -E "tg64|pp512|ttft|^load" | sed "s/^/$v /" | cut -c1-170
+             done ;;
+    nf4probe) timeout 200 python3 scripts/gpu_nf4_probe.py 2>&1 | tee "$OUT/nf4probe.log" | tail -24 ;;
     head)    timeout 200 python3 scripts/gpu_head_probe.py 2>&1 | tee "$OUT/head.log" | tail -9 ;;
     gps)     timeout 200 python3 scripts/gpu_gps_probe.py 2>&1 | tee "$OUT/gps.log" | tail -12 ;;
     probe)   timeout 240 python3 scripts/gpu_stream_probe.py 2>&1 | tee "$OUT/probe.log" | tail -60 ;;

@@ -76,6 +76,7 @@ def import_kernels():
 K = import_kernels()
 kq4 = importlib.import_module(os.environ.get("Q4_MODULE", "olmo_local.kernels.gemv_q4"))
 kq8 = importlib.import_module("olmo_local.kernels.gemv_q8")
+knf4 = importlib.import_module("olmo_local.kernels.gemv_nf4")
 kgdn = importlib.import_module("olmo_local.kernels.gdn_decode")
 katt = importlib.import_module("olmo_local.kernels.attention_decode")
 knorm = importlib.import_module("olmo_local.kernels.norm")
@@ -575,6 +576,8 @@ def aot_report() -> int:
                  "alog_ptr": "*fp32", "dtb_ptr": "*fp32", "s_ptr": "*fp32", "o_ptr": "*fp32", "T": "i32", "HV": "i32",
                  "REP": "i32", "DK": "i32", "DV": "i32", "sa_b": "i32", "sa_t": "i32", "sb_b": "i32", "sb_t": "i32",
                  "beta_scale": "fp32"}
+    nf4_types = {"x_ptr": "*i32", "w_ptr": "*i32", "am_ptr": "*fp32", "code_ptr": "*fp32", "y_ptr": "*bf16",
+                 "part_ptr": "*fp32", "cnt_ptr": "*i32", "NR": "i32", "KW": "i32", "WPS": "i32", "SPLIT": "i32"}
     jobs = [
         ("q4 T=1 (64 rows x 128 cols / iter)", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 1, "MMA": False, "PREFETCH": False}, 4, ()),
@@ -632,6 +635,8 @@ def aot_report() -> int:
         ("q8 g128 head (128 rows x 128 cols)", kq8._q8_gemv_grouped_kernel, q8_types,
          {"T": 1, "BN": 128, "BW": 32, "SPLIT_K": False, "GATED": False, "X_BF16": True, "EVEN_K": True, "GW": 32}, 4,
          ("KW", "WPS")),
+        ("nf4 T=1 (64 rows x 16 words / iter)", knf4._nf4_gemv_kernel, nf4_types,
+         {"BN": 64, "BW": 16, "BSW": 8, "SPLIT_K": True, "X_BF16": True, "SPLITP": 16}, 4, ("KW", "WPS")),
         ("q8 gate|up+silu T=1", kq8._q8_gemv_kernel, q8_types,
          {"T": 1, "BN": 64, "BW": 16, "SPLIT_K": True, "GATED": True, "X_BF16": True, "EVEN_K": True}, 4,
          ("KW", "WPS")),

@@ -539,3 +539,46 @@ def test_folded_norms_on_cuda_match_the_norm_launches(monkeypatch):
     for a, b in zip(l0, l1):
         assert ((a - b).norm() / b.norm()).item() < 3e-2
     assert ((r0 - r1).norm() / r0.norm()).item() < 3e-2
+
+
+def test_static_step_with_nf4_linears_takes_the_fused_kernel(tmp_path, monkeypatch):
+    """nf4 linears (bitsandbytes layout, blocksize 64): the step's projections go through the fused nf4
+    GEMV (kernels.gemv_nf4 under the interpreter; on CUDA it is the default) and equal the eager forward,
+    which dequantizes each layer; the absmax is converted once and kept on the module."""
+    pytest.importorskip("bitsandbytes")
+    import olmo_local.decode as dec
+    from olmo_local.kernels import gemv_nf4 as kn
+    from olmo_local.quant.formats import quantize_nf4
+    from olmo_local.quant.linear import NF4Linear
+
+    cfg = tiny_config(num_key_value_heads=2, hidden_size=64, intermediate_size=128, linear_key_head_dim=16,
+                      linear_value_head_dim=32)
+    model = load_model(write_checkpoint(hf_model(cfg, seed=7), cfg, tmp_path / "c"), "cpu", torch.float32)
+    n_nf4 = 0
+    for layer in model.layers:
+        for name, mod in list(layer.named_modules()):
+            if name.endswith(("qkvz", "qkv", "o", "gate_up", "down")) and hasattr(mod, "weight"):
+                parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+                setattr(parent, name.rsplit(".", 1)[-1], NF4Linear(**{
+                    k.replace("qweight", "weight"): v for k, v in quantize_nf4(mod.weight.float()).items()}))
+                n_nf4 += 1
+    calls = []
+
+    def spy(x, *a, **kw):
+        calls.append(a[-1])  # n
+        return kn.nf4_gemv_triton(x, *a, **kw)
+
+    monkeypatch.setattr(dec, "use_triton", lambda t: True)
+    monkeypatch.setattr(dec, "nf4_gemv", spy)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    eager, static = DecodeState(cfg, 64), DecodeState(cfg, 64)
+    with torch.no_grad():
+        model(prompt, eager)
+        model(prompt, static)
+        step = DecodeStep(model, static, use_graph=False)
+        for t in (3, 17, 99):
+            want = model(torch.tensor([[t]]), eager)[0, -1]
+            got = step(t)
+            assert (want - got).abs().max().item() < 2e-4
+    assert n_nf4 >= 8 and len(calls) == 3 * n_nf4  # every nf4 projection of every step, through the kernel
+    assert all(getattr(m, "_absmax_f32", None) is not None for m in model.modules() if isinstance(m, NF4Linear))

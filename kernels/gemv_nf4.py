@@ -1,0 +1,162 @@
+"""4-bit NormalFloat (bitsandbytes nf4 / fp4) GEMV for decode: y = x @ W.T for one row of x, reading the
+packed weights once (the layer is never dequantized into a temporary).
+
+Layout (bitsandbytes 4-bit, quant.linear.NF4Linear): packed uint8 [N*K/2] in row-major element order,
+byte i holds element 2i in its high nibble and 2i+1 in its low nibble; element j is
+code[q_j] * absmax[j // blocksize] (absmax fp32 [N*K/blocksize], double quantization already undone;
+code: the 16-entry fp32 quant map). The kernel needs whole blocks per row (K % blocksize == 0) and K a
+multiple of 8; NF4Linear keeps its chunked dequantize + matmul for anything else.
+
+Ops (same signature for reference, Triton kernel and dispatch):
+  nf4_gemv(x, packed, absmax, code, blocksize, n, out=None) -> y [1, N] (x.dtype)
+
+Kernel: a program owns BN rows and one K slice and reads the packed bytes as int32 words (8 weights:
+bytes j = 0..3 hold elements 8w + 2j (high nibble) and 8w + 2j + 1 (low)); each nibble's value is
+gathered from the 16-entry table (64 bytes: one cache line, so a warp's gather is one L1 wavefront),
+multiplied with x (read as bf16 pairs: a pair holds exactly one byte's two elements), and each word
+column is scaled by its block's absmax. Split-K partials are added by the last program of a row block
+(kernels._triton.splitk_finish: deterministic, CUDA-graph capturable).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import (HAS_TRITON, cdiv, num_sms, pdl_kwargs, tl, triton, use_pdl, use_triton, workspace)
+
+if HAS_TRITON:
+    from ._triton import emit_rows, pdl_launch_dependents, pdl_wait, splitk_finish
+
+__all__ = ["nf4_fits", "nf4_gemv", "nf4_gemv_ref", "nf4_gemv_triton"]
+
+
+def _check(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+           n: int) -> int:
+    k = x.shape[-1]
+    if x.numel() != k:
+        raise ValueError(f"nf4_gemv takes one row of x, got {tuple(x.shape)}")
+    if packed.numel() * 2 != n * k or absmax.numel() * blocksize != n * k or code.numel() != 16:
+        raise ValueError(f"nf4 shapes: x {tuple(x.shape)}, packed {packed.numel()} bytes, absmax {absmax.numel()}, "
+                         f"code {code.numel()}, blocksize {blocksize}, {n} rows")
+    return k
+
+
+def nf4_gemv_ref(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                 n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W.T with W dequantized in fp32 (code[q] * absmax of its block); result [1, N] in x.dtype."""
+    k = _check(x, packed, absmax, code, blocksize, n)
+    flat = packed.reshape(-1)
+    q = torch.stack(((flat >> 4) & 15, flat & 15), -1).reshape(n, k).long()
+    w = code.float()[q] * absmax.float().reshape(n, k // blocksize).repeat_interleave(blocksize, dim=1)
+    y = x.reshape(1, k).float() @ w.T
+    if out is None:
+        return y.to(x.dtype)
+    out.copy_(y.reshape(out.shape))
+    return out
+
+
+def nf4_fits(x: torch.Tensor, k: int, blocksize: int) -> bool:
+    """Whether the fused kernel takes this call: one row of bf16 / fp16 / fp32 x, whole blocks per row of
+    at least 8 elements (blocksize a power of two), K a multiple of 8."""
+    return (x.numel() == x.shape[-1] == k and k % 8 == 0 and blocksize >= 8 and blocksize & (blocksize - 1) == 0
+            and k % blocksize == 0)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _nf4_gemv_kernel(x_ptr, w_ptr, am_ptr, code_ptr, y_ptr, part_ptr, cnt_ptr, NR, KW, WPS, SPLIT,
+                         BN: tl.constexpr, BW: tl.constexpr, BSW: tl.constexpr, SPLIT_K: tl.constexpr,
+                         X_BF16: tl.constexpr, USE_PDL: tl.constexpr, SPLITP: tl.constexpr):
+        """Rows pid_n * BN.., words pid_k * WPS.. of each row (BW per iteration); BSW words per absmax block."""
+        pdl_launch_dependents(USE_PDL)
+        pid_k = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rmask = rn < NR
+        bw = tl.arange(0, BW)
+        nb_row = KW // BSW  # absmax blocks per row
+        acc = tl.zeros([BN, BW], dtype=tl.float32)
+        w_begin = pid_k * WPS
+        w_end = tl.minimum(w_begin + WPS, KW)
+        pdl_wait(USE_PDL)
+        for w0 in range(w_begin, w_end, BW):
+            col = w0 + bw
+            cmask = col < w_end
+            m2 = rmask[:, None] & cmask[None, :]
+            words = tl.load(w_ptr + rn[:, None] * KW + col[None, :], mask=m2, other=0)
+            am = tl.load(am_ptr + rn[:, None] * nb_row + col[None, :] // BSW, mask=m2, other=0.0)
+            part = tl.zeros([BN, BW], dtype=tl.float32)
+            for j in tl.static_range(4):
+                byte = (words >> (8 * j)) & 0xFF
+                c_hi = tl.load(code_ptr + (byte >> 4))
+                c_lo = tl.load(code_ptr + (byte & 15))
+                if X_BF16:  # one int32 of x holds this byte's two elements (low half: element 8w + 2j)
+                    xp = tl.load(x_ptr + 4 * col + j, mask=cmask, other=0)
+                    x_hi = (xp << 16).to(tl.float32, bitcast=True)
+                    x_lo = (xp & -65536).to(tl.float32, bitcast=True)
+                else:
+                    x_hi = tl.load(x_ptr + 8 * col + 2 * j, mask=cmask, other=0).to(tl.float32)
+                    x_lo = tl.load(x_ptr + 8 * col + 2 * j + 1, mask=cmask, other=0).to(tl.float32)
+                part = part + c_hi * x_hi[None, :] + c_lo * x_lo[None, :]
+            acc = acc + part * am
+        y = tl.sum(acc, 1)
+        emit_rows(y_ptr, part_ptr, y, y, 0, pid_k, rn, rmask, NR, 0, 1, SPLIT_K, False)
+        if SPLIT_K:
+            splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, 0, 1, BN, SPLIT, False, SPLITP)
+
+
+def nf4_gemv_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                    blocksize: int, n: int, out: torch.Tensor | None = None, *, block_n: int = 64,
+                    block_w: int = 16, split_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """Triton version of nf4_gemv_ref (knobs: rows per program, int32 words per row and iteration, K
+    splits (None: ~6 programs per SM), warps)."""
+    k = _check(x, packed, absmax, code, blocksize, n)
+    if not nf4_fits(x, k, blocksize):
+        raise ValueError(f"the nf4 kernel needs whole blocks per row and K % 8 == 0 (K {k}, blocksize {blocksize})")
+    x1 = x.reshape(k)
+    if not x1.is_contiguous():
+        x1 = x1.contiguous()
+    x_bf16 = x1.dtype == torch.bfloat16 and x1.data_ptr() % 4 == 0
+    x_arg = x1.view(torch.int32) if x_bf16 else x1
+    flat = packed.reshape(-1)
+    if flat.data_ptr() % 4:
+        flat = flat.clone()
+    w32 = flat.view(torch.int32)  # [N * K/8]: 8 weights per word
+    am = absmax.reshape(-1)
+    if am.dtype != torch.float32 or not am.is_contiguous():
+        am = am.float().contiguous()
+    code = code.reshape(-1).float().contiguous()
+    if out is None:
+        out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    elif not out.is_contiguous() or out.numel() != n:
+        raise ValueError(f"out must be contiguous with {n} elements")
+    kw = k // 8
+    bw = max(1, min(block_w, 1 << (kw.bit_length() - 1)))  # a power of two, at most one row's words
+    n_blocks = cdiv(n, block_n)
+    iters = cdiv(kw, bw)
+    if split_k is None:
+        sms = num_sms(x.device)
+        split_k = 1 if n_blocks >= 4 * sms else max(1, min(cdiv(6 * sms, n_blocks), iters // 2))
+    split_k = max(1, min(int(split_k), iters))
+    per_split = cdiv(iters, split_k)
+    split_k = cdiv(iters, per_split)
+    if split_k > 1:
+        part = workspace("nf4_part", (split_k, 1, n), torch.float32, x.device)
+        cnt = workspace("nf4_cnt", (n_blocks,), torch.int32, x.device)
+    else:
+        part = cnt = out  # unused
+    pdl = use_pdl(x1)
+    _nf4_gemv_kernel[(split_k, n_blocks)](
+        x_arg, w32, am, code, out.view(-1), part, cnt, n, kw, per_split * bw, split_k,
+        BN=block_n, BW=bw, BSW=blocksize // 8, SPLIT_K=split_k > 1, X_BF16=x_bf16, USE_PDL=pdl,
+        SPLITP=1 << (split_k - 1).bit_length() if 1 < split_k <= 64 else 0,
+        num_warps=num_warps, **pdl_kwargs(pdl),
+    )
+    return out
+
+
+def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+             n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    fn = nf4_gemv_triton if use_triton(x) else nf4_gemv_ref
+    return fn(x, packed, absmax, code, blocksize, n, out)
