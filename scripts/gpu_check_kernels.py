@@ -577,7 +577,8 @@ def aot_report() -> int:
                  "REP": "i32", "DK": "i32", "DV": "i32", "sa_b": "i32", "sa_t": "i32", "sb_b": "i32", "sb_t": "i32",
                  "beta_scale": "fp32"}
     nf4_types = {"x_ptr": "*i32", "w_ptr": "*i32", "am_ptr": "*fp32", "code_ptr": "*fp32", "y_ptr": "*bf16",
-                 "part_ptr": "*fp32", "cnt_ptr": "*i32", "NR": "i32", "KW": "i32", "WPS": "i32", "SPLIT": "i32"}
+                 "part_ptr": "*fp32", "cnt_ptr": "*i32", "NR": "i32", "KW": "i32", "WPS": "i32", "SPLIT": "i32",
+                 **{t: "i32" for t in ("t0", "t1", "t2", "t3", "l0", "l1", "l2", "l3")}}
     jobs = [
         ("q4 T=1 (64 rows x 128 cols / iter)", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 64, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False, "GPI": 1, "MMA": False, "PREFETCH": False}, 4, ()),
@@ -635,8 +636,10 @@ def aot_report() -> int:
         ("q8 g128 head (128 rows x 128 cols)", kq8._q8_gemv_grouped_kernel, q8_types,
          {"T": 1, "BN": 128, "BW": 32, "SPLIT_K": False, "GATED": False, "X_BF16": True, "EVEN_K": True, "GW": 32}, 4,
          ("KW", "WPS")),
-        ("nf4 T=1 (64 rows x 16 words / iter)", knf4._nf4_gemv_kernel, nf4_types,
-         {"BN": 64, "BW": 16, "BSW": 8, "SPLIT_K": True, "X_BF16": True, "SPLITP": 16}, 4, ("KW", "WPS")),
+        ("nf4 T=1 (64 rows x 16 words / iter), gathers", knf4._nf4_gemv_kernel, nf4_types,
+         {"BN": 64, "BW": 16, "BSW": 8, "SPLIT_K": True, "X_BF16": True, "SPLITP": 16, "ASM": False}, 4, ("KW", "WPS")),
+        ("nf4 T=1, register table lookup", knf4._nf4_gemv_kernel, nf4_types,
+         {"BN": 64, "BW": 16, "BSW": 8, "SPLIT_K": True, "X_BF16": True, "SPLITP": 16, "ASM": True}, 4, ("KW", "WPS")),
         ("q8 gate|up+silu T=1", kq8._q8_gemv_kernel, q8_types,
          {"T": 1, "BN": 64, "BW": 16, "SPLIT_K": True, "GATED": True, "X_BF16": True, "EVEN_K": True}, 4,
          ("KW", "WPS")),

@@ -16,9 +16,9 @@ from gpu_floor_probe import timed
 from gpu_gemv_tiled_sweep import copy_bw
 
 SHAPES = [("gdn_in", 17280, 3840), ("gate_up", 2 * 11008, 3840), ("down", 3840, 11008), ("gdn_o", 3840, 5760)]
-CONFIGS = [("default", {}), ("BN 32", dict(block_n=32)), ("BN 128", dict(block_n=128)),
-           ("BW 8", dict(block_w=8)), ("BW 32", dict(block_w=32)), ("8 warps BN 128", dict(block_n=128, num_warps=8)),
-           ("BN 128 BW 32", dict(block_n=128, block_w=32))]
+CONFIGS = [("default", {}), ("gathers", dict(lookup=False)), ("BN 32", dict(block_n=32)),
+           ("BN 128", dict(block_n=128)), ("BW 8", dict(block_w=8)), ("BW 32", dict(block_w=32)),
+           ("8 warps BN 128", dict(block_n=128, num_warps=8)), ("BN 32 BW 32", dict(block_n=32, block_w=32))]
 
 
 def main() -> None:

@@ -78,3 +78,53 @@ def test_nf4_gemv_at_7b_shapes_on_cuda(n, k):
     for _ in range(2):
         got = kn.nf4_gemv(*dev[:3], dev[3], 64, n)
         assert got.shape == (1, n) and relerr(got.float().cpu(), want) < 1e-2
+
+
+def _run_ptx(text: str, operands: list[int]) -> list[int]:
+    """A tiny evaluator for the and / or / shr / prmt PTX of kn._LOOKUP (b32 registers, default prmt mode
+    without sign replication: every selector field used has bit 3 clear)."""
+    regs = {f"${i}": v for i, v in enumerate(operands)}
+
+    def val(tok):
+        tok = tok.strip()
+        return int(tok, 0) if tok[0].isdigit() else regs[tok]
+
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        d, *src = [a.strip() for a in args.split(",")]
+        a = [val(t) for t in src]
+        if op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "or.b32":
+            r = a[0] | a[1]
+        elif op == "shr.b32":
+            r = a[0] >> a[1]
+        elif op == "prmt.b32":
+            pool = [(a[0] >> (8 * i)) & 0xFF for i in range(4)] + [(a[1] >> (8 * i)) & 0xFF for i in range(4)]
+            assert all(((a[2] >> (4 * i)) & 8) == 0 for i in range(4)), "sign-replicate mode not expected"
+            r = sum(pool[(a[2] >> (4 * i)) & 7] << (8 * i) for i in range(4))
+        else:
+            raise AssertionError(f"unexpected PTX op {op}")
+        regs[d] = r & 0xFFFFFFFF
+    return [regs[f"${i}"] for i in range(4)]
+
+
+@pytest.mark.parametrize("code", [NF4_CODE, torch.linspace(-6, 6, 16)])  # nf4 and another table
+def test_register_lookup_ptx_gives_each_nibbles_bf16_table_value(code):
+    """The register lookup's PTX (run by a small evaluator of its and / or / shr / prmt lines) with the
+    byte tables of _byte_tables: every word's 8 nibbles come out as the bf16 of their table entries, in
+    the pairs the kernel multiplies with x (pair j: element 2j low, 2j + 1 high)."""
+    if not hasattr(kn, "_LOOKUP"):
+        pytest.skip("triton is not installed")
+    tables = [t & 0xFFFFFFFF for t in kn._byte_tables(code)]
+    want_bits = code.to(torch.bfloat16).view(torch.int16).int() & 0xFFFF
+    gen = torch.Generator().manual_seed(9)
+    words = torch.randint(0, 1 << 32, (200,), generator=gen, dtype=torch.int64).tolist() + [0, 0xFFFFFFFF, 0x01234567]
+    for w in words:
+        pairs = _run_ptx(kn._LOOKUP.value, [0, 0, 0, 0, w, *tables])
+        for j, p in enumerate(pairs):
+            byte = (w >> (8 * j)) & 0xFF
+            assert p & 0xFFFF == int(want_bits[byte >> 4]) and p >> 16 == int(want_bits[byte & 15]), (hex(w), j)
