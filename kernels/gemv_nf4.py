@@ -85,40 +85,34 @@ def nf4_fits(x: torch.Tensor, k: int, blocksize: int) -> bool:
 
 if HAS_TRITON:
 
-    # One word's 8 nibbles -> the bf16 values of their table entries, as four bf16x2 pairs (the pair of
-    # byte j: element 8w + 2j in the low half, 8w + 2j + 1 in the high half, as x's pair j). The 16-entry
+    # Two bytes' 4 nibbles -> the bf16 values of their table entries, as two bf16x2 pairs (the pair of
+    # byte j: element 2j in the low half, 2j + 1 in the high half, as x's pair j). The 16-entry
     # table is held as its entries' high bytes (T0..T3, four entries per register) and low bytes
     # (L0..L3). For 4 nibbles at a time (a prmt selector): entries 0-7 and 8-15 are looked up by the
     # nibbles' low 3 bits (prmt), and each byte is taken from one or the other by the nibble's bit 3
     # (one more prmt); a last prmt per pair puts each element's low and high byte together.
     _LOOKUP = tl.constexpr("""{
-    .reg .b32 s, s7, s8, sel, a, b, h, l;
-    and.b32 s7, $4, 0x7777;
-    and.b32 s8, $4, 0x8888;
+    .reg .b32 s7, s8, sel, a, b, h, l;
+    and.b32 s7, $2, 0x7777;
+    and.b32 s8, $2, 0x8888;
     shr.b32 s8, s8, 1;
     or.b32 sel, s8, 0x3210;
-    prmt.b32 a, $5, $6, s7;
-    prmt.b32 b, $7, $8, s7;
+    prmt.b32 a, $3, $4, s7;
+    prmt.b32 b, $5, $6, s7;
     prmt.b32 h, a, b, sel;
-    prmt.b32 a, $9, $10, s7;
-    prmt.b32 b, $11, $12, s7;
+    prmt.b32 a, $7, $8, s7;
+    prmt.b32 b, $9, $10, s7;
     prmt.b32 l, a, b, sel;
     prmt.b32 $0, l, h, 0x4051;
     prmt.b32 $1, l, h, 0x6273;
-    shr.b32 s, $4, 16;
-    and.b32 s7, s, 0x7777;
-    and.b32 s8, s, 0x8888;
-    shr.b32 s8, s8, 1;
-    or.b32 sel, s8, 0x3210;
-    prmt.b32 a, $5, $6, s7;
-    prmt.b32 b, $7, $8, s7;
-    prmt.b32 h, a, b, sel;
-    prmt.b32 a, $9, $10, s7;
-    prmt.b32 b, $11, $12, s7;
-    prmt.b32 l, a, b, sel;
-    prmt.b32 $2, l, h, 0x4051;
-    prmt.b32 $3, l, h, 0x6273;
-    }""")  # a global constexpr: a jit function may read it
+    }""")  # a global constexpr: a jit function may read it. The low 16 bits of $2: 4 nibbles (2 bytes)
+
+    @triton.jit
+    def _lookup(sel, t0, t1, t2, t3, l0, l1, l2, l3):
+        z = tl.zeros_like(sel)
+        return tl.inline_asm_elementwise(_LOOKUP, "=r,=r,r,r,r,r,r,r,r,r,r",
+                                         [sel, z + t0, z + t1, z + t2, z + t3, z + l0, z + l1, z + l2, z + l3],
+                                         dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
 
     @triton.jit
     def _pair_dot(p, x_ptr, col, j: tl.constexpr, cmask):
@@ -174,11 +168,8 @@ if HAS_TRITON:
             am = tl.load(am_ptr + rn[:, None] * nb_row + col[None, :] // BSW, mask=m2, other=0.0)
             part = tl.zeros([BN, BW], dtype=tl.float32)
             if ASM:
-                zero = tl.zeros_like(words)
-                p0, p1, p2, p3 = tl.inline_asm_elementwise(
-                    _LOOKUP, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
-                    [words, zero + t0, zero + t1, zero + t2, zero + t3, zero + l0, zero + l1, zero + l2, zero + l3],
-                    dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+                p0, p1 = _lookup(words, t0, t1, t2, t3, l0, l1, l2, l3)  # bytes 0, 1 of each word
+                p2, p3 = _lookup(words >> 16, t0, t1, t2, t3, l0, l1, l2, l3)  # bytes 2, 3
                 part = _pair_dot(p0, x_ptr, col, 0, cmask) + _pair_dot(p1, x_ptr, col, 1, cmask) + \
                     _pair_dot(p2, x_ptr, col, 2, cmask) + _pair_dot(p3, x_ptr, col, 3, cmask)
             else:
