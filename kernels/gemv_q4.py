@@ -415,7 +415,7 @@ if HAS_TRITON:
                      ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TR: tl.constexpr,
                      STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr, SPLITP: tl.constexpr,
                      rss_ptr, NSS, eps_r, RSTD: tl.constexpr, NSSP: tl.constexpr, FOLD: tl.constexpr,
-                     res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE: tl.constexpr):
+                     res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE: tl.constexpr, PW2: tl.constexpr):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
@@ -458,7 +458,7 @@ if HAS_TRITON:
                                                                lim + NR, NGR, g_begin, HW, TR)
         else:
             n_ua, n_ub, n_usa, n_uma, n_usb, n_umb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
-        if PF2:  # two groups ahead (two tiles only): group g+2's loads go out while g is computed
+        if PF2 or PW2:  # PF2: two groups ahead (two tiles only); PW2: the second group before the wait only
             lim = tl.where(g_begin + 1 < g_end, NR, 0)
             p_wa, p_wb, p_sa, p_ma, p_sb, p_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, lim, lim + LB,
                                                            NGR, g_begin + 1, HW, TR)
@@ -483,9 +483,20 @@ if HAS_TRITON:
             rstd = 1.0 / tl.sqrt(tot / (NGR * G) + eps_r)
         n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g_begin, NGR - 1), hw, G)
         p_xa, p_xc, p_xd, p_xe = _x_words(x_ptr, tl.minimum(g_begin + 1, NGR - 1), hw, G)
+        g_start = g_begin
+        if PW2:  # the first group, peeled: the second one's loads went out before the wait, so the loop
+            # (which loads one group ahead) starts at the second group with its third in flight
+            wa, wb, sa, ma, sb, mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
+            xa, xc, xd, xe = n_xa, n_xc, n_xd, n_xe
+            n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = p_wa, p_wb, p_sa, p_ma, p_sb, p_mb
+            n_xa, n_xc, n_xd, n_xe = p_xa, p_xc, p_xd, p_xe
+            ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, _pair(xa, xc, False, ASM)[None, :],
+                              _pair(xd, xe, False, ASM)[None, :], _pair(xa, xc, True, ASM)[None, :],
+                              _pair(xd, xe, True, ASM)[None, :], ASM)
+            g_start = g_begin + 1
         # STAGES > 1 (with PREFETCH off): Triton's software pipeliner copies the weights and x of the
         # next STAGES - 1 groups into shared memory (cp.async) while this group is computed
-        for g in tl.range(g_begin, g_end, num_stages=STAGES):
+        for g in tl.range(g_start, g_end, num_stages=STAGES):
             if PREFETCH:
                 wa, wb, sa, ma, sb, mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
                 ua_w, ub_w, usa, uma, usb, umb = n_ua, n_ub, n_usa, n_uma, n_usb, n_umb
@@ -632,12 +643,13 @@ if HAS_TRITON:
         rss_ptr=None, NSS=0, eps_r=0.0, RSTD: tl.constexpr = False, NSSP: tl.constexpr = 1,  # folded norm, consumer
         FOLD: tl.constexpr = 0, res_ptr=None, fw_ptr=None, xt_ptr=None, ss_ptr=None,  # folded norm, producer
         FPRE: tl.constexpr = False,  # producer: residual and weight rows loaded at the start (FOLD_PRELOAD)
+        PW2: tl.constexpr = False,  # the second group's weights also before the PDL wait (PREWAIT_TWO)
     ):
         pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                          G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP,
-                         rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE)
+                         rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE, PW2)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -741,6 +753,9 @@ WIDE_PER_SM_GATED = 2.0
 # split-K partials of up to this many splits are added by one 2-D load and a reduction tree instead of
 # a loop of loads (kernels._triton.splitk_finish)
 SPLITK_TREE_MAX = 64
+# the hand-prefetched tensor-core loop also loads its second group before the PDL wait (the first group
+# peeled), so a program that is resident early has two groups in flight while it waits
+PREWAIT_TWO = True
 # a folded norm's producer loads its row block's residual and norm weight at its start instead of in the
 # last program's tail (after the split-K atomic)
 FOLD_PRELOAD = True
@@ -873,6 +888,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         PREFETCH=pf, USE_PDL=pdl,
         TR=TILE_ROWS if tiled else 0, STAGES=1 if pf else (stages or DEFAULT_STAGES), GHALF=ghalf, PF2=pf2,
         SPLITP=next_pow2(split_k) if 1 < split_k <= SPLITK_TREE_MAX else 0,
+        PW2=bool(use_mma and pf and not pf2 and PREWAIT_TWO and not (gated and not ghalf)),
         num_warps=num_warps, num_stages=num_stages, **extra, **pdl_kwargs(pdl),
     )
     return out

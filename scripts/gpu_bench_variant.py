@@ -21,6 +21,7 @@ cache launch attention as for the long cache at every position (DecodeStep.long_
 norms as their own launches instead of folded into the q4 GEMVs around them (DecodeStep.fold_norms off);
 "-nomerge": an attention layer's last rmsnorm_add and the next norm as two launches (merge_post_norms off);
 "-nofoldpre": a folded norm's producer loads the residual and weight rows in its split-K tail (FOLD_PRELOAD off);
+"-nopw2": the q4 tensor-core GEMV loads only its first group before the PDL wait (PREWAIT_TWO off);
 "-nonf4": nf4 projections through NF4Linear's dequantize + matmul instead of the fused nf4 GEMV;
 "-rpw32": wide tensor-core programs of 32 rows per warp (gemv_q4.WIDE_ROWS_PER_WARP; default 64), e.g. with
 wide3 (three programs per SM) and pf2 (the hand prefetch two groups ahead).
@@ -65,6 +66,7 @@ def main() -> int:
                                      ("-nofold", dec.DecodeStep, "fold_norms", False),
                                      ("-nomerge", dec.DecodeStep, "merge_post_norms", False),
                                      ("-nofoldpre", k4, "FOLD_PRELOAD", False),
+                                     ("-nopw2", k4, "PREWAIT_TWO", False),
                                      ("-rpw32", k4, "WIDE_ROWS_PER_WARP", 32),
                                      ("-torchargmax", dec.DecodeStep, "fused_greedy", False)):
         if variant.endswith(suffix):

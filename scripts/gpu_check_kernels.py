@@ -516,7 +516,7 @@ def aot_report() -> int:
         if "TR" in names and "TR" not in consts:
             consts = {**consts, "TR": 0}  # the standard q4 layout
         for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("AB_ONCE", False), ("EARLY", True),
-                              ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False), ("FPRE", False)):
+                              ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False), ("FPRE", False), ("PW2", False)):
             if knob in names and knob not in consts:
                 consts = {**consts, knob: default}
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
@@ -621,6 +621,12 @@ def aot_report() -> int:
         ("q4 gate|up 32 rows/warp pf2, rstd", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 128, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
           "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "GHALF": True, "PF2": True, "RSTD": True}, 4, ()),
+        ("q4 tc tiled wide, two groups before the wait", kq4._q4_gemv_kernel, q4_types,
+         {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": False, "X_BF16": True, "ASM": True, "PAIRS": False,
+          "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "PW2": True, "FOLD": 2, "FPRE": True}, 4, ()),
+        ("q4 gate|up tc tiled wide, two before the wait, rstd", kq4._q4_gemv_kernel, q4_types,
+         {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
+          "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "GHALF": True, "PW2": True, "RSTD": True}, 4, ()),
         ("q4 gate|up tc tiled wide, folded-norm rstd", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
           "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "GHALF": True, "RSTD": True}, 4, ()),

@@ -112,14 +112,19 @@ def test_q4_gemv_tiling_variants(dtype, pairs, gated, gpi, split_k):
     assert counters_are_zero()
 
 
-@pytest.mark.parametrize("prefetch", [True, False, 2])
+@pytest.mark.parametrize("prefetch", [True, False, 2, "prewait-one"])
 @pytest.mark.parametrize("gated", [False, True, "quad"])
 @pytest.mark.parametrize("n,split_k,block_n,warps", [(70, 3, None, 4), (32, 1, 32, 2), (16, 2, 16, 1), (100, 1, 128, 4)])
-def test_q4_gemv_tensor_core_path(gated, n, split_k, block_n, warps, prefetch):
+def test_q4_gemv_tensor_core_path(gated, n, split_k, block_n, warps, prefetch, monkeypatch):
     """The T = 1, bf16, group-128 path that uses mma.m16n8k16 on the GPU (the interpreter runs its
     per-lane emulation): odd N (masked rows in both row halves), split-K, several tile heights; gated
     with gate|up row pairs per program (the default) and with four tiles ("quad"); the hand prefetch
-    one or two groups ahead (2; split-K then has splits shorter than the prefetch distance)."""
+    one or two groups ahead (2; split-K then has splits shorter than the prefetch distance), one ahead
+    with the first two groups loaded before the wait (True, the default: the first group peeled) or only
+    the first ("prewait-one")."""
+    if prefetch == "prewait-one":
+        monkeypatch.setattr(k4, "PREWAIT_TWO", False)
+        prefetch = True
     gen = torch.Generator().manual_seed(n + split_k)
     n_rows = 2 * n if gated else n
     _, packed, scales, mins = random_q4(n_rows, 512, 128, gen)
