@@ -36,6 +36,29 @@ __all__ = ["nf4_fits", "nf4_gemv", "nf4_gemv_ref", "nf4_gemv_triton"]
 REGISTER_LOOKUP = True
 _TABLES: dict[tuple, tuple[int, ...]] = {}
 
+# Two bytes' 4 nibbles -> the bf16 values of their table entries, as two bf16x2 pairs (the pair of
+# byte j: element 2j in the low half, 2j + 1 in the high half, as x's pair j). The 16-entry
+# table is held as its entries' high bytes (T0..T3, four entries per register) and low bytes
+# (L0..L3). For 4 nibbles at a time (a prmt selector): entries 0-7 and 8-15 are looked up by the
+# nibbles' low 3 bits (prmt), and each byte is taken from one or the other by the nibble's bit 3
+# (one more prmt); a last prmt per pair puts each element's low and high byte together.
+# Operands: $2 (its low 16 bits: the 4 nibbles), $3..$6 = T0..T3, $7..$10 = L0..L3; out $0, $1: the pairs.
+_LOOKUP_PTX = """{
+    .reg .b32 s7, s8, sel, a, b, h, l;
+    and.b32 s7, $2, 0x7777;
+    and.b32 s8, $2, 0x8888;
+    shr.b32 s8, s8, 1;
+    or.b32 sel, s8, 0x3210;
+    prmt.b32 a, $3, $4, s7;
+    prmt.b32 b, $5, $6, s7;
+    prmt.b32 h, a, b, sel;
+    prmt.b32 a, $7, $8, s7;
+    prmt.b32 b, $9, $10, s7;
+    prmt.b32 l, a, b, sel;
+    prmt.b32 $0, l, h, 0x4051;
+    prmt.b32 $1, l, h, 0x6273;
+    }"""
+
 
 def _byte_tables(code: torch.Tensor) -> tuple[int, ...]:
     """(T0..T3, L0..L3): the high and low bytes of the table's bf16 values (round to nearest), four
@@ -87,27 +110,7 @@ def nf4_fits(x: torch.Tensor, k: int, blocksize: int) -> bool:
 
 if HAS_TRITON:
 
-    # Two bytes' 4 nibbles -> the bf16 values of their table entries, as two bf16x2 pairs (the pair of
-    # byte j: element 2j in the low half, 2j + 1 in the high half, as x's pair j). The 16-entry
-    # table is held as its entries' high bytes (T0..T3, four entries per register) and low bytes
-    # (L0..L3). For 4 nibbles at a time (a prmt selector): entries 0-7 and 8-15 are looked up by the
-    # nibbles' low 3 bits (prmt), and each byte is taken from one or the other by the nibble's bit 3
-    # (one more prmt); a last prmt per pair puts each element's low and high byte together.
-    _LOOKUP = tl.constexpr("""{
-    .reg .b32 s7, s8, sel, a, b, h, l;
-    and.b32 s7, $2, 0x7777;
-    and.b32 s8, $2, 0x8888;
-    shr.b32 s8, s8, 1;
-    or.b32 sel, s8, 0x3210;
-    prmt.b32 a, $3, $4, s7;
-    prmt.b32 b, $5, $6, s7;
-    prmt.b32 h, a, b, sel;
-    prmt.b32 a, $7, $8, s7;
-    prmt.b32 b, $9, $10, s7;
-    prmt.b32 l, a, b, sel;
-    prmt.b32 $0, l, h, 0x4051;
-    prmt.b32 $1, l, h, 0x6273;
-    }""")  # a global constexpr: a jit function may read it. The low 16 bits of $2: 4 nibbles (2 bytes)
+    _LOOKUP = tl.constexpr(_LOOKUP_PTX)  # a global constexpr: a jit function may read it
 
     @triton.jit
     def _lookup(sel, t0, t1, t2, t3, l0, l1, l2, l3):

@@ -405,6 +405,12 @@ if HAS_TRITON:
         return acc_a, acc_b
 
     @triton.jit
+    def _x_pairs(xa, xc, xd, xe, ASM: tl.constexpr):
+        """A group's x words as the four bf16x2 MMA operands (x0..x3 of _mma_word), as [1, HW] rows."""
+        return (_pair(xa, xc, False, ASM)[None, :], _pair(xd, xe, False, ASM)[None, :],
+                _pair(xa, xc, True, ASM)[None, :], _pair(xd, xe, True, ASM)[None, :])
+
+    @triton.jit
     def _x_words(x_ptr, g, hw, G: tl.constexpr):
         xb = x_ptr + g * (G // 2) + 2 * hw
         return tl.load(xb), tl.load(xb + 1), tl.load(xb + G // 4), tl.load(xb + G // 4 + 1)
@@ -490,9 +496,8 @@ if HAS_TRITON:
             xa, xc, xd, xe = n_xa, n_xc, n_xd, n_xe
             n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = p_wa, p_wb, p_sa, p_ma, p_sb, p_mb
             n_xa, n_xc, n_xd, n_xe = p_xa, p_xc, p_xd, p_xe
-            ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, _pair(xa, xc, False, ASM)[None, :],
-                              _pair(xd, xe, False, ASM)[None, :], _pair(xa, xc, True, ASM)[None, :],
-                              _pair(xd, xe, True, ASM)[None, :], ASM)
+            x0, x1, x2, x3 = _x_pairs(xa, xc, xd, xe, ASM)
+            ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
             g_start = g_begin + 1
         # STAGES > 1 (with PREFETCH off): Triton's software pipeliner copies the weights and x of the
         # next STAGES - 1 groups into shared memory (cp.async) while this group is computed
@@ -524,10 +529,7 @@ if HAS_TRITON:
                     ua_w, ub_w, usa, uma, usb, umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR, HALF, 2 * NR,
                                                                2 * NR, NGR, g, HW, TR)
                 xa, xc, xd, xe = _x_words(x_ptr, g, hw, G)
-            x0 = _pair(xa, xc, False, ASM)[None, :]
-            x2 = _pair(xa, xc, True, ASM)[None, :]
-            x1 = _pair(xd, xe, False, ASM)[None, :]
-            x3 = _pair(xd, xe, True, ASM)[None, :]
+            x0, x1, x2, x3 = _x_pairs(xa, xc, xd, xe, ASM)
             ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
             if QUAD:  # the matching up-projection rows
                 ua, ub = _mma_acc(ua, ub, ua_w, ub_w, usa, uma, usb, umb, x0, x1, x2, x3, ASM)

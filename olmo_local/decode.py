@@ -42,7 +42,7 @@ def linear(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(mod, NF4Linear) and use_triton(x) and nf4_fits(x, mod.in_features, mod.blocksize):
         am = getattr(mod, "_absmax_f32", None)
         if am is None or am.device != x.device:  # undone double quant, kept (computed before any capture)
-            am = mod._absmax_f32 = mod.absmax_fp32().float().contiguous()
+            am = mod._absmax_f32 = mod.absmax_fp32().contiguous()
         return nf4_gemv(x, mod.weight, am, mod.quant_map, mod.blocksize, mod.out_features)
     return mod(x)
 

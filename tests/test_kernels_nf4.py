@@ -81,7 +81,7 @@ def test_nf4_gemv_at_7b_shapes_on_cuda(n, k):
 
 
 def _run_ptx(text: str, operands: list[int]) -> list[int]:
-    """A tiny evaluator for the and / or / shr / prmt PTX of kn._LOOKUP (b32 registers, default prmt mode
+    """A tiny evaluator for the and / or / shr / prmt PTX of kn._LOOKUP_PTX (b32 registers, default prmt mode
     without sign replication: every selector field used has bit 3 clear)."""
     regs = {f"${i}": v for i, v in enumerate(operands)}
 
@@ -117,8 +117,6 @@ def test_register_lookup_ptx_gives_each_nibbles_bf16_table_value(code):
     """The register lookup's PTX (run by a small evaluator of its and / or / shr / prmt lines) with the
     byte tables of _byte_tables: every word's 8 nibbles come out as the bf16 of their table entries, in
     the pairs the kernel multiplies with x (pair j: element 2j low, 2j + 1 high)."""
-    if not hasattr(kn, "_LOOKUP"):
-        pytest.skip("triton is not installed")
     tables = [t & 0xFFFFFFFF for t in kn._byte_tables(code)]
     want_bits = code.to(torch.bfloat16).view(torch.int16).int() & 0xFFFF
     gen = torch.Generator().manual_seed(9)
@@ -126,8 +124,8 @@ def test_register_lookup_ptx_gives_each_nibbles_bf16_table_value(code):
     for w in words:
         # as the kernel calls it: bytes 0, 1 of the word, then the word shifted right by 16 (arithmetic)
         signed = w - (1 << 32) if w >= 1 << 31 else w
-        pairs = (_run_ptx(kn._LOOKUP.value, [0, 0, w, *tables])
-                 + _run_ptx(kn._LOOKUP.value, [0, 0, (signed >> 16) & 0xFFFFFFFF, *tables]))
+        pairs = (_run_ptx(kn._LOOKUP_PTX, [0, 0, w, *tables])
+                 + _run_ptx(kn._LOOKUP_PTX, [0, 0, (signed >> 16) & 0xFFFFFFFF, *tables]))
         for j, p in enumerate(pairs):
             byte = (w >> (8 * j)) & 0xFF
             assert p & 0xFFFF == int(want_bits[byte >> 4]) and p >> 16 == int(want_bits[byte & 15]), (hex(w), j)
