@@ -42,6 +42,10 @@ NORM_EPS = 1e-5
 # the fused a|b projection loads a head's two W_ab rows whole, before waiting for the previous kernel,
 # for hidden sizes up to this (beyond it, a loop over 512-wide chunks after the wait)
 AB_ONCE_MAX_D = 8192
+# state columns per program and warps of the Triton step (64 x 8: 7.6 us per 7B layer on an H100 against 8.3
+# for 32 x 4 timed alone; in the step, fewer registers per program let the next GEMV's programs in sooner)
+BLOCK_V = 64
+NUM_WARPS = 8
 
 
 def _shapes(qkv, A_log, rec_state, conv_weight):
@@ -296,12 +300,12 @@ def gdn_decode_step_triton(
     *,
     ab_from: tuple[torch.Tensor, torch.Tensor] | None = None,
     ab_rstd: tuple[torch.Tensor, float] | None = None,
-    block_v: int = 64,
-    num_warps: int = 8,
+    block_v: int | None = None,
+    num_warps: int | None = None,
     ab_once_max: int | None = None,
 ) -> torch.Tensor:
-    """Triton version of gdn_decode_step_ref (block_v: state columns per program; 64 columns with 8
-    warps took 7.6 us per 7B layer on an H100 against 8.3 us for 32 with 4, the earlier default)."""
+    """Triton version of gdn_decode_step_ref (block_v: state columns per program, default BLOCK_V; num_warps:
+    default NUM_WARPS)."""
     hk, hv, dk, dv, conv_dim, kconv = _shapes(qkv, A_log, rec_state, conv_weight)
     if ab_from is not None:
         u, w_ab = ab_from
@@ -331,6 +335,8 @@ def gdn_decode_step_triton(
         out = torch.empty(hv * dv, dtype=z.dtype, device=z.device)
     elif not out.is_contiguous() or out.numel() != hv * dv:
         raise ValueError(f"out must be contiguous with {hv * dv} elements")
+    block_v = BLOCK_V if block_v is None else block_v
+    num_warps = NUM_WARPS if num_warps is None else num_warps
     bv = min(block_v, next_pow2(dv))
     nvb = cdiv(dv, bv)
     ows = workspace("gdn_o", (hv * dv,), torch.float32, z.device)

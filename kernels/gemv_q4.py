@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, pdl_kwargs, tl, triton, use_pdl, use_triton, workspace
+from ._triton import HAS_TRITON, INTERPRET, cdiv, next_pow2, num_sms, pdl_kwargs, tl, triton, use_pdl, use_triton, workspace
 
 if HAS_TRITON:
     from ._triton import emit_rows, pdl_launch_dependents, pdl_wait, splitk_finish
@@ -421,7 +421,8 @@ if HAS_TRITON:
                      ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TR: tl.constexpr,
                      STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr, SPLITP: tl.constexpr,
                      rss_ptr, NSS, eps_r, RSTD: tl.constexpr, NSSP: tl.constexpr, FOLD: tl.constexpr,
-                     res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE: tl.constexpr, PW2: tl.constexpr):
+                     res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE: tl.constexpr, PW2: tl.constexpr,
+                     wdesc, sdesc, mdesc, TMA: tl.constexpr):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
@@ -430,7 +431,10 @@ if HAS_TRITON:
         from the producer's row-block sums loaded beside x; FOLD (the producer, split-K only): the
         finished rows go to the residual stream by fold_store instead of y; FPRE: every program loads its
         row block's norm weight before the wait and residual rows after it (a few hundred bytes, L2), so
-        that the last program's tail after the split-K atomic does not wait for them."""
+        that the last program's tail after the split-K atomic does not wait for them.
+        TMA > 0 (tiled layout, two tiles, whole slabs per tile): the words and scales come through tensor
+        descriptors in a loop that Triton pipelines over TMA copies into shared memory, TMA stages deep,
+        instead of the hand prefetch through registers."""
         HW: tl.constexpr = G // 8
         HALF: tl.constexpr = BN // 2
         pid_k = tl.program_id(0)
@@ -454,6 +458,94 @@ if HAS_TRITON:
         ub = tl.zeros([HALF, HW], dtype=tl.float32)
         g_begin = pid_k * GPS
         g_end = tl.minimum(g_begin + GPS, NGR)
+        PRE: tl.constexpr = FPRE and FOLD > 0 and SPLIT_K and not GATED  # see _wait_and_norm
+        if TMA:
+            ga, gb, rstd, r_pre, w_pre = _q4_tma_loop(x_ptr, wdesc, sdesc, mdesc, ga, gb, rows_a, OFFB, NR, NGR, G,
+                                                      HALF, TR, TMA, g_begin, g_end, hw, USE_PDL, ASM, RSTD,
+                                                      rss_ptr, NSS, eps_r, NSSP, FPRE, FOLD, SPLIT_K, GATED,
+                                                      pid_n, BN, res_ptr, fw_ptr)
+        else:
+            ga, gb, ua, ub, rstd, r_pre, w_pre = _q4_hand_loop(
+                x_ptr, qw_ptr, s_ptr, m_ptr, ga, gb, ua, ub, rows_a, OFFB, LB, NR, NGR, G, HALF, HW, TR, QUAD,
+                PREFETCH, PF2, PW2, STAGES, g_begin, g_end, hw, USE_PDL, ASM, RSTD, rss_ptr, NSS, eps_r, NSSP,
+                FPRE, FOLD, SPLIT_K, GATED, pid_n, BN, res_ptr, fw_ptr)
+        sc = 0.25  # the MMA gives every lane of a row the row's sum: four copies
+        if not SPLIT_K:
+            sc = sc * rstd  # split-K scales the finished sums instead (the partials stay unscaled)
+        if GATED and GHALF:  # tile A: gate rows, tile B: their up rows
+            emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * sc, tl.sum(gb, 1) * sc, 0, pid_k, rows_a, mask_a, NR,
+                      stride_y, 1, SPLIT_K, GATED)
+            if SPLIT_K:
+                rn = pid_n * HALF + tl.arange(0, HALF)
+                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, HALF, SPLIT, GATED,
+                              SPLITP, rstd)
+        else:
+            emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * sc, tl.sum(ua, 1) * sc, 0, pid_k, rows_a, mask_a, NR,
+                      stride_y, 1, SPLIT_K, GATED)
+            emit_rows(y_ptr, part_ptr, tl.sum(gb, 1) * sc, tl.sum(ub, 1) * sc, 0, pid_k, rows_a + HALF,
+                      mask_b, NR, stride_y, 1, SPLIT_K, GATED)
+            if SPLIT_K:
+                rn = pid_n * BN + tl.arange(0, BN)
+                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT, GATED,
+                              SPLITP, rstd, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, r_pre, w_pre, PRE)
+
+    @triton.jit
+    def _wait_and_norm(USE_PDL: tl.constexpr, RSTD: tl.constexpr, rss_ptr, NSS, eps_r, NSSP: tl.constexpr, NGR,
+                       G: tl.constexpr, FPRE: tl.constexpr, FOLD: tl.constexpr, SPLIT_K: tl.constexpr,
+                       GATED: tl.constexpr, pid_n, BN: tl.constexpr, NR, res_ptr, fw_ptr):
+        """The PDL wait with what a folded norm needs around it: (rstd of the consumer, the producer's
+        preloaded residual and norm weight rows)."""
+        PRE: tl.constexpr = FPRE and FOLD > 0 and SPLIT_K and not GATED
+        r_pre = 0.0
+        w_pre = 0.0
+        if PRE:
+            rn_f = pid_n * BN + tl.arange(0, BN)
+            if FOLD == 2:
+                w_pre = tl.load(fw_ptr + rn_f, mask=rn_f < NR, other=0)
+        pdl_wait(USE_PDL)
+        if PRE:
+            r_pre = tl.load(res_ptr + rn_f, mask=rn_f < NR, other=0)
+        rstd = 1.0
+        if RSTD:
+            jss = tl.arange(0, NSSP)
+            tot = tl.sum(tl.load(rss_ptr + jss, mask=jss < NSS, other=0.0), axis=0)
+            rstd = 1.0 / tl.sqrt(tot / (NGR * G) + eps_r)
+        return rstd, r_pre, w_pre
+
+    @triton.jit
+    def _q4_tma_loop(x_ptr, wdesc, sdesc, mdesc, ga, gb, rows_a, OFFB, NR, NGR, G: tl.constexpr,
+                     HALF: tl.constexpr, TR: tl.constexpr, TMA: tl.constexpr, g_begin, g_end, hw, USE_PDL: tl.constexpr,
+                     ASM: tl.constexpr, RSTD: tl.constexpr, rss_ptr, NSS, eps_r, NSSP: tl.constexpr, FPRE: tl.constexpr,
+                     FOLD: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr, pid_n, BN: tl.constexpr,
+                     res_ptr, fw_ptr):
+        """Tiles A and B (HALF rows each, whole slabs of the tiled layout) of groups g_begin..g_end through
+        tensor descriptors [slabs, groups, TR, HW] (scales and mins [slabs, groups, TR]), pipelined TMA deep."""
+        HW: tl.constexpr = G // 8
+        rstd, r_pre, w_pre = _wait_and_norm(USE_PDL, RSTD, rss_ptr, NSS, eps_r, NSSP, NGR, G, FPRE, FOLD, SPLIT_K,
+                                            GATED, pid_n, BN, NR, res_ptr, fw_ptr)
+        slab_a = tl.min(rows_a, axis=0) // TR
+        slab_b = slab_a + OFFB // TR
+        for g in tl.range(g_begin, g_end, num_stages=TMA):
+            wa = wdesc.load([slab_a, g, 0, 0]).reshape(HALF, HW)
+            wb = wdesc.load([slab_b, g, 0, 0]).reshape(HALF, HW)
+            sa = sdesc.load([slab_a, g, 0]).reshape(HALF)
+            ma = mdesc.load([slab_a, g, 0]).reshape(HALF)
+            sb = sdesc.load([slab_b, g, 0]).reshape(HALF)
+            mb = mdesc.load([slab_b, g, 0]).reshape(HALF)
+            xa, xc, xd, xe = _x_words(x_ptr, g, hw, G)
+            x0, x1, x2, x3 = _x_pairs(xa, xc, xd, xe, ASM)
+            ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
+        return ga, gb, rstd, r_pre, w_pre
+
+    @triton.jit
+    def _q4_hand_loop(x_ptr, qw_ptr, s_ptr, m_ptr, ga, gb, ua, ub, rows_a, OFFB, LB, NR, NGR, G: tl.constexpr,
+                      HALF: tl.constexpr, HW: tl.constexpr, TR: tl.constexpr, QUAD: tl.constexpr,
+                      PREFETCH: tl.constexpr, PF2: tl.constexpr, PW2: tl.constexpr, STAGES: tl.constexpr, g_begin,
+                      g_end, hw, USE_PDL: tl.constexpr, ASM: tl.constexpr, RSTD: tl.constexpr, rss_ptr, NSS, eps_r,
+                      NSSP: tl.constexpr, FPRE: tl.constexpr, FOLD: tl.constexpr, SPLIT_K: tl.constexpr,
+                      GATED: tl.constexpr, pid_n, BN: tl.constexpr, res_ptr, fw_ptr):
+        """The groups g_begin..g_end through registers: the hand prefetch one (or PF2: two) groups ahead, or
+        (PREFETCH off) Triton's pipelined loop STAGES deep."""
         # PREFETCH: group g+1's words, scales and x are loaded before group g's math (two groups of
         # loads in flight per warp); the loads past the split's end are masked off (limit 0)
         lim = tl.where(g_begin < g_end, NR, 0)
@@ -472,21 +564,8 @@ if HAS_TRITON:
             p_wa, p_wb, p_sa, p_ma, p_sb, p_mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
         # weights and scales are written by no kernel: loaded before waiting for the previous kernel
         # (programmatic dependent launch), x and the workspaces after
-        PRE: tl.constexpr = FPRE and FOLD > 0 and SPLIT_K and not GATED
-        r_pre = 0.0
-        w_pre = 0.0
-        if PRE:
-            rn_f = pid_n * BN + tl.arange(0, BN)
-            if FOLD == 2:
-                w_pre = tl.load(fw_ptr + rn_f, mask=rn_f < NR, other=0)
-        pdl_wait(USE_PDL)
-        if PRE:
-            r_pre = tl.load(res_ptr + rn_f, mask=rn_f < NR, other=0)
-        rstd = 1.0
-        if RSTD:
-            jss = tl.arange(0, NSSP)
-            tot = tl.sum(tl.load(rss_ptr + jss, mask=jss < NSS, other=0.0), axis=0)
-            rstd = 1.0 / tl.sqrt(tot / (NGR * G) + eps_r)
+        rstd, r_pre, w_pre = _wait_and_norm(USE_PDL, RSTD, rss_ptr, NSS, eps_r, NSSP, NGR, G, FPRE, FOLD, SPLIT_K,
+                                            GATED, pid_n, BN, NR, res_ptr, fw_ptr)
         n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g_begin, NGR - 1), hw, G)
         p_xa, p_xc, p_xd, p_xe = _x_words(x_ptr, tl.minimum(g_begin + 1, NGR - 1), hw, G)
         g_start = g_begin
@@ -533,25 +612,7 @@ if HAS_TRITON:
             ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
             if QUAD:  # the matching up-projection rows
                 ua, ub = _mma_acc(ua, ub, ua_w, ub_w, usa, uma, usb, umb, x0, x1, x2, x3, ASM)
-        sc = 0.25  # the MMA gives every lane of a row the row's sum: four copies
-        if not SPLIT_K:
-            sc = sc * rstd  # split-K scales the finished sums instead (the partials stay unscaled)
-        if GATED and GHALF:  # tile A: gate rows, tile B: their up rows
-            emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * sc, tl.sum(gb, 1) * sc, 0, pid_k, rows_a, mask_a, NR,
-                      stride_y, 1, SPLIT_K, GATED)
-            if SPLIT_K:
-                rn = pid_n * HALF + tl.arange(0, HALF)
-                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, HALF, SPLIT, GATED,
-                              SPLITP, rstd)
-        else:
-            emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * sc, tl.sum(ua, 1) * sc, 0, pid_k, rows_a, mask_a, NR,
-                      stride_y, 1, SPLIT_K, GATED)
-            emit_rows(y_ptr, part_ptr, tl.sum(gb, 1) * sc, tl.sum(ub, 1) * sc, 0, pid_k, rows_a + HALF,
-                      mask_b, NR, stride_y, 1, SPLIT_K, GATED)
-            if SPLIT_K:
-                rn = pid_n * BN + tl.arange(0, BN)
-                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT, GATED,
-                              SPLITP, rstd, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, r_pre, w_pre, PRE)
+        return ga, gb, ua, ub, rstd, r_pre, w_pre
 
     @triton.jit
     def _q4_group(acc, w, s, m, x_row, gx, mcol, magic, G: tl.constexpr, X_BF16: tl.constexpr,
@@ -646,12 +707,14 @@ if HAS_TRITON:
         FOLD: tl.constexpr = 0, res_ptr=None, fw_ptr=None, xt_ptr=None, ss_ptr=None,  # folded norm, producer
         FPRE: tl.constexpr = False,  # producer: residual and weight rows loaded at the start (FOLD_PRELOAD)
         PW2: tl.constexpr = False,  # the second group's weights also before the PDL wait (PREWAIT_TWO)
+        wdesc=None, sdesc=None, mdesc=None, TMA: tl.constexpr = 0,  # TMA-pipelined tensor-core loop (TMA_STAGES)
     ):
         pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                          G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP,
-                         rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE, PW2)
+                         rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE, PW2,
+                         wdesc, sdesc, mdesc, TMA)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -761,6 +824,22 @@ PREWAIT_TWO = True
 # a folded norm's producer loads its row block's residual and norm weight at its start instead of in the
 # last program's tail (after the split-K atomic)
 FOLD_PRELOAD = True
+# > 0: the tensor-core loop of tiled, two-tile programs reads words and scales through tensor descriptors in a
+# loop that Triton pipelines over TMA copies into shared memory, this many stages deep (Hopper or the
+# interpreter); 0: the hand prefetch through registers
+TMA_STAGES = 0
+
+
+def _tma_descs(qw32: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, ngr: int, half: int):
+    """Tensor descriptors of the tiled layout seen as [slabs, groups, TILE_ROWS, words] (scales and mins
+    [slabs, groups, TILE_ROWS]), one box = one tile of `half` rows (whole slabs) of one group."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    slabs, hw, per = qw32.shape[0] // TILE_ROWS, qw32.shape[1] // ngr, half // TILE_ROWS
+    w4 = qw32.view(slabs, ngr, TILE_ROWS, hw)
+    return (TensorDescriptor.from_tensor(w4, [per, 1, TILE_ROWS, hw]),
+            TensorDescriptor.from_tensor(scales.view(slabs, ngr, TILE_ROWS), [per, 1, TILE_ROWS]),
+            TensorDescriptor.from_tensor(mins.view(slabs, ngr, TILE_ROWS), [per, 1, TILE_ROWS]))
 
 
 def _wide_launch(gated: bool) -> tuple[int, int, float]:
@@ -882,6 +961,11 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         extra.update(FOLD=1 if fw is None else 2, res_ptr=res, fw_ptr=fw, xt_ptr=xt, ss_ptr=ss_out,
                      FPRE=FOLD_PRELOAD)
         out = (out, xt, ss_out)
+    half = bn // 2
+    if (TMA_STAGES and use_mma and tiled and pf and not pf2 and (ghalf or not gated) and half % TILE_ROWS == 0
+            and (INTERPRET or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9))):
+        wd, sd, md = _tma_descs(qw32, scales, mins, ngr, half)
+        extra.update(wdesc=wd, sdesc=sd, mdesc=md, TMA=int(TMA_STAGES))
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,

@@ -24,7 +24,9 @@ norms as their own launches instead of folded into the q4 GEMVs around them (Dec
 "-nopw2": the q4 tensor-core GEMV loads only its first group before the PDL wait (PREWAIT_TWO off);
 "-nonf4": nf4 projections through NF4Linear's dequantize + matmul instead of the fused nf4 GEMV;
 "-rpw32": wide tensor-core programs of 32 rows per warp (gemv_q4.WIDE_ROWS_PER_WARP; default 64), e.g. with
-wide3 (three programs per SM) and pf2 (the hand prefetch two groups ahead).
+wide3 (three programs per SM) and pf2 (the hand prefetch two groups ahead); "-tmaN" (last): the q4
+tensor-core loop through TMA descriptors, N stages (gemv_q4.TMA_STAGES); "-gdnBwW" (last): the GDN step with
+B state columns per program and W warps (e.g. -gdn32w4).
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ def main() -> int:
 
     import olmo_local.model as mdl
 
+    m_tma = re.search(r"-tma(\d)$", variant)
+    if m_tma:  # the q4 tensor-core loop through TMA descriptors, N stages (gemv_q4.TMA_STAGES)
+        k4.TMA_STAGES = int(m_tma.group(1))
+        variant = variant[: m_tma.start()]
+    m_gdn = re.search(r"-gdn(\d+)w(\d+)$", variant)
+    if m_gdn:  # the GDN step's state columns per program and warps (gdn_decode.BLOCK_V, NUM_WARPS)
+        kg = importlib.import_module("olmo_local.kernels.gdn_decode")
+        kg.BLOCK_V, kg.NUM_WARPS = int(m_gdn.group(1)), int(m_gdn.group(2))
+        variant = variant[: m_gdn.start()]
     if variant.endswith("-nonf4"):
         dec.nf4_fits = lambda *a: False
         variant = variant[: -len("-nonf4")]
