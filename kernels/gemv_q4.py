@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, INTERPRET, cdiv, next_pow2, num_sms, pdl_kwargs, tl, triton, use_pdl, use_triton, workspace
+from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, pdl_kwargs, tl, triton, use_pdl, use_triton, workspace
 
 if HAS_TRITON:
     from ._triton import emit_rows, pdl_launch_dependents, pdl_wait, splitk_finish
@@ -398,6 +398,12 @@ if HAS_TRITON:
     @triton.jit
     def _mma_acc(acc_a, acc_b, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM: tl.constexpr):
         da, db, d1 = _mma_word(wa, wb, x0, x1, x2, x3, ASM)
+        n: tl.constexpr = da.shape[0]
+        hw: tl.constexpr = da.shape[1]
+        if acc_a.shape[1] != hw:  # lean [rows, lanes] accumulators: each thread's 4 words of a row summed first
+            da = tl.sum(tl.reshape(da, [n, hw // 4, 4]), axis=2)
+            db = tl.sum(tl.reshape(db, [n, hw // 4, 4]), axis=2)
+            d1 = tl.sum(tl.reshape(d1, [n, hw // 4, 4]), axis=2)
         sa = sa.to(tl.float32)[:, None]
         sb = sb.to(tl.float32)[:, None]
         acc_a = acc_a + sa * da + (ma.to(tl.float32)[:, None] - 128.0 * sa) * d1
@@ -422,7 +428,7 @@ if HAS_TRITON:
                      STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr, SPLITP: tl.constexpr,
                      rss_ptr, NSS, eps_r, RSTD: tl.constexpr, NSSP: tl.constexpr, FOLD: tl.constexpr,
                      res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE: tl.constexpr, PW2: tl.constexpr,
-                     wdesc, sdesc, mdesc, TMA: tl.constexpr):
+                     RING: tl.constexpr, LEAN: tl.constexpr, NGS: tl.constexpr):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
@@ -432,9 +438,8 @@ if HAS_TRITON:
         finished rows go to the residual stream by fold_store instead of y; FPRE: every program loads its
         row block's norm weight before the wait and residual rows after it (a few hundred bytes, L2), so
         that the last program's tail after the split-K atomic does not wait for them.
-        TMA > 0 (tiled layout, two tiles, whole slabs per tile): the words and scales come through tensor
-        descriptors in a loop that Triton pipelines over TMA copies into shared memory, TMA stages deep,
-        instead of the hand prefetch through registers."""
+        RING > 0 (two tiles): the loop unrolled over RING register sets instead of the hand prefetch (see
+        _q4_ring_loop)."""
         HW: tl.constexpr = G // 8
         HALF: tl.constexpr = BN // 2
         pid_k = tl.program_id(0)
@@ -452,18 +457,23 @@ if HAS_TRITON:
         mask_a = rows_a < NR
         QUAD: tl.constexpr = GATED and not GHALF  # four tiles per group
         hw = tl.arange(0, HW)
-        ga = tl.zeros([HALF, HW], dtype=tl.float32)
-        gb = tl.zeros([HALF, HW], dtype=tl.float32)
-        ua = tl.zeros([HALF, HW], dtype=tl.float32)
-        ub = tl.zeros([HALF, HW], dtype=tl.float32)
+        ga = tl.zeros([HALF, HW // 4 if LEAN else HW], dtype=tl.float32)
+        gb = tl.zeros([HALF, HW // 4 if LEAN else HW], dtype=tl.float32)
+        ua = tl.zeros([HALF, HW // 4 if LEAN else HW], dtype=tl.float32)
+        ub = tl.zeros([HALF, HW // 4 if LEAN else HW], dtype=tl.float32)
         g_begin = pid_k * GPS
         g_end = tl.minimum(g_begin + GPS, NGR)
         PRE: tl.constexpr = FPRE and FOLD > 0 and SPLIT_K and not GATED  # see _wait_and_norm
-        if TMA:
-            ga, gb, rstd, r_pre, w_pre = _q4_tma_loop(x_ptr, wdesc, sdesc, mdesc, ga, gb, rows_a, OFFB, NR, NGR, G,
-                                                      HALF, TR, TMA, g_begin, g_end, hw, USE_PDL, ASM, RSTD,
-                                                      rss_ptr, NSS, eps_r, NSSP, FPRE, FOLD, SPLIT_K, GATED,
-                                                      pid_n, BN, res_ptr, fw_ptr)
+        if NGS:
+            ga, gb, rstd, r_pre, w_pre = _q4_static_loop(x_ptr, qw_ptr, s_ptr, m_ptr, ga, gb, rows_a, OFFB, LB, NR,
+                                                         NGR, G, HW, TR, NGS, g_begin, g_end, hw, USE_PDL, ASM, RSTD,
+                                                         rss_ptr, NSS, eps_r, NSSP, FPRE, FOLD, SPLIT_K, GATED, pid_n,
+                                                         BN, res_ptr, fw_ptr)
+        elif RING:
+            ga, gb, rstd, r_pre, w_pre = _q4_ring_loop(x_ptr, qw_ptr, s_ptr, m_ptr, ga, gb, rows_a, OFFB, LB, NR, NGR,
+                                                       G, HW, TR, RING, g_begin, g_end, hw, USE_PDL, ASM, RSTD,
+                                                       rss_ptr, NSS, eps_r, NSSP, FPRE, FOLD, SPLIT_K, GATED, pid_n,
+                                                       BN, res_ptr, fw_ptr)
         else:
             ga, gb, ua, ub, rstd, r_pre, w_pre = _q4_hand_loop(
                 x_ptr, qw_ptr, s_ptr, m_ptr, ga, gb, ua, ub, rows_a, OFFB, LB, NR, NGR, G, HALF, HW, TR, QUAD,
@@ -513,28 +523,107 @@ if HAS_TRITON:
         return rstd, r_pre, w_pre
 
     @triton.jit
-    def _q4_tma_loop(x_ptr, wdesc, sdesc, mdesc, ga, gb, rows_a, OFFB, NR, NGR, G: tl.constexpr,
-                     HALF: tl.constexpr, TR: tl.constexpr, TMA: tl.constexpr, g_begin, g_end, hw, USE_PDL: tl.constexpr,
-                     ASM: tl.constexpr, RSTD: tl.constexpr, rss_ptr, NSS, eps_r, NSSP: tl.constexpr, FPRE: tl.constexpr,
-                     FOLD: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr, pid_n, BN: tl.constexpr,
-                     res_ptr, fw_ptr):
-        """Tiles A and B (HALF rows each, whole slabs of the tiled layout) of groups g_begin..g_end through
-        tensor descriptors [slabs, groups, TR, HW] (scales and mins [slabs, groups, TR]), pipelined TMA deep."""
-        HW: tl.constexpr = G // 8
+    def _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g, g_end, HW: tl.constexpr, TR: tl.constexpr):
+        """Group g's words and (scale, min) of both tiles; scales and mins zero past the split's end (g >= g_end)
+        and for rows past the matrix. The loads take no masks (rows and groups are clamped into the
+        matrix instead): a masked load first sets its registers to the fill value, which ties them down."""
+        ok = g < g_end
+        gg = tl.minimum(g, g_end - 1)
+        ra = tl.minimum(rows_a, NR - 1)
+        rb = tl.minimum(rows_a + OFFB, NR + LB - 1)
+        mw = tl.arange(0, HW)[None, :]
+        if TR:
+            wg = TR * HW
+            sg = TR
+        else:
+            wg = HW
+            sg = 1
+        wo_a, so_a = _row_offsets(ra, NGR, HW, TR)
+        wo_b, so_b = _row_offsets(rb, NGR, HW, TR)
+        wa = tl.load(qw_ptr + wo_a[:, None] + gg * wg + mw)
+        wb = tl.load(qw_ptr + wo_b[:, None] + gg * wg + mw)
+        oka = ok & (rows_a < NR)
+        okb = ok & (rows_a + OFFB < NR + LB)
+        sa = tl.where(oka, tl.load(s_ptr + so_a + gg * sg), 0.0)
+        ma = tl.where(oka, tl.load(m_ptr + so_a + gg * sg), 0.0)
+        sb = tl.where(okb, tl.load(s_ptr + so_b + gg * sg), 0.0)
+        mb = tl.where(okb, tl.load(m_ptr + so_b + gg * sg), 0.0)
+        return wa, wb, sa, ma, sb, mb
+
+    @triton.jit
+    def _ring_x(x_ptr, g, g_end, hw, ASM: tl.constexpr, G: tl.constexpr):
+        """Group g's x as MMA operands (a group past the split's end reads the last one: its weights are 0)."""
+        xa, xc, xd, xe = _x_words(x_ptr, tl.minimum(g, g_end - 1), hw, G)
+        return xa, xc, xd, xe
+
+    @triton.jit
+    def _ring_acc(ga, gb, w, x, ASM: tl.constexpr):
+        wa, wb, sa, ma, sb, mb = w
+        xa, xc, xd, xe = x
+        x0, x1, x2, x3 = _x_pairs(xa, xc, xd, xe, ASM)
+        return _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
+
+    @triton.jit
+    def _q4_static_loop(x_ptr, qw_ptr, s_ptr, m_ptr, ga, gb, rows_a, OFFB, LB, NR, NGR, G: tl.constexpr,
+                        HW: tl.constexpr, TR: tl.constexpr, NG: tl.constexpr, g_begin, g_end, hw,
+                        USE_PDL: tl.constexpr, ASM: tl.constexpr, RSTD: tl.constexpr, rss_ptr, NSS, eps_r,
+                        NSSP: tl.constexpr, FPRE: tl.constexpr, FOLD: tl.constexpr, SPLIT_K: tl.constexpr,
+                        GATED: tl.constexpr, pid_n, BN: tl.constexpr, res_ptr, fw_ptr):
+        """Two tiles, the program's NG groups (its split; a compile-time count) unrolled into straight-line
+        code, so ptxas issues each group's loads as early as registers allow instead of at the end of a
+        loop body (a load whose use lies across a loop's back edge is scheduled last). The first two groups
+        load before the PDL wait."""
+        w0 = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g_begin, g_end, HW, TR)
+        w1 = w0
+        if NG > 1:
+            w1 = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g_begin + 1, g_end, HW, TR)
         rstd, r_pre, w_pre = _wait_and_norm(USE_PDL, RSTD, rss_ptr, NSS, eps_r, NSSP, NGR, G, FPRE, FOLD, SPLIT_K,
                                             GATED, pid_n, BN, NR, res_ptr, fw_ptr)
-        slab_a = tl.min(rows_a, axis=0) // TR
-        slab_b = slab_a + OFFB // TR
-        for g in tl.range(g_begin, g_end, num_stages=TMA):
-            wa = wdesc.load([slab_a, g, 0, 0]).reshape(HALF, HW)
-            wb = wdesc.load([slab_b, g, 0, 0]).reshape(HALF, HW)
-            sa = sdesc.load([slab_a, g, 0]).reshape(HALF)
-            ma = mdesc.load([slab_a, g, 0]).reshape(HALF)
-            sb = sdesc.load([slab_b, g, 0]).reshape(HALF)
-            mb = mdesc.load([slab_b, g, 0]).reshape(HALF)
-            xa, xc, xd, xe = _x_words(x_ptr, g, hw, G)
-            x0, x1, x2, x3 = _x_pairs(xa, xc, xd, xe, ASM)
-            ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
+        for i in tl.static_range(NG):
+            if i == 0:
+                w = w0
+            elif i == 1:
+                w = w1
+            else:
+                w = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g_begin + i, g_end, HW, TR)
+            x = _ring_x(x_ptr, g_begin + i, g_end, hw, ASM, G)
+            ga, gb = _ring_acc(ga, gb, w, x, ASM)
+        return ga, gb, rstd, r_pre, w_pre
+
+    @triton.jit
+    def _q4_ring_loop(x_ptr, qw_ptr, s_ptr, m_ptr, ga, gb, rows_a, OFFB, LB, NR, NGR, G: tl.constexpr,
+                      HW: tl.constexpr, TR: tl.constexpr, RING: tl.constexpr, g_begin, g_end, hw,
+                      USE_PDL: tl.constexpr, ASM: tl.constexpr, RSTD: tl.constexpr, rss_ptr, NSS, eps_r,
+                      NSSP: tl.constexpr, FPRE: tl.constexpr, FOLD: tl.constexpr, SPLIT_K: tl.constexpr,
+                      GATED: tl.constexpr, pid_n, BN: tl.constexpr, res_ptr, fw_ptr):
+        """Two tiles, RING (2 or 3) sets of group registers used in turn: the loop is unrolled RING times,
+        and each set is reloaded (RING groups ahead) right after its math, so the loads of the other
+        sets stay in flight during that math. (A loop-carried prefetch lets ptxas give the next group's
+        loads the current group's registers, which puts them after the math.) The first RING groups load
+        before the PDL wait."""
+        wA = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g_begin, g_end, HW, TR)
+        wB = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g_begin + 1, g_end, HW, TR)
+        wC = wB
+        if RING == 3:
+            wC = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g_begin + 2, g_end, HW, TR)
+        rstd, r_pre, w_pre = _wait_and_norm(USE_PDL, RSTD, rss_ptr, NSS, eps_r, NSSP, NGR, G, FPRE, FOLD, SPLIT_K,
+                                            GATED, pid_n, BN, NR, res_ptr, fw_ptr)
+        xA = _ring_x(x_ptr, g_begin, g_end, hw, ASM, G)
+        xB = _ring_x(x_ptr, g_begin + 1, g_end, hw, ASM, G)
+        xC = xB
+        if RING == 3:
+            xC = _ring_x(x_ptr, g_begin + 2, g_end, hw, ASM, G)
+        for g in range(g_begin, g_end, RING):
+            ga, gb = _ring_acc(ga, gb, wA, xA, ASM)
+            wA = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g + RING, g_end, HW, TR)
+            xA = _ring_x(x_ptr, g + RING, g_end, hw, ASM, G)
+            ga, gb = _ring_acc(ga, gb, wB, xB, ASM)
+            wB = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g + 1 + RING, g_end, HW, TR)
+            xB = _ring_x(x_ptr, g + 1 + RING, g_end, hw, ASM, G)
+            if RING == 3:
+                ga, gb = _ring_acc(ga, gb, wC, xC, ASM)
+                wC = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g + 2 + RING, g_end, HW, TR)
+                xC = _ring_x(x_ptr, g + 2 + RING, g_end, hw, ASM, G)
         return ga, gb, rstd, r_pre, w_pre
 
     @triton.jit
@@ -707,14 +796,16 @@ if HAS_TRITON:
         FOLD: tl.constexpr = 0, res_ptr=None, fw_ptr=None, xt_ptr=None, ss_ptr=None,  # folded norm, producer
         FPRE: tl.constexpr = False,  # producer: residual and weight rows loaded at the start (FOLD_PRELOAD)
         PW2: tl.constexpr = False,  # the second group's weights also before the PDL wait (PREWAIT_TWO)
-        wdesc=None, sdesc=None, mdesc=None, TMA: tl.constexpr = 0,  # TMA-pipelined tensor-core loop (TMA_STAGES)
+        RING: tl.constexpr = 0,  # > 0: the tensor-core loop over RING register sets (RING_SETS)
+        LEAN: tl.constexpr = False,  # tensor-core accumulators of one value per row and lane (LEAN_ACC)
+        NGS: tl.constexpr = 0,  # > 0: the tensor-core loop unrolled over NGS = GPS groups (STATIC_GROUPS)
     ):
         pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                          G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP,
                          rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE, PW2,
-                         wdesc, sdesc, mdesc, TMA)
+                         RING, LEAN, NGS)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -824,22 +915,15 @@ PREWAIT_TWO = True
 # a folded norm's producer loads its row block's residual and norm weight at its start instead of in the
 # last program's tail (after the split-K atomic)
 FOLD_PRELOAD = True
-# > 0: the tensor-core loop of tiled, two-tile programs reads words and scales through tensor descriptors in a
-# loop that Triton pipelines over TMA copies into shared memory, this many stages deep (Hopper or the
-# interpreter); 0: the hand prefetch through registers
-TMA_STAGES = 0
-
-
-def _tma_descs(qw32: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, ngr: int, half: int):
-    """Tensor descriptors of the tiled layout seen as [slabs, groups, TILE_ROWS, words] (scales and mins
-    [slabs, groups, TILE_ROWS]), one box = one tile of `half` rows (whole slabs) of one group."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    slabs, hw, per = qw32.shape[0] // TILE_ROWS, qw32.shape[1] // ngr, half // TILE_ROWS
-    w4 = qw32.view(slabs, ngr, TILE_ROWS, hw)
-    return (TensorDescriptor.from_tensor(w4, [per, 1, TILE_ROWS, hw]),
-            TensorDescriptor.from_tensor(scales.view(slabs, ngr, TILE_ROWS), [per, 1, TILE_ROWS]),
-            TensorDescriptor.from_tensor(mins.view(slabs, ngr, TILE_ROWS), [per, 1, TILE_ROWS]))
+# > 0: the two-tile tensor-core loop runs over this many sets of group registers, unrolled (_q4_ring_loop),
+# instead of the loop-carried hand prefetch
+RING_SETS = 0
+# the tensor-core path accumulates one value per row and lane (a thread's 4 words of a row summed in registers
+# each group) instead of one per word: 8 instead of 32 accumulator registers per thread
+LEAN_ACC = False
+# the two-tile tensor-core loop unrolled over the split's groups (a compile-time count: one build per
+# split length) when a split has at most this many groups; 0: off
+STATIC_GROUPS = 0
 
 
 def _wide_launch(gated: bool) -> tuple[int, int, float]:
@@ -961,11 +1045,12 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         extra.update(FOLD=1 if fw is None else 2, res_ptr=res, fw_ptr=fw, xt_ptr=xt, ss_ptr=ss_out,
                      FPRE=FOLD_PRELOAD)
         out = (out, xt, ss_out)
-    half = bn // 2
-    if (TMA_STAGES and use_mma and tiled and pf and not pf2 and (ghalf or not gated) and half % TILE_ROWS == 0
-            and (INTERPRET or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9))):
-        wd, sd, md = _tma_descs(qw32, scales, mins, ngr, half)
-        extra.update(wdesc=wd, sdesc=sd, mdesc=md, TMA=int(TMA_STAGES))
+    if RING_SETS and use_mma and pf and not pf2 and (ghalf or not gated):
+        extra.update(RING=int(RING_SETS))
+    if LEAN_ACC and use_mma:
+        extra.update(LEAN=True)
+    if STATIC_GROUPS and use_mma and pf and not pf2 and (ghalf or not gated) and gps <= STATIC_GROUPS:
+        extra.update(NGS=gps)
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,

@@ -516,12 +516,10 @@ def aot_report() -> int:
         if "TR" in names and "TR" not in consts:
             consts = {**consts, "TR": 0}  # the standard q4 layout
         for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("AB_ONCE", False), ("EARLY", True),
-                              ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False), ("FPRE", False), ("PW2", False), ("TMA", 0)):
+                              ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False), ("FPRE", False), ("PW2", False), ("RING", 0), ("LEAN", False),
+                              ("NGS", 0)):
             if knob in names and knob not in consts:
                 consts = {**consts, knob: default}
-        for n in ("wdesc", "sdesc", "mdesc"):
-            if n in names and n not in types:
-                consts = {**consts, n: None}  # the descriptors of the TMA loop, unused
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
         cst = {(names.index(k),): v for k, v in consts.items()}
         # what the JIT assumes at run time for 16-aligned pointers and ints divisible by 16
@@ -553,8 +551,6 @@ def aot_report() -> int:
                 "part_ptr": "*fp32", "cnt_ptr": "*i32", "NR": "i32", "NGR": "i32", "stride_x": "i32",
                 "stride_y": "i32", "GPS": "i32", "SPLIT": "i32", "MAGIC": "i32", "rss_ptr": "*fp32", "NSS": "i32",
                 "eps_r": "fp32", "res_ptr": "*bf16", "fw_ptr": "*bf16", "xt_ptr": "*bf16", "ss_ptr": "*fp32"}
-    q4_tma_types = {**q4_types, "wdesc": "tensordesc<i32[2,1,64,16]>", "sdesc": "tensordesc<fp16[2,1,64]>",
-                    "mdesc": "tensordesc<fp16[2,1,64]>"}
     q8_types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*bf16", "part_ptr": "*fp32",
                 "cnt_ptr": "*i32", "NR": "i32", "KW": "i32", "stride_x": "i32", "stride_y": "i32", "WPS": "i32",
                 "SPLIT": "i32", "MAGIC": "i32"}
@@ -627,12 +623,12 @@ def aot_report() -> int:
          dict(tcw, BN=256, GATED=False, PW2=True, FOLD=2, FPRE=True), 4, ()),
         ("q4 gate|up tc tiled wide, two before the wait, rstd", kq4._q4_gemv_kernel, q4_types,
          dict(tcw, BN=256, GATED=True, GHALF=True, PW2=True, RSTD=True), 4, ()),
-        ("q4 tc tiled wide, TMA 3 stages, producer", kq4._q4_gemv_kernel, q4_tma_types,
-         dict(tcw, BN=256, GATED=False, TMA=3, FOLD=2, FPRE=True), 4, ()),
-        ("q4 gate|up tc tiled wide, TMA 3 stages, rstd", kq4._q4_gemv_kernel, q4_tma_types,
-         dict(tcw, BN=256, GATED=True, GHALF=True, TMA=3, RSTD=True), 4, ()),
-        ("q4 tc tiled wide, TMA 5 stages", kq4._q4_gemv_kernel, q4_tma_types,
-         dict(tcw, BN=256, GATED=False, TMA=5), 4, ()),
+        ("q4 tc tiled wide, lean, unrolled 6 groups, producer", kq4._q4_gemv_kernel, q4_types,
+         dict(tcw, BN=256, GATED=False, LEAN=True, NGS=6, FOLD=2, FPRE=True), 4, ()),
+        ("q4 gate|up tc tiled wide, lean, unrolled 10, rstd", kq4._q4_gemv_kernel, q4_types,
+         dict(tcw, BN=256, GATED=True, GHALF=True, LEAN=True, NGS=10, RSTD=True), 4, ()),
+        ("q4 tc tiled wide, lean accumulators, two before the wait", kq4._q4_gemv_kernel, q4_types,
+         dict(tcw, BN=256, GATED=False, LEAN=True, PW2=True), 4, ()),
         ("q4 gate|up tc tiled wide, folded-norm rstd", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
           "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "GHALF": True, "RSTD": True}, 4, ()),
