@@ -398,12 +398,6 @@ if HAS_TRITON:
     @triton.jit
     def _mma_acc(acc_a, acc_b, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM: tl.constexpr):
         da, db, d1 = _mma_word(wa, wb, x0, x1, x2, x3, ASM)
-        n: tl.constexpr = da.shape[0]
-        hw: tl.constexpr = da.shape[1]
-        if acc_a.shape[1] != hw:  # lean [rows, lanes] accumulators: each thread's 4 words of a row summed first
-            da = tl.sum(tl.reshape(da, [n, hw // 4, 4]), axis=2)
-            db = tl.sum(tl.reshape(db, [n, hw // 4, 4]), axis=2)
-            d1 = tl.sum(tl.reshape(d1, [n, hw // 4, 4]), axis=2)
         sa = sa.to(tl.float32)[:, None]
         sb = sb.to(tl.float32)[:, None]
         acc_a = acc_a + sa * da + (ma.to(tl.float32)[:, None] - 128.0 * sa) * d1
@@ -427,8 +421,7 @@ if HAS_TRITON:
                      ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TR: tl.constexpr,
                      STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr, SPLITP: tl.constexpr,
                      rss_ptr, NSS, eps_r, RSTD: tl.constexpr, NSSP: tl.constexpr, FOLD: tl.constexpr,
-                     res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE: tl.constexpr, PW2: tl.constexpr,
-                     RING: tl.constexpr, LEAN: tl.constexpr, NGS: tl.constexpr):
+                     res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE: tl.constexpr, PW2: tl.constexpr):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
@@ -437,9 +430,7 @@ if HAS_TRITON:
         from the producer's row-block sums loaded beside x; FOLD (the producer, split-K only): the
         finished rows go to the residual stream by fold_store instead of y; FPRE: every program loads its
         row block's norm weight before the wait and residual rows after it (a few hundred bytes, L2), so
-        that the last program's tail after the split-K atomic does not wait for them.
-        RING > 0 (two tiles): the loop unrolled over RING register sets instead of the hand prefetch (see
-        _q4_ring_loop)."""
+        that the last program's tail after the split-K atomic does not wait for them."""
         HW: tl.constexpr = G // 8
         HALF: tl.constexpr = BN // 2
         pid_k = tl.program_id(0)
@@ -457,184 +448,12 @@ if HAS_TRITON:
         mask_a = rows_a < NR
         QUAD: tl.constexpr = GATED and not GHALF  # four tiles per group
         hw = tl.arange(0, HW)
-        ga = tl.zeros([HALF, HW // 4 if LEAN else HW], dtype=tl.float32)
-        gb = tl.zeros([HALF, HW // 4 if LEAN else HW], dtype=tl.float32)
-        ua = tl.zeros([HALF, HW // 4 if LEAN else HW], dtype=tl.float32)
-        ub = tl.zeros([HALF, HW // 4 if LEAN else HW], dtype=tl.float32)
+        ga = tl.zeros([HALF, HW], dtype=tl.float32)
+        gb = tl.zeros([HALF, HW], dtype=tl.float32)
+        ua = tl.zeros([HALF, HW], dtype=tl.float32)
+        ub = tl.zeros([HALF, HW], dtype=tl.float32)
         g_begin = pid_k * GPS
         g_end = tl.minimum(g_begin + GPS, NGR)
-        PRE: tl.constexpr = FPRE and FOLD > 0 and SPLIT_K and not GATED  # see _wait_and_norm
-        if NGS:
-            ga, gb, rstd, r_pre, w_pre = _q4_static_loop(x_ptr, qw_ptr, s_ptr, m_ptr, ga, gb, rows_a, OFFB, LB, NR,
-                                                         NGR, G, HW, TR, NGS, g_begin, g_end, hw, USE_PDL, ASM, RSTD,
-                                                         rss_ptr, NSS, eps_r, NSSP, FPRE, FOLD, SPLIT_K, GATED, pid_n,
-                                                         BN, res_ptr, fw_ptr)
-        elif RING:
-            ga, gb, rstd, r_pre, w_pre = _q4_ring_loop(x_ptr, qw_ptr, s_ptr, m_ptr, ga, gb, rows_a, OFFB, LB, NR, NGR,
-                                                       G, HW, TR, RING, g_begin, g_end, hw, USE_PDL, ASM, RSTD,
-                                                       rss_ptr, NSS, eps_r, NSSP, FPRE, FOLD, SPLIT_K, GATED, pid_n,
-                                                       BN, res_ptr, fw_ptr)
-        else:
-            ga, gb, ua, ub, rstd, r_pre, w_pre = _q4_hand_loop(
-                x_ptr, qw_ptr, s_ptr, m_ptr, ga, gb, ua, ub, rows_a, OFFB, LB, NR, NGR, G, HALF, HW, TR, QUAD,
-                PREFETCH, PF2, PW2, STAGES, g_begin, g_end, hw, USE_PDL, ASM, RSTD, rss_ptr, NSS, eps_r, NSSP,
-                FPRE, FOLD, SPLIT_K, GATED, pid_n, BN, res_ptr, fw_ptr)
-        sc = 0.25  # the MMA gives every lane of a row the row's sum: four copies
-        if not SPLIT_K:
-            sc = sc * rstd  # split-K scales the finished sums instead (the partials stay unscaled)
-        if GATED and GHALF:  # tile A: gate rows, tile B: their up rows
-            emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * sc, tl.sum(gb, 1) * sc, 0, pid_k, rows_a, mask_a, NR,
-                      stride_y, 1, SPLIT_K, GATED)
-            if SPLIT_K:
-                rn = pid_n * HALF + tl.arange(0, HALF)
-                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, HALF, SPLIT, GATED,
-                              SPLITP, rstd)
-        else:
-            emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * sc, tl.sum(ua, 1) * sc, 0, pid_k, rows_a, mask_a, NR,
-                      stride_y, 1, SPLIT_K, GATED)
-            emit_rows(y_ptr, part_ptr, tl.sum(gb, 1) * sc, tl.sum(ub, 1) * sc, 0, pid_k, rows_a + HALF,
-                      mask_b, NR, stride_y, 1, SPLIT_K, GATED)
-            if SPLIT_K:
-                rn = pid_n * BN + tl.arange(0, BN)
-                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT, GATED,
-                              SPLITP, rstd, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, r_pre, w_pre, PRE)
-
-    @triton.jit
-    def _wait_and_norm(USE_PDL: tl.constexpr, RSTD: tl.constexpr, rss_ptr, NSS, eps_r, NSSP: tl.constexpr, NGR,
-                       G: tl.constexpr, FPRE: tl.constexpr, FOLD: tl.constexpr, SPLIT_K: tl.constexpr,
-                       GATED: tl.constexpr, pid_n, BN: tl.constexpr, NR, res_ptr, fw_ptr):
-        """The PDL wait with what a folded norm needs around it: (rstd of the consumer, the producer's
-        preloaded residual and norm weight rows)."""
-        PRE: tl.constexpr = FPRE and FOLD > 0 and SPLIT_K and not GATED
-        r_pre = 0.0
-        w_pre = 0.0
-        if PRE:
-            rn_f = pid_n * BN + tl.arange(0, BN)
-            if FOLD == 2:
-                w_pre = tl.load(fw_ptr + rn_f, mask=rn_f < NR, other=0)
-        pdl_wait(USE_PDL)
-        if PRE:
-            r_pre = tl.load(res_ptr + rn_f, mask=rn_f < NR, other=0)
-        rstd = 1.0
-        if RSTD:
-            jss = tl.arange(0, NSSP)
-            tot = tl.sum(tl.load(rss_ptr + jss, mask=jss < NSS, other=0.0), axis=0)
-            rstd = 1.0 / tl.sqrt(tot / (NGR * G) + eps_r)
-        return rstd, r_pre, w_pre
-
-    @triton.jit
-    def _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g, g_end, HW: tl.constexpr, TR: tl.constexpr):
-        """Group g's words and (scale, min) of both tiles; scales and mins zero past the split's end (g >= g_end)
-        and for rows past the matrix. The loads take no masks (rows and groups are clamped into the
-        matrix instead): a masked load first sets its registers to the fill value, which ties them down."""
-        ok = g < g_end
-        gg = tl.minimum(g, g_end - 1)
-        ra = tl.minimum(rows_a, NR - 1)
-        rb = tl.minimum(rows_a + OFFB, NR + LB - 1)
-        mw = tl.arange(0, HW)[None, :]
-        if TR:
-            wg = TR * HW
-            sg = TR
-        else:
-            wg = HW
-            sg = 1
-        wo_a, so_a = _row_offsets(ra, NGR, HW, TR)
-        wo_b, so_b = _row_offsets(rb, NGR, HW, TR)
-        wa = tl.load(qw_ptr + wo_a[:, None] + gg * wg + mw)
-        wb = tl.load(qw_ptr + wo_b[:, None] + gg * wg + mw)
-        oka = ok & (rows_a < NR)
-        okb = ok & (rows_a + OFFB < NR + LB)
-        sa = tl.where(oka, tl.load(s_ptr + so_a + gg * sg), 0.0)
-        ma = tl.where(oka, tl.load(m_ptr + so_a + gg * sg), 0.0)
-        sb = tl.where(okb, tl.load(s_ptr + so_b + gg * sg), 0.0)
-        mb = tl.where(okb, tl.load(m_ptr + so_b + gg * sg), 0.0)
-        return wa, wb, sa, ma, sb, mb
-
-    @triton.jit
-    def _ring_x(x_ptr, g, g_end, hw, ASM: tl.constexpr, G: tl.constexpr):
-        """Group g's x as MMA operands (a group past the split's end reads the last one: its weights are 0)."""
-        xa, xc, xd, xe = _x_words(x_ptr, tl.minimum(g, g_end - 1), hw, G)
-        return xa, xc, xd, xe
-
-    @triton.jit
-    def _ring_acc(ga, gb, w, x, ASM: tl.constexpr):
-        wa, wb, sa, ma, sb, mb = w
-        xa, xc, xd, xe = x
-        x0, x1, x2, x3 = _x_pairs(xa, xc, xd, xe, ASM)
-        return _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
-
-    @triton.jit
-    def _q4_static_loop(x_ptr, qw_ptr, s_ptr, m_ptr, ga, gb, rows_a, OFFB, LB, NR, NGR, G: tl.constexpr,
-                        HW: tl.constexpr, TR: tl.constexpr, NG: tl.constexpr, g_begin, g_end, hw,
-                        USE_PDL: tl.constexpr, ASM: tl.constexpr, RSTD: tl.constexpr, rss_ptr, NSS, eps_r,
-                        NSSP: tl.constexpr, FPRE: tl.constexpr, FOLD: tl.constexpr, SPLIT_K: tl.constexpr,
-                        GATED: tl.constexpr, pid_n, BN: tl.constexpr, res_ptr, fw_ptr):
-        """Two tiles, the program's NG groups (its split; a compile-time count) unrolled into straight-line
-        code, so ptxas issues each group's loads as early as registers allow instead of at the end of a
-        loop body (a load whose use lies across a loop's back edge is scheduled last). The first two groups
-        load before the PDL wait."""
-        w0 = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g_begin, g_end, HW, TR)
-        w1 = w0
-        if NG > 1:
-            w1 = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g_begin + 1, g_end, HW, TR)
-        rstd, r_pre, w_pre = _wait_and_norm(USE_PDL, RSTD, rss_ptr, NSS, eps_r, NSSP, NGR, G, FPRE, FOLD, SPLIT_K,
-                                            GATED, pid_n, BN, NR, res_ptr, fw_ptr)
-        for i in tl.static_range(NG):
-            if i == 0:
-                w = w0
-            elif i == 1:
-                w = w1
-            else:
-                w = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g_begin + i, g_end, HW, TR)
-            x = _ring_x(x_ptr, g_begin + i, g_end, hw, ASM, G)
-            ga, gb = _ring_acc(ga, gb, w, x, ASM)
-        return ga, gb, rstd, r_pre, w_pre
-
-    @triton.jit
-    def _q4_ring_loop(x_ptr, qw_ptr, s_ptr, m_ptr, ga, gb, rows_a, OFFB, LB, NR, NGR, G: tl.constexpr,
-                      HW: tl.constexpr, TR: tl.constexpr, RING: tl.constexpr, g_begin, g_end, hw,
-                      USE_PDL: tl.constexpr, ASM: tl.constexpr, RSTD: tl.constexpr, rss_ptr, NSS, eps_r,
-                      NSSP: tl.constexpr, FPRE: tl.constexpr, FOLD: tl.constexpr, SPLIT_K: tl.constexpr,
-                      GATED: tl.constexpr, pid_n, BN: tl.constexpr, res_ptr, fw_ptr):
-        """Two tiles, RING (2 or 3) sets of group registers used in turn: the loop is unrolled RING times,
-        and each set is reloaded (RING groups ahead) right after its math, so the loads of the other
-        sets stay in flight during that math. (A loop-carried prefetch lets ptxas give the next group's
-        loads the current group's registers, which puts them after the math.) The first RING groups load
-        before the PDL wait."""
-        wA = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g_begin, g_end, HW, TR)
-        wB = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g_begin + 1, g_end, HW, TR)
-        wC = wB
-        if RING == 3:
-            wC = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g_begin + 2, g_end, HW, TR)
-        rstd, r_pre, w_pre = _wait_and_norm(USE_PDL, RSTD, rss_ptr, NSS, eps_r, NSSP, NGR, G, FPRE, FOLD, SPLIT_K,
-                                            GATED, pid_n, BN, NR, res_ptr, fw_ptr)
-        xA = _ring_x(x_ptr, g_begin, g_end, hw, ASM, G)
-        xB = _ring_x(x_ptr, g_begin + 1, g_end, hw, ASM, G)
-        xC = xB
-        if RING == 3:
-            xC = _ring_x(x_ptr, g_begin + 2, g_end, hw, ASM, G)
-        for g in range(g_begin, g_end, RING):
-            ga, gb = _ring_acc(ga, gb, wA, xA, ASM)
-            wA = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g + RING, g_end, HW, TR)
-            xA = _ring_x(x_ptr, g + RING, g_end, hw, ASM, G)
-            ga, gb = _ring_acc(ga, gb, wB, xB, ASM)
-            wB = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g + 1 + RING, g_end, HW, TR)
-            xB = _ring_x(x_ptr, g + 1 + RING, g_end, hw, ASM, G)
-            if RING == 3:
-                ga, gb = _ring_acc(ga, gb, wC, xC, ASM)
-                wC = _ring_w(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, LB, NR, NGR, g + 2 + RING, g_end, HW, TR)
-                xC = _ring_x(x_ptr, g + 2 + RING, g_end, hw, ASM, G)
-        return ga, gb, rstd, r_pre, w_pre
-
-    @triton.jit
-    def _q4_hand_loop(x_ptr, qw_ptr, s_ptr, m_ptr, ga, gb, ua, ub, rows_a, OFFB, LB, NR, NGR, G: tl.constexpr,
-                      HALF: tl.constexpr, HW: tl.constexpr, TR: tl.constexpr, QUAD: tl.constexpr,
-                      PREFETCH: tl.constexpr, PF2: tl.constexpr, PW2: tl.constexpr, STAGES: tl.constexpr, g_begin,
-                      g_end, hw, USE_PDL: tl.constexpr, ASM: tl.constexpr, RSTD: tl.constexpr, rss_ptr, NSS, eps_r,
-                      NSSP: tl.constexpr, FPRE: tl.constexpr, FOLD: tl.constexpr, SPLIT_K: tl.constexpr,
-                      GATED: tl.constexpr, pid_n, BN: tl.constexpr, res_ptr, fw_ptr):
-        """The groups g_begin..g_end through registers: the hand prefetch one (or PF2: two) groups ahead, or
-        (PREFETCH off) Triton's pipelined loop STAGES deep."""
         # PREFETCH: group g+1's words, scales and x are loaded before group g's math (two groups of
         # loads in flight per warp); the loads past the split's end are masked off (limit 0)
         lim = tl.where(g_begin < g_end, NR, 0)
@@ -653,8 +472,21 @@ if HAS_TRITON:
             p_wa, p_wb, p_sa, p_ma, p_sb, p_mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
         # weights and scales are written by no kernel: loaded before waiting for the previous kernel
         # (programmatic dependent launch), x and the workspaces after
-        rstd, r_pre, w_pre = _wait_and_norm(USE_PDL, RSTD, rss_ptr, NSS, eps_r, NSSP, NGR, G, FPRE, FOLD, SPLIT_K,
-                                            GATED, pid_n, BN, NR, res_ptr, fw_ptr)
+        PRE: tl.constexpr = FPRE and FOLD > 0 and SPLIT_K and not GATED
+        r_pre = 0.0
+        w_pre = 0.0
+        if PRE:
+            rn_f = pid_n * BN + tl.arange(0, BN)
+            if FOLD == 2:
+                w_pre = tl.load(fw_ptr + rn_f, mask=rn_f < NR, other=0)
+        pdl_wait(USE_PDL)
+        if PRE:
+            r_pre = tl.load(res_ptr + rn_f, mask=rn_f < NR, other=0)
+        rstd = 1.0
+        if RSTD:
+            jss = tl.arange(0, NSSP)
+            tot = tl.sum(tl.load(rss_ptr + jss, mask=jss < NSS, other=0.0), axis=0)
+            rstd = 1.0 / tl.sqrt(tot / (NGR * G) + eps_r)
         n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g_begin, NGR - 1), hw, G)
         p_xa, p_xc, p_xd, p_xe = _x_words(x_ptr, tl.minimum(g_begin + 1, NGR - 1), hw, G)
         g_start = g_begin
@@ -701,7 +533,25 @@ if HAS_TRITON:
             ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
             if QUAD:  # the matching up-projection rows
                 ua, ub = _mma_acc(ua, ub, ua_w, ub_w, usa, uma, usb, umb, x0, x1, x2, x3, ASM)
-        return ga, gb, ua, ub, rstd, r_pre, w_pre
+        sc = 0.25  # the MMA gives every lane of a row the row's sum: four copies
+        if not SPLIT_K:
+            sc = sc * rstd  # split-K scales the finished sums instead (the partials stay unscaled)
+        if GATED and GHALF:  # tile A: gate rows, tile B: their up rows
+            emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * sc, tl.sum(gb, 1) * sc, 0, pid_k, rows_a, mask_a, NR,
+                      stride_y, 1, SPLIT_K, GATED)
+            if SPLIT_K:
+                rn = pid_n * HALF + tl.arange(0, HALF)
+                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, HALF, SPLIT, GATED,
+                              SPLITP, rstd)
+        else:
+            emit_rows(y_ptr, part_ptr, tl.sum(ga, 1) * sc, tl.sum(ua, 1) * sc, 0, pid_k, rows_a, mask_a, NR,
+                      stride_y, 1, SPLIT_K, GATED)
+            emit_rows(y_ptr, part_ptr, tl.sum(gb, 1) * sc, tl.sum(ub, 1) * sc, 0, pid_k, rows_a + HALF,
+                      mask_b, NR, stride_y, 1, SPLIT_K, GATED)
+            if SPLIT_K:
+                rn = pid_n * BN + tl.arange(0, BN)
+                splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT, GATED,
+                              SPLITP, rstd, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, r_pre, w_pre, PRE)
 
     @triton.jit
     def _q4_group(acc, w, s, m, x_row, gx, mcol, magic, G: tl.constexpr, X_BF16: tl.constexpr,
@@ -796,16 +646,12 @@ if HAS_TRITON:
         FOLD: tl.constexpr = 0, res_ptr=None, fw_ptr=None, xt_ptr=None, ss_ptr=None,  # folded norm, producer
         FPRE: tl.constexpr = False,  # producer: residual and weight rows loaded at the start (FOLD_PRELOAD)
         PW2: tl.constexpr = False,  # the second group's weights also before the PDL wait (PREWAIT_TWO)
-        RING: tl.constexpr = 0,  # > 0: the tensor-core loop over RING register sets (RING_SETS)
-        LEAN: tl.constexpr = False,  # tensor-core accumulators of one value per row and lane (LEAN_ACC)
-        NGS: tl.constexpr = 0,  # > 0: the tensor-core loop unrolled over NGS = GPS groups (STATIC_GROUPS)
     ):
         pdl_launch_dependents(USE_PDL)
         if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                          G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP,
-                         rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE, PW2,
-                         RING, LEAN, NGS)
+                         rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE, PW2)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -915,15 +761,6 @@ PREWAIT_TWO = True
 # a folded norm's producer loads its row block's residual and norm weight at its start instead of in the
 # last program's tail (after the split-K atomic)
 FOLD_PRELOAD = True
-# > 0: the two-tile tensor-core loop runs over this many sets of group registers, unrolled (_q4_ring_loop),
-# instead of the loop-carried hand prefetch
-RING_SETS = 0
-# the tensor-core path accumulates one value per row and lane (a thread's 4 words of a row summed in registers
-# each group) instead of one per word: 8 instead of 32 accumulator registers per thread
-LEAN_ACC = False
-# the two-tile tensor-core loop unrolled over the split's groups (a compile-time count: one build per
-# split length) when a split has at most this many groups; 0: off
-STATIC_GROUPS = 0
 
 
 def _wide_launch(gated: bool) -> tuple[int, int, float]:
@@ -1045,12 +882,6 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         extra.update(FOLD=1 if fw is None else 2, res_ptr=res, fw_ptr=fw, xt_ptr=xt, ss_ptr=ss_out,
                      FPRE=FOLD_PRELOAD)
         out = (out, xt, ss_out)
-    if RING_SETS and use_mma and pf and not pf2 and (ghalf or not gated):
-        extra.update(RING=int(RING_SETS))
-    if LEAN_ACC and use_mma:
-        extra.update(LEAN=True)
-    if STATIC_GROUPS and use_mma and pf and not pf2 and (ghalf or not gated) and gps <= STATIC_GROUPS:
-        extra.update(NGS=gps)
     _q4_gemv_kernel[(split_k, n_blocks)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,

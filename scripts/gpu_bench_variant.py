@@ -24,9 +24,7 @@ norms as their own launches instead of folded into the q4 GEMVs around them (Dec
 "-nopw2": the q4 tensor-core GEMV loads only its first group before the PDL wait (PREWAIT_TWO off);
 "-nonf4": nf4 projections through NF4Linear's dequantize + matmul instead of the fused nf4 GEMV;
 "-rpw32": wide tensor-core programs of 32 rows per warp (gemv_q4.WIDE_ROWS_PER_WARP; default 64), e.g. with
-wide3 (three programs per SM) and pf2 (the hand prefetch two groups ahead); "-ringN" / "-staticN" (last):
-the q4 tensor-core loop over N register sets (gemv_q4.RING_SETS) / unrolled over splits of at most N groups
-(STATIC_GROUPS), before them "-lean" (one accumulator per row and lane, LEAN_ACC); "-gdnBwW" (last): the GDN step with
+wide3 (three programs per SM) and pf2 (the hand prefetch two groups ahead); "-gdnBwW" (last): the GDN step with
 B state columns per program and W warps (e.g. -gdn32w4).
 """
 
@@ -50,14 +48,6 @@ def main() -> int:
 
     import olmo_local.model as mdl
 
-    for knob, attr in (("ring", "RING_SETS"), ("static", "STATIC_GROUPS")):
-        m_k = re.search(rf"-{knob}(\d+)$", variant)
-        if m_k:  # the q4 tensor-core loop over N register sets / unrolled over splits of <= N groups
-            setattr(k4, attr, int(m_k.group(1)))
-            variant = variant[: m_k.start()]
-    if variant.endswith("-lean"):  # one q4 tensor-core accumulator per row and lane (gemv_q4.LEAN_ACC)
-        k4.LEAN_ACC = True
-        variant = variant[: -len("-lean")]
     m_gdn = re.search(r"-gdn(\d+)w(\d+)$", variant)
     if m_gdn:  # the GDN step's state columns per program and warps (gdn_decode.BLOCK_V, NUM_WARPS)
         kg = importlib.import_module("olmo_local.kernels.gdn_decode")

@@ -44,7 +44,6 @@ for s in $steps; do
              for v in ${NF4AB:-default default-nonf4}; do
                timeout 200 python3 scripts/gpu_bench_variant.py $v --synthetic 7b --format nf4 -r 1 -n 64 --depth none -q 2>&1 | tee "$OUT/nf4ab_$v.log" | grep -E "tg64|pp512|ttft|^load" | sed "s/^/$v /" | cut -c1-170
              done ;;
-    q4modes) timeout 200 python3 scripts/gpu_q4_modes_check.py 2>&1 | tee "$OUT/q4modes.log" | tail -14 ;;
     nf4probe) timeout 200 python3 scripts/gpu_nf4_probe.py 2>&1 | tee "$OUT/nf4probe.log" | tail -24 ;;
     head)    timeout 200 python3 scripts/gpu_head_probe.py 2>&1 | tee "$OUT/head.log" | tail -9 ;;
     gps)     timeout 200 python3 scripts/gpu_gps_probe.py 2>&1 | tee "$OUT/gps.log" | tail -12 ;;

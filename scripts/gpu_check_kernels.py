@@ -516,8 +516,7 @@ def aot_report() -> int:
         if "TR" in names and "TR" not in consts:
             consts = {**consts, "TR": 0}  # the standard q4 layout
         for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("AB_ONCE", False), ("EARLY", True),
-                              ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False), ("FPRE", False), ("PW2", False), ("RING", 0), ("LEAN", False),
-                              ("NGS", 0)):
+                              ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False), ("FPRE", False), ("PW2", False)):
             if knob in names and knob not in consts:
                 consts = {**consts, knob: default}
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
@@ -623,12 +622,6 @@ def aot_report() -> int:
          dict(tcw, BN=256, GATED=False, PW2=True, FOLD=2, FPRE=True), 4, ()),
         ("q4 gate|up tc tiled wide, two before the wait, rstd", kq4._q4_gemv_kernel, q4_types,
          dict(tcw, BN=256, GATED=True, GHALF=True, PW2=True, RSTD=True), 4, ()),
-        ("q4 tc tiled wide, lean, unrolled 6 groups, producer", kq4._q4_gemv_kernel, q4_types,
-         dict(tcw, BN=256, GATED=False, LEAN=True, NGS=6, FOLD=2, FPRE=True), 4, ()),
-        ("q4 gate|up tc tiled wide, lean, unrolled 10, rstd", kq4._q4_gemv_kernel, q4_types,
-         dict(tcw, BN=256, GATED=True, GHALF=True, LEAN=True, NGS=10, RSTD=True), 4, ()),
-        ("q4 tc tiled wide, lean accumulators, two before the wait", kq4._q4_gemv_kernel, q4_types,
-         dict(tcw, BN=256, GATED=False, LEAN=True, PW2=True), 4, ()),
         ("q4 gate|up tc tiled wide, folded-norm rstd", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
           "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "GHALF": True, "RSTD": True}, 4, ()),
