@@ -175,6 +175,7 @@ if HAS_TRITON:
         u_ptr=None, wab_ptr=None, D=0, FUSED_AB: tl.constexpr = False, BU: tl.constexpr = 512,
         AB_ONCE: tl.constexpr = False,
         rss_ptr=None, NSS=0, eps_r=0.0, AB_RSTD: tl.constexpr = False, NSSP: tl.constexpr = 1,
+        stride_sk=0, stride_sv=1,  # the state's strides along dk and dv (a head's block is DK * DV)
     ):
         pdl_launch_dependents(USE_PDL)
         h = tl.program_id(0)
@@ -191,7 +192,7 @@ if HAS_TRITON:
         # what no earlier kernel of this step writes (the recurrent and conv states, written by this
         # kernel one token ago, and the weights) is loaded before waiting for the previous kernel
         # (programmatic dependent launch): the state slice streams in during the in-projection's tail
-        soff = h * DK * DV + dk[:, None] * DV + dvi[None, :]
+        soff = h * DK * DV + dk[:, None] * stride_sk + dvi[None, :] * stride_sv
         smask = mk[:, None] & mv[None, :]
         st = tl.load(s_ptr + soff, mask=smask, other=0.0)
         old_q, nxt_q = _conv_old(cs_ptr, qch, mk, jj, KC)
@@ -325,8 +326,10 @@ def gdn_decode_step_triton(
         if ab_rstd is not None:
             raise ValueError("ab_rstd scales the fused a|b projection: give ab_from too")
         fused = {}
-    if rec_state.dtype != torch.float32 or not rec_state.is_contiguous():
-        raise ValueError("rec_state must be a contiguous fp32 [Hv, dk, dv] tensor")
+    if (rec_state.dtype != torch.float32 or rec_state.stride(0) != dk * dv
+            or rec_state.stride()[1:] not in ((dv, 1), (1, dk))):
+        raise ValueError("rec_state must be an fp32 [Hv, dk, dv] tensor, contiguous or with dk and dv swapped "
+                         "in memory ([Hv, dv, dk] transposed)")
     if not conv_state.is_contiguous() or tuple(conv_state.shape) != (conv_dim, kconv - 1):
         raise ValueError(f"conv_state must be a contiguous [{conv_dim}, {kconv - 1}] tensor")
     if kconv < 2:
@@ -349,7 +352,8 @@ def gdn_decode_step_triton(
         hk, dk, dv, hv // hk, nvb,
         float(dk) ** -0.5,
         KC=kconv, KP=next_pow2(kconv), BK=next_pow2(dk), BV=bv, BDV=next_pow2(dv),
-        NEG=bool(allow_neg_eigval), USE_PDL=pdl, **fused,
+        NEG=bool(allow_neg_eigval), USE_PDL=pdl, stride_sk=rec_state.stride(1), stride_sv=rec_state.stride(2),
+        **fused,
         num_warps=num_warps, **pdl_kwargs(pdl),
     )
     return out

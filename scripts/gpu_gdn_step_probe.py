@@ -43,20 +43,29 @@ def main() -> None:
 
     def step(**kw):
         fused = kw.pop("fused", True)
+        st = kw.pop("state", rs)
         if fused:
-            kg.gdn_decode_step_triton(qkv, z, None, None, cw, cs, a_log, dtb, nw, rs, True, out,
+            kg.gdn_decode_step_triton(qkv, z, None, None, cw, cs, a_log, dtb, nw, st, True, out,
                                       ab_from=(u.view(-1), w_ab), **kw)
         else:
-            kg.gdn_decode_step_triton(qkv, z, ab[:HV], ab[HV:], cw, cs, a_log, dtb, nw, rs, True, out, **kw)
+            kg.gdn_decode_step_triton(qkv, z, ab[:HV], ab[HV:], cw, cs, a_log, dtb, nw, st, True, out, **kw)
 
     n = 20
     base = timed(gemv, n) / n
     print(f"{torch.cuda.get_device_name()}: in-projection alone {base:.2f} us")
     print(f"{'variant':<40}{'after GEMV us':>14}{'chained us':>12}")
-    variants = [("ab once, bv64 w8", dict()), ("ab loop, bv64 w8", dict(ab_once_max=0)),
-                ("ab given, bv64 w8", dict(fused=False)), ("ab once, bv32 w4", dict(block_v=32, num_warps=4)),
-                ("ab once, bv64 w4", dict(num_warps=4)), ("ab once, bv32 w8", dict(block_v=32)),
-                ("ab once, bv16 w4", dict(block_v=16, num_warps=4)), ("ab once, bv64 w8", dict())]
+    rs_t = rs.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, dk contiguous in memory
+    variants = [("ab once, bv64 w8", dict()), ("ab given, bv64 w8", dict(fused=False)),
+                ("ab given, bv16 w1", dict(fused=False, block_v=16, num_warps=1)),
+                ("ab given, bv16 w2", dict(fused=False, block_v=16, num_warps=2)),
+                ("ab given, bv32 w2", dict(fused=False, block_v=32, num_warps=2)),
+                ("ab given, bv32 w4", dict(fused=False, block_v=32, num_warps=4)),
+                ("ab loop, bv16 w1", dict(ab_once_max=0, block_v=16, num_warps=1)),
+                ("ab loop, bv16 w2", dict(ab_once_max=0, block_v=16, num_warps=2)),
+                ("ab once, bv64 w8, state dk-major", dict(state=rs_t)),
+                ("ab given, bv16 w1, state dk-major", dict(fused=False, block_v=16, num_warps=1, state=rs_t)),
+                ("ab given, bv16 w2, state dk-major", dict(fused=False, block_v=16, num_warps=2, state=rs_t)),
+                ("ab once, bv64 w8", dict())]
     for name, kw in variants:
         pair = timed(lambda: (gemv(), step(**dict(kw))), n) / n
         alone = timed(lambda: step(**dict(kw)), n) / n

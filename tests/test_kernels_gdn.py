@@ -123,6 +123,28 @@ def test_gdn_step_triton(hk, hv, dk, dv, kconv, block_v, dtype, neg):
     assert all(bool((b == 0).all()) for key, b in _triton._WORKSPACES.items() if key[0] == "gdn_cnt")
 
 
+@pytest.mark.parametrize("block_v,warps", [(16, 1), (8, 2), (64, 8)])
+def test_gdn_step_triton_with_the_state_dk_major(block_v, warps):
+    """The recurrent state stored with dk contiguous ([Hv, dv, dk] in memory, seen as its [Hv, dk, dv]
+    transpose) gives the same step as the contiguous state, updated in place in its own layout; with
+    one, two and eight warps per program."""
+    hk, hv, dk, dv = 2, 2, 96, 40
+    gen = torch.Generator().manual_seed(block_v + warps)
+    inp = make_inputs(hk, hv, dk, dv, 4, torch.float32, gen)
+    ref_in, ker_in = clone(inp), clone(inp)
+    ker_in["rec_state"] = inp["rec_state"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert ker_in["rec_state"].stride()[1:] == (1, dk)
+    for _step in range(2):
+        y_ref = call(kg.gdn_decode_step_ref, ref_in, True)
+        y = call(kg.gdn_decode_step_triton, ker_in, True, block_v=block_v, num_warps=warps)
+        assert relerr(y, y_ref) < 1e-5
+        assert relerr(ker_in["rec_state"], ref_in["rec_state"]) < 1e-5
+        assert torch.equal(ker_in["conv_state"], ref_in["conv_state"])
+    assert ker_in["rec_state"].stride()[1:] == (1, dk)
+    with pytest.raises(ValueError, match="rec_state"):
+        call(kg.gdn_decode_step_triton, clone(inp) | {"rec_state": torch.zeros(hv, dk, 2 * dv)[:, :, :dv]}, True)
+
+
 def test_gdn_step_slices_of_one_projection():
     """qkv, z, a, b as views into one projection row, conv weight in Conv1d layout [C, 1, K]."""
     hk, hv, dk, dv = 2, 2, 12, 20
