@@ -46,6 +46,11 @@ AB_ONCE_MAX_D = 8192
 # for 32 x 4 timed alone; in the step, fewer registers per program let the next GEMV's programs in sooner)
 BLOCK_V = 64
 NUM_WARPS = 8
+# with a and b given (no fused a|b projection) and the state stored dk-major: one warp per 16 state columns,
+# so the sums over dk are shuffles (H200, after the 7B in-projection: 6.2 us against 7.1 for 64 x 8 with the
+# fused a|b; scripts/gpu_gdn_step_probe.py)
+SMALL_BLOCK_V = 16
+SMALL_WARPS = 1
 
 
 def _shapes(qkv, A_log, rec_state, conv_weight):
@@ -305,8 +310,8 @@ def gdn_decode_step_triton(
     num_warps: int | None = None,
     ab_once_max: int | None = None,
 ) -> torch.Tensor:
-    """Triton version of gdn_decode_step_ref (block_v: state columns per program, default BLOCK_V; num_warps:
-    default NUM_WARPS)."""
+    """Triton version of gdn_decode_step_ref (block_v: state columns per program; num_warps: by default
+    SMALL_BLOCK_V x SMALL_WARPS with a, b given and a dk-major state, else BLOCK_V x NUM_WARPS)."""
     hk, hv, dk, dv, conv_dim, kconv = _shapes(qkv, A_log, rec_state, conv_weight)
     if ab_from is not None:
         u, w_ab = ab_from
@@ -338,8 +343,9 @@ def gdn_decode_step_triton(
         out = torch.empty(hv * dv, dtype=z.dtype, device=z.device)
     elif not out.is_contiguous() or out.numel() != hv * dv:
         raise ValueError(f"out must be contiguous with {hv * dv} elements")
-    block_v = BLOCK_V if block_v is None else block_v
-    num_warps = NUM_WARPS if num_warps is None else num_warps
+    small = ab_from is None and rec_state.stride()[1:] == (1, dk)
+    block_v = (SMALL_BLOCK_V if small else BLOCK_V) if block_v is None else block_v
+    num_warps = (SMALL_WARPS if small else NUM_WARPS) if num_warps is None else num_warps
     bv = min(block_v, next_pow2(dv))
     nvb = cdiv(dv, bv)
     ows = workspace("gdn_o", (hv * dv,), torch.float32, z.device)

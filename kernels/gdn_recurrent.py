@@ -67,7 +67,8 @@ if HAS_TRITON:
     def _gdn_recurrent_kernel(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, s_ptr, o_ptr,
                               T, HV, REP, DK, DV,
                               sa_b, sa_t, sb_b, sb_t, beta_scale,
-                              BK: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr):
+                              BK: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
+                              stride_sk=0, stride_sv=1):
         pid_bh = tl.program_id(0)
         pid_v = tl.program_id(1)
         bi = (pid_bh // HV).to(tl.int64)  # int64 offsets: [B, H, T, d] tensors of long prompts
@@ -79,7 +80,7 @@ if HAS_TRITON:
         mk = i < DK
         mv = j < DV
         # state slice S[i, j] held transposed as st[j, i]
-        s_off = (pid_bh.to(tl.int64) * DK + i[None, :]) * DV + j[:, None]
+        s_off = pid_bh.to(tl.int64) * DK * DV + i[None, :] * stride_sk + j[:, None] * stride_sv
         sm = mv[:, None] & mk[None, :]
         if HAS_STATE:
             st = tl.load(s_ptr + s_off, mask=sm, other=0.0)
@@ -123,8 +124,10 @@ def gdn_recurrent_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if a.shape != (B, T, hv) or b.shape != (B, T, hv) or a.stride(-1) != 1 or b.stride(-1) != 1:
         raise ValueError(f"a, b must be [B, T, Hv] with a unit last stride, got {tuple(a.shape)}, {tuple(b.shape)}")
     if state is not None and (state.dtype != torch.float32 or state.shape != (B, hv, dk, dv)
-                              or not state.is_contiguous()):
-        raise ValueError("the recurrent state must be contiguous fp32 [B, Hv, dk, dv]")
+                              or state.stride()[:2] != (hv * dk * dv, dk * dv)
+                              or state.stride()[2:] not in ((dv, 1), (1, dk))):
+        raise ValueError("the recurrent state must be fp32 [B, Hv, dk, dv], contiguous or dk-major "
+                         "(dk and dv swapped in memory)")
     q, k, v = (x.float().contiguous() for x in (q, k, v))
     o = torch.empty(B, hv, T, dv, dtype=torch.float32, device=q.device)
     if T == 0:
@@ -139,6 +142,7 @@ def gdn_recurrent_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         T, hv, hv // hk, dk, dv,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), float(beta_scale),
         BK=bk, BV=bv, HAS_STATE=state is not None, num_warps=num_warps,
+        **({} if state is None else dict(stride_sk=state.stride(2), stride_sv=state.stride(3))),
     )
     return o
 

@@ -629,6 +629,30 @@ if HAS_TRITON:
                   stride_y, T, SPLIT_K, GATED)
 
     @triton.jit
+    def _dense_rows(x_ptr, wd_ptr, d_ptr, ND, NB, KW, SPLIT, USE_PDL: tl.constexpr, BKW: tl.constexpr,
+                    rss_ptr, NSS, eps_r, RSTD: tl.constexpr, NSSP: tl.constexpr, K):
+        """One dense bf16 row of the same x per program (d[e] = x . Wd[e] in fp32, times a folded norm's
+        rstd): rows e = (pid_n - NB) * SPLIT + pid_k < ND. The row's words load before the PDL wait."""
+        e = (tl.program_id(1) - NB) * SPLIT + tl.program_id(0)
+        if e < ND:
+            kw = tl.arange(0, BKW)
+            mk = kw < KW
+            w = tl.load(wd_ptr + e * KW + kw, mask=mk, other=0)
+            pdl_wait(USE_PDL)
+            xw = tl.load(x_ptr + kw, mask=mk, other=0)
+            # bf16 pairs: the low half's bits << 16 and the high half's bits are the fp32 values
+            w_lo = (w << 16).to(tl.float32, bitcast=True)
+            w_hi = (w & -65536).to(tl.float32, bitcast=True)
+            x_lo = (xw << 16).to(tl.float32, bitcast=True)
+            x_hi = (xw & -65536).to(tl.float32, bitcast=True)
+            acc = tl.sum(w_lo * x_lo + w_hi * x_hi, axis=0)
+            if RSTD:
+                jss = tl.arange(0, NSSP)
+                tot = tl.sum(tl.load(rss_ptr + jss, mask=jss < NSS, other=0.0), axis=0)
+                acc = acc / tl.sqrt(tot / K + eps_r)
+            tl.store(d_ptr + e, acc)
+
+    @triton.jit
     def _q4_gemv_kernel(
         x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr,
         NR,  # output rows (N, or I for the gated variant whose weight has 2*I rows)
@@ -646,9 +670,13 @@ if HAS_TRITON:
         FOLD: tl.constexpr = 0, res_ptr=None, fw_ptr=None, xt_ptr=None, ss_ptr=None,  # folded norm, producer
         FPRE: tl.constexpr = False,  # producer: residual and weight rows loaded at the start (FOLD_PRELOAD)
         PW2: tl.constexpr = False,  # the second group's weights also before the PDL wait (PREWAIT_TWO)
+        wd_ptr=None, d_ptr=None, ND=0, NB=0, DENSE: tl.constexpr = False, BKW: tl.constexpr = 1,  # dense rows
     ):
         pdl_launch_dependents(USE_PDL)
-        if MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
+        if DENSE and tl.program_id(1) >= NB:  # programs past the q4 row blocks: the dense bf16 rows
+            _dense_rows(x_ptr, wd_ptr, d_ptr, ND, NB, NGR * (G // 2), SPLIT, USE_PDL, BKW,
+                        rss_ptr, NSS, eps_r, RSTD, NSSP, NGR * G)
+        elif MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                          G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP,
                          rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE, PW2)
@@ -782,7 +810,7 @@ def _wide_split(n_blocks: int, iters: int, sms: int, per_sm: float) -> int:
 
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *, block_n=None, split_k=None,
                num_warps=None, num_stages=2, pairs=None, groups_per_iter=None, mma=None, prefetch=None, stages=None,
-               gate_halves=None, prefetch_depth=None, rstd=None, fold=None):
+               gate_halves=None, prefetch_depth=None, rstd=None, fold=None, dense=None):
     """The tuning knobs (keyword-only, shared by both public entry points): rows per program, K splits,
     warps, pipeline stages, bf16x2 math, groups per iteration, tensor cores, hand prefetch of the next
     group, Triton-pipelined group loop of the tensor-core path (stages), and for the gated tensor-core
@@ -882,7 +910,18 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         extra.update(FOLD=1 if fw is None else 2, res_ptr=res, fw_ptr=fw, xt_ptr=xt, ss_ptr=ss_out,
                      FPRE=FOLD_PRELOAD)
         out = (out, xt, ss_out)
-    _q4_gemv_kernel[(split_k, n_blocks)](
+    n_extra = 0
+    if dense is not None:  # (Wd [E, K] bf16, d [E] fp32): extra programs, one dense row each
+        wd, d_out = dense
+        if (not (x_bf16 and t == 1) or wd.dtype != torch.bfloat16 or wd.dim() != 2 or wd.shape[1] != k
+                or not wd.is_contiguous() or d_out.dtype != torch.float32 or d_out.numel() != wd.shape[0]
+                or not d_out.is_contiguous()):
+            raise ValueError("dense rows: one bf16 row of x, a contiguous bf16 [E, K] weight and an fp32 [E] "
+                             "output")
+        n_extra = cdiv(wd.shape[0], split_k)
+        extra.update(wd_ptr=wd.view(torch.int32), d_ptr=d_out, ND=wd.shape[0], NB=n_blocks, DENSE=True,
+                     BKW=next_pow2(k // 2))
+    _q4_gemv_kernel[(split_k, n_blocks + n_extra)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,
         T=t, G=g, BN=bn, SPLIT_K=split_k > 1, GATED=gated, X_BF16=x_bf16, ASM=x_bf16 and x2.is_cuda,
@@ -933,10 +972,20 @@ def q4_gemv(
     out: torch.Tensor | None = None,
     tiled: bool = False,
     rstd: tuple | None = None,
+    dense: tuple | None = None,
 ) -> torch.Tensor:
-    if use_triton(x) and _fits(x) and (rstd is None or _mma_fits(x, group_size)):
-        return q4_gemv_triton(x, qweight, scales, mins, group_size, out, tiled, rstd=rstd)
-    return q4_gemv_ref(x, qweight, scales, mins, group_size, out, tiled, rstd)
+    """y = x @ W.T for one to eight rows of x; rstd = (ss, eps): x is the x~ of a folded norm (see
+    q4_gemv_fold). dense = (Wd, d): also d = x @ Wd.T (times the folded norm's rstd) for a dense bf16 Wd
+    [E, K] into the fp32 [E] tensor d, in the same launch on the tensor-core path (the GDN a|b rows)."""
+    if use_triton(x) and _fits(x) and (rstd is None or _mma_fits(x, group_size)) and (
+            dense is None or _mma_fits(x, group_size)):
+        return q4_gemv_triton(x, qweight, scales, mins, group_size, out, tiled, rstd=rstd, dense=dense)
+    y = q4_gemv_ref(x, qweight, scales, mins, group_size, out, tiled, rstd)
+    if dense is not None:
+        wd, d_out = dense
+        dd = x.reshape(-1).float() @ wd.float().T
+        d_out.copy_(dd * _rstd(rstd, x.shape[-1]))
+    return y
 
 
 def q4_gemv_fold(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,

@@ -104,12 +104,18 @@ class DecodeStep:
     # an instance with a graph takes this class default, one without a graph (CPU) is off (nothing to
     # overlap) unless a test turns it on
     pipelined = True
+    # q4 models: a GDN layer's dense a|b projection runs as extra programs of the in-projection's launch (one
+    # bf16 row each) instead of inside the GDN step, whose programs then shrink to one warp per 16 state
+    # columns (with the state dk-major on CUDA)
+    ab_in_projection = True
 
     def __init__(self, model: OlmoHybridModel, state: DecodeState, use_graph: bool | None = None) -> None:
         self.model, self.state = model, state
         self.device = state.device
         self.token = torch.zeros(1, dtype=torch.long, device=self.device)
         self.length = torch.zeros(1, dtype=torch.int32, device=self.device)  # pos + 1, attention_prep writes it
+        hv = model.config.linear_num_value_heads
+        self.ab = torch.zeros(2 * hv, dtype=torch.float32, device=self.device)  # a|b of the layer in flight
         cfg = model.config
         self.inv_freq = None
         if cfg.rope_theta is not None:
@@ -200,8 +206,15 @@ class DecodeStep:
             # in-projection, the a|b projection in the GDN step) take x * w and scale by rstd
             x, u, ss = fold(*pending, x, L.in_norm.weight)
             rs = (ss, L.in_norm.eps)
+            dense = (w_ab, self.ab) if self.ab_in_projection else None
             qkvz = q4_gemv(u, L.qkvz.qweight, L.qkvz.scales, L.qkvz.mins, L.qkvz.group_size, tiled=L.qkvz.tiled,
-                           rstd=rs)
+                           rstd=rs, dense=dense)
+            if dense is not None:  # a|b (scaled by rstd) came with the in-projection
+                qkv, z = qkvz[0].split([L.conv_dim, L.value_dim])
+                y = gdn_decode_step(qkv, z, self.ab[: L.hv], self.ab[L.hv:], L.conv_w, st.conv_state[L.idx],
+                                    L.A_log, L.dt_bias, L.o_norm_w, st.rec_state[L.idx],
+                                    allow_neg_eigval=L.beta_scale == 2.0)
+                return self._gdn_out(L, x, y)
         else:
             if pending is not None:  # x += previous layer's MLP output, with this layer's input norm
                 u, x = linear_norm(*pending, x, "add_rmsnorm", L.in_norm.weight, L.in_norm.eps)
@@ -221,6 +234,10 @@ class DecodeStep:
             a, b = linear(L.ab, u)[0].split([L.hv, L.hv])
             y = gdn_decode_step(qkv, z, a, b, L.conv_w, st.conv_state[L.idx], L.A_log, L.dt_bias, L.o_norm_w,
                                 st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0)
+        return self._gdn_out(L, x, y)
+
+    def _gdn_out(self, L: GDNLayer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """The o projection and the MLP's gate|up of a GDN layer (its down projection is returned undone)."""
         if self._folds(L.o, L.mlp.gate_up):  # x += o; gate|up of rmsnorm(x) as rstd * gate|up(x * w)
             x, xt, ss = fold(L.o, y.view(1, -1), x, L.post_norm.weight)
             return x, (L.mlp.down, mlp_act(L.mlp, xt, rstd=(ss, L.post_norm.eps)))

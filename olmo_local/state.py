@@ -30,6 +30,10 @@ class Snapshot:
 
 
 class DecodeState:
+    # the recurrent state stored dk-major (see __init__): None on CUDA only (the default), True / False always /
+    # never (tests, A/B runs)
+    rec_dk_major: bool | None = None
+
     def __init__(self, config: OlmoHybridConfig, max_ctx: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, kv_cache: str = "bf16") -> None:
         if max_ctx <= 0:
@@ -49,8 +53,13 @@ class DecodeState:
         self.v_scale = torch.zeros(kv[:3], device=device, dtype=torch.float32) if self.kv_int8 else None
         self.conv_state = torch.zeros(nG, config.conv_dim, config.linear_conv_kernel_dim - 1,
                                       device=device, dtype=dtype)
-        self.rec_state = torch.zeros(nG, config.linear_num_value_heads, config.linear_key_head_dim,
-                                     config.linear_value_head_dim, device=device, dtype=torch.float32)
+        hv, dk, dv = config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim
+        if self.device.type == "cuda" if self.rec_dk_major is None else self.rec_dk_major:
+            # [.., dk, dv] as the transpose of a [.., dv, dk] tensor: the decode step's one-warp programs sum
+            # over dk with shuffles and load each state column contiguously (kernels/gdn_decode.py)
+            self.rec_state = torch.zeros(nG, hv, dv, dk, device=device, dtype=torch.float32).transpose(2, 3)
+        else:
+            self.rec_state = torch.zeros(nG, hv, dk, dv, device=device, dtype=torch.float32)
         self.pos = 0
         self.pos_t = torch.zeros(1, device=device, dtype=torch.int32)
         self.tokens: list[int] = []

@@ -516,7 +516,8 @@ def aot_report() -> int:
         if "TR" in names and "TR" not in consts:
             consts = {**consts, "TR": 0}  # the standard q4 layout
         for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("AB_ONCE", False), ("EARLY", True),
-                              ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False), ("FPRE", False), ("PW2", False)):
+                              ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False), ("FPRE", False), ("PW2", False),
+                              ("DENSE", False), ("BKW", 1)):
             if knob in names and knob not in consts:
                 consts = {**consts, knob: default}
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
@@ -549,7 +550,8 @@ def aot_report() -> int:
     q4_types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "y_ptr": "*bf16",
                 "part_ptr": "*fp32", "cnt_ptr": "*i32", "NR": "i32", "NGR": "i32", "stride_x": "i32",
                 "stride_y": "i32", "GPS": "i32", "SPLIT": "i32", "MAGIC": "i32", "rss_ptr": "*fp32", "NSS": "i32",
-                "eps_r": "fp32", "res_ptr": "*bf16", "fw_ptr": "*bf16", "xt_ptr": "*bf16", "ss_ptr": "*fp32"}
+                "eps_r": "fp32", "res_ptr": "*bf16", "fw_ptr": "*bf16", "xt_ptr": "*bf16", "ss_ptr": "*fp32",
+                "wd_ptr": "*i32", "d_ptr": "*fp32", "ND": "i32", "NB": "i32"}
     q8_types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*bf16", "part_ptr": "*fp32",
                 "cnt_ptr": "*i32", "NR": "i32", "KW": "i32", "stride_x": "i32", "stride_y": "i32", "WPS": "i32",
                 "SPLIT": "i32", "MAGIC": "i32"}
@@ -622,6 +624,10 @@ def aot_report() -> int:
          dict(tcw, BN=256, GATED=False, PW2=True, FOLD=2, FPRE=True), 4, ()),
         ("q4 gate|up tc tiled wide, two before the wait, rstd", kq4._q4_gemv_kernel, q4_types,
          dict(tcw, BN=256, GATED=True, GHALF=True, PW2=True, RSTD=True), 4, ()),
+        ("q4 tc tiled wide, two before the wait, rstd, dense a|b rows", kq4._q4_gemv_kernel, q4_types,
+         dict(tcw, BN=256, GATED=False, PW2=True, RSTD=True, DENSE=True, BKW=2048), 4, ()),
+        ("q4 tc tiled wide, two before the wait, rstd", kq4._q4_gemv_kernel, q4_types,
+         dict(tcw, BN=256, GATED=False, PW2=True, RSTD=True), 4, ()),
         ("q4 gate|up tc tiled wide, folded-norm rstd", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
           "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "GHALF": True, "RSTD": True}, 4, ()),

@@ -28,12 +28,15 @@ def _quantize_model(model, fmt):
                                          ("q4-tiled", None, "bf16"), ("q8", None, "bf16"),
                                          ("dense", None, "int8"), ("unfused", None, "bf16"),
                                          ("unfused", None, "int8"), ("nomerge", None, "bf16"),
-                                         ("q4-nofold", None, "bf16"), ("q4-8layers", None, "bf16")])
+                                         ("q4-nofold", None, "bf16"), ("q4-8layers", None, "bf16"),
+                                         ("q4-dkmajor", None, "bf16"), ("q4-abinside", None, "bf16")])
 def test_static_step_equals_eager(tmp_path, fmt, rope, kv, monkeypatch):
     """The static step equals the eager forward token by token; "unfused": NoPE attention through the
     separate norm / cache-write ops instead of attention_prep; "nomerge": an attention layer's last
     post-norm and the next norm as two ops; "q4-nofold": q4 with norm ops instead of folded norms (every
-    path must equal the eager forward)."""
+    path must equal the eager forward); "q4-dkmajor": the static state's recurrent state stored dk-major
+    (as on CUDA); "q4-abinside": the GDN a|b projection inside the GDN step instead of beside the
+    in-projection."""
     extra = {}
     if fmt == "q4-8layers":  # GDN layers after an attention layer too (its post-norm merged with their input norm)
         extra = dict(num_hidden_layers=8, layer_types=["linear_attention"] * 3 + ["full_attention"]
@@ -50,11 +53,17 @@ def test_static_step_equals_eager(tmp_path, fmt, rope, kv, monkeypatch):
         model = _quantize_model(model, "q4")
     elif fmt != "dense":
         model = _quantize_model(model, fmt[:2])
+    if fmt == "q4-abinside":
+        monkeypatch.setattr(DecodeStep, "ab_in_projection", False)
     if fmt == "q4-tiled":  # the GPU layout (what load_model does on CUDA), here on the CPU paths
         tiled = [m.tile_() for m in model.modules() if isinstance(m, Q4Linear)]
         assert sum(tiled) >= 4  # at least every gate|up (rows a multiple of 128)
     prompt = torch.randint(0, cfg.vocab_size, (1, 70), generator=torch.Generator().manual_seed(0))
-    eager, static = DecodeState(cfg, 128, kv_cache=kv), DecodeState(cfg, 128, kv_cache=kv)
+    eager = DecodeState(cfg, 128, kv_cache=kv)
+    if fmt == "q4-dkmajor":
+        monkeypatch.setattr(DecodeState, "rec_dk_major", True)
+    static = DecodeState(cfg, 128, kv_cache=kv)
+    assert static.rec_state.stride()[-1] == (1 if fmt != "q4-dkmajor" else cfg.linear_key_head_dim)
     with torch.no_grad():
         model(prompt, eager)
         model(prompt, static)

@@ -25,12 +25,17 @@ def inputs(B, hk, hv, T, dk, dv, seed, a_scale=3.0):
     (2, 1, 3, 5, 12, 20, 8, True),     # odd sizes: masks on dk and dv, Hv = 3 Hk (no repeat copy)
     (1, 2, 4, 33, 32, 64, 32, True),   # two value slices per head
     (1, 1, 1, 1, 8, 8, None, True),    # one token
+    (1, 2, 4, 33, 32, 64, 32, "dk-major"),  # the state stored dk-major (DecodeState on CUDA)
+    (2, 1, 3, 5, 12, 20, 8, "dk-major"),
 ])
 def test_recurrent_prefill_matches_reference(B, hk, hv, T, dk, dv, block_v, with_state):
     q, k, v, a, b, A_log, dt_bias = inputs(B, hk, hv, T, dk, dv, seed=T)
     s0 = torch.randn(B, hv, dk, dv, generator=torch.Generator().manual_seed(1)) * 0.1 if with_state else None
     s_ref = s0.clone() if with_state else None
     s_tri = s0.clone() if with_state else None
+    if with_state == "dk-major":
+        s_tri = s0.transpose(2, 3).contiguous().transpose(2, 3)
+        assert s_tri.stride()[2:] == (1, dk)
     want = gr.gdn_recurrent_prefill_ref(q, k, v, a, b, A_log, dt_bias, 2.0, s_ref)
     got = gr.gdn_recurrent_prefill_triton(q, k, v, a, b, A_log, dt_bias, 2.0, s_tri, block_v=block_v)
     assert got.shape == (B, hv, T, dv)
@@ -60,10 +65,11 @@ def test_recurrent_prefill_rejects_bad_inputs():
         gr.gdn_recurrent_prefill_triton(q, k[:, :1], v, a, b, A_log, dt_bias, 2.0)
 
 
-@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("with_state", [False, True, "dk-major"])
 def test_model_uses_it_and_matches_the_chunked_torch_path(with_state, monkeypatch):
     """GDN layers under the Triton backend run the one-launch kernel (interpreter here): logits and the
-    decode state equal those of the chunked torch path, with and without a state."""
+    decode state equal those of the chunked torch path, with and without a state, and with the state
+    stored dk-major (as DecodeState does on CUDA)."""
     from olmo_local.config import preset
     from olmo_local.kernels import backend
     from olmo_local.model import GDNLayer, OlmoHybridModel
@@ -73,6 +79,8 @@ def test_model_uses_it_and_matches_the_chunked_torch_path(with_state, monkeypatc
     model = OlmoHybridModel(cfg)
     model.init_weights_(seed=4)
     ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    if with_state == "dk-major":
+        monkeypatch.setattr(DecodeState, "rec_dk_major", True)
     calls = []
     real = gr.gdn_recurrent_prefill
     monkeypatch.setattr("olmo_local.model.gdn_recurrent_prefill", lambda *a: calls.append(1) or real(*a))
@@ -81,6 +89,8 @@ def test_model_uses_it_and_matches_the_chunked_torch_path(with_state, monkeypatc
         for fused in (True, False):
             monkeypatch.setattr(GDNLayer, "fused_prefill", fused)
             st = DecodeState(cfg, 64) if with_state else None
+            if with_state == "dk-major":
+                assert st.rec_state.stride()[2:] == (1, cfg.linear_key_head_dim)
             logits = model(ids, st)
             out[fused] = (logits, st.rec_state.clone() if st else logits, st.conv_state.clone() if st else logits)
     assert len(calls) == sum(isinstance(m, GDNLayer) for m in model.modules())  # only in the fused run

@@ -141,6 +141,33 @@ def test_q4_gemv_tensor_core_path(gated, n, split_k, block_n, warps, prefetch, m
     assert counters_are_zero()
 
 
+@pytest.mark.parametrize("tiled,split_k,n_dense,folded", [(True, 3, 6, True), (False, 2, 5, False), (True, 1, 1, True),
+                                                             (False, 4, 9, True)])
+def test_q4_gemv_dense_rows_in_the_same_launch(tiled, split_k, n_dense, folded):
+    """dense=(Wd, d): extra programs of the launch write d = x . Wd (fp32; times rstd for a folded norm's x~,
+    as the GDN a|b rows next to the in-projection) for row counts that do and do not fill the last extra
+    column of programs; the q4 rows are unchanged. The dispatcher's torch path computes the same."""
+    gen = torch.Generator().manual_seed(split_k + n_dense)
+    n, k = 256, 640
+    _, packed, scales, mins = random_q4(n, k, 128, gen)
+    args = k4.q4_tile(packed, scales, mins, 128) if tiled else (packed, scales, mins)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    wd = torch.randn(n_dense, k, generator=gen).to(torch.bfloat16)
+    rstd = (torch.rand(3, generator=gen) * k, 1e-6) if folded else None
+    d = torch.full((n_dense,), float("nan"))
+    y = k4.q4_gemv_triton(x, *args, 128, tiled=tiled, split_k=split_k, rstd=rstd, dense=(wd, d))
+    want = (x.double() @ wd.double().T).reshape(-1) * float(k4._rstd(rstd, k))
+    assert relerr(d, want) < 1e-6
+    assert relerr(y, k4.q4_gemv_ref(x, packed, scales, mins, 128, rstd=rstd)) < tol(torch.bfloat16)
+    d_ref = torch.full((n_dense,), float("nan"))
+    with backend("torch"):
+        k4.q4_gemv(x, *args, 128, tiled=tiled, rstd=rstd, dense=(wd, d_ref))
+    assert relerr(d_ref, want) < 1e-6
+    assert counters_are_zero()
+    with pytest.raises(ValueError, match="dense rows"):
+        k4.q4_gemv_triton(x, *args, 128, tiled=tiled, dense=(wd.float(), d))
+
+
 def test_q4_tile_is_a_slab_wise_permutation():
     """q4_tile keeps every byte and scale, puts group g of each 64-row slab in one contiguous block
     (row-major within it), and q4_untile inverts it exactly."""
