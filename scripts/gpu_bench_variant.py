@@ -25,7 +25,10 @@ norms as their own launches instead of folded into the q4 GEMVs around them (Dec
 "-nonf4": nf4 projections through NF4Linear's dequantize + matmul instead of the fused nf4 GEMV;
 "-rpw32": wide tensor-core programs of 32 rows per warp (gemv_q4.WIDE_ROWS_PER_WARP; default 64), e.g. with
 wide3 (three programs per SM) and pf2 (the hand prefetch two groups ahead); "-gdnBwW" (last): the GDN step with
-B state columns per program and W warps (e.g. -gdn32w4).
+B state columns per program and W warps (e.g. -gdn32w4); "-contig": the recurrent state stored contiguous
+(DecodeState.rec_dk_major off) instead of dk-major; "-abinside": a GDN layer's a|b projection inside the GDN
+step (DecodeStep.ab_in_projection off) instead of beside the in-projection (e.g. default-abinside-contig: as
+before session 9).
 """
 
 from __future__ import annotations
@@ -62,7 +65,11 @@ def main() -> int:
         ke.q8_embed = ke.q8_embed_ref
         dec.DecodeStep._tail_advances = lambda self, mode: False
         variant = variant[: -len("-oldends")]
-    for suffix, cls, attr, value in (("-unfused", dec.DecodeStep, "fuse_attention_prep", False),
+    import olmo_local.state as sta
+
+    for suffix, cls, attr, value in (("-contig", sta.DecodeState, "rec_dk_major", False),
+                                     ("-abinside", dec.DecodeStep, "ab_in_projection", False),
+                                     ("-unfused", dec.DecodeStep, "fuse_attention_prep", False),
                                      ("-chunked", mdl.GDNLayer, "fused_prefill", False),
                                      ("-narrow", k4, "WIDE_PROGRAMS", False),
                                      ("-splitloop", k4, "SPLITK_TREE_MAX", 0),
