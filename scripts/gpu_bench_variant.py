@@ -12,8 +12,8 @@ a trailing "-unfused" runs NoPE attention layers
 through the separate q/k norm and cache-write ops instead of attention_prep; "-chunked" prefills GDN
 layers with the chunked torch delta rule instead of the one-launch Triton recurrence; "-narrow" launches
 q4 GEMVs with 16 rows per warp and ~6-7 programs per SM (the default before the wide-program rule);
-"-splitloop" adds split-K partials with the loop over splits instead of one 2-D load; "-attnw8": attention
-decode with 8 warps also below 16K positions of cache; "-nopipe": one greedy() call per token instead of the
+"-splitloop" adds split-K partials with the loop over splits instead of one 2-D load; "-attnwN" (last): attention
+decode with N warps below 16K positions of cache (SHORT_CTX_WARPS, default 4); "-nopipe": one greedy() call per token instead of the
 pipelined picks (DecodeStep.pipelined off); "-torchargmax": the greedy graph takes torch.argmax and a copy
 instead of kernels.sample.greedy_triton; "-oldends": the q8 embedding in torch ops and pos_t advanced by a torch
 add (as before the q8_embed kernel and the pick tails' position update); "-oneregime": decode graphs of a long
@@ -51,10 +51,15 @@ def main() -> int:
 
     import olmo_local.model as mdl
 
+    m_att = re.search(r"-attnw(\d+)$", variant)
+    if m_att:  # attention decode warps below 16K positions of cache (attention_decode.SHORT_CTX_WARPS)
+        ka.SHORT_CTX_WARPS = int(m_att.group(1))
+        variant = variant[: m_att.start()]
     m_gdn = re.search(r"-gdn(\d+)w(\d+)$", variant)
-    if m_gdn:  # the GDN step's state columns per program and warps (gdn_decode.BLOCK_V, NUM_WARPS)
+    if m_gdn:  # the GDN step's state columns per program and warps, whichever configuration runs
         kg = importlib.import_module("olmo_local.kernels.gdn_decode")
-        kg.BLOCK_V, kg.NUM_WARPS = int(m_gdn.group(1)), int(m_gdn.group(2))
+        kg.BLOCK_V = kg.SMALL_BLOCK_V = int(m_gdn.group(1))
+        kg.NUM_WARPS = kg.SMALL_WARPS = int(m_gdn.group(2))
         variant = variant[: m_gdn.start()]
     if variant.endswith("-nonf4"):
         dec.nf4_fits = lambda *a: False
@@ -73,7 +78,6 @@ def main() -> int:
                                      ("-chunked", mdl.GDNLayer, "fused_prefill", False),
                                      ("-narrow", k4, "WIDE_PROGRAMS", False),
                                      ("-splitloop", k4, "SPLITK_TREE_MAX", 0),
-                                     ("-attnw8", ka, "SHORT_CTX_WARPS", 8),
                                      ("-nopipe", dec.DecodeStep, "pipelined", False),
                                      ("-oneregime", dec.DecodeStep, "long_ctx_from", 0),
                                      ("-nofold", dec.DecodeStep, "fold_norms", False),
