@@ -323,15 +323,18 @@ def attention_prep_triton(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tenso
         hd, k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         ks.stride(0) if quant else 0, vs.stride(0) if quant else 0,
         G=h // kvh, BQ=next_pow2(h * hd), BK=next_pow2(kvh * hd), BD=next_pow2(hd), QUANT=quant, USE_PDL=pdl,
-        num_warps=4, **pdl_kwargs(pdl),
+        num_warps=PREP_WARPS, **pdl_kwargs(pdl),
     )
     return out
 
 
 # warps per program below 16K positions of cache (8 above): on the H200 after the 7B qkv GEMV, 4 warps
 # took 9.0 / 10.6 / 26.6 us at lengths 128 / 640 / 4000 of a 4K cache against 11.7 / 12.6 / 30.3 with 8,
-# but at length 32768 of a 33K cache 180 against 132 us (scripts/gpu_attn_probe.py)
-SHORT_CTX_WARPS = 4
+# but at length 32768 of a 33K cache 180 against 132 us (scripts/gpu_attn_probe.py); in the decode step
+# 2 warps gave tg128 +0.8 % over 4 (session 9), 1 warp +0.2 %
+SHORT_CTX_WARPS = 2
+# warps per attention_prep program (one per query head; each sums q's whole row of squares)
+PREP_WARPS = 4
 # the launch is tuned for the cache size (or a ctx_hint): from this many positions on, 8 warps and ~8
 # programs per SM; below, SHORT_CTX_WARPS and ~4 per SM
 LONG_CTX_LAUNCH = 16384

@@ -142,6 +142,10 @@ if HAS_TRITON:
             tl.store(y_ptr + row * stride_y + d, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
+# warps of a one-row (decode) launch; 0: the row-size rule of _launch (8 warps for the 7B's 3840)
+DECODE_WARPS = 0
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     t2 = t.reshape(-1, t.shape[-1])
     if t2.stride(-1) != 1:
@@ -160,6 +164,8 @@ def _launch(x, residual, w, eps, y, ro, mode, w2=None, eps2=0.0):
     bd = next_pow2(d)
     nw = 4 if bd <= 1024 else 8 if bd <= 4096 else 16
     pdl = n == 1 and use_pdl(x2)  # decode rows only (one block: nothing to steal from a later wave)
+    if n == 1 and DECODE_WARPS:
+        nw = DECODE_WARPS
     _rmsnorm_kernel[(n,)](
         x2, r2, w, y2, ro2, d, float(eps),
         x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0),

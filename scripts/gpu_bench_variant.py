@@ -12,8 +12,9 @@ a trailing "-unfused" runs NoPE attention layers
 through the separate q/k norm and cache-write ops instead of attention_prep; "-chunked" prefills GDN
 layers with the chunked torch delta rule instead of the one-launch Triton recurrence; "-narrow" launches
 q4 GEMVs with 16 rows per warp and ~6-7 programs per SM (the default before the wide-program rule);
-"-splitloop" adds split-K partials with the loop over splits instead of one 2-D load; "-attnwN" (last): attention
-decode with N warps below 16K positions of cache (SHORT_CTX_WARPS, default 4); "-nopipe": one greedy() call per token instead of the
+"-splitloop" adds split-K partials with the loop over splits instead of one 2-D load; "-attnwN", "-prepwN",
+"-normwN" (last, any order): N warps for attention decode below 16K positions of cache (SHORT_CTX_WARPS),
+attention_prep (PREP_WARPS), one-row norm launches (norm.DECODE_WARPS); "-nopipe": one greedy() call per token instead of the
 pipelined picks (DecodeStep.pipelined off); "-torchargmax": the greedy graph takes torch.argmax and a copy
 instead of kernels.sample.greedy_triton; "-oldends": the q8 embedding in torch ops and pos_t advanced by a torch
 add (as before the q8_embed kernel and the pick tails' position update); "-oneregime": decode graphs of a long
@@ -51,10 +52,12 @@ def main() -> int:
 
     import olmo_local.model as mdl
 
-    m_att = re.search(r"-attnw(\d+)$", variant)
-    if m_att:  # attention decode warps below 16K positions of cache (attention_decode.SHORT_CTX_WARPS)
-        ka.SHORT_CTX_WARPS = int(m_att.group(1))
-        variant = variant[: m_att.start()]
+    kn = importlib.import_module("olmo_local.kernels.norm")
+    knobs = {"attnw": (ka, "SHORT_CTX_WARPS"), "prepw": (ka, "PREP_WARPS"), "normw": (kn, "DECODE_WARPS")}
+    while (m_w := re.search(r"-(attnw|prepw|normw)(\d+)$", variant)):  # warps of small decode kernels
+        mod, attr = knobs[m_w.group(1)]
+        setattr(mod, attr, int(m_w.group(2)))
+        variant = variant[: m_w.start()]
     m_gdn = re.search(r"-gdn(\d+)w(\d+)$", variant)
     if m_gdn:  # the GDN step's state columns per program and warps, whichever configuration runs
         kg = importlib.import_module("olmo_local.kernels.gdn_decode")

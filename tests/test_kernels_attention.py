@@ -155,11 +155,12 @@ def test_dispatch():
 
 
 @pytest.mark.parametrize("int8", [False, True])
-@pytest.mark.parametrize("h,kvh,hd", [(4, 4, 16), (6, 2, 24)])
-def test_attention_prep(int8, h, kvh, hd):
+@pytest.mark.parametrize("h,kvh,hd,warps", [(4, 4, 16, 4), (6, 2, 24, 4), (6, 2, 24, 1)])
+def test_attention_prep(int8, h, kvh, hd, warps, monkeypatch):
     """The fused q/k RMSNorm + cache write + length of a NoPE decode step (one launch) equals the
     unfused reference ops: same normed q, same cache rows (and scales) at pos, nothing else written;
-    the reference itself is checked against an explicit formulation."""
+    the reference itself is checked against an explicit formulation. With 4 warps per program and 1."""
+    monkeypatch.setattr(ka, "PREP_WARPS", warps)
     gen = torch.Generator().manual_seed(h * hd + int8)
     qkv = (torch.randn(1, (h + 2 * kvh) * hd, generator=gen) * 3).to(torch.bfloat16)
     q_w = (1 + 0.1 * torch.randn(h * hd, generator=gen)).to(torch.bfloat16)

@@ -39,8 +39,11 @@ def test_olmo_order_multiplies_weight_before_the_cast():
 CASES = [(1, 50, torch.float32), (3, 300, torch.bfloat16), (2, 3840, torch.float32), (1, 11008, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("rows,d,dtype", CASES)
-def test_norm_kernels(rows, d, dtype):
+@pytest.mark.parametrize("rows,d,dtype,decode_warps", [c + (0,) for c in CASES] + [(1, 3840, torch.float32, 1),
+                                                                                   (1, 300, torch.bfloat16, 2)])
+def test_norm_kernels(rows, d, dtype, decode_warps, monkeypatch):
+    """Every norm kernel against its reference; one-row launches also with DECODE_WARPS set (1, 2)."""
+    monkeypatch.setattr(kn, "DECODE_WARPS", decode_warps)
     gen = torch.Generator().manual_seed(rows * 10000 + d)
     x = (torch.randn(rows, d, generator=gen) * 3).to(dtype)
     r = torch.randn(rows, d, generator=gen).to(dtype)
