@@ -333,6 +333,8 @@ def attention_prep_triton(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tenso
 # but at length 32768 of a 33K cache 180 against 132 us (scripts/gpu_attn_probe.py); in the decode step
 # 2 warps gave tg128 +0.8 % over 4 (session 9), 1 warp +0.2 %
 SHORT_CTX_WARPS = 2
+# programs per SM that the split count aims at below LONG_CTX_LAUNCH positions of cache (8 above)
+SHORT_CTX_PER_SM = 4
 # warps per attention_prep program (one per query head; each sums q's whole row of squares)
 PREP_WARPS = 4
 # the launch is tuned for the cache size (or a ctx_hint): from this many positions on, 8 warps and ~8
@@ -345,7 +347,7 @@ def default_num_splits(max_ctx: int, num_heads: int, device: torch.device, block
     ~8 programs per SM for contexts of 16K and more, ~4 below, never more than blocks of work. H200
     sweep (30 heads x 128): at L=32768, 36 splits of 32-position blocks took 131 us (bf16) / 109 us
     (int8) vs 152 / 116 us at 18 x 64; at L=4096, 18 x 32 took 26.7 us vs 29.6 at 18 x 64."""
-    per_sm = 8 if max_ctx >= LONG_CTX_LAUNCH else 4
+    per_sm = 8 if max_ctx >= LONG_CTX_LAUNCH else SHORT_CTX_PER_SM
     return max(1, min(cdiv(max_ctx, block_s), cdiv(per_sm * num_sms(device), num_heads), 64))
 
 

@@ -14,7 +14,8 @@ layers with the chunked torch delta rule instead of the one-launch Triton recurr
 q4 GEMVs with 16 rows per warp and ~6-7 programs per SM (the default before the wide-program rule);
 "-splitloop" adds split-K partials with the loop over splits instead of one 2-D load; "-attnwN", "-prepwN",
 "-normwN" (last, any order): N warps for attention decode below 16K positions of cache (SHORT_CTX_WARPS),
-attention_prep (PREP_WARPS), one-row norm launches (norm.DECODE_WARPS); "-nopipe": one greedy() call per token instead of the
+attention_prep (PREP_WARPS), one-row norm launches (norm.DECODE_WARPS); "-attnsmN": attention splits for
+N programs per SM below 16K positions of cache (SHORT_CTX_PER_SM, default 4); "-nopipe": one greedy() call per token instead of the
 pipelined picks (DecodeStep.pipelined off); "-torchargmax": the greedy graph takes torch.argmax and a copy
 instead of kernels.sample.greedy_triton; "-oldends": the q8 embedding in torch ops and pos_t advanced by a torch
 add (as before the q8_embed kernel and the pick tails' position update); "-oneregime": decode graphs of a long
@@ -53,8 +54,9 @@ def main() -> int:
     import olmo_local.model as mdl
 
     kn = importlib.import_module("olmo_local.kernels.norm")
-    knobs = {"attnw": (ka, "SHORT_CTX_WARPS"), "prepw": (ka, "PREP_WARPS"), "normw": (kn, "DECODE_WARPS")}
-    while (m_w := re.search(r"-(attnw|prepw|normw)(\d+)$", variant)):  # warps of small decode kernels
+    knobs = {"attnw": (ka, "SHORT_CTX_WARPS"), "prepw": (ka, "PREP_WARPS"), "normw": (kn, "DECODE_WARPS"),
+             "attnsm": (ka, "SHORT_CTX_PER_SM")}
+    while (m_w := re.search(r"-(attnw|prepw|normw|attnsm)(\d+)$", variant)):  # small decode kernels' launches
         mod, attr = knobs[m_w.group(1)]
         setattr(mod, attr, int(m_w.group(2)))
         variant = variant[: m_w.start()]
