@@ -577,7 +577,7 @@ def aot_report() -> int:
     rec_types = {"q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
                  "alog_ptr": "*fp32", "dtb_ptr": "*fp32", "s_ptr": "*fp32", "o_ptr": "*fp32", "T": "i32", "HV": "i32",
                  "REP": "i32", "DK": "i32", "DV": "i32", "sa_b": "i32", "sa_t": "i32", "sb_b": "i32", "sb_t": "i32",
-                 "beta_scale": "fp32"}
+                 "beta_scale": "fp32", "stride_sk": "i32", "stride_sv": "i32"}
     nf4_types = {"x_ptr": "*i32", "w_ptr": "*i32", "am_ptr": "*fp32", "code_ptr": "*fp32", "y_ptr": "*bf16",
                  "part_ptr": "*fp32", "cnt_ptr": "*i32", "NR": "i32", "KW": "i32", "WPS": "i32", "SPLIT": "i32",
                  **{t: "i32" for t in ("t0", "t1", "t2", "t3", "l0", "l1", "l2", "l3")}}
@@ -671,7 +671,9 @@ def aot_report() -> int:
         ("attention prep (bf16 KV write)", katt._attn_prep_kernel, dict(prep_types, kc_ptr="*bf16", vc_ptr="*bf16"),
          {"G": 1, "BQ": 4096, "BK": 4096, "BD": 128, "QUANT": False}, 4, ("NQ", "NK", "HD")),
         ("gdn recurrent prefill dk=96 dv=192 BV=16", kgr._gdn_recurrent_kernel, rec_types,
-         {"BK": 128, "BV": 16, "HAS_STATE": True}, 1, ("DK", "DV")),
+         {"BK": 128, "BV": 16, "HAS_STATE": True, "stride_sv": 1}, 1, ("DK", "DV", "stride_sk")),
+        ("gdn recurrent prefill, a dk-major state", kgr._gdn_recurrent_kernel, rec_types,
+         {"BK": 128, "BV": 16, "HAS_STATE": True, "stride_sk": 1}, 1, ("DK", "DV", "stride_sv")),
         ("add_rmsnorm d=3840", knorm._rmsnorm_kernel, norm_types, {"BD": 4096, "MODE": 1}, 8,
          ("D", "stride_x", "stride_r", "stride_y", "stride_ro")),
         ("rmsnorm_add + rmsnorm d=3840", knorm._rmsnorm_kernel, norm_types, {"BD": 4096, "MODE": 4}, 8,
