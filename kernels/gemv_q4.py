@@ -980,6 +980,8 @@ def q4_gemv(
     if use_triton(x) and _fits(x) and (rstd is None or _mma_fits(x, group_size)) and (
             dense is None or _mma_fits(x, group_size)):
         return q4_gemv_triton(x, qweight, scales, mins, group_size, out, tiled, rstd=rstd, dense=dense)
+    if dense is not None and x.numel() != x.shape[-1]:
+        raise ValueError("dense rows take one row of x")
     y = q4_gemv_ref(x, qweight, scales, mins, group_size, out, tiled, rstd)
     if dense is not None:
         wd, d_out = dense
