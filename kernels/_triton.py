@@ -199,6 +199,13 @@ if HAS_TRITON:
             tl.store(ss_ptr + pid_n, tl.sum(tl.where(rmask, xf * xf, 0.0), axis=0))
 
     @triton.jit
+    def fold_rstd(rss_ptr, NSS, NSSP: tl.constexpr, K, eps):
+        """The consumer side of a folded norm: rsqrt(sum of the producer's NSS row-block sums of squares / K
+        + eps) (see fold_store)."""
+        jss = tl.arange(0, NSSP)
+        return 1.0 / tl.sqrt(tl.sum(tl.load(rss_ptr + jss, mask=jss < NSS, other=0.0), axis=0) / K + eps)
+
+    @triton.jit
     def splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y,
                       T: tl.constexpr, BN: tl.constexpr, SPLIT, GATED: tl.constexpr, SPLITP: tl.constexpr = 0,
                       rscale=1.0, FOLD: tl.constexpr = 0, res_ptr=None, fw_ptr=None, xt_ptr=None, ss_ptr=None,

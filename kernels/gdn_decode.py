@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ._triton import HAS_TRITON, cdiv, next_pow2, tl, triton, pdl_kwargs, use_pdl, use_triton, workspace
 from .delta_rule import gdn_gates
 
-__all__ = ["gdn_decode_step", "gdn_decode_step_ref", "gdn_decode_step_triton"]
+__all__ = ["gdn_decode_step", "gdn_decode_step_ref", "gdn_decode_step_triton", "rec_state_dk_major"]
 
 L2_EPS = 1e-6
 NORM_EPS = 1e-5
@@ -51,6 +51,18 @@ NUM_WARPS = 8
 # fused a|b; scripts/gpu_gdn_step_probe.py)
 SMALL_BLOCK_V = 16
 SMALL_WARPS = 1
+
+
+def rec_state_dk_major(s: torch.Tensor, dk: int, dv: int) -> bool | None:
+    """Layout of a recurrent state [..., Hv, dk, dv] whose heads are packed blocks of dk * dv: False when
+    contiguous, True when dk-major (the transpose of a contiguous [..., Hv, dv, dk]; DecodeState on CUDA),
+    None for any other layout or dtype than fp32."""
+    if s.dtype != torch.float32 or s.dim() < 3 or s.stride(-3) != dk * dv:
+        return None
+    inner = s.stride()[-2:]
+    if inner == (dv, 1):
+        return False
+    return True if inner == (1, dk) else None
 
 
 def _shapes(qkv, A_log, rec_state, conv_weight):
@@ -133,7 +145,7 @@ def gdn_decode_step_ref(
 # Triton kernel
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
-    from ._triton import pdl_launch_dependents, pdl_wait
+    from ._triton import fold_rstd, pdl_launch_dependents, pdl_wait
 
     @triton.jit
     def _conv_old(cs_ptr, ch, cmask, jj, KC: tl.constexpr):
@@ -215,8 +227,7 @@ if HAS_TRITON:
             w_b = tl.load(wab_ptr + (HK * R + h) * D + du, mask=mu, other=0)
         pdl_wait(USE_PDL)
         if AB_RSTD:  # u is x~ of a folded norm: a|b scaled by rstd from the producer's row-block sums
-            jss = tl.arange(0, NSSP)
-            ab_scale = 1.0 / tl.sqrt(tl.sum(tl.load(rss_ptr + jss, mask=jss < NSS, other=0.0), axis=0) / D + eps_r)
+            ab_scale = fold_rstd(rss_ptr, NSS, NSSP, D, eps_r)
 
         # q and k of this head: conv, SiLU, L2 norm (recomputed by every program of the group)
         win_q, nxt_q = _conv_window(qkv_ptr, old_q, nxt_q, qch, mk, jj, KC)
@@ -331,8 +342,8 @@ def gdn_decode_step_triton(
         if ab_rstd is not None:
             raise ValueError("ab_rstd scales the fused a|b projection: give ab_from too")
         fused = {}
-    if (rec_state.dtype != torch.float32 or rec_state.stride(0) != dk * dv
-            or rec_state.stride()[1:] not in ((dv, 1), (1, dk))):
+    dk_major = rec_state_dk_major(rec_state, dk, dv)
+    if dk_major is None:
         raise ValueError("rec_state must be an fp32 [Hv, dk, dv] tensor, contiguous or with dk and dv swapped "
                          "in memory ([Hv, dv, dk] transposed)")
     if not conv_state.is_contiguous() or tuple(conv_state.shape) != (conv_dim, kconv - 1):
@@ -343,7 +354,7 @@ def gdn_decode_step_triton(
         out = torch.empty(hv * dv, dtype=z.dtype, device=z.device)
     elif not out.is_contiguous() or out.numel() != hv * dv:
         raise ValueError(f"out must be contiguous with {hv * dv} elements")
-    small = ab_from is None and rec_state.stride()[1:] == (1, dk)
+    small = ab_from is None and dk_major
     block_v = (SMALL_BLOCK_V if small else BLOCK_V) if block_v is None else block_v
     num_warps = (SMALL_WARPS if small else NUM_WARPS) if num_warps is None else num_warps
     bv = min(block_v, next_pow2(dv))

@@ -29,6 +29,7 @@ import torch
 
 from ._triton import HAS_TRITON, next_pow2, tl, triton, use_triton
 from .delta_rule import gdn_gates, recurrent_gated_delta_rule
+from .gdn_decode import rec_state_dk_major
 
 __all__ = ["gdn_recurrent_prefill", "gdn_recurrent_prefill_ref", "gdn_recurrent_prefill_triton"]
 
@@ -123,9 +124,8 @@ def gdn_recurrent_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError(f"gdn_recurrent_prefill shapes: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
     if a.shape != (B, T, hv) or b.shape != (B, T, hv) or a.stride(-1) != 1 or b.stride(-1) != 1:
         raise ValueError(f"a, b must be [B, T, Hv] with a unit last stride, got {tuple(a.shape)}, {tuple(b.shape)}")
-    if state is not None and (state.dtype != torch.float32 or state.shape != (B, hv, dk, dv)
-                              or state.stride()[:2] != (hv * dk * dv, dk * dv)
-                              or state.stride()[2:] not in ((dv, 1), (1, dk))):
+    if state is not None and (state.shape != (B, hv, dk, dv) or state.stride(0) != hv * dk * dv
+                              or rec_state_dk_major(state, dk, dv) is None):
         raise ValueError("the recurrent state must be fp32 [B, Hv, dk, dv], contiguous or dk-major "
                          "(dk and dv swapped in memory)")
     q, k, v = (x.float().contiguous() for x in (q, k, v))
@@ -140,7 +140,7 @@ def gdn_recurrent_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     # its layout from the state's load, and a dk-major load made each token ~1.5x longer (sm_90: 750 against
     # 515 instructions; H200 pp2048 -11 %); two copies of 2.2 MB per 7B layer cost a few microseconds
     work = state
-    if state is not None and state.stride()[2:] != (dv, 1):
+    if state is not None and rec_state_dk_major(state, dk, dv):
         work = state.contiguous()
     s_arg = work if work is not None else o
     _gdn_recurrent_kernel[(B * hv, triton.cdiv(dv, bv))](

@@ -42,7 +42,7 @@ import torch
 from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, pdl_kwargs, tl, triton, use_pdl, use_triton, workspace
 
 if HAS_TRITON:
-    from ._triton import emit_rows, pdl_launch_dependents, pdl_wait, splitk_finish
+    from ._triton import emit_rows, fold_rstd, pdl_launch_dependents, pdl_wait, splitk_finish
 
 __all__ = [
     "TILE_ROWS",
@@ -484,9 +484,7 @@ if HAS_TRITON:
             r_pre = tl.load(res_ptr + rn_f, mask=rn_f < NR, other=0)
         rstd = 1.0
         if RSTD:
-            jss = tl.arange(0, NSSP)
-            tot = tl.sum(tl.load(rss_ptr + jss, mask=jss < NSS, other=0.0), axis=0)
-            rstd = 1.0 / tl.sqrt(tot / (NGR * G) + eps_r)
+            rstd = fold_rstd(rss_ptr, NSS, NSSP, NGR * G, eps_r)
         n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g_begin, NGR - 1), hw, G)
         p_xa, p_xc, p_xd, p_xe = _x_words(x_ptr, tl.minimum(g_begin + 1, NGR - 1), hw, G)
         g_start = g_begin
@@ -647,9 +645,7 @@ if HAS_TRITON:
             x_hi = (xw & -65536).to(tl.float32, bitcast=True)
             acc = tl.sum(w_lo * x_lo + w_hi * x_hi, axis=0)
             if RSTD:
-                jss = tl.arange(0, NSSP)
-                tot = tl.sum(tl.load(rss_ptr + jss, mask=jss < NSS, other=0.0), axis=0)
-                acc = acc / tl.sqrt(tot / K + eps_r)
+                acc = acc * fold_rstd(rss_ptr, NSS, NSSP, K, eps_r)
             tl.store(d_ptr + e, acc)
 
     @triton.jit

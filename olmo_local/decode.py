@@ -114,9 +114,9 @@ class DecodeStep:
         self.device = state.device
         self.token = torch.zeros(1, dtype=torch.long, device=self.device)
         self.length = torch.zeros(1, dtype=torch.int32, device=self.device)  # pos + 1, attention_prep writes it
-        hv = model.config.linear_num_value_heads
-        self.ab = torch.zeros(2 * hv, dtype=torch.float32, device=self.device)  # a|b of the layer in flight
         cfg = model.config
+        # a|b of the GDN layer in flight (ab_in_projection)
+        self.ab = torch.zeros(2 * cfg.linear_num_value_heads, dtype=torch.float32, device=self.device)
         self.inv_freq = None
         if cfg.rope_theta is not None:
             hd = cfg.head_dim
@@ -200,21 +200,20 @@ class DecodeStep:
         st = self.state
         w_ab = getattr(L.ab, "weight", None)
         dense_ab = isinstance(w_ab, torch.Tensor) and w_ab.dtype == x.dtype and w_ab.is_contiguous()
-        rs = None  # with a folded input norm: (row-block sums of squares, eps) for the consumers
+        ab_kw = {}  # how the GDN step gets a|b: computed beside it (a, b given) or projected inside it
         if pending is not None and dense_ab and self._folds(pending[0], L.qkvz):
             # x += previous layer's MLP output; u = rmsnorm(x) * w never formed: its consumers (the
-            # in-projection, the a|b projection in the GDN step) take x * w and scale by rstd
+            # in-projection and the a|b projection) take x * w and scale by rstd
             x, u, ss = fold(*pending, x, L.in_norm.weight)
             rs = (ss, L.in_norm.eps)
             dense = (w_ab, self.ab) if self.ab_in_projection else None
             qkvz = q4_gemv(u, L.qkvz.qweight, L.qkvz.scales, L.qkvz.mins, L.qkvz.group_size, tiled=L.qkvz.tiled,
                            rstd=rs, dense=dense)
             if dense is not None:  # a|b (scaled by rstd) came with the in-projection
-                qkv, z = qkvz[0].split([L.conv_dim, L.value_dim])
-                y = gdn_decode_step(qkv, z, self.ab[: L.hv], self.ab[L.hv:], L.conv_w, st.conv_state[L.idx],
-                                    L.A_log, L.dt_bias, L.o_norm_w, st.rec_state[L.idx],
-                                    allow_neg_eigval=L.beta_scale == 2.0)
-                return self._gdn_out(L, x, y)
+                a, b = self.ab[: L.hv], self.ab[L.hv:]
+            else:
+                a = b = None
+                ab_kw = dict(ab_from=(u.view(-1), w_ab), ab_rstd=rs)
         else:
             if pending is not None:  # x += previous layer's MLP output, with this layer's input norm
                 u, x = linear_norm(*pending, x, "add_rmsnorm", L.in_norm.weight, L.in_norm.eps)
@@ -224,20 +223,14 @@ class DecodeStep:
             else:
                 u = rmsnorm(x, L.in_norm.weight, L.in_norm.eps)
             qkvz = linear(L.qkvz, u)
+            if dense_ab:  # dense a|b (the usual case): projected inside the GDN step, one launch fewer
+                a = b = None
+                ab_kw = dict(ab_from=(u.view(-1), w_ab))
+            else:
+                a, b = linear(L.ab, u)[0].split([L.hv, L.hv])
         qkv, z = qkvz[0].split([L.conv_dim, L.value_dim])
-        if dense_ab:
-            # dense a|b (the usual case): projected inside the GDN step, one launch fewer per layer
-            y = gdn_decode_step(qkv, z, None, None, L.conv_w, st.conv_state[L.idx], L.A_log, L.dt_bias,
-                                L.o_norm_w, st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0,
-                                ab_from=(u.view(-1), w_ab), ab_rstd=rs)
-        else:
-            a, b = linear(L.ab, u)[0].split([L.hv, L.hv])
-            y = gdn_decode_step(qkv, z, a, b, L.conv_w, st.conv_state[L.idx], L.A_log, L.dt_bias, L.o_norm_w,
-                                st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0)
-        return self._gdn_out(L, x, y)
-
-    def _gdn_out(self, L: GDNLayer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        """The o projection and the MLP's gate|up of a GDN layer (its down projection is returned undone)."""
+        y = gdn_decode_step(qkv, z, a, b, L.conv_w, st.conv_state[L.idx], L.A_log, L.dt_bias, L.o_norm_w,
+                            st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0, **ab_kw)
         if self._folds(L.o, L.mlp.gate_up):  # x += o; gate|up of rmsnorm(x) as rstd * gate|up(x * w)
             x, xt, ss = fold(L.o, y.view(1, -1), x, L.post_norm.weight)
             return x, (L.mlp.down, mlp_act(L.mlp, xt, rstd=(ss, L.post_norm.eps)))
@@ -247,7 +240,7 @@ class DecodeStep:
     def _folds(self, *mods: torch.nn.Module) -> bool:
         return self.fold_norms and all(isinstance(m, Q4Linear) for m in mods)
 
-    def _attn(self, L: AttentionLayer, x: torch.Tensor, rope) -> torch.Tensor:
+    def _attn(self, L: AttentionLayer, x: torch.Tensor, rope) -> tuple[torch.Tensor, tuple | None]:
         st = self.state
         H, KV, hd = L.n_heads, L.n_kv, L.hd
         i = L.idx
