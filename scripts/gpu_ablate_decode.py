@@ -9,6 +9,9 @@ replaced by nothing (their output is an input of the right shape), then times ba
     nogdn     the fused GDN step skipped (24 launches)
     noattn    attention prep + decode skipped (8 + 8 launches)
     gemv      all three skipped: the chain of q4 GEMVs, the embedding and the q8 head
+    notail    the GDN step's last program skips the gated RMSNorm (still writes the q/k conv state)
+    noatom    the GDN step without its counter and last-program tail
+    noprep    attention_prep skipped (attention decode still runs)
     abloop    the GDN step's a|b projection as its loop over 512-wide chunks after the wait (the form
               before W_ab rows were loaded whole before it)
 
@@ -41,6 +44,7 @@ def _patch(variant: str) -> None:
     for k, v in _ORIG.items():
         setattr(dec, k, v)
     kg.AB_ONCE_MAX_D = 0 if variant == "abloop" else _AB_ONCE
+    kg.TAIL_MODE = {"notail": 1, "noatom": 0}.get(variant, 2)
     if variant in ("nonorm", "gemv"):
         dec.residual_norm = _skip_norm
         dec.rmsnorm = lambda x, w, eps: x
@@ -56,6 +60,8 @@ def time_step(m, variant: str, reps: int) -> float:
     st = DecodeState(m.config, 512, "cuda", torch.bfloat16)
     step = dec.DecodeStep(m, st)
     H, hd = m.config.num_attention_heads, m.config.head_dim
+    if variant == "noprep":
+        dec.attention_prep = lambda qkv, *a, **k: qkv.view(-1)[: H * hd]
     if variant in ("noattn", "gemv"):  # attention's output has H * hd values
         dec.attention_prep = lambda qkv, *a, **k: qkv.view(-1)[: H * hd]
     with torch.inference_mode():
@@ -81,7 +87,8 @@ def main() -> None:
     a = ap.parse_args()
     m = build_synthetic(preset(a.preset), "cuda", "q4", seed=0)
     res = {}
-    for v in ("base", "abloop", "nonorm", "nogdn", "noattn", "gemv", "base", "abloop"):
+    for v in ("base", "notail", "noatom", "noprep", "nonorm", "nogdn", "noattn", "gemv", "base", "notail",
+              "noatom"):
         res.setdefault(v, []).append(time_step(m, v, a.reps))
     _patch("base")
     b = min(res["base"])
