@@ -99,6 +99,10 @@ class DecodeStep:
     # and as for the long cache from it on (H200: 4 warps took 9.0 vs 11.7 us per layer at 128 positions,
     # 8 warps 132 vs 180 us at 32768)
     long_ctx_from = 12288
+    # the pick kernels (greedy_triton, sample_triton) store the id straight into the pinned host slot (mapped
+    # memory: the device writes it over the bus) instead of into a device buffer that a copy node of the
+    # graph then moves to the slot
+    ids_to_host = True
     # whether Generator.stream and bench use greedy_picks() / sample_picks() (one step in flight: the step
     # that feeds id k is launched before id k is read) instead of one greedy() / sample() call per token;
     # an instance with a graph takes this class default, one without a graph (CPU) is off (nothing to
@@ -302,17 +306,23 @@ class DecodeStep:
         the ``noise`` buffer (filled before each replay by the step's own seeded generator)."""
         lg = valid_logits(logits, mode[-1])
         pos = self.state.pos_t if advance else None
+        # the Triton picks write the id where the host reads it (see ids_to_host), else to next_id and a copy
+        direct = self.ids_to_host and lg.is_cuda and self.host_ids[slot].is_pinned()
+        out_id = self.host_ids[slot] if direct else self.next_id
         if mode[0] == "sample" and self._fused_draw(lg, mode[1]):
             p = mode[1]
-            sample_triton(lg, p.temperature, p.top_p, p.min_p, self.rng_state, self.next_id, self.token, pos=pos)
-            self.host_ids[slot].copy_(self.next_id, non_blocking=True)
+            sample_triton(lg, p.temperature, p.top_p, p.min_p, self.rng_state, out_id, self.token, pos=pos)
+            if not direct:
+                self.host_ids[slot].copy_(self.next_id, non_blocking=True)
             return
         if mode[0] == "sample":
             probs = sampling_probs(lg.float(), mode[1])
             # ids outside the support never win, whatever the noise (an E of exactly 0 would make 0 / 0)
             lg = (probs / self.noise[: probs.numel()]).masked_fill(probs == 0, -1.0)
         if mode[0] == "greedy" and self.fused_greedy and lg.is_cuda and greedy_fits(lg):
-            greedy_triton(lg, self.next_id, self.token, pos=pos)
+            greedy_triton(lg, out_id, self.token, pos=pos)
+            if direct:
+                return
         else:
             assert pos is None, "only the Triton pick tails advance the position"
             torch.argmax(lg.view(1, -1), dim=1, out=self.next_id)

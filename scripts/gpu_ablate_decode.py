@@ -61,7 +61,7 @@ def time_step(m, variant: str, reps: int) -> float:
     step = dec.DecodeStep(m, st)
     H, hd = m.config.num_attention_heads, m.config.head_dim
     if variant == "noprep":
-        dec.attention_prep = lambda qkv, *a, **k: qkv.view(-1)[: H * hd]
+        dec.attention_prep = lambda qkv, *a, **k: qkv.view(-1)[: H * hd].view(H, hd)
     if variant in ("noattn", "gemv"):  # attention's output has H * hd values
         dec.attention_prep = lambda qkv, *a, **k: qkv.view(-1)[: H * hd]
     with torch.inference_mode():
@@ -90,6 +90,7 @@ def main() -> None:
     for v in ("base", "notail", "noatom", "noprep", "nonorm", "nogdn", "noattn", "gemv", "base", "notail",
               "noatom"):
         res.setdefault(v, []).append(time_step(m, v, a.reps))
+        print(f"# {v} {res[v][-1]:.1f} us", flush=True)
     _patch("base")
     b = min(res["base"])
     print(f"{'variant':<8}{'us/step':>10}{'saved us':>10}")

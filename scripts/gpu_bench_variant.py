@@ -30,7 +30,8 @@ wide3 (three programs per SM) and pf2 (the hand prefetch two groups ahead); "-gd
 B state columns per program and W warps (e.g. -gdn32w4); "-contig": the recurrent state stored contiguous
 (DecodeState.rec_dk_major off) instead of dk-major; "-abinside": a GDN layer's a|b projection inside the GDN
 step (DecodeStep.ab_in_projection off) instead of beside the in-projection (e.g. default-abinside-contig: as
-before session 9).
+before session 9); "-idcopy": the pick kernels write the id to a device buffer that a copy node moves to the
+pinned host slot (DecodeStep.ids_to_host off) instead of storing it into the slot directly.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def main() -> int:
                                      ("-nofoldpre", k4, "FOLD_PRELOAD", False),
                                      ("-nopw2", k4, "PREWAIT_TWO", False),
                                      ("-rpw32", k4, "WIDE_ROWS_PER_WARP", 32),
-                                     ("-torchargmax", dec.DecodeStep, "fused_greedy", False)):
+                                     ("-torchargmax", dec.DecodeStep, "fused_greedy", False),
+                                     ("-idcopy", dec.DecodeStep, "ids_to_host", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)
             variant = variant[: -len(suffix)]

@@ -28,6 +28,10 @@ for s in $steps; do
              for v in ${BENCHAB:-stdquad tiledquad tiled tiledpf2}; do
                timeout 110 python3 scripts/gpu_bench_variant.py $v --synthetic 7b --format q4 -r 2 --depth none -q 2>&1 | tee "$OUT/benchab_$v.log" | grep -E "tg128|pp512|ttft" | sed "s/^/$v /" | cut -c1-150
              done ;;
+    benchabd) # decode A/B at one depth (ABDEPTH, default 8192; no prefill tests), variants as benchab
+             for v in ${BENCHAB:-default}; do
+               timeout 150 python3 scripts/gpu_bench_variant.py $v --synthetic 7b --format q4 -r 2 -p 0 --depth ${ABDEPTH:-8192} -q 2>&1 | tee "$OUT/benchabd_$v.log" | grep -E "tg" | sed "s/^/$v /" | cut -c1-150
+             done ;;
     cudatests) # the CUDA-only tests of $TESTS (default: all), pytest from the wheels in .whl2 (carry it)
              python3 -m pip install -q --no-index --no-deps --target /tmp/site2 .whl2/*.whl >/dev/null 2>&1
              OLMO_LOCAL_TEST_GPU=1 PYTHONPATH=/tmp/site2${PYTHONPATH:+:$PYTHONPATH} timeout 300 python3 -m pytest -q ${TESTS:-tests/} -k cuda > "$OUT/tests.log" 2>&1
