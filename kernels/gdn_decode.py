@@ -54,6 +54,10 @@ SMALL_WARPS = 1
 # ablation only (scripts/gpu_ablate_decode.py, wrong output below 2): 2 = the full tail, 1 = the last program
 # writes the q/k conv state but skips the gated norm, 0 = no counter and no tail
 TAIL_MODE = 2
+# the state slice and the v conv state are stored after the per-key-head counter's atomic (which releases the
+# program's earlier writes, so it waits for every store issued before it) instead of before it: only the o
+# slice, which the last program reads, has to be visible by then
+LATE_STORES = True
 
 
 def rec_state_dk_major(s: torch.Tensor, dk: int, dv: int) -> bool | None:
@@ -196,7 +200,7 @@ if HAS_TRITON:
         AB_ONCE: tl.constexpr = False,
         rss_ptr=None, NSS=0, eps_r=0.0, AB_RSTD: tl.constexpr = False, NSSP: tl.constexpr = 1,
         stride_sk=0, stride_sv=1,  # the state's strides along dk and dv (a head's block is DK * DV)
-        TAIL: tl.constexpr = 2,
+        TAIL: tl.constexpr = 2, LATE_STORES: tl.constexpr = True,
     ):
         pdl_launch_dependents(USE_PDL)
         h = tl.program_id(0)
@@ -280,15 +284,20 @@ if HAS_TRITON:
         delta = beta * (v - mem)
         st = st + k[:, None] * delta[None, :]
         o = tl.sum(st * q[:, None], axis=0)
-        tl.store(s_ptr + soff, st, mask=smask)
+        if not LATE_STORES:
+            tl.store(s_ptr + soff, st, mask=smask)
         tl.store(ows_ptr + h * DV + dvi, o, mask=mv)
 
         # every thread of this program has read its conv inputs: the v slice's state is ours alone
         tl.debug_barrier()
-        _store_conv_state(cs_ptr, nxt_v, vch, mv, jj, KC)
+        if not LATE_STORES:
+            _store_conv_state(cs_ptr, nxt_v, vch, mv, jj, KC)
         done = 0
         if TAIL > 0:
             done = tl.atomic_add(cnt_ptr + kh, 1)
+        if LATE_STORES:  # after the counter's release: it then waits for the o slice only, not these
+            tl.store(s_ptr + soff, st, mask=smask)
+            _store_conv_state(cs_ptr, nxt_v, vch, mv, jj, KC)
         if TAIL > 0 and done == R * NVB - 1:
             # last program of the key-head group: all others have read the q/k conv state and
             # written their o slices
@@ -376,7 +385,7 @@ def gdn_decode_step_triton(
         float(dk) ** -0.5,
         KC=kconv, KP=next_pow2(kconv), BK=next_pow2(dk), BV=bv, BDV=next_pow2(dv),
         NEG=bool(allow_neg_eigval), USE_PDL=pdl, stride_sk=rec_state.stride(1), stride_sv=rec_state.stride(2),
-        TAIL=TAIL_MODE, **fused,
+        TAIL=TAIL_MODE, LATE_STORES=LATE_STORES, **fused,
         num_warps=num_warps, **pdl_kwargs(pdl),
     )
     return out

@@ -31,7 +31,8 @@ B state columns per program and W warps (e.g. -gdn32w4); "-contig": the recurren
 (DecodeState.rec_dk_major off) instead of dk-major; "-abinside": a GDN layer's a|b projection inside the GDN
 step (DecodeStep.ab_in_projection off) instead of beside the in-projection (e.g. default-abinside-contig: as
 before session 9); "-idcopy": the pick kernels write the id to a device buffer that a copy node moves to the
-pinned host slot (DecodeStep.ids_to_host off) instead of storing it into the slot directly.
+pinned host slot (DecodeStep.ids_to_host off) instead of storing it into the slot directly; "-earlystores": the
+GDN step stores its state slice and v conv state before its counter's atomic (gdn_decode.LATE_STORES off).
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def main() -> int:
         kg.BLOCK_V = kg.SMALL_BLOCK_V = int(m_gdn.group(1))
         kg.NUM_WARPS = kg.SMALL_WARPS = int(m_gdn.group(2))
         variant = variant[: m_gdn.start()]
+    if variant.endswith("-earlystores"):  # the GDN step's state stores before its counter's atomic
+        importlib.import_module("olmo_local.kernels.gdn_decode").LATE_STORES = False
+        variant = variant[: -len("-earlystores")]
     if variant.endswith("-nonf4"):
         dec.nf4_fits = lambda *a: False
         variant = variant[: -len("-nonf4")]
