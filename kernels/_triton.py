@@ -206,10 +206,36 @@ if HAS_TRITON:
         return 1.0 / tl.sqrt(tl.sum(tl.load(rss_ptr + jss, mask=jss < NSS, other=0.0), axis=0) / K + eps)
 
     @triton.jit
+    def conv_load(rn, rmask, cw_ptr, cs_ptr, NCONV, KC: tl.constexpr, KP: tl.constexpr):
+        """A short causal conv's operands for the output rows rn that are conv channels (rn < NCONV): the
+        weights [BN, KP] (tap KC - 1 multiplies the current input), the state's K-1 old inputs in columns
+        0..K-2 and the next state's old part (the state shifted by one)."""
+        jj = tl.arange(0, KP)[None, :]
+        cm = (rmask & (rn < NCONV))[:, None]
+        w = tl.load(cw_ptr + rn[:, None] * KC + jj, mask=cm & (jj < KC), other=0).to(tl.float32)
+        old = tl.load(cs_ptr + rn[:, None] * (KC - 1) + jj, mask=cm & (jj < KC - 1), other=0).to(tl.float32)
+        nxt = tl.load(cs_ptr + rn[:, None] * (KC - 1) + jj + 1, mask=cm & (jj + 1 < KC - 1), other=0).to(tl.float32)
+        return w, old, nxt
+
+    @triton.jit
+    def conv_rows(y, rn, rmask, w, old, nxt, cs_ptr, act_ptr, NCONV, KC: tl.constexpr, KP: tl.constexpr):
+        """The conv channels among rows rn (y: their projection outputs, fp32 of the model-dtype values):
+        act = silu(conv over [old K-1 inputs, y]) in fp32, and the state shifted to end with y."""
+        jj = tl.arange(0, KP)[None, :]
+        cm = rmask & (rn < NCONV)
+        win = tl.where(jj == KC - 1, y[:, None], old)
+        acc = tl.sum(win * w, axis=1)
+        tl.store(act_ptr + rn, acc / (1.0 + tl.exp(-acc)), mask=cm)
+        nxt = tl.where(jj == KC - 2, y[:, None], nxt)
+        tl.store(cs_ptr + rn[:, None] * (KC - 1) + jj, nxt.to(cs_ptr.dtype.element_ty), mask=cm[:, None] & (jj < KC - 1))
+
+    @triton.jit
     def splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rmask, NR, stride_y,
                       T: tl.constexpr, BN: tl.constexpr, SPLIT, GATED: tl.constexpr, SPLITP: tl.constexpr = 0,
                       rscale=1.0, FOLD: tl.constexpr = 0, res_ptr=None, fw_ptr=None, xt_ptr=None, ss_ptr=None,
-                      r_pre=None, w_pre=None, PRE: tl.constexpr = False):
+                      r_pre=None, w_pre=None, PRE: tl.constexpr = False,
+                      CONV: tl.constexpr = False, cw_ptr=None, cs_ptr=None, act_ptr=None, NCONV=0,
+                      KC: tl.constexpr = 4, KP: tl.constexpr = 4):
         """Split-K epilogue shared by the GEMV kernels. Each split has written its fp32 partial rows
         part[split, t, :]; the last program of the row block to arrive (self-resetting counter) adds
         them (deterministic: split order, or with SPLITP >= SPLIT one [SPLITP, BN] load and a fixed
@@ -217,12 +243,16 @@ if HAS_TRITON:
         silu(gate) * up when gated, stores the rows (scaled by rscale first, before the SiLU; or with FOLD,
         taken into the residual stream by fold_store, T = 1; PRE: with the residual and weight rows the
         caller preloaded). Ordering as in CUTLASS's serial split-K semaphore:
-        CTA barrier, then one gpu-scope acq_rel atomic; the reader's loads bypass L1. Returns whether
-        this program was that last one."""
+        CTA barrier, then one gpu-scope acq_rel atomic; the reader's loads bypass L1. CONV (T = 1, not
+        gated): the rows below NCONV also go through conv_rows (their operands loaded by every program
+        before the atomic, so the last one's tail has no loads but the partials). Returns whether this
+        program was that last one."""
         if GATED:
             ntot = 2 * NR
         else:
             ntot = NR
+        if CONV:
+            c_w, c_old, c_nxt = conv_load(rn, rmask, cw_ptr, cs_ptr, NCONV, KC, KP)
         tl.debug_barrier()  # all of this program's partial stores happen before the release below
         done = tl.atomic_add(cnt_ptr + pid_n, 1)  # acq_rel, gpu scope
         if done == SPLIT - 1:
@@ -250,6 +280,9 @@ if HAS_TRITON:
                 if FOLD > 0:
                     fold_store(ra, rn, rmask, pid_n, y_ptr, res_ptr, fw_ptr, xt_ptr, ss_ptr, FOLD, r_pre, w_pre, PRE)
                 else:
-                    tl.store(y_ptr + t * stride_y + rn, ra.to(y_ptr.dtype.element_ty), mask=rmask)
+                    yv = ra.to(y_ptr.dtype.element_ty)
+                    tl.store(y_ptr + t * stride_y + rn, yv, mask=rmask)
+                    if CONV:
+                        conv_rows(yv.to(tl.float32), rn, rmask, c_w, c_old, c_nxt, cs_ptr, act_ptr, NCONV, KC, KP)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
         return done == SPLIT - 1

@@ -106,7 +106,8 @@ def gdn_decode_step_ref(
     *,
     ab_from: tuple[torch.Tensor, torch.Tensor] | None = None,
     ab_rstd: tuple[torch.Tensor, float] | None = None,
-) -> torch.Tensor:
+    folded: bool = False,
+):
     hk, hv, dk, dv, conv_dim, kconv = _shapes(qkv, A_log, rec_state, conv_weight)
     f32 = torch.float32
     if ab_from is not None:  # a|b = u @ W_ab.T computed here, in fp32 (the fused kernel does the same)
@@ -116,11 +117,13 @@ def gdn_decode_step_ref(
             ss, eps = ab_rstd
             ab = ab * torch.rsqrt(ss.to(f32).sum() / u.numel() + eps)
         a, b = ab.split([hv, hv])
-    # short causal conv over [old K-1 inputs, current], then SiLU
-    x = qkv.reshape(conv_dim, 1).to(f32)
-    win = torch.cat([conv_state.to(f32), x], dim=1)  # [conv_dim, K]
-    y = F.silu((win * conv_weight.reshape(conv_dim, kconv).to(f32)).sum(dim=1))
-    conv_state.copy_(win[:, 1:])
+    if folded:  # qkv holds the conv's activations already (kernels.gemv_q4's conv epilogue)
+        y = qkv.reshape(conv_dim).to(f32)
+    else:  # short causal conv over [old K-1 inputs, current], then SiLU
+        x = qkv.reshape(conv_dim, 1).to(f32)
+        win = torch.cat([conv_state.to(f32), x], dim=1)  # [conv_dim, K]
+        y = F.silu((win * conv_weight.reshape(conv_dim, kconv).to(f32)).sum(dim=1))
+        conv_state.copy_(win[:, 1:])
     q, k, v = torch.split(y, [hk * dk, hk * dk, hv * dv])
     q = q.view(hk, dk)
     k = k.view(hk, dk)
@@ -138,14 +141,18 @@ def gdn_decode_step_ref(
     mem = torch.einsum("hkv,hk->hv", s, k)
     s.add_(k[:, :, None] * (beta[:, None] * (v - mem))[:, None, :])
     o = torch.einsum("hkv,hk->hv", s, q)
-    # gated RMSNorm per head (weight shared by heads), SiLU gate
-    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + NORM_EPS)
+    # gated RMSNorm per head (weight shared by heads), SiLU gate; folded: without the rstd, which the o
+    # projection applies from the heads' sums of squares (kernels.gemv_q4 head_rstd)
+    hs = o.pow(2).sum(-1, keepdim=True)
+    if not folded:
+        o = o * torch.rsqrt(hs / dv + NORM_EPS)
     o = o * norm_weight.to(f32) * F.silu(z.reshape(hv, dv).to(f32))
     o = o.reshape(hv * dv)
     if out is None:
-        return o.to(z.dtype)
-    out.view(hv * dv).copy_(o)
-    return out
+        out = o.to(z.dtype)
+    else:
+        out.view(hv * dv).copy_(o)
+    return (out, hs) if folded else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,6 +208,7 @@ if HAS_TRITON:
         rss_ptr=None, NSS=0, eps_r=0.0, AB_RSTD: tl.constexpr = False, NSSP: tl.constexpr = 1,
         stride_sk=0, stride_sv=1,  # the state's strides along dk and dv (a head's block is DK * DV)
         TAIL: tl.constexpr = 2, LATE_STORES: tl.constexpr = True,
+        FOLDED: tl.constexpr = False, hs_ptr=None,  # act in, x~ and the norm's partial sums out (see the wrapper)
     ):
         pdl_launch_dependents(USE_PDL)
         h = tl.program_id(0)
@@ -220,12 +228,15 @@ if HAS_TRITON:
         soff = h * DK * DV + dk[:, None] * stride_sk + dvi[None, :] * stride_sv
         smask = mk[:, None] & mv[None, :]
         st = tl.load(s_ptr + soff, mask=smask, other=0.0)
-        old_q, nxt_q = _conv_old(cs_ptr, qch, mk, jj, KC)
-        old_k, nxt_k = _conv_old(cs_ptr, kch, mk, jj, KC)
-        old_v, nxt_v = _conv_old(cs_ptr, vch, mv, jj, KC)
-        w_q = _conv_w(cw_ptr, qch, mk, jj, KC)
-        w_k = _conv_w(cw_ptr, kch, mk, jj, KC)
-        w_v = _conv_w(cw_ptr, vch, mv, jj, KC)
+        if FOLDED:
+            w_n = tl.load(nw_ptr + dvi, mask=mv, other=0).to(tl.float32)
+        else:
+            old_q, nxt_q = _conv_old(cs_ptr, qch, mk, jj, KC)
+            old_k, nxt_k = _conv_old(cs_ptr, kch, mk, jj, KC)
+            old_v, nxt_v = _conv_old(cs_ptr, vch, mv, jj, KC)
+            w_q = _conv_w(cw_ptr, qch, mk, jj, KC)
+            w_k = _conv_w(cw_ptr, kch, mk, jj, KC)
+            w_v = _conv_w(cw_ptr, vch, mv, jj, KC)
         dt_b = tl.load(dtb_ptr + h).to(tl.float32)
         a_log = tl.load(alog_ptr + h).to(tl.float32)
         if AB_ONCE:  # the head's two W_ab rows whole (BU >= D), before the wait: after it only u is loaded
@@ -237,17 +248,22 @@ if HAS_TRITON:
         if AB_RSTD:  # u is x~ of a folded norm: a|b scaled by rstd from the producer's row-block sums
             ab_scale = fold_rstd(rss_ptr, NSS, NSSP, D, eps_r)
 
-        # q and k of this head: conv, SiLU, L2 norm (recomputed by every program of the group)
-        win_q, nxt_q = _conv_window(qkv_ptr, old_q, nxt_q, qch, mk, jj, KC)
-        win_k, nxt_k = _conv_window(qkv_ptr, old_k, nxt_k, kch, mk, jj, KC)
-        q = _conv_silu(w_q, win_q)
-        k = _conv_silu(w_k, win_k)
+        # q and k of this head: conv, SiLU, L2 norm (recomputed by every program of the group); FOLDED: the
+        # in-projection's conv epilogue wrote them (and v) convolved and activated, in fp32
+        if FOLDED:
+            q = tl.load(qkv_ptr + qch, mask=mk, other=0)
+            k = tl.load(qkv_ptr + kch, mask=mk, other=0)
+            v = tl.load(qkv_ptr + vch, mask=mv, other=0)
+        else:
+            win_q, nxt_q = _conv_window(qkv_ptr, old_q, nxt_q, qch, mk, jj, KC)
+            win_k, nxt_k = _conv_window(qkv_ptr, old_k, nxt_k, kch, mk, jj, KC)
+            q = _conv_silu(w_q, win_q)
+            k = _conv_silu(w_k, win_k)
+            # this program's slice of v
+            win_v, nxt_v = _conv_window(qkv_ptr, old_v, nxt_v, vch, mv, jj, KC)
+            v = _conv_silu(w_v, win_v)
         q = q * (q_scale / tl.sqrt(tl.sum(q * q, axis=0) + 1e-6))
         k = k / tl.sqrt(tl.sum(k * k, axis=0) + 1e-6)
-
-        # this program's slice of v
-        win_v, nxt_v = _conv_window(qkv_ptr, old_v, nxt_v, vch, mv, jj, KC)
-        v = _conv_silu(w_v, win_v)
 
         # gates (fp32)
         if AB_ONCE:
@@ -284,36 +300,43 @@ if HAS_TRITON:
         delta = beta * (v - mem)
         st = st + k[:, None] * delta[None, :]
         o = tl.sum(st * q[:, None], axis=0)
-        if not LATE_STORES:
+        if FOLDED:  # x~ = o * w * silu(z) and this slice's sum of o^2; the o projection applies the rstd
+            zz = tl.load(z_ptr + h * DV + dvi, mask=mv, other=0).to(tl.float32)
+            tl.store(out_ptr + h * DV + dvi, (o * w_n * (zz / (1.0 + tl.exp(-zz)))).to(out_ptr.dtype.element_ty),
+                     mask=mv)
+            tl.store(hs_ptr + h * NVB + vb, tl.sum(tl.where(mv, o * o, 0.0), axis=0))
             tl.store(s_ptr + soff, st, mask=smask)
-        tl.store(ows_ptr + h * DV + dvi, o, mask=mv)
+        else:
+            if not LATE_STORES:
+                tl.store(s_ptr + soff, st, mask=smask)
+            tl.store(ows_ptr + h * DV + dvi, o, mask=mv)
 
-        # every thread of this program has read its conv inputs: the v slice's state is ours alone
-        tl.debug_barrier()
-        if not LATE_STORES:
-            _store_conv_state(cs_ptr, nxt_v, vch, mv, jj, KC)
-        done = 0
-        if TAIL > 0:
-            done = tl.atomic_add(cnt_ptr + kh, 1)
-        if LATE_STORES:  # after the counter's release: it then waits for the o slice only, not these
-            tl.store(s_ptr + soff, st, mask=smask)
-            _store_conv_state(cs_ptr, nxt_v, vch, mv, jj, KC)
-        if TAIL > 0 and done == R * NVB - 1:
-            # last program of the key-head group: all others have read the q/k conv state and
-            # written their o slices
-            _store_conv_state(cs_ptr, nxt_q, qch, mk, jj, KC)
-            _store_conv_state(cs_ptr, nxt_k, kch, mk, jj, KC)
-            d = tl.arange(0, BDV)
-            md = d < DV
-            w = tl.load(nw_ptr + d, mask=md, other=0).to(tl.float32)
-            for r in range(R if TAIL > 1 else 0):
-                hh = kh * R + r
-                oo = tl.load(ows_ptr + hh * DV + d, mask=md, other=0.0, cache_modifier=".cg")
-                zz = tl.load(z_ptr + hh * DV + d, mask=md, other=0).to(tl.float32)
-                rstd = 1.0 / tl.sqrt(tl.sum(oo * oo, axis=0) / DV + 1e-5)
-                yy = oo * rstd * w * (zz / (1.0 + tl.exp(-zz)))
-                tl.store(out_ptr + hh * DV + d, yy.to(out_ptr.dtype.element_ty), mask=md)
-            tl.atomic_xchg(cnt_ptr + kh, 0)
+            # every thread of this program has read its conv inputs: the v slice's state is ours alone
+            tl.debug_barrier()
+            if not LATE_STORES:
+                _store_conv_state(cs_ptr, nxt_v, vch, mv, jj, KC)
+            done = 0
+            if TAIL > 0:
+                done = tl.atomic_add(cnt_ptr + kh, 1)
+            if LATE_STORES:  # after the counter's release: it then waits for the o slice only, not these
+                tl.store(s_ptr + soff, st, mask=smask)
+                _store_conv_state(cs_ptr, nxt_v, vch, mv, jj, KC)
+            if TAIL > 0 and done == R * NVB - 1:
+                # last program of the key-head group: all others have read the q/k conv state and
+                # written their o slices
+                _store_conv_state(cs_ptr, nxt_q, qch, mk, jj, KC)
+                _store_conv_state(cs_ptr, nxt_k, kch, mk, jj, KC)
+                d = tl.arange(0, BDV)
+                md = d < DV
+                w = tl.load(nw_ptr + d, mask=md, other=0).to(tl.float32)
+                for r in range(R if TAIL > 1 else 0):
+                    hh = kh * R + r
+                    oo = tl.load(ows_ptr + hh * DV + d, mask=md, other=0.0, cache_modifier=".cg")
+                    zz = tl.load(z_ptr + hh * DV + d, mask=md, other=0).to(tl.float32)
+                    rstd = 1.0 / tl.sqrt(tl.sum(oo * oo, axis=0) / DV + 1e-5)
+                    yy = oo * rstd * w * (zz / (1.0 + tl.exp(-zz)))
+                    tl.store(out_ptr + hh * DV + d, yy.to(out_ptr.dtype.element_ty), mask=md)
+                tl.atomic_xchg(cnt_ptr + kh, 0)
 
 
 def gdn_decode_step_triton(
@@ -335,7 +358,8 @@ def gdn_decode_step_triton(
     block_v: int | None = None,
     num_warps: int | None = None,
     ab_once_max: int | None = None,
-) -> torch.Tensor:
+    folded: bool = False,
+):
     """Triton version of gdn_decode_step_ref (block_v: state columns per program; num_warps: by default
     SMALL_BLOCK_V x SMALL_WARPS with a, b given and a dk-major state, else BLOCK_V x NUM_WARPS)."""
     hk, hv, dk, dv, conv_dim, kconv = _shapes(qkv, A_log, rec_state, conv_weight)
@@ -376,6 +400,10 @@ def gdn_decode_step_triton(
     nvb = cdiv(dv, bv)
     ows = workspace("gdn_o", (hv * dv,), torch.float32, z.device)
     cnt = workspace("gdn_cnt", (hk,), torch.int32, z.device)
+    if folded:
+        if qkv.dtype != torch.float32 or not qkv.is_contiguous():
+            raise ValueError("folded: qkv must be the conv's contiguous fp32 activations")
+        fused.update(FOLDED=True, hs_ptr=workspace("gdn_hs", (hv, nvb), torch.float32, z.device))
     pdl = use_pdl(z)
     _gdn_decode_kernel[(hv, nvb)](
         qkv.reshape(-1), z.reshape(-1), a.reshape(-1), b.reshape(-1), conv_weight.reshape(conv_dim, kconv),
@@ -388,7 +416,7 @@ def gdn_decode_step_triton(
         TAIL=TAIL_MODE, LATE_STORES=LATE_STORES, **fused,
         num_warps=num_warps, **pdl_kwargs(pdl),
     )
-    return out
+    return (out, fused["hs_ptr"]) if folded else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,10 +438,15 @@ def gdn_decode_step(
     *,
     ab_from: tuple[torch.Tensor, torch.Tensor] | None = None,
     ab_rstd: tuple[torch.Tensor, float] | None = None,
-) -> torch.Tensor:
+    folded: bool = False,
+):
     """One decode step of a GDN layer. With ``ab_from=(u, W_ab)`` the a|b projection of the normed
     input u is computed inside the step (a and b are then ignored: pass None); with ``ab_rstd=(ss,
-    eps)`` u is the x~ of a folded norm and a|b are scaled by rsqrt(sum(ss) / D + eps)."""
+    eps)`` u is the x~ of a folded norm and a|b are scaled by rsqrt(sum(ss) / D + eps). ``folded``: qkv
+    holds the conv's fp32 activations (kernels.gemv_q4's conv epilogue updated the conv state), and the
+    result is (x~, hs): the gated norm without its rstd, x~ = o * w * silu(z), and hs [Hv, B] fp32 whose
+    rows sum to each head's sum of o^2, for the o projection's head_rstd=(hs, 1e-5); the kernel then has
+    no cross-program step (no counter, no last-program tail)."""
     fn = gdn_decode_step_triton if use_triton(rec_state) else gdn_decode_step_ref
     return fn(qkv, z, a, b, conv_weight, conv_state, A_log, dt_bias, norm_weight, rec_state,
-              allow_neg_eigval, out, ab_from=ab_from, ab_rstd=ab_rstd)
+              allow_neg_eigval, out, ab_from=ab_from, ab_rstd=ab_rstd, folded=folded)

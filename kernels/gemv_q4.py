@@ -42,7 +42,8 @@ import torch
 from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, pdl_kwargs, tl, triton, use_pdl, use_triton, workspace
 
 if HAS_TRITON:
-    from ._triton import emit_rows, fold_rstd, pdl_launch_dependents, pdl_wait, splitk_finish
+    from ._triton import (conv_load, conv_rows, emit_rows, fold_rstd, pdl_launch_dependents, pdl_wait,
+                          splitk_finish)
 
 __all__ = [
     "TILE_ROWS",
@@ -416,12 +417,50 @@ if HAS_TRITON:
         return tl.load(xb), tl.load(xb + 1), tl.load(xb + G // 4), tl.load(xb + G // 4 + 1)
 
     @triton.jit
+    def _scale_words(w, r, ASM: tl.constexpr):
+        """bf16 pairs (int32 words) times the fp32 scalar r, rounded back to bf16 pairs."""
+        lo = (w << 16).to(tl.float32, bitcast=True) * r
+        hi = (w & -65536).to(tl.float32, bitcast=True) * r
+        if ASM:
+            return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", [hi, lo], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        lb = lo.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        hb = hi.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+        return lb | (hb << 16)
+
+    @triton.jit
+    def _head_rstd(hs_ptr, h, NVB: tl.constexpr, DV, eps):
+        """rsqrt(mean of squares + eps) of head h from its NVB partial sums of squares (NVB scalar loads:
+        no reduction across lanes, so no barrier in the GEMV loop)."""
+        s = tl.load(hs_ptr + h * NVB)
+        for j in tl.static_range(1, NVB):
+            s += tl.load(hs_ptr + h * NVB + j)
+        return 1.0 / tl.sqrt(s / DV + eps)
+
+    @triton.jit
+    def _x_pairs_hn(xa, xc, xd, xe, g, G: tl.constexpr, ASM: tl.constexpr, HEADNORM: tl.constexpr, hs_ptr,
+                    NVB: tl.constexpr, DV, eps_h):
+        """_x_pairs of group g; HEADNORM: x is a per-head normed vector without its rstd (the GDN step's
+        x~ = o * w * silu(z)), each group half (xa, xc: its first G/2 values, xd, xe: the rest; DV a multiple
+        of G/2, so each half lies in one head) scaled by its head's rstd first."""
+        if HEADNORM:
+            r_lo = _head_rstd(hs_ptr, (g * G) // DV, NVB, DV, eps_h)
+            r_hi = _head_rstd(hs_ptr, (g * G + G // 2) // DV, NVB, DV, eps_h)
+            xa = _scale_words(xa, r_lo, ASM)
+            xc = _scale_words(xc, r_lo, ASM)
+            xd = _scale_words(xd, r_hi, ASM)
+            xe = _scale_words(xe, r_hi, ASM)
+        return _x_pairs(xa, xc, xd, xe, ASM)
+
+    @triton.jit
     def _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                      G: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
                      ASM: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TR: tl.constexpr,
                      STAGES: tl.constexpr, GHALF: tl.constexpr, PF2: tl.constexpr, SPLITP: tl.constexpr,
                      rss_ptr, NSS, eps_r, RSTD: tl.constexpr, NSSP: tl.constexpr, FOLD: tl.constexpr,
-                     res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE: tl.constexpr, PW2: tl.constexpr):
+                     res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE: tl.constexpr, PW2: tl.constexpr,
+                     CONV: tl.constexpr, cw_ptr, cs_ptr, act_ptr, NCONV, KC: tl.constexpr, KP: tl.constexpr,
+                     HEADNORM: tl.constexpr, hs_ptr, NVB: tl.constexpr, DV, eps_h):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
@@ -430,7 +469,9 @@ if HAS_TRITON:
         from the producer's row-block sums loaded beside x; FOLD (the producer, split-K only): the
         finished rows go to the residual stream by fold_store instead of y; FPRE: every program loads its
         row block's norm weight before the wait and residual rows after it (a few hundred bytes, L2), so
-        that the last program's tail after the split-K atomic does not wait for them."""
+        that the last program's tail after the split-K atomic does not wait for them. CONV: rows below NCONV
+        also go through a short conv + SiLU (conv_rows: act_ptr, the conv state updated); HEADNORM: x is
+        scaled per head as it is paired (_x_pairs_hn)."""
         HW: tl.constexpr = G // 8
         HALF: tl.constexpr = BN // 2
         pid_k = tl.program_id(0)
@@ -494,7 +535,7 @@ if HAS_TRITON:
             xa, xc, xd, xe = n_xa, n_xc, n_xd, n_xe
             n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = p_wa, p_wb, p_sa, p_ma, p_sb, p_mb
             n_xa, n_xc, n_xd, n_xe = p_xa, p_xc, p_xd, p_xe
-            x0, x1, x2, x3 = _x_pairs(xa, xc, xd, xe, ASM)
+            x0, x1, x2, x3 = _x_pairs_hn(xa, xc, xd, xe, g_begin, G, ASM, HEADNORM, hs_ptr, NVB, DV, eps_h)
             ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
             g_start = g_begin + 1
         # STAGES > 1 (with PREFETCH off): Triton's software pipeliner copies the weights and x of the
@@ -527,7 +568,7 @@ if HAS_TRITON:
                     ua_w, ub_w, usa, uma, usb, umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR, HALF, 2 * NR,
                                                                2 * NR, NGR, g, HW, TR)
                 xa, xc, xd, xe = _x_words(x_ptr, g, hw, G)
-            x0, x1, x2, x3 = _x_pairs(xa, xc, xd, xe, ASM)
+            x0, x1, x2, x3 = _x_pairs_hn(xa, xc, xd, xe, g, G, ASM, HEADNORM, hs_ptr, NVB, DV, eps_h)
             ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
             if QUAD:  # the matching up-projection rows
                 ua, ub = _mma_acc(ua, ub, ua_w, ub_w, usa, uma, usb, umb, x0, x1, x2, x3, ASM)
@@ -549,7 +590,16 @@ if HAS_TRITON:
             if SPLIT_K:
                 rn = pid_n * BN + tl.arange(0, BN)
                 splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT, GATED,
-                              SPLITP, rstd, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, r_pre, w_pre, PRE)
+                              SPLITP, rstd, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, r_pre, w_pre, PRE,
+                              CONV, cw_ptr, cs_ptr, act_ptr, NCONV, KC, KP)
+            elif CONV:  # one split: the rows as emit_rows stored them
+                ty = y_ptr.dtype.element_ty
+                c_w, c_old, c_nxt = conv_load(rows_a, mask_a, cw_ptr, cs_ptr, NCONV, KC, KP)
+                conv_rows((tl.sum(ga, 1) * sc).to(ty).to(tl.float32), rows_a, mask_a, c_w, c_old, c_nxt, cs_ptr,
+                          act_ptr, NCONV, KC, KP)
+                c_w, c_old, c_nxt = conv_load(rows_a + HALF, mask_b, cw_ptr, cs_ptr, NCONV, KC, KP)
+                conv_rows((tl.sum(gb, 1) * sc).to(ty).to(tl.float32), rows_a + HALF, mask_b, c_w, c_old, c_nxt,
+                          cs_ptr, act_ptr, NCONV, KC, KP)
 
     @triton.jit
     def _q4_group(acc, w, s, m, x_row, gx, mcol, magic, G: tl.constexpr, X_BF16: tl.constexpr,
@@ -667,6 +717,9 @@ if HAS_TRITON:
         FPRE: tl.constexpr = False,  # producer: residual and weight rows loaded at the start (FOLD_PRELOAD)
         PW2: tl.constexpr = False,  # the second group's weights also before the PDL wait (PREWAIT_TWO)
         wd_ptr=None, d_ptr=None, ND=0, NB=0, DENSE: tl.constexpr = False, BKW: tl.constexpr = 1,  # dense rows
+        CONV: tl.constexpr = False, cw_ptr=None, cs_ptr=None, act_ptr=None, NCONV=0,  # conv epilogue
+        KC: tl.constexpr = 4, KP: tl.constexpr = 4,
+        HEADNORM: tl.constexpr = False, hs_ptr=None, NVB: tl.constexpr = 1, DV=1, eps_h=0.0,  # per-head rstd of x
     ):
         pdl_launch_dependents(USE_PDL)
         if DENSE and tl.program_id(1) >= NB:  # programs past the q4 row blocks: the dense bf16 rows
@@ -675,7 +728,8 @@ if HAS_TRITON:
         elif MMA:  # tensor cores, T == 1, bf16 x, one group per iteration
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                          G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP,
-                         rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE, PW2)
+                         rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE, PW2,
+                         CONV, cw_ptr, cs_ptr, act_ptr, NCONV, KC, KP, HEADNORM, hs_ptr, NVB, DV, eps_h)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -806,14 +860,15 @@ def _wide_split(n_blocks: int, iters: int, sms: int, per_sm: float) -> int:
 
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *, block_n=None, split_k=None,
                num_warps=None, num_stages=2, pairs=None, groups_per_iter=None, mma=None, prefetch=None, stages=None,
-               gate_halves=None, prefetch_depth=None, rstd=None, fold=None, dense=None):
+               gate_halves=None, prefetch_depth=None, rstd=None, fold=None, dense=None, conv=None, head_rstd=None):
     """The tuning knobs (keyword-only, shared by both public entry points): rows per program, K splits,
     warps, pipeline stages, bf16x2 math, groups per iteration, tensor cores, hand prefetch of the next
     group, Triton-pipelined group loop of the tensor-core path (stages), and for the gated tensor-core
     path BN/2 gate rows + their up rows per program instead of BN + BN (gate_halves), and how many
     groups ahead the hand prefetch loads (prefetch_depth 1 or 2; 2 needs two tiles per group); None
     picks the default. rstd = (ss, eps) / fold = (residual, w or None): the two sides of a folded norm
-    (see q4_gemv_fold; with fold the result is (x_new, x~, ss)), tensor-core path only."""
+    (see q4_gemv_fold; with fold the result is (x_new, x~, ss)), tensor-core path only. conv / head_rstd:
+    see q4_gemv (tensor-core path only)."""
     x2 = _as_rows(x)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -853,6 +908,8 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         raise ValueError("the tensor-core q4 path takes one bf16 row of x and group size 128")
     if (rstd is not None or fold is not None) and not use_mma:
         raise ValueError("a folded norm runs on the tensor-core q4 path only (one bf16 row, group 128)")
+    if (conv is not None or head_rstd is not None) and not use_mma:
+        raise ValueError("conv and head_rstd run on the tensor-core q4 path only (one bf16 row, group 128)")
     if fold is not None and (gated or ngr < 2):
         raise ValueError("the producer of a folded norm is a plain projection with at least two groups")
     wide = None
@@ -906,6 +963,24 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         extra.update(FOLD=1 if fw is None else 2, res_ptr=res, fw_ptr=fw, xt_ptr=xt, ss_ptr=ss_out,
                      FPRE=FOLD_PRELOAD)
         out = (out, xt, ss_out)
+    if conv is not None:
+        cw, cs, act = conv
+        nc = act.numel()
+        kc = cw.numel() // max(nc, 1)
+        if (gated or fold is not None or not 0 < nc <= nr or kc < 2 or cw.numel() != nc * kc
+                or not (cw.is_contiguous() and cs.is_contiguous() and act.is_contiguous())
+                or cs.numel() != nc * (kc - 1) or act.dtype != torch.float32):
+            raise ValueError("conv: a plain projection, contiguous conv weights [C, K], state [C, K-1] and an fp32 "
+                             "[C] output for its first C <= N rows")
+        extra.update(CONV=True, cw_ptr=cw, cs_ptr=cs, act_ptr=act, NCONV=nc, KC=kc, KP=next_pow2(kc))
+    if head_rstd is not None:
+        hs, eps_h = head_rstd
+        nh = hs.shape[0] if hs.dim() == 2 else 0
+        dv = k // nh if nh else 0
+        if not nh or k % nh or dv % (g // 2) or hs.dtype != torch.float32 or not hs.is_contiguous():
+            raise ValueError(f"head_rstd: an fp32 [H, blocks] tensor whose H divides K = {k} into heads of a "
+                             f"multiple of {g // 2}")
+        extra.update(HEADNORM=True, hs_ptr=hs, NVB=hs.shape[1], DV=dv, eps_h=float(eps_h))
     n_extra = 0
     if dense is not None:  # (Wd [E, K] bf16, d [E] fp32): extra programs, one dense row each
         wd, d_out = dense
@@ -969,29 +1044,64 @@ def q4_gemv(
     tiled: bool = False,
     rstd: tuple | None = None,
     dense: tuple | None = None,
+    conv: tuple | None = None,
+    head_rstd: tuple | None = None,
 ) -> torch.Tensor:
     """y = x @ W.T for one to eight rows of x; rstd = (ss, eps): x is the x~ of a folded norm (see
     q4_gemv_fold). dense = (Wd, d): also d = x @ Wd.T (times the folded norm's rstd) for a dense bf16 Wd
-    [E, K] into the fp32 [E] tensor d, in the same launch on the tensor-core path (the GDN a|b rows)."""
-    if use_triton(x) and _fits(x) and (rstd is None or _mma_fits(x, group_size)) and (
-            dense is None or _mma_fits(x, group_size)):
-        return q4_gemv_triton(x, qweight, scales, mins, group_size, out, tiled, rstd=rstd, dense=dense)
-    if dense is not None and x.numel() != x.shape[-1]:
-        raise ValueError("dense rows take one row of x")
+    [E, K] into the fp32 [E] tensor d, in the same launch on the tensor-core path (the GDN a|b rows).
+    conv = (Wc [C, Kc], state [C, Kc-1], act [C] fp32), one row of x: the first C outputs (rounded to
+    x.dtype) are also a short causal conv's inputs: act = silu(conv over [state, y]) in fp32 and the state
+    shifts to end with y (the GDN q|k|v conv, so the GDN step takes activations). head_rstd = (hs [H, B]
+    fp32, eps): x holds H heads without their RMSNorm scale; each head is scaled by rsqrt(sum(hs[h]) / dv +
+    eps) and rounded to x.dtype before the product (the GDN step's gated norm, folded into the o projection)."""
+    if use_triton(x) and _fits(x) and (
+            all(a is None for a in (rstd, dense, conv, head_rstd)) or _mma_fits(x, group_size)):
+        return q4_gemv_triton(x, qweight, scales, mins, group_size, out, tiled, rstd=rstd, dense=dense,
+                              conv=conv, head_rstd=head_rstd)
+    if (dense is not None or conv is not None) and x.numel() != x.shape[-1]:
+        raise ValueError("dense rows and the conv epilogue take one row of x")
+    if head_rstd is not None:
+        x = head_scale_ref(x, head_rstd)
     y = q4_gemv_ref(x, qweight, scales, mins, group_size, out, tiled, rstd)
     if dense is not None:
         wd, d_out = dense
         dd = x.reshape(-1).float() @ wd.float().T
         d_out.copy_(dd * _rstd(rstd, x.shape[-1]))
+    if conv is not None:
+        conv_step_ref(y.reshape(-1), *conv)
     return y
 
 
+def head_scale_ref(x: torch.Tensor, head_rstd: tuple) -> torch.Tensor:
+    """x [.., H * dv] with head h scaled by rsqrt(sum(hs[h]) / dv + eps), rounded to x.dtype (head_rstd = (hs
+    [H, B], eps))."""
+    hs, eps = head_rstd
+    nh = hs.shape[0]
+    rs = torch.rsqrt(hs.to(torch.float32).sum(1) / (x.shape[-1] // nh) + eps)
+    return (x.to(torch.float32) * rs.repeat_interleave(x.shape[-1] // nh)).to(x.dtype)
+
+
+def conv_step_ref(y: torch.Tensor, conv_w: torch.Tensor, conv_state: torch.Tensor, act: torch.Tensor) -> None:
+    """One token of a short causal conv on the first C values of y: act [C] = silu(sum over the window [state,
+    y]) in fp32; the state [C, K-1] shifts left and ends with y."""
+    c = act.numel()
+    kc = conv_w.numel() // c
+    win = torch.cat([conv_state.to(torch.float32), y[:c].to(torch.float32)[:, None]], dim=1)
+    act.copy_(torch.nn.functional.silu((win * conv_w.reshape(c, kc).to(torch.float32)).sum(dim=1)))
+    conv_state.copy_(win[:, 1:])
+
+
 def q4_gemv_fold(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
-                 residual: torch.Tensor, w: torch.Tensor | None = None, tiled: bool = False):
+                 residual: torch.Tensor, w: torch.Tensor | None = None, tiled: bool = False,
+                 head_rstd: tuple | None = None):
     """Dispatch of q4_gemv_fold_ref: on the tensor-core path the split-K tail of each row block writes
-    x_new, x~ and the block's sum of squares (no norm launch)."""
+    x_new, x~ and the block's sum of squares (no norm launch). head_rstd: as q4_gemv."""
     if use_triton(x) and _mma_fits(x, group_size) and 2 * qweight.shape[1] // group_size >= 2:
-        return _q4_launch(x, qweight, scales, mins, group_size, None, False, tiled, fold=(residual, w))
+        return _q4_launch(x, qweight, scales, mins, group_size, None, False, tiled, fold=(residual, w),
+                          head_rstd=head_rstd)
+    if head_rstd is not None:
+        x = head_scale_ref(x, head_rstd)
     return q4_gemv_fold_ref(x, qweight, scales, mins, group_size, residual, w, tiled)
 
 

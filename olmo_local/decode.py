@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from olmo_local.generate import Sampler, SamplingParams, sampling_probs, valid_logits
 from olmo_local.kernels.attention_decode import (LONG_CTX_LAUNCH, attention_decode, attention_prep,
                                                  quantize_kv_int8)
+from olmo_local.kernels.gdn_decode import NORM_EPS as GDN_NORM_EPS
 from olmo_local.kernels.gdn_decode import gdn_decode_step
 from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_fold, q4_gemv_silu_mul
 from olmo_local.kernels.gemv_nf4 import nf4_fits, nf4_gemv
@@ -59,10 +60,13 @@ def mlp_act(mlp: torch.nn.Module, x: torch.Tensor, rstd: tuple | None = None) ->
     return F.silu(gate) * up
 
 
-def fold(mod: torch.nn.Module, inp: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None = None):
+def fold(mod: torch.nn.Module, inp: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None = None,
+         head_rstd: tuple | None = None):
     """A q4 projection whose output goes into the residual stream x without a norm launch
-    (kernels.gemv_q4.q4_gemv_fold): -> (x + y, (x + y) * w, sums of squares), or x + y alone without w."""
-    return q4_gemv_fold(inp, mod.qweight, mod.scales, mod.mins, mod.group_size, x, w, tiled=mod.tiled)
+    (kernels.gemv_q4.q4_gemv_fold): -> (x + y, (x + y) * w, sums of squares), or x + y alone without w.
+    head_rstd: inp is a GDN step's x~, scaled per head inside the projection (see gdn_decode_step)."""
+    return q4_gemv_fold(inp, mod.qweight, mod.scales, mod.mins, mod.group_size, x, w, tiled=mod.tiled,
+                        head_rstd=head_rstd)
 
 
 def linear_norm(mod: torch.nn.Module, inp: torch.Tensor, x: torch.Tensor, mode: str,
@@ -112,6 +116,11 @@ class DecodeStep:
     # bf16 row each) instead of inside the GDN step, whose programs then shrink to one warp per 16 state
     # columns (with the state dk-major on CUDA)
     ab_in_projection = True
+    # with the a|b rows beside it: the in-projection's split-K tail also runs the q|k|v short conv + SiLU
+    # (kernels.gemv_q4 conv=), and the GDN step's gated norm goes without its rstd, which the o projection
+    # applies per head (head_rstd=): the GDN step then has no per-key-head counter and last-program tail
+    # (the H200 ablation timed those at ~41 us per token)
+    conv_in_projection = True
 
     def __init__(self, model: OlmoHybridModel, state: DecodeState, use_graph: bool | None = None) -> None:
         self.model, self.state = model, state
@@ -121,6 +130,7 @@ class DecodeStep:
         cfg = model.config
         # a|b of the GDN layer in flight (ab_in_projection)
         self.ab = torch.zeros(2 * cfg.linear_num_value_heads, dtype=torch.float32, device=self.device)
+        self.act = torch.zeros(cfg.conv_dim, dtype=torch.float32, device=self.device)  # conv_in_projection
         self.inv_freq = None
         if cfg.rope_theta is not None:
             hd = cfg.head_dim
@@ -205,14 +215,17 @@ class DecodeStep:
         w_ab = getattr(L.ab, "weight", None)
         dense_ab = isinstance(w_ab, torch.Tensor) and w_ab.dtype == x.dtype and w_ab.is_contiguous()
         ab_kw = {}  # how the GDN step gets a|b: computed beside it (a, b given) or projected inside it
+        conv = None  # (conv_in_projection) the in-projection's conv epilogue: weights, state, activations
         if pending is not None and dense_ab and self._folds(pending[0], L.qkvz):
             # x += previous layer's MLP output; u = rmsnorm(x) * w never formed: its consumers (the
             # in-projection and the a|b projection) take x * w and scale by rstd
             x, u, ss = fold(*pending, x, L.in_norm.weight)
             rs = (ss, L.in_norm.eps)
             dense = (w_ab, self.ab) if self.ab_in_projection else None
+            if dense is not None and self.conv_in_projection and self._folds(L.o, L.mlp.gate_up):
+                conv = (L.conv_w, st.conv_state[L.idx], self.act)
             qkvz = q4_gemv(u, L.qkvz.qweight, L.qkvz.scales, L.qkvz.mins, L.qkvz.group_size, tiled=L.qkvz.tiled,
-                           rstd=rs, dense=dense)
+                           rstd=rs, dense=dense, conv=conv)
             if dense is not None:  # a|b (scaled by rstd) came with the in-projection
                 a, b = self.ab[: L.hv], self.ab[L.hv:]
             else:
@@ -233,10 +246,15 @@ class DecodeStep:
             else:
                 a, b = linear(L.ab, u)[0].split([L.hv, L.hv])
         qkv, z = qkvz[0].split([L.conv_dim, L.value_dim])
-        y = gdn_decode_step(qkv, z, a, b, L.conv_w, st.conv_state[L.idx], L.A_log, L.dt_bias, L.o_norm_w,
-                            st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0, **ab_kw)
+        head = None  # conv: the GDN step's x~ and its heads' sums of squares, for the o projection
+        y = gdn_decode_step(self.act if conv else qkv, z, a, b, L.conv_w, st.conv_state[L.idx], L.A_log,
+                            L.dt_bias, L.o_norm_w, st.rec_state[L.idx], allow_neg_eigval=L.beta_scale == 2.0,
+                            folded=conv is not None, **ab_kw)
+        if conv is not None:
+            y, hs = y
+            head = (hs, GDN_NORM_EPS)
         if self._folds(L.o, L.mlp.gate_up):  # x += o; gate|up of rmsnorm(x) as rstd * gate|up(x * w)
-            x, xt, ss = fold(L.o, y.view(1, -1), x, L.post_norm.weight)
+            x, xt, ss = fold(L.o, y.view(1, -1), x, L.post_norm.weight, head_rstd=head)
             return x, (L.mlp.down, mlp_act(L.mlp, xt, rstd=(ss, L.post_norm.eps)))
         h, x = linear_norm(L.o, y.view(1, -1), x, "add_rmsnorm", L.post_norm.weight, L.post_norm.eps)  # x += o
         return x, (L.mlp.down, mlp_act(L.mlp, h))

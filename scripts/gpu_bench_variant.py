@@ -32,7 +32,9 @@ B state columns per program and W warps (e.g. -gdn32w4); "-contig": the recurren
 step (DecodeStep.ab_in_projection off) instead of beside the in-projection (e.g. default-abinside-contig: as
 before session 9); "-idcopy": the pick kernels write the id to a device buffer that a copy node moves to the
 pinned host slot (DecodeStep.ids_to_host off) instead of storing it into the slot directly; "-earlystores": the
-GDN step stores its state slice and v conv state before its counter's atomic (gdn_decode.LATE_STORES off).
+GDN step stores its state slice and v conv state before its counter's atomic (gdn_decode.LATE_STORES off);
+"-convinstep": the q|k|v conv and the gated norm's rstd inside the GDN step, with its counter and tail
+(DecodeStep.conv_in_projection off) instead of the in-projection's conv epilogue and the o projection's head_rstd.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def main() -> int:
                                      ("-nopw2", k4, "PREWAIT_TWO", False),
                                      ("-rpw32", k4, "WIDE_ROWS_PER_WARP", 32),
                                      ("-torchargmax", dec.DecodeStep, "fused_greedy", False),
-                                     ("-idcopy", dec.DecodeStep, "ids_to_host", False)):
+                                     ("-idcopy", dec.DecodeStep, "ids_to_host", False),
+                                     ("-convinstep", dec.DecodeStep, "conv_in_projection", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)
             variant = variant[: -len(suffix)]

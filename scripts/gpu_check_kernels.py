@@ -517,8 +517,9 @@ def aot_report() -> int:
             consts = {**consts, "TR": 0}  # the standard q4 layout
         for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("AB_ONCE", False), ("EARLY", True),
                               ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False), ("FPRE", False), ("PW2", False),
-                              ("DENSE", False), ("BKW", 1)):
-            if knob in names and knob not in consts:
+                              ("DENSE", False), ("BKW", 1), ("CONV", False), ("KC", 4), ("KP", 4),
+                              ("HEADNORM", False), ("NVB", 1), ("TAIL", 2), ("LATE_STORES", True), ("FOLDED", False)):
+            if knob in names and knob not in consts and knob not in types:
                 consts = {**consts, knob: default}
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
         cst = {(names.index(k),): v for k, v in consts.items()}
@@ -551,7 +552,8 @@ def aot_report() -> int:
                 "part_ptr": "*fp32", "cnt_ptr": "*i32", "NR": "i32", "NGR": "i32", "stride_x": "i32",
                 "stride_y": "i32", "GPS": "i32", "SPLIT": "i32", "MAGIC": "i32", "rss_ptr": "*fp32", "NSS": "i32",
                 "eps_r": "fp32", "res_ptr": "*bf16", "fw_ptr": "*bf16", "xt_ptr": "*bf16", "ss_ptr": "*fp32",
-                "wd_ptr": "*i32", "d_ptr": "*fp32", "ND": "i32", "NB": "i32"}
+                "wd_ptr": "*i32", "d_ptr": "*fp32", "ND": "i32", "NB": "i32", "cw_ptr": "*bf16", "cs_ptr": "*bf16",
+                "act_ptr": "*fp32", "NCONV": "i32", "hs_ptr": "*fp32", "DV": "i32", "eps_h": "fp32"}
     q8_types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*bf16", "part_ptr": "*fp32",
                 "cnt_ptr": "*i32", "NR": "i32", "KW": "i32", "stride_x": "i32", "stride_y": "i32", "WPS": "i32",
                 "SPLIT": "i32", "MAGIC": "i32"}
@@ -559,7 +561,8 @@ def aot_report() -> int:
                  "cs_ptr": "*bf16", "alog_ptr": "*fp32", "dtb_ptr": "*fp32", "nw_ptr": "*bf16", "s_ptr": "*fp32",
                  "out_ptr": "*bf16", "ows_ptr": "*fp32", "cnt_ptr": "*i32", "HK": "i32", "DK": "i32", "DV": "i32",
                  "R": "i32", "NVB": "i32", "q_scale": "fp32", "u_ptr": "*bf16", "wab_ptr": "*bf16", "D": "i32",
-                 "rss_ptr": "*fp32", "NSS": "i32", "eps_r": "fp32", "stride_sk": "i32", "stride_sv": "i32"}
+                 "rss_ptr": "*fp32", "NSS": "i32", "eps_r": "fp32", "stride_sk": "i32", "stride_sv": "i32",
+                 "hs_ptr": "*fp32"}
     att_types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
                  "len_ptr": "*i32", "out_ptr": "*bf16", "mws_ptr": "*fp32", "lws_ptr": "*fp32", "aws_ptr": "*fp32",
                  "cnt_ptr": "*i32", "stride_qh": "i32", "stride_kh": "i32", "stride_kt": "i32", "stride_vh": "i32",
@@ -628,6 +631,11 @@ def aot_report() -> int:
          dict(tcw, BN=256, GATED=False, PW2=True, RSTD=True, DENSE=True, BKW=2048), 4, ()),
         ("q4 tc tiled wide, two before the wait, rstd", kq4._q4_gemv_kernel, q4_types,
          dict(tcw, BN=256, GATED=False, PW2=True, RSTD=True), 4, ()),
+        # session 10: the in-projection with the q|k|v conv epilogue, the o projection with the heads' rstd
+        ("q4 tc tiled wide, rstd, dense a|b rows, conv epilogue", kq4._q4_gemv_kernel, q4_types,
+         dict(tcw, BN=256, GATED=False, PW2=True, RSTD=True, DENSE=True, BKW=2048, CONV=True, KC=4, KP=4), 4, ()),
+        ("q4 tc tiled wide, producer, head rstd (NVB 12)", kq4._q4_gemv_kernel, q4_types,
+         dict(tcw, BN=256, GATED=False, PW2=True, FOLD=2, FPRE=True, HEADNORM=True, NVB=12), 4, ("DV",)),
         ("q4 gate|up tc tiled wide, folded-norm rstd", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
           "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "GHALF": True, "RSTD": True}, 4, ()),
@@ -665,6 +673,10 @@ def aot_report() -> int:
         ("gdn step, a|b given, dk-major, BV=16 1 warp", kgdn._gdn_decode_kernel, gdn_types,
          {"KC": 4, "KP": 4, "BK": 128, "BV": 16, "BDV": 256, "NEG": True, "FUSED_AB": False, "BU": 512,
           "stride_sk": 1}, 1, ("HK", "DK", "DV", "stride_sv")),
+        ("gdn step folded (act in, x~ out), dk-major, BV=16 1 warp", kgdn._gdn_decode_kernel,
+         dict(gdn_types, qkv_ptr="*fp32"),
+         {"KC": 4, "KP": 4, "BK": 128, "BV": 16, "BDV": 256, "NEG": True, "FUSED_AB": False, "BU": 512,
+          "stride_sk": 1, "FOLDED": True}, 1, ("HK", "DK", "DV", "stride_sv")),
         ("attention bf16 hd=128 BS=64", katt._attn_decode_kernel, att_types,
          {"G": 1, "BD": 128, "BS": 64, "NS": 18, "NSP": 32, "QUANT": False}, 8, att_div),
         ("attention int8 hd=128 BS=64", katt._attn_decode_kernel, dict(att_types, k_ptr="*u8", v_ptr="*u8"),

@@ -29,14 +29,16 @@ def _quantize_model(model, fmt):
                                          ("dense", None, "int8"), ("unfused", None, "bf16"),
                                          ("unfused", None, "int8"), ("nomerge", None, "bf16"),
                                          ("q4-nofold", None, "bf16"), ("q4-8layers", None, "bf16"),
-                                         ("q4-dkmajor", None, "bf16"), ("q4-abinside", None, "bf16")])
+                                         ("q4-dkmajor", None, "bf16"), ("q4-abinside", None, "bf16"),
+                                         ("q4-convinstep", None, "bf16")])
 def test_static_step_equals_eager(tmp_path, fmt, rope, kv, monkeypatch):
     """The static step equals the eager forward token by token; "unfused": NoPE attention through the
     separate norm / cache-write ops instead of attention_prep; "nomerge": an attention layer's last
     post-norm and the next norm as two ops; "q4-nofold": q4 with norm ops instead of folded norms (every
     path must equal the eager forward); "q4-dkmajor": the static state's recurrent state stored dk-major
     (as on CUDA); "q4-abinside": the GDN a|b projection inside the GDN step instead of beside the
-    in-projection."""
+    in-projection; "q4-convinstep": the q|k|v conv and the GDN gated norm's rstd inside the GDN step instead of
+    the in-projection's conv epilogue and the o projection's head_rstd."""
     extra = {}
     if fmt == "q4-8layers":  # GDN layers after an attention layer too (its post-norm merged with their input norm)
         extra = dict(num_hidden_layers=8, layer_types=["linear_attention"] * 3 + ["full_attention"]
@@ -55,6 +57,8 @@ def test_static_step_equals_eager(tmp_path, fmt, rope, kv, monkeypatch):
         model = _quantize_model(model, fmt[:2])
     if fmt == "q4-abinside":
         monkeypatch.setattr(DecodeStep, "ab_in_projection", False)
+    if fmt == "q4-convinstep":
+        monkeypatch.setattr(DecodeStep, "conv_in_projection", False)
     if fmt == "q4-tiled":  # the GPU layout (what load_model does on CUDA), here on the CPU paths
         tiled = [m.tile_() for m in model.modules() if isinstance(m, Q4Linear)]
         assert sum(tiled) >= 4  # at least every gate|up (rows a multiple of 128)

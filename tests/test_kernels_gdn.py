@@ -219,3 +219,38 @@ def test_gdn_step_fused_ab_scaled_by_a_folded_norm(ab_once_max):
                  st["norm_weight"], st["rec_state"], True, ab_from=(xt, w_ab), ab_rstd=(ss, eps), **kw)
         assert relerr(got, want) < 1e-5
         assert relerr(st["rec_state"], plain["rec_state"]) < 1e-5
+
+
+@pytest.mark.parametrize("block_v,warps,dk_major,dtype", [(16, 1, True, torch.float32), (8, 2, False, torch.float32),
+                                                           (16, 1, True, torch.bfloat16), (64, 8, False, torch.bfloat16)])
+def test_gdn_step_folded_equals_the_step_with_its_conv_and_norm(block_v, warps, dk_major, dtype):
+    """folded=True: the step takes the conv's fp32 activations (the in-projection's conv epilogue) and returns
+    x~ = o * w * silu(z) and partial sums of o^2 per head, with no counter or last-program tail; x~ scaled by
+    each head's rsqrt(sum / dv + 1e-5) is the plain step's output. Reference and kernel (several blocks per
+    head, contiguous and dk-major state); the conv state is not touched."""
+    hk, hv, dk, dv = 2, 4, 16, 48
+    gen = torch.Generator().manual_seed(block_v + warps)
+    inp = make_inputs(hk, hv, dk, dv, 4, dtype, gen)
+    plain = clone(inp)
+    want = call(kg.gdn_decode_step_ref, plain, True)
+    c = inp["qkv"].numel()
+    win = torch.cat([inp["conv_state"].float(), inp["qkv"].float()[:, None]], 1)
+    act = torch.nn.functional.silu((win * inp["conv_weight"].float()).sum(1))
+    for fn in (kg.gdn_decode_step_ref, kg.gdn_decode_step_triton):
+        f = clone(inp)
+        f["qkv"] = act.clone()
+        if dk_major:
+            f["rec_state"] = f["rec_state"].transpose(1, 2).contiguous().transpose(1, 2)
+        kw = dict(block_v=block_v, num_warps=warps) if fn is kg.gdn_decode_step_triton else {}
+        xt, hs = call(fn, f, True, folded=True, **kw)
+        assert hs.shape[0] == hv and hs.dtype == torch.float32
+        rs = torch.rsqrt(hs.sum(1) / dv + 1e-5).repeat_interleave(dv)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert relerr(xt.float() * rs, want.float()) < tol, fn.__name__
+        assert relerr(f["rec_state"], plain["rec_state"]) < 1e-5
+        assert torch.equal(f["conv_state"], inp["conv_state"])  # untouched: the conv epilogue updates it
+        assert c == f["qkv"].numel()
+    bad = clone(inp)
+    bad["qkv"] = act.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="folded"):
+        call(kg.gdn_decode_step_triton, bad, True, folded=True)  # the activations must be fp32

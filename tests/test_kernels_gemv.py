@@ -556,3 +556,80 @@ def test_q4_folded_norm_at_7b_shapes_on_cuda(producer_k, consumer_n, gated):
         got = cons(xt, p2, s2, m2, 128, tiled=True, rstd=(ss, 1e-6))
         assert relerr(got.float(), want) < 2e-2
     assert counters_are_zero()
+
+
+@pytest.mark.parametrize("tiled,split_k,nconv,folded", [(True, 3, 200, True), (False, 1, 256, False),
+                                                         (True, 2, 37, False), (False, 4, 130, True)])
+def test_q4_conv_epilogue_matches_the_conv_reference(tiled, split_k, nconv, folded):
+    """conv=(Wc, state, act): the first C output rows (rounded to bf16, as stored) also go through one token
+    of the short causal conv + SiLU (fp32 act) and the conv state shifts to end with them; split-K (in the
+    last program's tail) and one split (right after the rows are stored), C a whole or a partial row block.
+    Against the step written here in float64, and the dispatcher's torch path against the same."""
+    gen = torch.Generator().manual_seed(nconv + split_k)
+    n, k, kc = 256, 640, 4
+    _, packed, scales, mins = random_q4(n, k, 128, gen)
+    args = k4.q4_tile(packed, scales, mins, 128) if tiled else (packed, scales, mins)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    cw = torch.randn(nconv, kc, generator=gen).to(torch.bfloat16)
+    state0 = torch.randn(nconv, kc - 1, generator=gen).to(torch.bfloat16)
+    rstd = (torch.rand(3, generator=gen) * k, 1e-6) if folded else None
+    y_want = k4.q4_gemv_ref(x, packed, scales, mins, 128, rstd=rstd)
+    for run in ("kernel", "torch"):
+        state = state0.clone()
+        act = torch.full((nconv,), float("nan"))
+        if run == "kernel":
+            y = k4.q4_gemv_triton(x, *args, 128, tiled=tiled, split_k=split_k, rstd=rstd, conv=(cw, state, act))
+        else:
+            with backend("torch"):
+                y = k4.q4_gemv(x, *args, 128, tiled=tiled, rstd=rstd, conv=(cw, state, act))
+        assert relerr(y, y_want) < tol(torch.bfloat16)
+        yc = y.reshape(-1)[:nconv].double()  # the conv reads the stored (rounded) outputs
+        win = torch.cat([state0.double(), yc[:, None]], dim=1)
+        want = torch.nn.functional.silu((win * cw.double()).sum(1))
+        assert relerr(act, want) < 1e-5, run
+        assert torch.equal(state, win[:, 1:].to(torch.bfloat16)), run
+    assert counters_are_zero()
+    with pytest.raises(ValueError, match="conv"):
+        k4.q4_gemv_triton(x, *args, 128, tiled=tiled, conv=(cw, state0.clone(), act.double()))
+
+
+@pytest.mark.parametrize("heads,nvb,split_k,fold", [(4, 3, 2, False), (2, 1, 1, True), (6, 4, 3, True), (8, 2, 1, False)])
+def test_q4_head_rstd_scales_each_head_of_x(heads, nvb, split_k, fold):
+    """head_rstd=(hs [H, B], eps): x holds H heads without their RMSNorm scale; the kernel scales each half
+    group by its head's rsqrt(sum(hs[h]) / dv + eps) (dv 64 or a multiple) and rounds to bf16 before the
+    products, plain and as a fold's producer (the GDN o projection). Against x scaled in float64 then the
+    reference GEMV, and the dispatcher's torch path."""
+    gen = torch.Generator().manual_seed(heads * 10 + nvb)
+    k = 384 if heads in (6,) else 512
+    dv = k // heads
+    n = 256
+    _, packed, scales, mins = random_q4(n, k, 128, gen)
+    args = k4.q4_tile(packed, scales, mins, 128)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    hs = torch.rand(heads, nvb, generator=gen) * dv * (0.2 + 4 * torch.rand(heads, 1, generator=gen))
+    eps = 1e-5
+    rs = torch.rsqrt(hs.double().sum(1) / dv + eps).repeat_interleave(dv)
+    xs = (x.double() * rs).to(torch.bfloat16)
+    assert not torch.equal(xs, x)
+    if fold:
+        res = torch.randn(1, n, generator=gen).to(torch.bfloat16)
+        w = (1 + 0.2 * torch.randn(n, generator=gen)).to(torch.bfloat16)
+        want = k4.q4_gemv_fold_ref(xs, packed, scales, mins, 128, res, w)
+        got = k4._q4_launch(x, *args, 128, None, False, True, fold=(res, w), split_k=max(split_k, 2),
+                            head_rstd=(hs, eps))
+        with backend("torch"):
+            got_t = k4.q4_gemv_fold(x, *args, 128, res, w, tiled=True, head_rstd=(hs, eps))
+        for g_, t_, w_ in zip(got[:2], got_t[:2], want[:2]):
+            assert relerr(g_, w_) < 2e-2 and relerr(t_, w_) < 1e-2
+        assert torch.allclose(got[2].sum(), want[2][0], rtol=2e-2)
+    else:
+        want = k4.q4_gemv_ref(xs, packed, scales, mins, 128)
+        got = k4.q4_gemv_triton(x, *args, 128, tiled=True, split_k=split_k, head_rstd=(hs, eps))
+        assert relerr(got, want) < tol(torch.bfloat16)
+        with backend("torch"):
+            assert relerr(k4.q4_gemv(x, *args, 128, tiled=True, head_rstd=(hs, eps)), want) < 1e-2
+        plain = k4.q4_gemv_ref(x, packed, scales, mins, 128)
+        assert relerr(plain, want) > 5 * relerr(got, want)  # the scaling is really applied
+    assert counters_are_zero()
+    with pytest.raises(ValueError, match="head_rstd"):
+        k4.q4_gemv_triton(x, *args, 128, tiled=True, head_rstd=(torch.ones(5, 1), eps))  # 5 heads do not divide K
