@@ -439,13 +439,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _x_pairs_hn(xa, xc, xd, xe, g, G: tl.constexpr, ASM: tl.constexpr, HEADNORM: tl.constexpr, hs_ptr,
-                    NVB: tl.constexpr, DV, eps_h):
+                    NVB: tl.constexpr, DV, eps_h, hb, r0, r1, r2, r3):
         """_x_pairs of group g; HEADNORM: x is a per-head normed vector without its rstd (the GDN step's
         x~ = o * w * silu(z)), each group half (xa, xc: its first G/2 values, xd, xe: the rest; DV a multiple
-        of G/2, so each half lies in one head) scaled by its head's rstd first."""
-        if HEADNORM:
-            r_lo = _head_rstd(hs_ptr, (g * G) // DV, NVB, DV, eps_h)
-            r_hi = _head_rstd(hs_ptr, (g * G + G // 2) // DV, NVB, DV, eps_h)
+        of G/2, so each half lies in one head) scaled by its head's rstd first: 1 loads the head's partial
+        sums here, 2 picks it from the rstds r0..r3 of heads hb..hb+3 (the program's heads, loaded once)."""
+        if HEADNORM > 0:
+            h_lo = (g * G) // DV
+            h_hi = (g * G + G // 2) // DV
+            if HEADNORM == 1:
+                r_lo = _head_rstd(hs_ptr, h_lo, NVB, DV, eps_h)
+                r_hi = _head_rstd(hs_ptr, h_hi, NVB, DV, eps_h)
+            else:
+                i_lo = h_lo - hb
+                i_hi = h_hi - hb
+                r_lo = tl.where(i_lo == 0, r0, tl.where(i_lo == 1, r1, tl.where(i_lo == 2, r2, r3)))
+                r_hi = tl.where(i_hi == 0, r0, tl.where(i_hi == 1, r1, tl.where(i_hi == 2, r2, r3)))
             xa = _scale_words(xa, r_lo, ASM)
             xc = _scale_words(xc, r_lo, ASM)
             xd = _scale_words(xd, r_hi, ASM)
@@ -528,6 +537,17 @@ if HAS_TRITON:
             rstd = fold_rstd(rss_ptr, NSS, NSSP, NGR * G, eps_r)
         n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g_begin, NGR - 1), hw, G)
         p_xa, p_xc, p_xd, p_xe = _x_words(x_ptr, tl.minimum(g_begin + 1, NGR - 1), hw, G)
+        hb = (g_begin * G) // DV
+        r0 = 1.0
+        r1 = 1.0
+        r2 = 1.0
+        r3 = 1.0
+        if HEADNORM == 2:  # the rstds of the (at most four) heads this program's groups touch
+            nh_last = (NGR * G) // DV - 1
+            r0 = _head_rstd(hs_ptr, tl.minimum(hb, nh_last), NVB, DV, eps_h)
+            r1 = _head_rstd(hs_ptr, tl.minimum(hb + 1, nh_last), NVB, DV, eps_h)
+            r2 = _head_rstd(hs_ptr, tl.minimum(hb + 2, nh_last), NVB, DV, eps_h)
+            r3 = _head_rstd(hs_ptr, tl.minimum(hb + 3, nh_last), NVB, DV, eps_h)
         g_start = g_begin
         if PW2:  # the first group, peeled: the second one's loads went out before the wait, so the loop
             # (which loads one group ahead) starts at the second group with its third in flight
@@ -535,7 +555,8 @@ if HAS_TRITON:
             xa, xc, xd, xe = n_xa, n_xc, n_xd, n_xe
             n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = p_wa, p_wb, p_sa, p_ma, p_sb, p_mb
             n_xa, n_xc, n_xd, n_xe = p_xa, p_xc, p_xd, p_xe
-            x0, x1, x2, x3 = _x_pairs_hn(xa, xc, xd, xe, g_begin, G, ASM, HEADNORM, hs_ptr, NVB, DV, eps_h)
+            x0, x1, x2, x3 = _x_pairs_hn(xa, xc, xd, xe, g_begin, G, ASM, HEADNORM, hs_ptr, NVB, DV, eps_h, hb,
+                                         r0, r1, r2, r3)
             ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
             g_start = g_begin + 1
         # STAGES > 1 (with PREFETCH off): Triton's software pipeliner copies the weights and x of the
@@ -568,7 +589,8 @@ if HAS_TRITON:
                     ua_w, ub_w, usa, uma, usb, umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR, HALF, 2 * NR,
                                                                2 * NR, NGR, g, HW, TR)
                 xa, xc, xd, xe = _x_words(x_ptr, g, hw, G)
-            x0, x1, x2, x3 = _x_pairs_hn(xa, xc, xd, xe, g, G, ASM, HEADNORM, hs_ptr, NVB, DV, eps_h)
+            x0, x1, x2, x3 = _x_pairs_hn(xa, xc, xd, xe, g, G, ASM, HEADNORM, hs_ptr, NVB, DV, eps_h, hb, r0, r1,
+                                         r2, r3)
             ga, gb = _mma_acc(ga, gb, wa, wb, sa, ma, sb, mb, x0, x1, x2, x3, ASM)
             if QUAD:  # the matching up-projection rows
                 ua, ub = _mma_acc(ua, ub, ua_w, ub_w, usa, uma, usb, umb, x0, x1, x2, x3, ASM)
@@ -719,7 +741,7 @@ if HAS_TRITON:
         wd_ptr=None, d_ptr=None, ND=0, NB=0, DENSE: tl.constexpr = False, BKW: tl.constexpr = 1,  # dense rows
         CONV: tl.constexpr = False, cw_ptr=None, cs_ptr=None, act_ptr=None, NCONV=0,  # conv epilogue
         KC: tl.constexpr = 4, KP: tl.constexpr = 4,
-        HEADNORM: tl.constexpr = False, hs_ptr=None, NVB: tl.constexpr = 1, DV=1, eps_h=0.0,  # per-head rstd of x
+        HEADNORM: tl.constexpr = 0, hs_ptr=None, NVB: tl.constexpr = 1, DV=1, eps_h=0.0,  # per-head rstd of x
     ):
         pdl_launch_dependents(USE_PDL)
         if DENSE and tl.program_id(1) >= NB:  # programs past the q4 row blocks: the dense bf16 rows
@@ -839,6 +861,9 @@ PREWAIT_TWO = True
 # a folded norm's producer loads its row block's residual and norm weight at its start instead of in the
 # last program's tail (after the split-K atomic)
 FOLD_PRELOAD = True
+# head_rstd: a program whose groups touch at most four heads loads their rstds once, after the PDL wait,
+# instead of each head's partial sums at every group
+HEAD_RSTD_ONCE = True
 
 
 def _wide_launch(gated: bool) -> tuple[int, int, float]:
@@ -980,7 +1005,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         if not nh or k % nh or dv % (g // 2) or hs.dtype != torch.float32 or not hs.is_contiguous():
             raise ValueError(f"head_rstd: an fp32 [H, blocks] tensor whose H divides K = {k} into heads of a "
                              f"multiple of {g // 2}")
-        extra.update(HEADNORM=True, hs_ptr=hs, NVB=hs.shape[1], DV=dv, eps_h=float(eps_h))
+        extra.update(HEADNORM=1, hs_ptr=hs, NVB=hs.shape[1], DV=dv, eps_h=float(eps_h))
     n_extra = 0
     if dense is not None:  # (Wd [E, K] bf16, d [E] fp32): extra programs, one dense row each
         wd, d_out = dense
@@ -992,6 +1017,8 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         n_extra = cdiv(wd.shape[0], split_k)
         extra.update(wd_ptr=wd.view(torch.int32), d_ptr=d_out, ND=wd.shape[0], NB=n_blocks, DENSE=True,
                      BKW=next_pow2(k // 2))
+    if head_rstd is not None and HEAD_RSTD_ONCE and cdiv(gps * g, extra["DV"]) + 1 <= 4:
+        extra["HEADNORM"] = 2  # each program's groups touch at most four heads: their rstds loaded once
     _q4_gemv_kernel[(split_k, n_blocks + n_extra)](
         x_arg, qw32, scales, mins, y2, part, cnt,
         nr, ngr, stride_x, y2.stride(0), gps, split_k, 0x3F800000,

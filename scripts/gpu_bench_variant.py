@@ -34,7 +34,8 @@ before session 9); "-idcopy": the pick kernels write the id to a device buffer t
 pinned host slot (DecodeStep.ids_to_host off) instead of storing it into the slot directly; "-earlystores": the
 GDN step stores its state slice and v conv state before its counter's atomic (gdn_decode.LATE_STORES off);
 "-convinstep": the q|k|v conv and the gated norm's rstd inside the GDN step, with its counter and tail
-(DecodeStep.conv_in_projection off) instead of the in-projection's conv epilogue and the o projection's head_rstd.
+(DecodeStep.conv_in_projection off) instead of the in-projection's conv epilogue and the o projection's head_rstd;
+"-hnloop": the o projection's head_rstd loads each head's partial sums at every group (gemv_q4.HEAD_RSTD_ONCE off).
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def main() -> int:
                                      ("-rpw32", k4, "WIDE_ROWS_PER_WARP", 32),
                                      ("-torchargmax", dec.DecodeStep, "fused_greedy", False),
                                      ("-idcopy", dec.DecodeStep, "ids_to_host", False),
-                                     ("-convinstep", dec.DecodeStep, "conv_in_projection", False)):
+                                     ("-convinstep", dec.DecodeStep, "conv_in_projection", False),
+                                     ("-hnloop", k4, "HEAD_RSTD_ONCE", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)
             variant = variant[: -len(suffix)]

@@ -518,7 +518,7 @@ def aot_report() -> int:
         for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("AB_ONCE", False), ("EARLY", True),
                               ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False), ("FPRE", False), ("PW2", False),
                               ("DENSE", False), ("BKW", 1), ("CONV", False), ("KC", 4), ("KP", 4),
-                              ("HEADNORM", False), ("NVB", 1), ("TAIL", 2), ("LATE_STORES", True), ("FOLDED", False)):
+                              ("HEADNORM", 0), ("NVB", 1), ("TAIL", 2), ("LATE_STORES", True), ("FOLDED", False)):
             if knob in names and knob not in consts and knob not in types:
                 consts = {**consts, knob: default}
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
@@ -635,7 +635,9 @@ def aot_report() -> int:
         ("q4 tc tiled wide, rstd, dense a|b rows, conv epilogue", kq4._q4_gemv_kernel, q4_types,
          dict(tcw, BN=256, GATED=False, PW2=True, RSTD=True, DENSE=True, BKW=2048, CONV=True, KC=4, KP=4), 4, ()),
         ("q4 tc tiled wide, producer, head rstd (NVB 12)", kq4._q4_gemv_kernel, q4_types,
-         dict(tcw, BN=256, GATED=False, PW2=True, FOLD=2, FPRE=True, HEADNORM=True, NVB=12), 4, ("DV",)),
+         dict(tcw, BN=256, GATED=False, PW2=True, FOLD=2, FPRE=True, HEADNORM=1, NVB=12), 4, ("DV",)),
+        ("q4 tc tiled wide, producer, head rstd loaded once (NVB 12)", kq4._q4_gemv_kernel, q4_types,
+         dict(tcw, BN=256, GATED=False, PW2=True, FOLD=2, FPRE=True, HEADNORM=2, NVB=12), 4, ("DV",)),
         ("q4 gate|up tc tiled wide, folded-norm rstd", kq4._q4_gemv_kernel, q4_types,
          {"T": 1, "G": 128, "BN": 256, "SPLIT_K": True, "GATED": True, "X_BF16": True, "ASM": True, "PAIRS": False,
           "GPI": 1, "MMA": True, "PREFETCH": True, "TR": 64, "GHALF": True, "RSTD": True}, 4, ()),
