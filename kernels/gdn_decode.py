@@ -51,9 +51,6 @@ NUM_WARPS = 8
 # fused a|b; scripts/gpu_gdn_step_probe.py)
 SMALL_BLOCK_V = 16
 SMALL_WARPS = 1
-# ablation only (scripts/gpu_ablate_decode.py, wrong output below 2): 2 = the full tail, 1 = the last program
-# writes the q/k conv state but skips the gated norm, 0 = no counter and no tail
-TAIL_MODE = 2
 # the state slice and the v conv state are stored after the per-key-head counter's atomic (which releases the
 # program's earlier writes, so it waits for every store issued before it) instead of before it: only the o
 # slice, which the last program reads, has to be visible by then
@@ -207,7 +204,7 @@ if HAS_TRITON:
         AB_ONCE: tl.constexpr = False,
         rss_ptr=None, NSS=0, eps_r=0.0, AB_RSTD: tl.constexpr = False, NSSP: tl.constexpr = 1,
         stride_sk=0, stride_sv=1,  # the state's strides along dk and dv (a head's block is DK * DV)
-        TAIL: tl.constexpr = 2, LATE_STORES: tl.constexpr = True,
+        LATE_STORES: tl.constexpr = True,
         FOLDED: tl.constexpr = False, hs_ptr=None,  # act in, x~ and the norm's partial sums out (see the wrapper)
     ):
         pdl_launch_dependents(USE_PDL)
@@ -315,13 +312,11 @@ if HAS_TRITON:
             tl.debug_barrier()
             if not LATE_STORES:
                 _store_conv_state(cs_ptr, nxt_v, vch, mv, jj, KC)
-            done = 0
-            if TAIL > 0:
-                done = tl.atomic_add(cnt_ptr + kh, 1)
+            done = tl.atomic_add(cnt_ptr + kh, 1)
             if LATE_STORES:  # after the counter's release: it then waits for the o slice only, not these
                 tl.store(s_ptr + soff, st, mask=smask)
                 _store_conv_state(cs_ptr, nxt_v, vch, mv, jj, KC)
-            if TAIL > 0 and done == R * NVB - 1:
+            if done == R * NVB - 1:
                 # last program of the key-head group: all others have read the q/k conv state and
                 # written their o slices
                 _store_conv_state(cs_ptr, nxt_q, qch, mk, jj, KC)
@@ -329,7 +324,7 @@ if HAS_TRITON:
                 d = tl.arange(0, BDV)
                 md = d < DV
                 w = tl.load(nw_ptr + d, mask=md, other=0).to(tl.float32)
-                for r in range(R if TAIL > 1 else 0):
+                for r in range(R):
                     hh = kh * R + r
                     oo = tl.load(ows_ptr + hh * DV + d, mask=md, other=0.0, cache_modifier=".cg")
                     zz = tl.load(z_ptr + hh * DV + d, mask=md, other=0).to(tl.float32)
@@ -413,7 +408,7 @@ def gdn_decode_step_triton(
         float(dk) ** -0.5,
         KC=kconv, KP=next_pow2(kconv), BK=next_pow2(dk), BV=bv, BDV=next_pow2(dv),
         NEG=bool(allow_neg_eigval), USE_PDL=pdl, stride_sk=rec_state.stride(1), stride_sv=rec_state.stride(2),
-        TAIL=TAIL_MODE, LATE_STORES=LATE_STORES, **fused,
+        LATE_STORES=LATE_STORES, **fused,
         num_warps=num_warps, **pdl_kwargs(pdl),
     )
     return (out, fused["hs_ptr"]) if folded else out

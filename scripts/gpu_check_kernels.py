@@ -518,7 +518,7 @@ def aot_report() -> int:
         for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("AB_ONCE", False), ("EARLY", True),
                               ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False), ("FPRE", False), ("PW2", False),
                               ("DENSE", False), ("BKW", 1), ("CONV", False), ("KC", 4), ("KP", 4),
-                              ("HEADNORM", 0), ("NVB", 1), ("TAIL", 2), ("LATE_STORES", True), ("FOLDED", False)):
+                              ("HEADNORM", 0), ("NVB", 1), ("LATE_STORES", True), ("FOLDED", False)):
             if knob in names and knob not in consts and knob not in types:
                 consts = {**consts, knob: default}
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
