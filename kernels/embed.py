@@ -22,20 +22,30 @@ if HAS_TRITON:
 __all__ = ["q8_embed", "q8_embed_ref", "q8_embed_triton"]
 
 
-def q8_embed_ref(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def q8_embed_ref(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                 norm_w: torch.Tensor | None = None):
     q = qweight[ids].float()
     s = scales[ids].float()
     if s.dim() == q.dim():  # group scales [..., D/G]
         ng = s.shape[-1]
-        return (q.unflatten(-1, (ng, -1)) * s.unsqueeze(-1)).flatten(-2).to(dtype)
-    return (q * s.unsqueeze(-1)).to(dtype)
+        x = (q.unflatten(-1, (ng, -1)) * s.unsqueeze(-1)).flatten(-2).to(dtype)
+    else:
+        x = (q * s.unsqueeze(-1)).to(dtype)
+    return x if norm_w is None else fold_outputs(x, norm_w)
+
+
+def fold_outputs(x: torch.Tensor, norm_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, x~ = x * w in x.dtype, the sum of x^2 as a [1] fp32 tensor): the producer side of a folded
+    RMSNorm (see kernels.gemv_q4.q4_gemv_fold) for a row that is already formed."""
+    xf = x.to(torch.float32)
+    return x, (xf * norm_w.to(torch.float32)).to(x.dtype), xf.pow(2).sum().reshape(1)
 
 
 if HAS_TRITON:
 
     @triton.jit
     def _q8_embed_kernel(ids_ptr, qw_ptr, s_ptr, out_ptr, D, NG, GS, BD: tl.constexpr, GROUPS: tl.constexpr,
-                         USE_PDL: tl.constexpr):
+                         USE_PDL: tl.constexpr, nw_ptr=None, xt_ptr=None, ss_ptr=None, FOLD: tl.constexpr = False):
         pdl_launch_dependents(USE_PDL)
         pdl_wait(USE_PDL)  # the id is written by the previous step (the token buffer)
         t = tl.program_id(0)
@@ -47,11 +57,17 @@ if HAS_TRITON:
             s = tl.load(s_ptr + v * NG + d // GS, mask=dm, other=0).to(tl.float32)
         else:
             s = tl.load(s_ptr + v).to(tl.float32)
-        tl.store(out_ptr + t * D + d, (q * s).to(out_ptr.dtype.element_ty), mask=dm)
+        x = (q * s).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + t * D + d, x, mask=dm)
+        if FOLD:  # a folded norm's producer side: x~ = x * w and this block's sum of x^2
+            xf = x.to(tl.float32)
+            w = tl.load(nw_ptr + d, mask=dm, other=0).to(tl.float32)
+            tl.store(xt_ptr + t * D + d, (xf * w).to(xt_ptr.dtype.element_ty), mask=dm)
+            tl.store(ss_ptr + t * tl.num_programs(1) + tl.program_id(1), tl.sum(xf * xf, axis=0))
 
 
 def q8_embed_triton(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
-                    block_d: int | None = None) -> torch.Tensor:
+                    block_d: int | None = None, norm_w: torch.Tensor | None = None):
     v, d = qweight.shape
     groups = scales.dim() == 2
     ng = scales.shape[1] if groups else 1
@@ -63,13 +79,26 @@ def q8_embed_triton(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     out = torch.empty((flat.numel(), d), dtype=dtype, device=qweight.device)
     bd = block_d or min(4096, next_pow2(d))
     pdl = use_pdl(qweight)
+    fold = {}
+    if norm_w is not None:
+        if flat.numel() != 1 or norm_w.numel() != d:
+            raise ValueError("the embedding's folded norm takes one id and a norm weight of the row's width")
+        xt = torch.empty_like(out)
+        ss = torch.empty(cdiv(d, bd), dtype=torch.float32, device=qweight.device)
+        fold = dict(nw_ptr=norm_w, xt_ptr=xt, ss_ptr=ss, FOLD=True)
     _q8_embed_kernel[(flat.numel(), cdiv(d, bd))](flat, qweight.contiguous(), scales.contiguous(), out, d, ng,
                                                    d // ng, BD=bd, GROUPS=groups, USE_PDL=pdl, num_warps=4,
-                                                   **pdl_kwargs(pdl))
+                                                   **fold, **pdl_kwargs(pdl))
+    if norm_w is not None:
+        return out.view(*ids.shape, d), xt.view(*ids.shape, d), ss
     return out.view(*ids.shape, d)
 
 
-def q8_embed(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def q8_embed(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+             norm_w: torch.Tensor | None = None):
+    """The rows of ids; with ``norm_w`` (one id) also the producer side of a folded RMSNorm of the row:
+    (x, x~ = x * w, sums of x^2 [blocks] fp32), so that the first layer's projection takes rmsnorm(x) * w
+    as rstd * (x~ @ W.T) without a norm launch."""
     if use_triton(qweight) and ids.numel() > 0:
-        return q8_embed_triton(ids, qweight, scales, dtype)
-    return q8_embed_ref(ids, qweight, scales, dtype)
+        return q8_embed_triton(ids, qweight, scales, dtype, norm_w=norm_w)
+    return q8_embed_ref(ids, qweight, scales, dtype, norm_w)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from olmo_local.generate import Sampler, SamplingParams, sampling_probs, valid_logits
 from olmo_local.kernels.attention_decode import (LONG_CTX_LAUNCH, attention_decode, attention_prep,
                                                  quantize_kv_int8)
+from olmo_local.kernels.embed import q8_embed
 from olmo_local.kernels.gdn_decode import NORM_EPS as GDN_NORM_EPS
 from olmo_local.kernels.gdn_decode import gdn_decode_step
 from olmo_local.kernels.gemv_q4 import q4_gemv, q4_gemv_fold, q4_gemv_silu_mul
@@ -29,7 +30,7 @@ from olmo_local.kernels._triton import use_triton
 from olmo_local.kernels.sample import greedy_fits, greedy_triton, sample_fits, sample_triton
 from olmo_local.kernels.norm import residual_norm, rmsnorm, rmsnorm_add_rmsnorm
 from olmo_local.model import AttentionLayer, GDNLayer, OlmoHybridModel, apply_rope
-from olmo_local.quant.linear import NF4Linear, Q4Linear, Q8Linear
+from olmo_local.quant.linear import NF4Linear, Q4Linear, Q8Linear, QEmbedding
 from olmo_local.state import DecodeState
 
 
@@ -121,6 +122,10 @@ class DecodeStep:
     # applies per head (head_rstd=): the GDN step then has no per-key-head counter and last-program tail
     # (the H200 ablation timed those at ~41 us per token)
     conv_in_projection = True
+    # q4 models whose first layer is a GDN layer: the q8 embedding launch also writes x * w and the row's sum
+    # of squares, so the first in-projection takes the folded input norm (no norm launch, and the first GDN
+    # layer gets the same a|b-beside / conv-epilogue form as the others)
+    fold_embed_norm = True
 
     def __init__(self, model: OlmoHybridModel, state: DecodeState, use_graph: bool | None = None) -> None:
         self.model, self.state = model, state
@@ -171,7 +176,14 @@ class DecodeStep:
         ``advance`` is False (a pick tail that advances it in its own last launch follows)."""
         st, m = self.state, self.model
         self._hint_now = self._ctx_hint if self._ctx_hint is not None else self._hints()[self._regime(st.pos)]
-        x = m.embed(self.token)  # [1, d]
+        pre = None  # the first GDN layer's input norm folded into the embedding launch: (x~, sums)
+        first = m.layers[0] if len(m.layers) else None
+        if self._embed_folds(first):
+            x, xt, ss = q8_embed(self.token, m.embed.qweight, m.embed.scales, m.embed.dtype,
+                                 norm_w=first.in_norm.weight)
+            pre = (xt, ss)
+        else:
+            x = m.embed(self.token)  # [1, d]
         rope = None
         if self.inv_freq is not None:
             f = st.pos_t.float()[:, None] * self.inv_freq[None]
@@ -183,8 +195,8 @@ class DecodeStep:
         pending = post = None
         for layer in m.layers:
             if isinstance(layer, GDNLayer):
-                x, pending = self._gdn(layer, x, pending, post)
-                post = None
+                x, pending = self._gdn(layer, x, pending, post, pre)
+                post = pre = None
             else:
                 if post is not None:  # attention after attention: the plain post-norm
                     x = linear_norm(post[0], post[1], x, "rmsnorm_add", post[2], post[3])
@@ -207,19 +219,33 @@ class DecodeStep:
             st.pos_t.add_(1)
         return logits
 
-    def _gdn(self, L: GDNLayer, x: torch.Tensor, pending: tuple | None, post: tuple | None = None
-             ) -> tuple[torch.Tensor, tuple]:
+    def _embed_folds(self, first) -> bool:
+        """Whether the step's first launch (a q8 embedding) also gives the first layer's folded input norm:
+        a GDN layer whose in-projection takes a folded norm (q4, dense a|b rows)."""
+        if not (self.fold_embed_norm and isinstance(first, GDNLayer) and isinstance(self.model.embed, QEmbedding)):
+            return False
+        w_ab = getattr(first.ab, "weight", None)
+        return (isinstance(w_ab, torch.Tensor) and w_ab.dtype == self.model.embed.dtype and w_ab.is_contiguous()
+                and self._folds(first.qkvz))
+
+    def _gdn(self, L: GDNLayer, x: torch.Tensor, pending: tuple | None, post: tuple | None = None,
+             pre: tuple | None = None) -> tuple[torch.Tensor, tuple]:
         """Returns (x without this layer's MLP output, (down projection, its input)): the caller runs
-        the down projection with the next norm."""
+        the down projection with the next norm. pre: (x~, sums of squares) of this layer's input norm, folded
+        into the launch that formed x (the embedding)."""
         st = self.state
         w_ab = getattr(L.ab, "weight", None)
         dense_ab = isinstance(w_ab, torch.Tensor) and w_ab.dtype == x.dtype and w_ab.is_contiguous()
         ab_kw = {}  # how the GDN step gets a|b: computed beside it (a, b given) or projected inside it
         conv = None  # (conv_in_projection) the in-projection's conv epilogue: weights, state, activations
-        if pending is not None and dense_ab and self._folds(pending[0], L.qkvz):
+        folded_in = pre is not None or (pending is not None and dense_ab and self._folds(pending[0], L.qkvz))
+        if folded_in:
             # x += previous layer's MLP output; u = rmsnorm(x) * w never formed: its consumers (the
             # in-projection and the a|b projection) take x * w and scale by rstd
-            x, u, ss = fold(*pending, x, L.in_norm.weight)
+            if pre is not None:
+                u, ss = pre
+            else:
+                x, u, ss = fold(*pending, x, L.in_norm.weight)
             rs = (ss, L.in_norm.eps)
             dense = (w_ab, self.ab) if self.ab_in_projection else None
             if dense is not None and self.conv_in_projection and self._folds(L.o, L.mlp.gate_up):

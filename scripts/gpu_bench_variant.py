@@ -35,7 +35,9 @@ pinned host slot (DecodeStep.ids_to_host off) instead of storing it into the slo
 GDN step stores its state slice and v conv state before its counter's atomic (gdn_decode.LATE_STORES off);
 "-convinstep": the q|k|v conv and the gated norm's rstd inside the GDN step, with its counter and tail
 (DecodeStep.conv_in_projection off) instead of the in-projection's conv epilogue and the o projection's head_rstd;
-"-hnloop": the o projection's head_rstd loads each head's partial sums at every group (gemv_q4.HEAD_RSTD_ONCE off).
+"-hnloop": the o projection's head_rstd loads each head's partial sums at every group (gemv_q4.HEAD_RSTD_ONCE off);
+"-noembedfold": the first GDN layer's input norm as its own launch (DecodeStep.fold_embed_norm off) instead of
+folded into the q8 embedding launch.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ def main() -> int:
                                      ("-torchargmax", dec.DecodeStep, "fused_greedy", False),
                                      ("-idcopy", dec.DecodeStep, "ids_to_host", False),
                                      ("-convinstep", dec.DecodeStep, "conv_in_projection", False),
-                                     ("-hnloop", k4, "HEAD_RSTD_ONCE", False)):
+                                     ("-hnloop", k4, "HEAD_RSTD_ONCE", False),
+                                     ("-noembedfold", dec.DecodeStep, "fold_embed_norm", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)
             variant = variant[: -len(suffix)]

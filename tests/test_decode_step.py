@@ -30,7 +30,7 @@ def _quantize_model(model, fmt):
                                          ("unfused", None, "int8"), ("nomerge", None, "bf16"),
                                          ("q4-nofold", None, "bf16"), ("q4-8layers", None, "bf16"),
                                          ("q4-dkmajor", None, "bf16"), ("q4-abinside", None, "bf16"),
-                                         ("q4-convinstep", None, "bf16")])
+                                         ("q4-convinstep", None, "bf16"), ("q4-noembedfold", None, "bf16")])
 def test_static_step_equals_eager(tmp_path, fmt, rope, kv, monkeypatch):
     """The static step equals the eager forward token by token; "unfused": NoPE attention through the
     separate norm / cache-write ops instead of attention_prep; "nomerge": an attention layer's last
@@ -38,7 +38,8 @@ def test_static_step_equals_eager(tmp_path, fmt, rope, kv, monkeypatch):
     path must equal the eager forward); "q4-dkmajor": the static state's recurrent state stored dk-major
     (as on CUDA); "q4-abinside": the GDN a|b projection inside the GDN step instead of beside the
     in-projection; "q4-convinstep": the q|k|v conv and the GDN gated norm's rstd inside the GDN step instead of
-    the in-projection's conv epilogue and the o projection's head_rstd."""
+    the in-projection's conv epilogue and the o projection's head_rstd; "q4-noembedfold": the first layer's
+    input norm as its own op instead of folded into the embedding launch."""
     extra = {}
     if fmt == "q4-8layers":  # GDN layers after an attention layer too (its post-norm merged with their input norm)
         extra = dict(num_hidden_layers=8, layer_types=["linear_attention"] * 3 + ["full_attention"]
@@ -59,6 +60,15 @@ def test_static_step_equals_eager(tmp_path, fmt, rope, kv, monkeypatch):
         monkeypatch.setattr(DecodeStep, "ab_in_projection", False)
     if fmt == "q4-convinstep":
         monkeypatch.setattr(DecodeStep, "conv_in_projection", False)
+    if fmt == "q4-noembedfold":
+        monkeypatch.setattr(DecodeStep, "fold_embed_norm", False)
+    if fmt.startswith("q4") and fmt != "q4-nofold":  # the q8 embedding of quantized checkpoints (q4 layout)
+        from olmo_local.quant.linear import QEmbedding
+
+        if model.lm_head is None:  # tied: keep the dense head
+            model.lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            model.lm_head.weight.data.copy_(model.embed.weight.data)
+        model.embed = QEmbedding.from_weight(model.embed.weight.detach(), group_size=32)
     if fmt == "q4-tiled":  # the GPU layout (what load_model does on CUDA), here on the CPU paths
         tiled = [m.tile_() for m in model.modules() if isinstance(m, Q4Linear)]
         assert sum(tiled) >= 4  # at least every gate|up (rows a multiple of 128)

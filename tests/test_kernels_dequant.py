@@ -178,3 +178,29 @@ def test_q8_embed_matches_the_torch_form(groups, shape):
             assert torch.equal(got, want)
         else:
             assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2 ** -7
+
+
+@pytest.mark.parametrize("block_d", [64, 128])
+def test_q8_embed_with_the_first_norm_folded(block_d):
+    """norm_w: the embedding launch also gives x~ = x * w and the row's sums of squares per block of columns
+    (one block or two), so that rstd * (x~ @ W.T) is rmsnorm(x) * w @ W.T; the kernel (interpreter, fp32)
+    against the torch form, whose parts are checked against float64 here. One id only."""
+    from olmo_local.kernels.embed import q8_embed, q8_embed_ref, q8_embed_triton
+
+    gen = torch.Generator().manual_seed(5)
+    v, d = 40, 96
+    q = torch.randint(-127, 128, (v, d), generator=gen, dtype=torch.int32).to(torch.int8)
+    s = (torch.rand(v, d // 32, generator=gen) * 0.02 + 1e-3).half()
+    w = 1 + 0.3 * torch.randn(d, generator=gen)
+    ids = torch.tensor([7])
+    x_r, xt_r, ss_r = q8_embed_ref(ids, q, s, torch.float32, norm_w=w)
+    x64 = (q[7].double().view(3, 32) * s[7].double()[:, None]).reshape(1, d)
+    assert torch.allclose(x_r.double(), x64) and torch.allclose(xt_r.double(), x64 * w.double())
+    assert torch.allclose(ss_r.double(), x64.pow(2).sum().reshape(1))
+    x, xt, ss = q8_embed_triton(ids, q, s, torch.float32, block_d=block_d, norm_w=w)
+    assert ss.numel() == -(-d // block_d)
+    assert torch.equal(x, x_r) and torch.allclose(xt, xt_r) and torch.allclose(ss.sum(), ss_r[0])
+    with backend("torch"):
+        assert all(torch.equal(a, b) for a, b in zip(q8_embed(ids, q, s, torch.float32, norm_w=w), (x_r, xt_r, ss_r)))
+    with pytest.raises(ValueError, match="one id"):
+        q8_embed_triton(torch.tensor([1, 2]), q, s, torch.float32, norm_w=w)
