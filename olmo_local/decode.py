@@ -126,6 +126,10 @@ class DecodeStep:
     # of squares, so the first in-projection takes the folded input norm (no norm launch, and the first GDN
     # layer gets the same a|b-beside / conv-epilogue form as the others)
     fold_embed_norm = True
+    # a q4 GDN layer whose input norm is a launch of its own (after an attention layer: rmsnorm_add_rmsnorm)
+    # takes the same a|b-beside / conv-epilogue / folded-GDN form as the folded ones (u with no rstd);
+    # off: such a layer's GDN step projects a|b itself and runs its conv and gated norm (the counter path)
+    beside_after_norm = True
 
     def __init__(self, model: OlmoHybridModel, state: DecodeState, use_graph: bool | None = None) -> None:
         self.model, self.state = model, state
@@ -238,15 +242,25 @@ class DecodeStep:
         dense_ab = isinstance(w_ab, torch.Tensor) and w_ab.dtype == x.dtype and w_ab.is_contiguous()
         ab_kw = {}  # how the GDN step gets a|b: computed beside it (a, b given) or projected inside it
         conv = None  # (conv_in_projection) the in-projection's conv epilogue: weights, state, activations
-        folded_in = pre is not None or (pending is not None and dense_ab and self._folds(pending[0], L.qkvz))
-        if folded_in:
+        rs = None  # (sums of squares, eps) when u is the x~ of a folded norm (its consumers scale by rstd)
+        if pre is not None:
+            u, ss = pre
+            rs = (ss, L.in_norm.eps)
+        elif pending is not None and dense_ab and self._folds(pending[0], L.qkvz):
             # x += previous layer's MLP output; u = rmsnorm(x) * w never formed: its consumers (the
             # in-projection and the a|b projection) take x * w and scale by rstd
-            if pre is not None:
-                u, ss = pre
-            else:
-                x, u, ss = fold(*pending, x, L.in_norm.weight)
+            x, u, ss = fold(*pending, x, L.in_norm.weight)
             rs = (ss, L.in_norm.eps)
+        elif pending is not None:  # x += previous layer's MLP output, with this layer's input norm
+            u, x = linear_norm(*pending, x, "add_rmsnorm", L.in_norm.weight, L.in_norm.eps)
+        elif post is not None:  # x += rmsnorm(previous attention layer's MLP output), then this norm
+            u, x = rmsnorm_add_rmsnorm(linear(post[0], post[1]), x, post[2], post[3], L.in_norm.weight,
+                                       L.in_norm.eps)
+        else:
+            u = rmsnorm(x, L.in_norm.weight, L.in_norm.eps)
+        if dense_ab and self._folds(L.qkvz) and (rs is not None or self.beside_after_norm):
+            # q4 in-projection: the a|b rows as extra programs of its launch (times rstd when folded), and
+            # with conv_in_projection its split-K tail runs the q|k|v conv
             dense = (w_ab, self.ab) if self.ab_in_projection else None
             if dense is not None and self.conv_in_projection and self._folds(L.o, L.mlp.gate_up):
                 conv = (L.conv_w, st.conv_state[L.idx], self.act)
@@ -256,15 +270,9 @@ class DecodeStep:
                 a, b = self.ab[: L.hv], self.ab[L.hv:]
             else:
                 a = b = None
-                ab_kw = dict(ab_from=(u.view(-1), w_ab), ab_rstd=rs)
+                ab_kw = dict(ab_from=(u.view(-1), w_ab), ab_rstd=rs) if rs is not None else dict(
+                    ab_from=(u.view(-1), w_ab))
         else:
-            if pending is not None:  # x += previous layer's MLP output, with this layer's input norm
-                u, x = linear_norm(*pending, x, "add_rmsnorm", L.in_norm.weight, L.in_norm.eps)
-            elif post is not None:  # x += rmsnorm(previous attention layer's MLP output), then this norm
-                u, x = rmsnorm_add_rmsnorm(linear(post[0], post[1]), x, post[2], post[3], L.in_norm.weight,
-                                           L.in_norm.eps)
-            else:
-                u = rmsnorm(x, L.in_norm.weight, L.in_norm.eps)
             qkvz = linear(L.qkvz, u)
             if dense_ab:  # dense a|b (the usual case): projected inside the GDN step, one launch fewer
                 a = b = None

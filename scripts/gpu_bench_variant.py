@@ -37,7 +37,8 @@ GDN step stores its state slice and v conv state before its counter's atomic (gd
 (DecodeStep.conv_in_projection off) instead of the in-projection's conv epilogue and the o projection's head_rstd;
 "-hnloop": the o projection's head_rstd loads each head's partial sums at every group (gemv_q4.HEAD_RSTD_ONCE off);
 "-noembedfold": the first GDN layer's input norm as its own launch (DecodeStep.fold_embed_norm off) instead of
-folded into the q8 embedding launch.
+folded into the q8 embedding launch; "-nobesidenorm": GDN layers after an attention layer keep the a|b projection,
+conv and gated norm inside their GDN step (DecodeStep.beside_after_norm off).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def main() -> int:
                                      ("-idcopy", dec.DecodeStep, "ids_to_host", False),
                                      ("-convinstep", dec.DecodeStep, "conv_in_projection", False),
                                      ("-hnloop", k4, "HEAD_RSTD_ONCE", False),
-                                     ("-noembedfold", dec.DecodeStep, "fold_embed_norm", False)):
+                                     ("-noembedfold", dec.DecodeStep, "fold_embed_norm", False),
+                                     ("-nobesidenorm", dec.DecodeStep, "beside_after_norm", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)
             variant = variant[: -len(suffix)]

@@ -30,7 +30,8 @@ def _quantize_model(model, fmt):
                                          ("unfused", None, "int8"), ("nomerge", None, "bf16"),
                                          ("q4-nofold", None, "bf16"), ("q4-8layers", None, "bf16"),
                                          ("q4-dkmajor", None, "bf16"), ("q4-abinside", None, "bf16"),
-                                         ("q4-convinstep", None, "bf16"), ("q4-noembedfold", None, "bf16")])
+                                         ("q4-convinstep", None, "bf16"), ("q4-noembedfold", None, "bf16"),
+                                         ("q4-8layers-nobeside", None, "bf16")])
 def test_static_step_equals_eager(tmp_path, fmt, rope, kv, monkeypatch):
     """The static step equals the eager forward token by token; "unfused": NoPE attention through the
     separate norm / cache-write ops instead of attention_prep; "nomerge": an attention layer's last
@@ -39,9 +40,10 @@ def test_static_step_equals_eager(tmp_path, fmt, rope, kv, monkeypatch):
     (as on CUDA); "q4-abinside": the GDN a|b projection inside the GDN step instead of beside the
     in-projection; "q4-convinstep": the q|k|v conv and the GDN gated norm's rstd inside the GDN step instead of
     the in-projection's conv epilogue and the o projection's head_rstd; "q4-noembedfold": the first layer's
-    input norm as its own op instead of folded into the embedding launch."""
+    input norm as its own op instead of folded into the embedding launch; "q4-8layers-nobeside": GDN layers after
+    an attention layer with a|b, conv and gated norm inside their GDN step."""
     extra = {}
-    if fmt == "q4-8layers":  # GDN layers after an attention layer too (its post-norm merged with their input norm)
+    if fmt.startswith("q4-8layers"):  # GDN layers after an attention layer too (its post-norm merged with their input norm)
         extra = dict(num_hidden_layers=8, layer_types=["linear_attention"] * 3 + ["full_attention"]
                      + ["linear_attention"] * 3 + ["full_attention"])
     cfg = tiny_config(rope_theta=rope, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
@@ -62,6 +64,8 @@ def test_static_step_equals_eager(tmp_path, fmt, rope, kv, monkeypatch):
         monkeypatch.setattr(DecodeStep, "conv_in_projection", False)
     if fmt == "q4-noembedfold":
         monkeypatch.setattr(DecodeStep, "fold_embed_norm", False)
+    if fmt == "q4-8layers-nobeside":  # a GDN layer after an attention layer keeps a|b, conv and norm in its step
+        monkeypatch.setattr(DecodeStep, "beside_after_norm", False)
     if fmt.startswith("q4") and fmt != "q4-nofold":  # the q8 embedding of quantized checkpoints (q4 layout)
         from olmo_local.quant.linear import QEmbedding
 
