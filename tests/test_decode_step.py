@@ -545,27 +545,37 @@ def test_long_cache_graphs_on_cuda_cross_the_regime_boundary(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
 def test_folded_norms_on_cuda_match_the_norm_launches(monkeypatch):
-    """On the GPU, a q4 model at the 1B widths (group 128, tiled: the folded norms run in the GEMV
-    kernels) decodes the same tokens to logits close to the step with the norm launches."""
+    """On the GPU, a q4 model at the 1B widths (group 128, tiled: the folded norms, the a|b rows beside the
+    in-projection, its conv epilogue and the o projection's head rstd run in the kernels) decodes the same
+    tokens as the step with the norm launches, both in bf16, and each is compared with the same weights in
+    fp32 (TF32 off): the folded path stays within the bf16 noise of the unfolded one (the two bf16 paths
+    round in different places, so they are compared with the fp32 truth rather than with each other)."""
     from olmo_local.bench_synth import build_synthetic
     from olmo_local.config import preset
 
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     cfg = preset("1b", num_hidden_layers=8)
-    model = build_synthetic(cfg, "cuda", "q4", seed=0)
     prompt = torch.randint(1, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(5)).cuda()
     toks = torch.randint(1, cfg.vocab_size, (8,), generator=torch.Generator().manual_seed(6)).tolist()
     runs = []
-    for folds in (False, True):
+    for folds, dtype in ((False, torch.float32), (False, torch.bfloat16), (True, torch.bfloat16)):
+        model = build_synthetic(cfg, "cuda", "q4", dtype=dtype, seed=0)
         monkeypatch.setattr(DecodeStep, "fold_norms", folds)
-        st = DecodeState(cfg, 64, "cuda", torch.bfloat16)
+        st = DecodeState(cfg, 64, "cuda", dtype)
         with torch.inference_mode():
             model(prompt, st)
             step = DecodeStep(model, st, use_graph=False)
             runs.append(([step(t).float() for t in toks], st.rec_state.clone()))
-    (l0, r0), (l1, r1) = runs
-    for a, b in zip(l0, l1):
-        assert ((a - b).norm() / b.norm()).item() < 3e-2
-    assert ((r0 - r1).norm() / r0.norm()).item() < 3e-2
+        del model
+    (lr, rr), (l0, r0), (l1, r1) = runs
+
+    def err(ls, rs):
+        e = max(((a - b).norm() / b.norm()).item() for a, b in zip(ls, lr))
+        return e, ((rs - rr).norm() / rr.norm()).item()
+
+    (e0, s0), (e1, s1) = err(l0, r0), err(l1, r1)
+    assert e0 < 5e-2 and s0 < 5e-2  # bf16 against fp32
+    assert e1 < 1.5 * e0 + 5e-3 and s1 < 1.5 * s0 + 5e-3, (e0, e1, s0, s1)
 
 
 def test_static_step_with_nf4_linears_takes_the_fused_kernel(tmp_path, monkeypatch):
