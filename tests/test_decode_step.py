@@ -543,6 +543,37 @@ def test_long_cache_graphs_on_cuda_cross_the_regime_boundary(tmp_path):
     assert runs[0] == runs[1]
 
 
+def fp32_copy(model):
+    """The same (quantized) model computing in fp32: float parameters and buffers in fp32, the q8
+    embedding's output too; the packed weights unchanged."""
+    import copy
+
+    from olmo_local.quant.linear import QEmbedding
+
+    m = copy.deepcopy(model).to(torch.float32)
+    if isinstance(m.embed, QEmbedding):
+        m.embed.dtype = torch.float32
+    return m
+
+
+def test_fp32_copy_computes_the_same_model_in_fp32():
+    """fp32_copy (the reference of the GPU fold test) keeps the quantized weights and only widens the
+    arithmetic: its logits match the bf16 model's within bf16 noise, on the CPU paths."""
+    from olmo_local.bench_synth import build_synthetic
+    from olmo_local.config import preset
+
+    cfg = preset("tiny", num_hidden_layers=4)
+    model = build_synthetic(cfg, "cpu", "q4", seed=0, group_size=32)
+    ref = fp32_copy(model)
+    assert ref.dtype == torch.float32 and model.dtype == torch.bfloat16
+    sa, sb = model.state_dict(), ref.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if not sa[k].is_floating_point())
+    ids = torch.randint(1, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = model(ids)[0].float(), ref(ids)[0]
+    assert b.dtype == torch.float32 and ((a - b).norm() / b.norm()).item() < 5e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
 def test_folded_norms_on_cuda_match_the_norm_launches(monkeypatch):
     """On the GPU, a q4 model at the 1B widths (group 128, tiled: the folded norms, the a|b rows beside the
@@ -558,15 +589,15 @@ def test_folded_norms_on_cuda_match_the_norm_launches(monkeypatch):
     prompt = torch.randint(1, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(5)).cuda()
     toks = torch.randint(1, cfg.vocab_size, (8,), generator=torch.Generator().manual_seed(6)).tolist()
     runs = []
+    model = build_synthetic(cfg, "cuda", "q4", seed=0)
     for folds, dtype in ((False, torch.float32), (False, torch.bfloat16), (True, torch.bfloat16)):
-        model = build_synthetic(cfg, "cuda", "q4", dtype=dtype, seed=0)
+        m = fp32_copy(model) if dtype == torch.float32 else model
         monkeypatch.setattr(DecodeStep, "fold_norms", folds)
         st = DecodeState(cfg, 64, "cuda", dtype)
         with torch.inference_mode():
-            model(prompt, st)
-            step = DecodeStep(model, st, use_graph=False)
+            m(prompt, st)
+            step = DecodeStep(m, st, use_graph=False)
             runs.append(([step(t).float() for t in toks], st.rec_state.clone()))
-        del model
     (lr, rr), (l0, r0), (l1, r1) = runs
 
     def err(ls, rs):
