@@ -25,6 +25,11 @@ store. The unnormalised o slice goes to an fp32 scratch. A per-key-head atomic c
 last program of the key head's group; that program (after every other program has read its
 inputs) writes the shifted q/k conv state and applies the gated RMSNorm over the full dv of each
 of the group's value heads. The counter resets itself: one launch, CUDA-graph capturable.
+
+folded=True (the q4 decode step): qkv is the conv's fp32 activations (the in-projection's conv epilogue did
+the conv and its state update), and the result is (x~, hs): x~ = o * w * silu(z) without the rstd and hs
+[Hv, dv blocks] with each program's sum of o^2, which the o projection turns into the heads' rstds
+(kernels.gemv_q4 head_rstd). The programs then share nothing: no counter, no last-program tail.
 """
 
 from __future__ import annotations

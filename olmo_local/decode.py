@@ -70,6 +70,13 @@ def fold(mod: torch.nn.Module, inp: torch.Tensor, x: torch.Tensor, w: torch.Tens
                         head_rstd=head_rstd)
 
 
+def _dense_ab(L: GDNLayer, dtype: torch.dtype) -> torch.Tensor | None:
+    """A GDN layer's a|b weight when it is a contiguous dense matrix of the model dtype (the usual case: its
+    rows can ride along another launch), else None."""
+    w_ab = getattr(L.ab, "weight", None)
+    return w_ab if isinstance(w_ab, torch.Tensor) and w_ab.dtype == dtype and w_ab.is_contiguous() else None
+
+
 def linear_norm(mod: torch.nn.Module, inp: torch.Tensor, x: torch.Tensor, mode: str,
                 w: torch.Tensor | None = None, eps: float = 0.0):
     """A projection and the norm op that consumes it with the residual stream x (kernels.norm):
@@ -228,9 +235,7 @@ class DecodeStep:
         a GDN layer whose in-projection takes a folded norm (q4, dense a|b rows)."""
         if not (self.fold_embed_norm and isinstance(first, GDNLayer) and isinstance(self.model.embed, QEmbedding)):
             return False
-        w_ab = getattr(first.ab, "weight", None)
-        return (isinstance(w_ab, torch.Tensor) and w_ab.dtype == self.model.embed.dtype and w_ab.is_contiguous()
-                and self._folds(first.qkvz))
+        return _dense_ab(first, self.model.embed.dtype) is not None and self._folds(first.qkvz)
 
     def _gdn(self, L: GDNLayer, x: torch.Tensor, pending: tuple | None, post: tuple | None = None,
              pre: tuple | None = None) -> tuple[torch.Tensor, tuple]:
@@ -238,8 +243,8 @@ class DecodeStep:
         the down projection with the next norm. pre: (x~, sums of squares) of this layer's input norm, folded
         into the launch that formed x (the embedding)."""
         st = self.state
-        w_ab = getattr(L.ab, "weight", None)
-        dense_ab = isinstance(w_ab, torch.Tensor) and w_ab.dtype == x.dtype and w_ab.is_contiguous()
+        w_ab = _dense_ab(L, x.dtype)
+        dense_ab = w_ab is not None
         ab_kw = {}  # how the GDN step gets a|b: computed beside it (a, b given) or projected inside it
         conv = None  # (conv_in_projection) the in-projection's conv epilogue: weights, state, activations
         rs = None  # (sums of squares, eps) when u is the x~ of a folded norm (its consumers scale by rstd)
@@ -270,8 +275,7 @@ class DecodeStep:
                 a, b = self.ab[: L.hv], self.ab[L.hv:]
             else:
                 a = b = None
-                ab_kw = dict(ab_from=(u.view(-1), w_ab), ab_rstd=rs) if rs is not None else dict(
-                    ab_from=(u.view(-1), w_ab))
+                ab_kw = dict(ab_from=(u.view(-1), w_ab), ab_rstd=rs)
         else:
             qkvz = linear(L.qkvz, u)
             if dense_ab:  # dense a|b (the usual case): projected inside the GDN step, one launch fewer
