@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, cdiv, next_pow2, pdl_kwargs, tl, triton, use_pdl, use_triton
+from .gemv_q4 import fold_outputs
 
 if HAS_TRITON:
     from ._triton import pdl_launch_dependents, pdl_wait
@@ -32,13 +33,6 @@ def q8_embed_ref(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     else:
         x = (q * s.unsqueeze(-1)).to(dtype)
     return x if norm_w is None else fold_outputs(x, norm_w)
-
-
-def fold_outputs(x: torch.Tensor, norm_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x, x~ = x * w in x.dtype, the sum of x^2 as a [1] fp32 tensor): the producer side of a folded
-    RMSNorm (see kernels.gemv_q4.q4_gemv_fold) for a row that is already formed."""
-    xf = x.to(torch.float32)
-    return x, (xf * norm_w.to(torch.float32)).to(x.dtype), xf.pow(2).sum().reshape(1)
 
 
 if HAS_TRITON:

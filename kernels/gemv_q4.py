@@ -158,8 +158,15 @@ def q4_gemv_fold_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     xn = (residual.to(torch.float32) + y.to(torch.float32).reshape(residual.shape)).to(residual.dtype)
     if w is None:
         return xn, None, None
-    xf = xn.to(torch.float32)
-    return xn, (xf * w.to(torch.float32)).to(x.dtype), xf.pow(2).sum().reshape(1)
+    return fold_outputs(xn, w, x.dtype)
+
+
+def fold_outputs(x: torch.Tensor, w: torch.Tensor, xt_dtype: torch.dtype | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The producer side of a folded RMSNorm for a formed row x: (x, x~ = x * w in xt_dtype (default x's),
+    the sum of x^2 as a [1] fp32 tensor); the consumer scales by rsqrt(sum / K + eps)."""
+    xf = x.to(torch.float32)
+    return x, (xf * w.to(torch.float32)).to(xt_dtype or x.dtype), xf.pow(2).sum().reshape(1)
 
 
 def q4_gemv_silu_mul_ref(

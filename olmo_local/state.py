@@ -54,7 +54,8 @@ class DecodeState:
         self.conv_state = torch.zeros(nG, config.conv_dim, config.linear_conv_kernel_dim - 1,
                                       device=device, dtype=dtype)
         hv, dk, dv = config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim
-        if self.device.type == "cuda" if self.rec_dk_major is None else self.rec_dk_major:
+        dk_major = self.device.type == "cuda" if self.rec_dk_major is None else self.rec_dk_major
+        if dk_major:
             # [.., dk, dv] as the transpose of a [.., dv, dk] tensor: the decode step's one-warp programs sum
             # over dk with shuffles and load each state column contiguously (kernels/gdn_decode.py)
             self.rec_state = torch.zeros(nG, hv, dv, dk, device=device, dtype=torch.float32).transpose(2, 3)
