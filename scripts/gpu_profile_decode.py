@@ -81,7 +81,7 @@ def main() -> None:
     # per position in the step (the first two layers and the tail), averaged over the steps
     k = len(evs) // a.steps
     if k * a.steps == len(evs):
-        pos = list(range(min(20, k))) + list(range(max(20, k - 6), k))
+        pos = list(range(min(26, k))) + list(range(max(26, k - 6), k))  # the first attention layer is 16-23 in the 7B
         cells = []
         for i in pos:
             m_ = [evs[j * k + i].time_range.end - evs[j * k + i - 1].time_range.end for j in range(a.steps)
