@@ -12,8 +12,10 @@ replaced by nothing (their output is an input of the right shape), then times ba
     noprep    attention_prep skipped (attention decode still runs)
     abloop    the GDN step's a|b projection as its loop over 512-wide chunks after the wait (the form
               before W_ab rows were loaded whole before it)
+    pick      the step as the greedy graphs run it (argmax, token feedback, id to host), not an ablation:
+              pick minus base is what the pick tail costs
 
-    python scripts/gpu_ablate_decode.py [--preset 7b] [--reps 200]
+    python scripts/gpu_ablate_decode.py [--preset 7b] [--reps 200] [--variants base,pick,...]
 """
 
 from __future__ import annotations
@@ -68,14 +70,17 @@ def time_step(m, variant: str, reps: int) -> float:
         dec.attention_prep = lambda qkv, *a, **k: qkv.view(-1)[: H * hd]
     with torch.inference_mode():
         step(1)
-        g = step.graphs[0][0]
-        for _ in range(10):
-            g.replay()
+        gs = [step.graphs[0][0]]
+        if variant == "pick":  # the two greedy pick graphs (argmax, token feedback, id to host), alternating
+            step.capture(("greedy", None))
+            gs = step.pick_graphs["greedy"][1][0]
+        for i in range(10):
+            gs[i % len(gs)].replay()
         torch.cuda.synchronize()
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
-        for _ in range(reps):
-            g.replay()
+        for i in range(reps):
+            gs[i % len(gs)].replay()
         e1.record()
         torch.cuda.synchronize()
     del step, st
@@ -86,11 +91,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="7b")
     ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--variants", default="base,pick,noprep,nonorm,nogdn,noattn,gemv,base,pick")
     a = ap.parse_args()
     m = build_synthetic(preset(a.preset), "cuda", "q4", seed=0)
     _HV[0] = m.config.linear_num_value_heads
     res = {}
-    for v in ("base", "noprep", "nonorm", "nogdn", "noattn", "gemv", "base", "abloop"):
+    for v in a.variants.split(","):
         res.setdefault(v, []).append(time_step(m, v, a.reps))
         print(f"# {v} {res[v][-1]:.1f} us", flush=True)
     _patch("base")

@@ -90,9 +90,17 @@ def main() -> None:
             cells.append(f"{i}:{short(evs[i].name).strip('_')[:10]} {sum(d_) / len(d_):.1f}/{sum(m_) / max(1, len(m_)):.1f}")
         print("by position (duration/marginal us):", " | ".join(cells))
     if a.json:
+        out = {"wall_us": wall, "busy_us": busy, "span_us": span,
+               "kernels": {k: [len(v) / a.steps, sum(v) / a.steps] for k, v in rows}}
+        if k * a.steps == len(evs):  # every position: (kernel, mean duration, mean marginal) in us
+            out["positions"] = [
+                [short(evs[i].name), sum(evs[j * k + i].time_range.end - evs[j * k + i].time_range.start
+                                         for j in range(a.steps)) / a.steps,
+                 sum(evs[j * k + i].time_range.end - evs[j * k + i - 1].time_range.end
+                     for j in range(a.steps) if j * k + i > 0) / max(1, a.steps - (i == 0))]
+                for i in range(k)]
         with open(a.json, "w") as f:
-            json.dump({"wall_us": wall, "busy_us": busy, "span_us": span,
-                       "kernels": {k: [len(v) / a.steps, sum(v) / a.steps] for k, v in rows}}, f, indent=1)
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -584,20 +584,24 @@ def test_folded_norms_on_cuda_match_the_norm_launches(monkeypatch):
     from olmo_local.bench_synth import build_synthetic
     from olmo_local.config import preset
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    prec = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32 in the fp32 reference (torch 2.11 has no allow_tf32)
     cfg = preset("1b", num_hidden_layers=8)
     prompt = torch.randint(1, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(5)).cuda()
     toks = torch.randint(1, cfg.vocab_size, (8,), generator=torch.Generator().manual_seed(6)).tolist()
     runs = []
     model = build_synthetic(cfg, "cuda", "q4", seed=0)
-    for folds, dtype in ((False, torch.float32), (False, torch.bfloat16), (True, torch.bfloat16)):
-        m = fp32_copy(model) if dtype == torch.float32 else model
-        monkeypatch.setattr(DecodeStep, "fold_norms", folds)
-        st = DecodeState(cfg, 64, "cuda", dtype)
-        with torch.inference_mode():
-            m(prompt, st)
-            step = DecodeStep(m, st, use_graph=False)
-            runs.append(([step(t).float() for t in toks], st.rec_state.clone()))
+    try:
+        for folds, dtype in ((False, torch.float32), (False, torch.bfloat16), (True, torch.bfloat16)):
+            m = fp32_copy(model) if dtype == torch.float32 else model
+            monkeypatch.setattr(DecodeStep, "fold_norms", folds)
+            st = DecodeState(cfg, 64, "cuda", dtype)
+            with torch.inference_mode():
+                m(prompt, st)
+                step = DecodeStep(m, st, use_graph=False)
+                runs.append(([step(t).float() for t in toks], st.rec_state.clone()))
+    finally:
+        torch.set_float32_matmul_precision(prec)
     (lr, rr), (l0, r0), (l1, r1) = runs
 
     def err(ls, rs):
@@ -605,7 +609,8 @@ def test_folded_norms_on_cuda_match_the_norm_launches(monkeypatch):
         return e, ((rs - rr).norm() / rr.norm()).item()
 
     (e0, s0), (e1, s1) = err(l0, r0), err(l1, r1)
-    assert e0 < 5e-2 and s0 < 5e-2  # bf16 against fp32
+    # bf16 against fp32 at random 1B-width weights: ~5e-2 (H200); a broken kernel gives ~1
+    assert e0 < 0.15 and s0 < 0.15, (e0, s0)
     assert e1 < 1.5 * e0 + 5e-3 and s1 < 1.5 * s0 + 5e-3, (e0, e1, s0, s1)
 
 
