@@ -235,7 +235,8 @@ if HAS_TRITON:
                       rscale=1.0, FOLD: tl.constexpr = 0, res_ptr=None, fw_ptr=None, xt_ptr=None, ss_ptr=None,
                       r_pre=None, w_pre=None, PRE: tl.constexpr = False,
                       CONV: tl.constexpr = False, cw_ptr=None, cs_ptr=None, act_ptr=None, NCONV=0,
-                      KC: tl.constexpr = 4, KP: tl.constexpr = 4):
+                      KC: tl.constexpr = 4, KP: tl.constexpr = 4,
+                      RSUM: tl.constexpr = False, rsum_ptr=None, NQS=0, NKS=0):
         """Split-K epilogue shared by the GEMV kernels. Each split has written its fp32 partial rows
         part[split, t, :]; the last program of the row block to arrive (self-resetting counter) adds
         them (deterministic: split order, or with SPLITP >= SPLIT one [SPLITP, BN] load and a fixed
@@ -245,8 +246,10 @@ if HAS_TRITON:
         caller preloaded). Ordering as in CUTLASS's serial split-K semaphore:
         CTA barrier, then one gpu-scope acq_rel atomic; the reader's loads bypass L1. CONV (T = 1, not
         gated): the rows below NCONV also go through conv_rows (their operands loaded by every program
-        before the atomic, so the last one's tail has no loads but the partials). Returns whether this
-        program was that last one."""
+        before the atomic, so the last one's tail has no loads but the partials). RSUM (T = 1, not gated, no
+        FOLD): the block's sums of squares of its stored rows below NQS and of those in [NQS, NQS + NKS) go to
+        rsum[2 pid_n], rsum[2 pid_n + 1] (attention's q/k norms, whole-row, finished by their reader).
+        Returns whether this program was that last one."""
         if GATED:
             ntot = 2 * NR
         else:
@@ -284,5 +287,11 @@ if HAS_TRITON:
                     tl.store(y_ptr + t * stride_y + rn, yv, mask=rmask)
                     if CONV:
                         conv_rows(yv.to(tl.float32), rn, rmask, c_w, c_old, c_nxt, cs_ptr, act_ptr, NCONV, KC, KP)
+                    if RSUM:
+                        yf = yv.to(tl.float32)
+                        yf = tl.where(rmask, yf * yf, 0.0)
+                        tl.store(rsum_ptr + 2 * pid_n, tl.sum(tl.where(rn < NQS, yf, 0.0), axis=0))
+                        tl.store(rsum_ptr + 2 * pid_n + 1,
+                                 tl.sum(tl.where((rn >= NQS) & (rn < NQS + NKS), yf, 0.0), axis=0))
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
         return done == SPLIT - 1

@@ -47,6 +47,9 @@ __all__ = [
     "attention_decode",
     "attention_decode_ref",
     "attention_decode_triton",
+    "attention_decode_prep",
+    "attention_decode_prep_ref",
+    "attention_decode_prep_triton",
     "default_num_splits",
     "quantize_kv_int8",
     "quantize_kv_int8_ref",
@@ -172,6 +175,8 @@ if HAS_TRITON:
         G: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
         NS: tl.constexpr, NSP: tl.constexpr, QUANT: tl.constexpr, USE_PDL: tl.constexpr,
         pos_ptr=None, EARLY: tl.constexpr = False,
+        PREP: tl.constexpr = False, qw_ptr=None, kw_ptr=None, ss_ptr=None, NSS=0, NSSP: tl.constexpr = 2,
+        eps_q=0.0, eps_k=0.0, NQ=0, NK=0, kcw_ptr=None, vcw_ptr=None,
     ):
         pdl_launch_dependents(USE_PDL)
         hq = tl.program_id(0)  # query head
@@ -193,14 +198,24 @@ if HAS_TRITON:
             n_active = (n + ss - 1) // ss
             d = tl.arange(0, BD)
             dm = d < HD
-            q = tl.load(q_ptr + hq * stride_qh + d, mask=dm, other=0).to(tl.float32) * sm_scale
+            loop_end = end
+            if PREP:  # q_ptr is the qkv row: q normed here (attention_prep's math, rstd from the row sums);
+                # position n - 1 is not in the cache yet: the split that holds it adds it from qkv below
+                loop_end = tl.minimum(end, n - 1)
+                bj = tl.arange(0, NSSP)  # the qkv projection's row blocks
+                sq = tl.sum(tl.load(ss_ptr + 2 * bj, mask=bj < NSS, other=0.0), axis=0)
+                qh = tl.load(q_ptr + hq * HD + d, mask=dm, other=0).to(tl.float32)
+                wq = tl.load(qw_ptr + hq * HD + d, mask=dm, other=0).to(tl.float32)
+                q = (qh * (1.0 / tl.sqrt(sq / NQ + eps_q)) * wq).to(q_ptr.dtype.element_ty).to(tl.float32) * sm_scale
+            else:
+                q = tl.load(q_ptr + hq * stride_qh + d, mask=dm, other=0).to(tl.float32) * sm_scale
             # online softmax kept per lane (row of the [BS, BD] tile): no cross-lane work in the loop
             m_l = tl.full([BS], -1.0e30, dtype=tl.float32)
             l_l = tl.zeros([BS], dtype=tl.float32)
             acc = tl.zeros([BS, BD], dtype=tl.float32)
-            for s0 in range(start, end, BS):
+            for s0 in range(start, loop_end, BS):
                 pos = s0 + tl.arange(0, BS)
-                pm = pos < end
+                pm = pos < loop_end
                 kvm = pm[:, None] & dm[None, :]
                 kt = tl.load(k_ptr + kvh * stride_kh + pos[:, None] * stride_kt + d[None, :], mask=kvm, other=0)
                 vt = tl.load(v_ptr + kvh * stride_vh + pos[:, None] * stride_vt + d[None, :], mask=kvm, other=0)
@@ -220,6 +235,29 @@ if HAS_TRITON:
             w = tl.exp(m_l - m_s)
             l_s = tl.sum(l_l * w, axis=0)
             o_s = tl.sum(acc * w[:, None], axis=0)  # [BD]
+            if PREP:
+                if end == n:  # this split holds position n - 1: its k (normed) and v from the qkv row
+                    p = n - 1
+                    sk = tl.sum(tl.load(ss_ptr + 2 * bj + 1, mask=bj < NSS, other=0.0), axis=0)
+                    kh = tl.load(q_ptr + NQ + kvh * HD + d, mask=dm, other=0).to(tl.float32)
+                    wk = tl.load(kw_ptr + kvh * HD + d, mask=dm, other=0).to(tl.float32)
+                    kh = (kh * (1.0 / tl.sqrt(sk / NK + eps_k)) * wk).to(q_ptr.dtype.element_ty).to(tl.float32)
+                    vh = tl.load(q_ptr + NQ + NK + kvh * HD + d, mask=dm, other=0).to(tl.float32)
+                    if hq % G == 0:  # the first query head of a kv group writes the kv head's row
+                        _store_kv_row(kh, kcw_ptr + kvh * stride_kh + p * stride_kt, ks_ptr + kvh * stride_ksh, p,
+                                      d, dm, QUANT)
+                        _store_kv_row(vh, vcw_ptr + kvh * stride_vh + p * stride_vt, vs_ptr + kvh * stride_vsh, p,
+                                      d, dm, QUANT)
+                    # what the loop would have read back from the cache at p: the stored row (dequantized)
+                    k_p, k_sc = _kv_row_value(kh, kcw_ptr, QUANT)
+                    v_p, v_sc = _kv_row_value(vh, vcw_ptr, QUANT)
+                    sc_p = tl.sum(k_p * q, axis=0) * k_sc
+                    m_new = tl.maximum(m_s, sc_p)
+                    a_old = tl.exp(m_s - m_new)
+                    e_p = tl.exp(sc_p - m_new)
+                    l_s = l_s * a_old + e_p
+                    o_s = o_s * a_old + (e_p * v_sc) * v_p
+                    m_s = m_new
             tl.store(mws_ptr + hq * NS + sp, m_s)
             tl.store(lws_ptr + hq * NS + sp, l_s)
             tl.store(aws_ptr + (hq * NS + sp) * HD + d, o_s, mask=dm)
@@ -250,6 +288,16 @@ if HAS_TRITON:
             tl.store(s_ptr + p, amax / 127.0)
         else:
             tl.store(c_ptr + d, x.to(c_ptr.dtype.element_ty), mask=dm)
+
+    @triton.jit
+    def _kv_row_value(x, c_ptr, QUANT: tl.constexpr):
+        """(values, scale) of one head's row as _store_kv_row stores it and the decode loop reads it back:
+        bf16 / fp32 rounded to the cache dtype (scale 1), or int8 codes with their per-row scale."""
+        if QUANT:
+            amax = tl.max(tl.abs(x), axis=0)
+            inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+            return tl.minimum(tl.maximum(tl.floor(x * inv + 0.5), -127.0), 127.0), amax / 127.0
+        return x.to(c_ptr.dtype.element_ty).to(tl.float32), 1.0
 
     @triton.jit
     def _quantize_kv_kernel(k_ptr, q_ptr, s_ptr, pos_ptr, T, HD, stride_kh, stride_kt,
@@ -366,11 +414,15 @@ def attention_decode_triton(
     num_stages: int = 2,
     pos: torch.Tensor | None = None,
     ctx_hint: int | None = None,
+    prep: tuple | None = None,
 ) -> torch.Tensor:
     """Triton version of attention_decode_ref (num_splits / block_s for tests and tuning). ``ctx_hint``:
     the context size to tune the launch for instead of the cache's (split count, warps; any length
-    stays correct): a decode graph for short contexts in a long cache passes LONG_CTX_LAUNCH - 1."""
+    stays correct): a decode graph for short contexts in a long cache passes LONG_CTX_LAUNCH - 1. ``prep``:
+    see attention_decode_prep_triton (needs ``pos``)."""
     _length_or_pos(length, pos)
+    if prep is not None and pos is None:
+        raise ValueError("attention_decode with prep takes the position")
     if length is None:
         length = pos  # the kernel reads pos (EARLY); len_ptr is not read
     kvh, max_ctx, hd = k_cache.shape
@@ -399,6 +451,12 @@ def attention_decode_triton(
     aws = workspace("attn_acc", (h, ns, hd), torch.float32, q.device)
     cnt = workspace("attn_cnt", (h,), torch.int32, q.device)
     pdl = use_pdl(q)
+    extra = {}
+    if prep is not None:  # q is the qkv row (see attention_decode_prep)
+        qkv, ss, q_w, k_w, eps_q, eps_k = prep
+        extra = dict(PREP=True, qw_ptr=q_w, kw_ptr=k_w, ss_ptr=ss, NSS=ss.shape[0], NSSP=max(2, next_pow2(ss.shape[0])),
+                     eps_q=float(eps_q), eps_k=float(eps_k), NQ=h * hd, NK=kvh * hd, kcw_ptr=k_cache, vcw_ptr=v_cache)
+        q = qkv
     _attn_decode_kernel[(h, ns)](
         q, kc, vc, ks, vs, length, out, mws, lws, aws, cnt,
         q.stride(0), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
@@ -406,9 +464,70 @@ def attention_decode_triton(
         float(hd) ** -0.5, hd,
         G=g, BD=next_pow2(hd), BS=block_s, NS=ns, NSP=next_pow2(ns), QUANT=quant, USE_PDL=pdl,
         pos_ptr=pos, EARLY=pos is not None,
-        num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
+        num_warps=num_warps, num_stages=num_stages, **extra, **pdl_kwargs(pdl),
     )
     return out
+
+
+def _prep_checks(qkv: torch.Tensor, ss: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor, k_cache: torch.Tensor
+                 ) -> tuple[int, int, int]:
+    h, kvh, hd = _prep_shapes(qkv, k_cache)
+    if (qkv.stride(-1) != 1 or not qkv.is_contiguous() or ss.dim() != 2 or ss.shape[1] != 2
+            or ss.dtype != torch.float32 or not ss.is_contiguous() or q_w.numel() != h * hd or k_w.numel() != kvh * hd):
+        raise ValueError("attention_decode_prep: a contiguous qkv row, fp32 row sums [B, 2] and norm weights of "
+                         "q's and k's widths")
+    return h, kvh, hd
+
+
+def attention_decode_prep_ref(qkv: torch.Tensor, ss: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor,
+                              eps_q: float, eps_k: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              pos: torch.Tensor, *, k_scale: torch.Tensor | None = None,
+                              v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """attention_prep followed by attention_decode, with the q and k RMSNorms' sums of squares given (ss
+    [B, 2]: column 0 sums to q's, column 1 to k's; q4_gemv's row_sums): q and k normed, k and v written at
+    position pos of the caches, then attention over positions 0..pos."""
+    h, kvh, hd = _prep_checks(qkv, ss, q_w, k_w, k_cache)
+    q, k, v = qkv.reshape(-1).split([h * hd, kvh * hd, kvh * hd])
+    tot = ss.sum(0)
+    rq = torch.rsqrt(tot[0] / (h * hd) + eps_q)
+    rk = torch.rsqrt(tot[1] / (kvh * hd) + eps_k)
+    qn = (q.float() * rq * q_w.float()).to(qkv.dtype).view(h, hd)
+    kn = (k.float() * rk * k_w.float()).to(qkv.dtype).view(kvh, 1, hd)
+    v = v.view(kvh, 1, hd)
+    if k_cache.dtype == torch.int8:
+        quantize_kv_int8_ref(kn, out=(k_cache, k_scale), pos=pos)
+        quantize_kv_int8_ref(v, out=(v_cache, v_scale), pos=pos)
+    else:
+        p = pos.reshape(-1)[:1].long()
+        k_cache.index_copy_(1, p, kn.to(k_cache.dtype))
+        v_cache.index_copy_(1, p, v.to(v_cache.dtype))
+    return attention_decode_ref(qn, k_cache, v_cache, k_scale=k_scale, v_scale=v_scale, pos=pos)
+
+
+def attention_decode_prep_triton(qkv: torch.Tensor, ss: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor,
+                                 eps_q: float, eps_k: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 pos: torch.Tensor, *, k_scale: torch.Tensor | None = None,
+                                 v_scale: torch.Tensor | None = None, **tune) -> torch.Tensor:
+    """Triton version of attention_decode_prep_ref: attention_decode's kernel normalises q itself and the
+    split that holds position pos takes that position's k and v from qkv (and writes them to the caches), so
+    no attention_prep launch runs between the qkv projection and attention (``tune``: num_splits, block_s,
+    num_warps, ctx_hint as attention_decode_triton)."""
+    h, kvh, hd = _prep_checks(qkv, ss, q_w, k_w, k_cache)
+    qkv = qkv.reshape(-1)
+    dummy_q = qkv[: h * hd].view(h, hd)  # shape checks only: the kernel reads qkv
+    return attention_decode_triton(dummy_q, k_cache, v_cache, k_scale=k_scale, v_scale=v_scale, pos=pos,
+                                   prep=(qkv, ss, q_w, k_w, eps_q, eps_k), **tune)
+
+
+def attention_decode_prep(qkv: torch.Tensor, ss: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor, eps_q: float,
+                          eps_k: float, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, *,
+                          k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                          ctx_hint: int | None = None) -> torch.Tensor:
+    if use_triton(qkv):
+        return attention_decode_prep_triton(qkv, ss, q_w, k_w, eps_q, eps_k, k_cache, v_cache, pos, k_scale=k_scale,
+                                            v_scale=v_scale, ctx_hint=ctx_hint)
+    return attention_decode_prep_ref(qkv, ss, q_w, k_w, eps_q, eps_k, k_cache, v_cache, pos, k_scale=k_scale,
+                                     v_scale=v_scale)
 
 
 def quantize_kv_int8_triton(

@@ -476,7 +476,8 @@ if HAS_TRITON:
                      rss_ptr, NSS, eps_r, RSTD: tl.constexpr, NSSP: tl.constexpr, FOLD: tl.constexpr,
                      res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE: tl.constexpr, PW2: tl.constexpr,
                      CONV: tl.constexpr, cw_ptr, cs_ptr, act_ptr, NCONV, KC: tl.constexpr, KP: tl.constexpr,
-                     HEADNORM: tl.constexpr, hs_ptr, NVB: tl.constexpr, DV, eps_h):
+                     HEADNORM: tl.constexpr, hs_ptr, NVB: tl.constexpr, DV, eps_h,
+                     RSUM: tl.constexpr, rsum_ptr, NQS, NKS):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
@@ -620,7 +621,7 @@ if HAS_TRITON:
                 rn = pid_n * BN + tl.arange(0, BN)
                 splitk_finish(y_ptr, part_ptr, cnt_ptr, pid_n, rn, rn < NR, NR, stride_y, 1, BN, SPLIT, GATED,
                               SPLITP, rstd, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, r_pre, w_pre, PRE,
-                              CONV, cw_ptr, cs_ptr, act_ptr, NCONV, KC, KP)
+                              CONV, cw_ptr, cs_ptr, act_ptr, NCONV, KC, KP, RSUM, rsum_ptr, NQS, NKS)
             elif CONV:  # one split: the rows as emit_rows stored them
                 ty = y_ptr.dtype.element_ty
                 c_w, c_old, c_nxt = conv_load(rows_a, mask_a, cw_ptr, cs_ptr, NCONV, KC, KP)
@@ -749,6 +750,7 @@ if HAS_TRITON:
         CONV: tl.constexpr = False, cw_ptr=None, cs_ptr=None, act_ptr=None, NCONV=0,  # conv epilogue
         KC: tl.constexpr = 4, KP: tl.constexpr = 4,
         HEADNORM: tl.constexpr = 0, hs_ptr=None, NVB: tl.constexpr = 1, DV=1, eps_h=0.0,  # per-head rstd of x
+        RSUM: tl.constexpr = False, rsum_ptr=None, NQS=0, NKS=0,  # row-block sums of squares (row_sums)
     ):
         pdl_launch_dependents(USE_PDL)
         if DENSE and tl.program_id(1) >= NB:  # programs past the q4 row blocks: the dense bf16 rows
@@ -758,7 +760,8 @@ if HAS_TRITON:
             _q4_mma_body(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, part_ptr, cnt_ptr, NR, NGR, stride_y, GPS, SPLIT,
                          G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP,
                          rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE, PW2,
-                         CONV, cw_ptr, cs_ptr, act_ptr, NCONV, KC, KP, HEADNORM, hs_ptr, NVB, DV, eps_h)
+                         CONV, cw_ptr, cs_ptr, act_ptr, NCONV, KC, KP, HEADNORM, hs_ptr, NVB, DV, eps_h,
+                         RSUM, rsum_ptr, NQS, NKS)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -892,7 +895,8 @@ def _wide_split(n_blocks: int, iters: int, sms: int, per_sm: float) -> int:
 
 def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *, block_n=None, split_k=None,
                num_warps=None, num_stages=2, pairs=None, groups_per_iter=None, mma=None, prefetch=None, stages=None,
-               gate_halves=None, prefetch_depth=None, rstd=None, fold=None, dense=None, conv=None, head_rstd=None):
+               gate_halves=None, prefetch_depth=None, rstd=None, fold=None, dense=None, conv=None, head_rstd=None,
+               row_sums=None):
     """The tuning knobs (keyword-only, shared by both public entry points): rows per program, K splits,
     warps, pipeline stages, bf16x2 math, groups per iteration, tensor cores, hand prefetch of the next
     group, Triton-pipelined group loop of the tensor-core path (stages), and for the gated tensor-core
@@ -900,7 +904,8 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     groups ahead the hand prefetch loads (prefetch_depth 1 or 2; 2 needs two tiles per group); None
     picks the default. rstd = (ss, eps) / fold = (residual, w or None): the two sides of a folded norm
     (see q4_gemv_fold; with fold the result is (x_new, x~, ss)), tensor-core path only. conv / head_rstd:
-    see q4_gemv (tensor-core path only)."""
+    see q4_gemv (tensor-core path only). row_sums = (nq, nk): the result is (y, ss) with ss [blocks, 2] fp32,
+    each row block's sums of squares of y[:nq] and y[nq:nq + nk] (split-K, tensor-core path only)."""
     x2 = _as_rows(x)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -940,8 +945,11 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         raise ValueError("the tensor-core q4 path takes one bf16 row of x and group size 128")
     if (rstd is not None or fold is not None) and not use_mma:
         raise ValueError("a folded norm runs on the tensor-core q4 path only (one bf16 row, group 128)")
-    if (conv is not None or head_rstd is not None) and not use_mma:
-        raise ValueError("conv and head_rstd run on the tensor-core q4 path only (one bf16 row, group 128)")
+    if (conv is not None or head_rstd is not None or row_sums is not None) and not use_mma:
+        raise ValueError("conv, head_rstd and row_sums run on the tensor-core q4 path only (one bf16 row, group 128)")
+    if row_sums is not None and (gated or fold is not None or conv is not None or ngr < 2
+                                 or not 0 <= row_sums[0] <= row_sums[0] + row_sums[1] <= nr):
+        raise ValueError("row_sums: a plain projection of at least two groups, nq + nk <= its rows")
     if fold is not None and (gated or ngr < 2):
         raise ValueError("the producer of a folded norm is a plain projection with at least two groups")
     wide = None
@@ -970,7 +978,8 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
     if split_k is None:
         split_k = _wide_split(n_blocks, iters, num_sms(x.device), wide[2]) if wide else \
             _pick_split(n_blocks, iters, x.device)
-    split_k = max(2 if fold is not None else 1, min(int(split_k), iters))  # a fold finishes in the split-K tail
+    # a fold and row sums are finished in the split-K tail
+    split_k = max(2 if (fold is not None or row_sums is not None) else 1, min(int(split_k), iters))
     gps = cdiv(iters, split_k) * gpi  # groups per split: whole iterations
     split_k = cdiv(ngr, gps)  # no empty splits
     if split_k > 1:
@@ -1024,6 +1033,10 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         n_extra = cdiv(wd.shape[0], split_k)
         extra.update(wd_ptr=wd.view(torch.int32), d_ptr=d_out, ND=wd.shape[0], NB=n_blocks, DENSE=True,
                      BKW=next_pow2(k // 2))
+    if row_sums is not None:
+        rsum = workspace("q4_row_sums", (n_blocks, 2), torch.float32, x.device)
+        extra.update(RSUM=True, rsum_ptr=rsum, NQS=int(row_sums[0]), NKS=int(row_sums[1]))
+        out = (out, rsum)
     if head_rstd is not None and HEAD_RSTD_ONCE and cdiv(gps * g, extra["DV"]) + 1 <= 4:
         extra["HEADNORM"] = 2  # each program's groups touch at most four heads: their rstds loaded once
     _q4_gemv_kernel[(split_k, n_blocks + n_extra)](
@@ -1080,7 +1093,8 @@ def q4_gemv(
     dense: tuple | None = None,
     conv: tuple | None = None,
     head_rstd: tuple | None = None,
-) -> torch.Tensor:
+    row_sums: tuple | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y = x @ W.T for one to eight rows of x; rstd = (ss, eps): x is the x~ of a folded norm (see
     q4_gemv_fold). dense = (Wd, d): also d = x @ Wd.T (times the folded norm's rstd) for a dense bf16 Wd
     [E, K] into the fp32 [E] tensor d, in the same launch on the tensor-core path (the GDN a|b rows).
@@ -1088,13 +1102,16 @@ def q4_gemv(
     x.dtype) are also a short causal conv's inputs: act = silu(conv over [state, y]) in fp32 and the state
     shifts to end with y (the GDN q|k|v conv, so the GDN step takes activations). head_rstd = (hs [H, B]
     fp32, eps): x holds H heads without their RMSNorm scale; each head is scaled by rsqrt(sum(hs[h]) / dv +
-    eps) and rounded to x.dtype before the product (the GDN step's gated norm, folded into the o projection)."""
+    eps) and rounded to x.dtype before the product (the GDN step's gated norm, folded into the o projection).
+    row_sums = (nq, nk), one row of x: returns (y, ss), ss [B, 2] fp32 whose column sums are the sums of
+    squares of y[:nq] and y[nq:nq + nk] as stored (rounded to y's dtype): attention's whole-row q/k norms
+    without a pass over y (B row blocks on the tensor-core path, B = 1 otherwise)."""
     if use_triton(x) and _fits(x) and (
-            all(a is None for a in (rstd, dense, conv, head_rstd)) or _mma_fits(x, group_size)):
+            all(a is None for a in (rstd, dense, conv, head_rstd, row_sums)) or _mma_fits(x, group_size)):
         return q4_gemv_triton(x, qweight, scales, mins, group_size, out, tiled, rstd=rstd, dense=dense,
-                              conv=conv, head_rstd=head_rstd)
-    if (dense is not None or conv is not None) and x.numel() != x.shape[-1]:
-        raise ValueError("dense rows and the conv epilogue take one row of x")
+                              conv=conv, head_rstd=head_rstd, row_sums=row_sums)
+    if (dense is not None or conv is not None or row_sums is not None) and x.numel() != x.shape[-1]:
+        raise ValueError("dense rows, the conv epilogue and row sums take one row of x")
     if head_rstd is not None:
         x = head_scale_ref(x, head_rstd)
     y = q4_gemv_ref(x, qweight, scales, mins, group_size, out, tiled, rstd)
@@ -1104,7 +1121,15 @@ def q4_gemv(
         d_out.copy_(dd * _rstd(rstd, x.shape[-1]))
     if conv is not None:
         conv_step_ref(y.reshape(-1), *conv)
+    if row_sums is not None:
+        return y, row_sums_ref(y, *row_sums)
     return y
+
+
+def row_sums_ref(y: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
+    """[1, 2] fp32: the sums of squares of y[:nq] and y[nq:nq + nk] (q4_gemv's row_sums)."""
+    yf = y.reshape(-1).to(torch.float32)
+    return torch.stack([yf[:nq].square().sum(), yf[nq:nq + nk].square().sum()]).reshape(1, 2)
 
 
 def head_scale_ref(x: torch.Tensor, head_rstd: tuple) -> torch.Tensor:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from olmo_local.generate import Sampler, SamplingParams, sampling_probs, valid_logits
-from olmo_local.kernels.attention_decode import (LONG_CTX_LAUNCH, attention_decode, attention_prep,
-                                                 quantize_kv_int8)
+from olmo_local.kernels.attention_decode import (LONG_CTX_LAUNCH, attention_decode, attention_decode_prep,
+                                                 attention_prep, quantize_kv_int8)
 from olmo_local.kernels.embed import q8_embed
 from olmo_local.kernels.gdn_decode import NORM_EPS as GDN_NORM_EPS
 from olmo_local.kernels.gdn_decode import gdn_decode_step
@@ -137,6 +137,10 @@ class DecodeStep:
     # takes the same a|b-beside / conv-epilogue / folded-GDN form as the folded ones (u with no rstd);
     # off: such a layer's GDN step projects a|b itself and runs its conv and gated norm (the counter path)
     beside_after_norm = True
+    # q4 NoPE attention layers: the qkv projection's split-K tail also writes each row block's sums of squares
+    # of q and k (row_sums=), and the attention kernel normalises q itself, the split that holds the current
+    # position taking its k and v from the qkv row and writing them to the caches: no attention_prep launch
+    prep_in_attention = True
 
     def __init__(self, model: OlmoHybridModel, state: DecodeState, use_graph: bool | None = None) -> None:
         self.model, self.state = model, state
@@ -304,9 +308,16 @@ class DecodeStep:
         st = self.state
         H, KV, hd = L.n_heads, L.n_kv, L.hd
         i = L.idx
+        scales = dict(k_scale=st.k_scale[i], v_scale=st.v_scale[i]) if st.kv_int8 else {}
+        if rope is None and self.fuse_attention_prep and self.prep_in_attention and self._folds(L.qkv):
+            # NoPE, q4: the qkv launch gives q's and k's sums of squares, the attention launch does the rest
+            qkv, ss = q4_gemv(x, L.qkv.qweight, L.qkv.scales, L.qkv.mins, L.qkv.group_size, tiled=L.qkv.tiled,
+                              row_sums=(H * hd, KV * hd))
+            o = attention_decode_prep(qkv, ss, L.q_norm.weight, L.k_norm.weight, L.q_norm.eps, L.k_norm.eps,
+                                      st.k_cache[i], st.v_cache[i], st.pos_t, ctx_hint=self._hint_now, **scales)
+            return self._attn_out(L, x, o)
         qkv = linear(L.qkv, x)
         if rope is None and self.fuse_attention_prep:  # NoPE (the 7B): norms, cache writes, length: 1 launch
-            scales = dict(k_scale=st.k_scale[i], v_scale=st.v_scale[i]) if st.kv_int8 else {}
             q = attention_prep(qkv, L.q_norm.weight, L.k_norm.weight, L.q_norm.eps, L.k_norm.eps, st.k_cache[i],
                                st.v_cache[i], st.pos_t, self.length, **scales)
             o = attention_decode(q, st.k_cache[i], st.v_cache[i], pos=st.pos_t, ctx_hint=self._hint_now, **scales)

@@ -38,7 +38,9 @@ GDN step stores its state slice and v conv state before its counter's atomic (gd
 "-hnloop": the o projection's head_rstd loads each head's partial sums at every group (gemv_q4.HEAD_RSTD_ONCE off);
 "-noembedfold": the first GDN layer's input norm as its own launch (DecodeStep.fold_embed_norm off) instead of
 folded into the q8 embedding launch; "-nobesidenorm": GDN layers after an attention layer keep the a|b projection,
-conv and gated norm inside their GDN step (DecodeStep.beside_after_norm off).
+conv and gated norm inside their GDN step (DecodeStep.beside_after_norm off); "-prepsep": attention_prep as its
+own launch between the qkv projection and attention (DecodeStep.prep_in_attention off) instead of the q/k sums
+from the qkv launch and the rest inside attention.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ def main() -> int:
                                      ("-convinstep", dec.DecodeStep, "conv_in_projection", False),
                                      ("-hnloop", k4, "HEAD_RSTD_ONCE", False),
                                      ("-noembedfold", dec.DecodeStep, "fold_embed_norm", False),
-                                     ("-nobesidenorm", dec.DecodeStep, "beside_after_norm", False)):
+                                     ("-nobesidenorm", dec.DecodeStep, "beside_after_norm", False),
+                                     ("-prepsep", dec.DecodeStep, "prep_in_attention", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)
             variant = variant[: -len(suffix)]

@@ -518,7 +518,8 @@ def aot_report() -> int:
         for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("AB_ONCE", False), ("EARLY", True),
                               ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False), ("FPRE", False), ("PW2", False),
                               ("DENSE", False), ("BKW", 1), ("CONV", False), ("KC", 4), ("KP", 4),
-                              ("HEADNORM", 0), ("NVB", 1), ("LATE_STORES", True), ("FOLDED", False)):
+                              ("HEADNORM", 0), ("NVB", 1), ("LATE_STORES", True), ("FOLDED", False),
+                              ("RSUM", False), ("PREP", False)):
             if knob in names and knob not in consts and knob not in types:
                 consts = {**consts, knob: default}
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
@@ -553,7 +554,8 @@ def aot_report() -> int:
                 "stride_y": "i32", "GPS": "i32", "SPLIT": "i32", "MAGIC": "i32", "rss_ptr": "*fp32", "NSS": "i32",
                 "eps_r": "fp32", "res_ptr": "*bf16", "fw_ptr": "*bf16", "xt_ptr": "*bf16", "ss_ptr": "*fp32",
                 "wd_ptr": "*i32", "d_ptr": "*fp32", "ND": "i32", "NB": "i32", "cw_ptr": "*bf16", "cs_ptr": "*bf16",
-                "act_ptr": "*fp32", "NCONV": "i32", "hs_ptr": "*fp32", "DV": "i32", "eps_h": "fp32"}
+                "act_ptr": "*fp32", "NCONV": "i32", "hs_ptr": "*fp32", "DV": "i32", "eps_h": "fp32",
+                "rsum_ptr": "*fp32", "NQS": "i32", "NKS": "i32"}
     q8_types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*bf16", "part_ptr": "*fp32",
                 "cnt_ptr": "*i32", "NR": "i32", "KW": "i32", "stride_x": "i32", "stride_y": "i32", "WPS": "i32",
                 "SPLIT": "i32", "MAGIC": "i32"}
@@ -567,7 +569,9 @@ def aot_report() -> int:
                  "len_ptr": "*i32", "out_ptr": "*bf16", "mws_ptr": "*fp32", "lws_ptr": "*fp32", "aws_ptr": "*fp32",
                  "cnt_ptr": "*i32", "stride_qh": "i32", "stride_kh": "i32", "stride_kt": "i32", "stride_vh": "i32",
                  "stride_vt": "i32", "stride_ksh": "i32", "stride_vsh": "i32", "stride_oh": "i32",
-                 "sm_scale": "fp32", "HD": "i32", "pos_ptr": "*i32"}
+                 "sm_scale": "fp32", "HD": "i32", "pos_ptr": "*i32", "qw_ptr": "*bf16", "kw_ptr": "*bf16",
+                 "ss_ptr": "*fp32", "NSS": "i32", "eps_q": "fp32", "eps_k": "fp32", "NQ": "i32", "NK": "i32",
+                 "kcw_ptr": "*bf16", "vcw_ptr": "*bf16"}
     att_div = ("stride_qh", "stride_kh", "stride_kt", "stride_vh", "stride_vt", "stride_ksh", "stride_vsh",
                "stride_oh", "HD")
     prep_types = {"qkv_ptr": "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "qo_ptr": "*bf16", "kc_ptr": "*i8",
@@ -683,6 +687,16 @@ def aot_report() -> int:
          {"G": 1, "BD": 128, "BS": 64, "NS": 18, "NSP": 32, "QUANT": False}, 8, att_div),
         ("attention int8 hd=128 BS=64", katt._attn_decode_kernel, dict(att_types, k_ptr="*u8", v_ptr="*u8"),
          {"G": 1, "BD": 128, "BS": 64, "NS": 18, "NSP": 32, "QUANT": True}, 8, att_div),
+        # session 11: the qkv projection's q/k sums of squares, attention with attention_prep's work inside
+        ("q4 tc tiled wide, two before the wait, q/k row sums", kq4._q4_gemv_kernel, q4_types,
+         dict(tcw, BN=256, GATED=False, PW2=True, RSUM=True), 4, ()),
+        ("attention bf16 hd=128 BS=32 2 warps, prep inside", katt._attn_decode_kernel, att_types,
+         {"G": 1, "BD": 128, "BS": 32, "NS": 18, "NSP": 32, "QUANT": False, "PREP": True, "NSSP": 64}, 2,
+         att_div + ("NQ", "NK")),
+        ("attention int8 hd=128 BS=32 2 warps, prep inside", katt._attn_decode_kernel,
+         dict(att_types, k_ptr="*u8", v_ptr="*u8", kcw_ptr="*i8", vcw_ptr="*i8"),
+         {"G": 1, "BD": 128, "BS": 32, "NS": 18, "NSP": 32, "QUANT": True, "PREP": True, "NSSP": 64}, 2,
+         att_div + ("NQ", "NK")),
         ("attention prep (q/k norm + int8 KV write)", katt._attn_prep_kernel, prep_types,
          {"G": 1, "BQ": 4096, "BK": 4096, "BD": 128, "QUANT": True}, 4, ("NQ", "NK", "HD")),
         ("attention prep (bf16 KV write)", katt._attn_prep_kernel, dict(prep_types, kc_ptr="*bf16", vc_ptr="*bf16"),
@@ -711,7 +725,7 @@ def aot_report() -> int:
                 print(f"       {lp}")
         except Exception as exc:  # noqa: BLE001  (report every kernel)
             n_fail += 1
-            print(f"[FAIL] {name:<40} {type(exc).__name__}: {str(exc)[:500]}")
+            print(f"[FAIL] {name:<40} {type(exc).__name__}: {str(exc)[:3000]}")
     print(f"{len(jobs) - n_fail} PASS, {n_fail} FAIL")
     return 1 if n_fail else 0
 

@@ -31,7 +31,8 @@ def _quantize_model(model, fmt):
                                          ("q4-nofold", None, "bf16"), ("q4-8layers", None, "bf16"),
                                          ("q4-dkmajor", None, "bf16"), ("q4-abinside", None, "bf16"),
                                          ("q4-convinstep", None, "bf16"), ("q4-noembedfold", None, "bf16"),
-                                         ("q4-8layers-nobeside", None, "bf16")])
+                                         ("q4-8layers-nobeside", None, "bf16"), ("q4", None, "int8"),
+                                         ("q4-prepsep", None, "bf16"), ("q4-prepsep", None, "int8")])
 def test_static_step_equals_eager(tmp_path, fmt, rope, kv, monkeypatch):
     """The static step equals the eager forward token by token; "unfused": NoPE attention through the
     separate norm / cache-write ops instead of attention_prep; "nomerge": an attention layer's last
@@ -41,7 +42,9 @@ def test_static_step_equals_eager(tmp_path, fmt, rope, kv, monkeypatch):
     in-projection; "q4-convinstep": the q|k|v conv and the GDN gated norm's rstd inside the GDN step instead of
     the in-projection's conv epilogue and the o projection's head_rstd; "q4-noembedfold": the first layer's
     input norm as its own op instead of folded into the embedding launch; "q4-8layers-nobeside": GDN layers after
-    an attention layer with a|b, conv and gated norm inside their GDN step."""
+    an attention layer with a|b, conv and gated norm inside their GDN step; "q4" attention layers take the q/k
+    sums of squares from the qkv projection and the attention op does the rest (attention_decode_prep),
+    "q4-prepsep" runs attention_prep between them instead."""
     extra = {}
     if fmt.startswith("q4-8layers"):  # GDN layers after an attention layer too (its post-norm merged with their input norm)
         extra = dict(num_hidden_layers=8, layer_types=["linear_attention"] * 3 + ["full_attention"]
@@ -62,6 +65,8 @@ def test_static_step_equals_eager(tmp_path, fmt, rope, kv, monkeypatch):
         monkeypatch.setattr(DecodeStep, "ab_in_projection", False)
     if fmt == "q4-convinstep":
         monkeypatch.setattr(DecodeStep, "conv_in_projection", False)
+    if fmt == "q4-prepsep":
+        monkeypatch.setattr(DecodeStep, "prep_in_attention", False)
     if fmt == "q4-noembedfold":
         monkeypatch.setattr(DecodeStep, "fold_embed_norm", False)
     if fmt == "q4-8layers-nobeside":  # a GDN layer after an attention layer keeps a|b, conv and norm in its step

@@ -222,3 +222,76 @@ def test_attention_ctx_hint_tunes_the_launch_not_the_result():
     long = ka.default_num_splits(max_ctx, h, q.device)
     assert short < long
     assert {k[1] for k in _triton._WORKSPACES if k[0] == "attn_m"} >= {(h, short), (h, long)}
+
+
+@pytest.mark.parametrize("cache", ["bf16", "int8", "fp32"])
+@pytest.mark.parametrize("h,kvh,hd,pos,splits", [(4, 4, 16, 5, 1), (6, 2, 24, 9, 3), (6, 2, 24, 8, 9),
+                                                (2, 1, 32, 0, 2), (4, 2, 16, 40, 4)])
+def test_attention_decode_prep_equals_prep_then_attention(cache, h, kvh, hd, pos, splits):
+    """attention_decode_prep (q/k norms from given row sums, k and v written at pos, attention over 0..pos) in
+    one launch: the kernel (position pos taken from the qkv row by the split that holds it, alone in its split
+    or not, the only split, GQA) equals the reference; the reference equals attention_prep_ref followed by
+    attention_decode_ref; the caches differ from the old ones only at pos."""
+    gen = torch.Generator().manual_seed(h * hd + pos + splits)
+    dt = torch.float32 if cache == "fp32" else torch.bfloat16
+    qkv = (torch.randn(1, (h + 2 * kvh) * hd, generator=gen) * 3).to(dt)
+    q_w = (1 + 0.1 * torch.randn(h * hd, generator=gen)).to(dt)
+    k_w = (1 + 0.1 * torch.randn(kvh * hd, generator=gen)).to(dt)
+    qf = qkv.float().view(-1)
+    # row sums as three row blocks would give them (the q|k boundary inside the middle one)
+    cut = [0, (h * hd) // 2, h * hd + (kvh * hd) // 2, qkv.numel()]
+    ss = torch.zeros(3, 2)
+    for b in range(3):
+        r = torch.arange(cut[b], cut[b + 1])
+        sq = qf[r].square()
+        ss[b, 0] = sq[r < h * hd].sum()
+        ss[b, 1] = sq[(r >= h * hd) & (r < (h + kvh) * hd)].sum()
+    n_ctx = pos + 3
+    p_t = torch.tensor([pos], dtype=torch.int32)
+
+    def caches():
+        g = torch.Generator().manual_seed(99)
+        if cache == "int8":
+            kc = torch.randint(-127, 128, (kvh, n_ctx, hd), generator=g, dtype=torch.int8)
+            vc = torch.randint(-127, 128, (kvh, n_ctx, hd), generator=g, dtype=torch.int8)
+            return kc, vc, torch.rand(kvh, n_ctx, generator=g) / 40, torch.rand(kvh, n_ctx, generator=g) / 40
+        kc = torch.randn(kvh, n_ctx, hd, generator=g).to(dt)
+        return kc, torch.randn(kvh, n_ctx, hd, generator=g).to(dt), None, None
+
+    outs = []
+    for run in ("ref", "kernel", "unfused"):
+        kc, vc, ks, vs = caches()
+        if run == "ref":
+            o = ka.attention_decode_prep_ref(qkv, ss, q_w, k_w, 1e-6, 1e-5, kc, vc, p_t, k_scale=ks, v_scale=vs)
+        elif run == "kernel":
+            o = ka.attention_decode_prep_triton(qkv, ss, q_w, k_w, 1e-6, 1e-5, kc, vc, p_t, k_scale=ks, v_scale=vs,
+                                                num_splits=splits, block_s=4, num_warps=2)
+        else:
+            length = torch.zeros(1, dtype=torch.int32)
+            q = ka.attention_prep_ref(qkv, q_w, k_w, 1e-6, 1e-5, kc, vc, p_t, length, k_scale=ks, v_scale=vs)
+            o = ka.attention_decode_ref(q, kc, vc, length, k_scale=ks, v_scale=vs)
+        assert o.shape == (h, hd) and o.dtype == dt
+        outs.append((o, kc, vc, ks, vs))
+    (o0, kc0, vc0, ks0, vs0), (o1, kc1, vc1, ks1, vs1), (o2, kc2, vc2, ks2, vs2) = outs
+    tol_o = 1e-5 if dt == torch.float32 else 2e-2
+    assert relerr(o1, o0) < tol_o and relerr(o0, o2) < tol_o
+    old = caches()
+    others = [p for p in range(n_ctx) if p != pos]
+    for c0, c1, c2, c_old in ((kc0, kc1, kc2, old[0]), (vc0, vc1, vc2, old[1])):
+        assert torch.equal(c1[:, others], c_old[:, others]) and torch.equal(c0[:, others], c_old[:, others])
+        if cache == "int8":
+            assert (c0[:, pos].int() - c1[:, pos].int()).abs().max() <= 1
+            assert (c0[:, pos].int() - c2[:, pos].int()).abs().max() <= 1
+        else:
+            assert relerr(c1[:, pos], c0[:, pos]) < tol_o and relerr(c2[:, pos], c0[:, pos]) < tol_o
+    if cache == "int8":
+        assert torch.allclose(ks1[:, pos], ks0[:, pos], rtol=1e-2) and torch.allclose(vs1[:, pos], vs0[:, pos])
+        assert torch.equal(ks1[:, others], old[2][:, others])
+
+
+def test_attention_decode_prep_needs_row_sums_of_the_right_shape():
+    qkv = torch.randn(1, 6 * 16)
+    kc = vc = torch.zeros(2, 4, 16)
+    with pytest.raises(ValueError, match="row sums"):
+        ka.attention_decode_prep_triton(qkv, torch.zeros(3), torch.ones(32), torch.ones(32), 1e-6, 1e-6, kc, vc,
+                                        torch.tensor([0], dtype=torch.int32))

@@ -633,3 +633,32 @@ def test_q4_head_rstd_scales_each_head_of_x(heads, nvb, split_k, fold):
     assert counters_are_zero()
     with pytest.raises(ValueError, match="head_rstd"):
         k4.q4_gemv_triton(x, *args, 128, tiled=True, head_rstd=(torch.ones(5, 1), eps))  # 5 heads do not divide K
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("split_k", [None, 2, 5])
+@pytest.mark.parametrize("nq,nk", [(128, 64), (100, 90), (0, 256), (256, 0)])
+def test_q4_row_sums_give_the_q_and_k_sums_of_squares(tiled, split_k, nq, nk):
+    """row_sums=(nq, nk): each row block's tail also writes the sums of squares of its stored (bf16) rows below
+    nq and in [nq, nq + nk) (row blocks that straddle either bound included); their column sums equal those
+    of the rows as returned, for the kernel (split-K; one split asked for still splits) and the torch path."""
+    gen = torch.Generator().manual_seed(nq + 3 * nk + (split_k or 0))
+    n, k = 384, 640
+    _, packed, scales, mins = random_q4(n, k, 128, gen)
+    args = k4.q4_tile(packed, scales, mins, 128) if tiled else (packed, scales, mins)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    y_want = k4.q4_gemv_ref(x, packed, scales, mins, 128)
+    for run in ("kernel", "torch"):
+        if run == "kernel":
+            y, ss = k4.q4_gemv_triton(x, *args, 128, tiled=tiled, split_k=split_k, row_sums=(nq, nk))
+        else:
+            with backend("torch"):
+                y, ss = k4.q4_gemv(x, *args, 128, tiled=tiled, row_sums=(nq, nk))
+        assert relerr(y, y_want) < tol(torch.bfloat16)
+        yf = y.reshape(-1).double()
+        want = torch.stack([yf[:nq].square().sum(), yf[nq:nq + nk].square().sum()])
+        assert ss.dtype == torch.float32 and ss.shape[1] == 2, run
+        assert torch.allclose(ss.double().sum(0), want, rtol=1e-5, atol=1e-6), (run, ss.sum(0), want)
+    assert counters_are_zero()
+    with pytest.raises(ValueError, match="row_sums"):
+        k4.q4_gemv_triton(x, *args, 128, tiled=tiled, row_sums=(300, 100))
