@@ -295,3 +295,39 @@ def test_attention_decode_prep_needs_row_sums_of_the_right_shape():
     with pytest.raises(ValueError, match="row sums"):
         ka.attention_decode_prep_triton(qkv, torch.zeros(3), torch.ones(32), torch.ones(32), 1e-6, 1e-6, kc, vc,
                                         torch.tensor([0], dtype=torch.int32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
+@pytest.mark.parametrize("cache", ["bf16", "int8"])
+@pytest.mark.parametrize("pos,ctx_hint", [(300, None), (4000, None), (31, 20000)])
+def test_attention_decode_prep_on_cuda(cache, pos, ctx_hint):
+    """The 7B attention shape on the GPU (30 heads of 128, a 4K cache, the launch as the decode step makes it,
+    short and long-context regimes): attention_decode_prep's kernel equals its reference."""
+    h, kvh, hd, n_ctx = 30, 30, 128, 4096
+    gen = torch.Generator().manual_seed(pos)
+    qkv = (torch.randn(1, (h + 2 * kvh) * hd, generator=gen) * 2).to(torch.bfloat16).cuda()
+    q_w = (1 + 0.1 * torch.randn(h * hd, generator=gen)).to(torch.bfloat16).cuda()
+    k_w = (1 + 0.1 * torch.randn(kvh * hd, generator=gen)).to(torch.bfloat16).cuda()
+    ss = torch.stack([qkv[0, : h * hd].float().square().sum(), qkv[0, h * hd:(h + kvh) * hd].float().square().sum()])
+    ss = torch.cat([ss[None] * 0.25, ss[None] * 0.75])  # two row blocks
+    p_t = torch.tensor([pos], dtype=torch.int32).cuda()
+    outs = []
+    for fn in (ka.attention_decode_prep_ref, ka.attention_decode_prep):
+        g = torch.Generator().manual_seed(7)
+        if cache == "int8":
+            kc = torch.randint(-127, 128, (kvh, n_ctx, hd), generator=g, dtype=torch.int8).cuda()
+            vc = torch.randint(-127, 128, (kvh, n_ctx, hd), generator=g, dtype=torch.int8).cuda()
+            sc = dict(k_scale=(torch.rand(kvh, n_ctx, generator=g) / 40).cuda(),
+                      v_scale=(torch.rand(kvh, n_ctx, generator=g) / 40).cuda())
+        else:
+            kc = torch.randn(kvh, n_ctx, hd, generator=g).to(torch.bfloat16).cuda()
+            vc = torch.randn(kvh, n_ctx, hd, generator=g).to(torch.bfloat16).cuda()
+            sc = {}
+        kw = {} if fn is ka.attention_decode_prep_ref else dict(ctx_hint=ctx_hint)
+        outs.append((fn(qkv, ss, q_w, k_w, 1e-6, 1e-6, kc, vc, p_t, **sc, **kw), kc, vc))
+    (o0, kc0, vc0), (o1, kc1, vc1) = outs
+    assert relerr(o1, o0) < 1e-2
+    if cache == "int8":
+        assert (kc0.int() - kc1.int()).abs().max() <= 1 and (vc0.int() - vc1.int()).abs().max() <= 1
+    else:
+        assert torch.equal(vc0, vc1) and relerr(kc1[:, pos], kc0[:, pos]) < 1e-2
