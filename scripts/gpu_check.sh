@@ -36,7 +36,7 @@ for s in $steps; do
              python3 -m pip install -q --no-index --no-deps --target /tmp/site2 .whl2/*.whl >/dev/null 2>&1
              OLMO_LOCAL_TEST_GPU=1 PYTHONPATH=/tmp/site2${PYTHONPATH:+:$PYTHONPATH} timeout 300 python3 -m pytest -q ${TESTS:-tests/} -k cuda > "$OUT/tests.log" 2>&1
              tail -3 "$OUT/tests.log"; grep -E "^FAILED|Error" "$OUT/tests.log" | head -10 ;;
-    ablate)  timeout 200 python3 scripts/gpu_ablate_decode.py 2>&1 | tee "$OUT/ablate.log" | tail -10 ;;
+    ablate)  timeout 200 python3 scripts/gpu_ablate_decode.py ${ABLATE:+--variants $ABLATE} 2>&1 | tee "$OUT/ablate.log" | tail -10 ;;
     final)   bash scripts/gpu_final.sh ;;
     ttft)    timeout 200 python3 scripts/gpu_ttft_probe.py 2>&1 | tee "$OUT/ttft.log" | grep -v Warn | tail -10 ;;
     hostgap) timeout 200 python3 scripts/gpu_host_gap.py 2>&1 | tee "$OUT/hostgap.log" | grep -v Warn | tail -8 ;;
