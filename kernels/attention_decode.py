@@ -168,6 +168,37 @@ if HAS_TRITON:
             return x.to(tl.float32)
 
     @triton.jit
+    def _attn_load(k_ptr, v_ptr, ks_ptr, vs_ptr, kvh, s0, lim, d, dm, stride_kh, stride_kt, stride_vh, stride_vt,
+                   stride_ksh, stride_vsh, BS: tl.constexpr, QUANT: tl.constexpr):
+        """The [BS, BD] K and V tiles at positions s0.. (below lim; int8: with their scales)."""
+        pos = s0 + tl.arange(0, BS)
+        pm = pos < lim
+        kvm = pm[:, None] & dm[None, :]
+        kt = tl.load(k_ptr + kvh * stride_kh + pos[:, None] * stride_kt + d[None, :], mask=kvm, other=0)
+        vt = tl.load(v_ptr + kvh * stride_vh + pos[:, None] * stride_vt + d[None, :], mask=kvm, other=0)
+        ksv = 1.0
+        vsv = 1.0
+        if QUANT:
+            ksv = tl.load(ks_ptr + kvh * stride_ksh + pos, mask=pm, other=0.0)
+            vsv = tl.load(vs_ptr + kvh * stride_vsh + pos, mask=pm, other=0.0)
+        return kt, vt, ksv, vsv, pm
+
+    @triton.jit
+    def _attn_tile(kt, vt, ksv, vsv, pm, q, m_l, l_l, acc, QUANT: tl.constexpr):
+        """One tile into the per-lane online softmax (m_l, l_l, acc): no cross-lane work but q.k."""
+        sc = tl.sum(_kv_to_f32(kt, QUANT) * q[None, :], axis=1)  # [BS]
+        if QUANT:
+            sc = sc * ksv
+        m_new = tl.where(pm, tl.maximum(m_l, sc), m_l)
+        alpha = tl.exp(m_l - m_new)
+        p = tl.exp(tl.where(pm, sc - m_new, -1.0e30))  # 0 on masked positions
+        l_l = l_l * alpha + p
+        if QUANT:
+            p = p * vsv
+        acc = acc * alpha[:, None] + p[:, None] * _kv_to_f32(vt, QUANT)
+        return m_new, l_l, acc
+
+    @triton.jit
     def _attn_decode_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, len_ptr, out_ptr, mws_ptr, lws_ptr, aws_ptr, cnt_ptr,
         stride_qh, stride_kh, stride_kt, stride_vh, stride_vt, stride_ksh, stride_vsh, stride_oh,
@@ -176,7 +207,7 @@ if HAS_TRITON:
         NS: tl.constexpr, NSP: tl.constexpr, QUANT: tl.constexpr, USE_PDL: tl.constexpr,
         pos_ptr=None, EARLY: tl.constexpr = False,
         PREP: tl.constexpr = False, qw_ptr=None, kw_ptr=None, ss_ptr=None, NSS=0, NSSP: tl.constexpr = 2,
-        eps_q=0.0, eps_k=0.0, NQ=0, NK=0, kcw_ptr=None, vcw_ptr=None,
+        eps_q=0.0, eps_k=0.0, NQ=0, NK=0, kcw_ptr=None, vcw_ptr=None, KV_PRE: tl.constexpr = False,
     ):
         pdl_launch_dependents(USE_PDL)
         hq = tl.program_id(0)  # query head
@@ -192,20 +223,29 @@ if HAS_TRITON:
         # an empty split leaves at once; with EARLY before waiting for the previous kernel (measured on the
         # H200 after the 7B qkv GEMV: 0.2-0.5 us less per launch, scripts/gpu_attn_probe.py)
         if start < n:
-            if EARLY:
-                pdl_wait(USE_PDL)
             end = tl.minimum(start + ss, n)
             n_active = (n + ss - 1) // ss
             d = tl.arange(0, BD)
             dm = d < HD
             loop_end = end
-            if PREP:  # q_ptr is the qkv row: q normed here (attention_prep's math, rstd from the row sums);
-                # position n - 1 is not in the cache yet: the split that holds it adds it from qkv below
+            if PREP:  # position n - 1 is not in the cache yet: the split that holds it adds it from qkv below
                 loop_end = tl.minimum(end, n - 1)
+            # KV_PRE (with PREP and EARLY: no kernel of this step writes a cache row the loop reads): the first
+            # tile and the q norm weight are loaded before waiting for the previous kernel (at short contexts
+            # that tile is a split's whole work)
+            PRE_TILE: tl.constexpr = KV_PRE and PREP and EARLY
+            if PRE_TILE:
+                kt0, vt0, ks0, vs0, pm0 = _attn_load(k_ptr, v_ptr, ks_ptr, vs_ptr, kvh, start, loop_end, d, dm,
+                                                     stride_kh, stride_kt, stride_vh, stride_vt, stride_ksh,
+                                                     stride_vsh, BS, QUANT)
+            if PREP:
+                wq = tl.load(qw_ptr + hq * HD + d, mask=dm, other=0).to(tl.float32)
+            if EARLY:
+                pdl_wait(USE_PDL)
+            if PREP:  # q_ptr is the qkv row: q normed here (attention_prep's math, rstd from the row sums)
                 bj = tl.arange(0, NSSP)  # the qkv projection's row blocks
                 sq = tl.sum(tl.load(ss_ptr + 2 * bj, mask=bj < NSS, other=0.0), axis=0)
                 qh = tl.load(q_ptr + hq * HD + d, mask=dm, other=0).to(tl.float32)
-                wq = tl.load(qw_ptr + hq * HD + d, mask=dm, other=0).to(tl.float32)
                 q = (qh * (1.0 / tl.sqrt(sq / NQ + eps_q)) * wq).to(q_ptr.dtype.element_ty).to(tl.float32) * sm_scale
             else:
                 q = tl.load(q_ptr + hq * stride_qh + d, mask=dm, other=0).to(tl.float32) * sm_scale
@@ -213,23 +253,14 @@ if HAS_TRITON:
             m_l = tl.full([BS], -1.0e30, dtype=tl.float32)
             l_l = tl.zeros([BS], dtype=tl.float32)
             acc = tl.zeros([BS, BD], dtype=tl.float32)
-            for s0 in range(start, loop_end, BS):
-                pos = s0 + tl.arange(0, BS)
-                pm = pos < loop_end
-                kvm = pm[:, None] & dm[None, :]
-                kt = tl.load(k_ptr + kvh * stride_kh + pos[:, None] * stride_kt + d[None, :], mask=kvm, other=0)
-                vt = tl.load(v_ptr + kvh * stride_vh + pos[:, None] * stride_vt + d[None, :], mask=kvm, other=0)
-                sc = tl.sum(_kv_to_f32(kt, QUANT) * q[None, :], axis=1)  # [BS]
-                if QUANT:
-                    sc = sc * tl.load(ks_ptr + kvh * stride_ksh + pos, mask=pm, other=0.0)
-                m_new = tl.where(pm, tl.maximum(m_l, sc), m_l)
-                alpha = tl.exp(m_l - m_new)
-                p = tl.exp(tl.where(pm, sc - m_new, -1.0e30))  # 0 on masked positions
-                l_l = l_l * alpha + p
-                if QUANT:
-                    p = p * tl.load(vs_ptr + kvh * stride_vsh + pos, mask=pm, other=0.0)
-                acc = acc * alpha[:, None] + p[:, None] * _kv_to_f32(vt, QUANT)
-                m_l = m_new
+            first = start
+            if PRE_TILE:
+                m_l, l_l, acc = _attn_tile(kt0, vt0, ks0, vs0, pm0, q, m_l, l_l, acc, QUANT)
+                first = start + BS
+            for s0 in range(first, loop_end, BS):
+                kt, vt, ksv, vsv, pm = _attn_load(k_ptr, v_ptr, ks_ptr, vs_ptr, kvh, s0, loop_end, d, dm, stride_kh,
+                                                  stride_kt, stride_vh, stride_vt, stride_ksh, stride_vsh, BS, QUANT)
+                m_l, l_l, acc = _attn_tile(kt, vt, ksv, vsv, pm, q, m_l, l_l, acc, QUANT)
             # merge the lanes: this split's (max, sum, unnormalised output)
             m_s = tl.max(m_l, axis=0)
             w = tl.exp(m_l - m_s)
@@ -385,6 +416,9 @@ SHORT_CTX_WARPS = 2
 SHORT_CTX_PER_SM = 4
 # warps per attention_prep program (one per query head; each sums q's whole row of squares)
 PREP_WARPS = 4
+# attention_decode_prep: each program loads its first K/V tile (and q's norm weight) before waiting for the
+# qkv projection (no kernel of the step writes a cache row its loop reads; position pos comes from qkv)
+KV_BEFORE_WAIT = True
 # the launch is tuned for the cache size (or a ctx_hint): from this many positions on, 8 warps and ~8
 # programs per SM; below, SHORT_CTX_WARPS and ~4 per SM
 LONG_CTX_LAUNCH = 16384
@@ -454,7 +488,8 @@ def attention_decode_triton(
     extra = {}
     if prep is not None:  # q is the qkv row (see attention_decode_prep)
         qkv, ss, q_w, k_w, eps_q, eps_k = prep
-        extra = dict(PREP=True, qw_ptr=q_w, kw_ptr=k_w, ss_ptr=ss, NSS=ss.shape[0], NSSP=max(2, next_pow2(ss.shape[0])),
+        extra = dict(PREP=True, KV_PRE=KV_BEFORE_WAIT, qw_ptr=q_w, kw_ptr=k_w, ss_ptr=ss, NSS=ss.shape[0],
+                     NSSP=max(2, next_pow2(ss.shape[0])),
                      eps_q=float(eps_q), eps_k=float(eps_k), NQ=h * hd, NK=kvh * hd, kcw_ptr=k_cache, vcw_ptr=v_cache)
         q = qkv
     _attn_decode_kernel[(h, ns)](

@@ -40,7 +40,8 @@ GDN step stores its state slice and v conv state before its counter's atomic (gd
 folded into the q8 embedding launch; "-nobesidenorm": GDN layers after an attention layer keep the a|b projection,
 conv and gated norm inside their GDN step (DecodeStep.beside_after_norm off); "-prepsep": attention_prep as its
 own launch between the qkv projection and attention (DecodeStep.prep_in_attention off) instead of the q/k sums
-from the qkv launch and the rest inside attention.
+from the qkv launch and the rest inside attention; "-kvafter": attention_decode_prep loads its first K/V tile after
+the PDL wait (attention_decode.KV_BEFORE_WAIT off) instead of before it.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def main() -> int:
                                      ("-hnloop", k4, "HEAD_RSTD_ONCE", False),
                                      ("-noembedfold", dec.DecodeStep, "fold_embed_norm", False),
                                      ("-nobesidenorm", dec.DecodeStep, "beside_after_norm", False),
-                                     ("-prepsep", dec.DecodeStep, "prep_in_attention", False)):
+                                     ("-prepsep", dec.DecodeStep, "prep_in_attention", False),
+                                     ("-kvafter", ka, "KV_BEFORE_WAIT", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)
             variant = variant[: -len(suffix)]

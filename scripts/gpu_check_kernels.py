@@ -519,7 +519,7 @@ def aot_report() -> int:
                               ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False), ("FPRE", False), ("PW2", False),
                               ("DENSE", False), ("BKW", 1), ("CONV", False), ("KC", 4), ("KP", 4),
                               ("HEADNORM", 0), ("NVB", 1), ("LATE_STORES", True), ("FOLDED", False),
-                              ("RSUM", False), ("PREP", False)):
+                              ("RSUM", False), ("PREP", False), ("KV_PRE", False)):
             if knob in names and knob not in consts and knob not in types:
                 consts = {**consts, knob: default}
         sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
@@ -691,11 +691,11 @@ def aot_report() -> int:
         ("q4 tc tiled wide, two before the wait, q/k row sums", kq4._q4_gemv_kernel, q4_types,
          dict(tcw, BN=256, GATED=False, PW2=True, RSUM=True), 4, ()),
         ("attention bf16 hd=128 BS=32 2 warps, prep inside", katt._attn_decode_kernel, att_types,
-         {"G": 1, "BD": 128, "BS": 32, "NS": 18, "NSP": 32, "QUANT": False, "PREP": True, "NSSP": 64}, 2,
+         {"G": 1, "BD": 128, "BS": 32, "NS": 18, "NSP": 32, "QUANT": False, "PREP": True, "NSSP": 64, "KV_PRE": True}, 2,
          att_div + ("NQ", "NK")),
         ("attention int8 hd=128 BS=32 2 warps, prep inside", katt._attn_decode_kernel,
          dict(att_types, k_ptr="*u8", v_ptr="*u8", kcw_ptr="*i8", vcw_ptr="*i8"),
-         {"G": 1, "BD": 128, "BS": 32, "NS": 18, "NSP": 32, "QUANT": True, "PREP": True, "NSSP": 64}, 2,
+         {"G": 1, "BD": 128, "BS": 32, "NS": 18, "NSP": 32, "QUANT": True, "PREP": True, "NSSP": 64, "KV_PRE": True}, 2,
          att_div + ("NQ", "NK")),
         ("attention prep (q/k norm + int8 KV write)", katt._attn_prep_kernel, prep_types,
          {"G": 1, "BQ": 4096, "BK": 4096, "BD": 128, "QUANT": True}, 4, ("NQ", "NK", "HD")),

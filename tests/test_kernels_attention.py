@@ -224,14 +224,17 @@ def test_attention_ctx_hint_tunes_the_launch_not_the_result():
     assert {k[1] for k in _triton._WORKSPACES if k[0] == "attn_m"} >= {(h, short), (h, long)}
 
 
+@pytest.mark.parametrize("pre", [True, False])
 @pytest.mark.parametrize("cache", ["bf16", "int8", "fp32"])
 @pytest.mark.parametrize("h,kvh,hd,pos,splits", [(4, 4, 16, 5, 1), (6, 2, 24, 9, 3), (6, 2, 24, 8, 9),
                                                 (2, 1, 32, 0, 2), (4, 2, 16, 40, 4)])
-def test_attention_decode_prep_equals_prep_then_attention(cache, h, kvh, hd, pos, splits):
+def test_attention_decode_prep_equals_prep_then_attention(cache, h, kvh, hd, pos, splits, pre, monkeypatch):
     """attention_decode_prep (q/k norms from given row sums, k and v written at pos, attention over 0..pos) in
     one launch: the kernel (position pos taken from the qkv row by the split that holds it, alone in its split
-    or not, the only split, GQA) equals the reference; the reference equals attention_prep_ref followed by
+    or not, the only split, GQA; splits of one tile and of several; the first tile loaded before the wait or
+    in the loop) equals the reference; the reference equals attention_prep_ref followed by
     attention_decode_ref; the caches differ from the old ones only at pos."""
+    monkeypatch.setattr(ka, "KV_BEFORE_WAIT", pre)
     gen = torch.Generator().manual_seed(h * hd + pos + splits)
     dt = torch.float32 if cache == "fp32" else torch.bfloat16
     qkv = (torch.randn(1, (h + 2 * kvh) * hd, generator=gen) * 3).to(dt)
