@@ -106,44 +106,58 @@ if HAS_TRITON:
     @triton.jit
     def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, ro_ptr, D, eps,
                         stride_x, stride_r, stride_y, stride_ro,
-                        BD: tl.constexpr, MODE: tl.constexpr, USE_PDL: tl.constexpr, w2_ptr=None, eps2=0.0):
+                        BD: tl.constexpr, MODE: tl.constexpr, USE_PDL: tl.constexpr, w2_ptr=None, eps2=0.0,
+                        EARLY: tl.constexpr = True):
         # MODE 0: y = norm(x); 1: ro = r + x, y = norm(ro); 2: y = r + norm(x); 3: y = r + x;
         # 4: ro = r + norm(x), y = norm2(ro)
         pdl_launch_dependents(USE_PDL)
-        pdl_wait(USE_PDL)
         row = tl.program_id(0)
         d = tl.arange(0, BD)
         m = d < D
+        # EARLY: the norm weights (written by no kernel) are loaded before waiting for the previous kernel, x
+        # and the residual after it, both at once; otherwise (the form before session 11) everything after the
+        # wait and MODE 2 / 4's residual only after the first reduction
+        if EARLY and MODE != 3:
+            w = tl.load(w_ptr + d, mask=m, other=0).to(tl.float32)
+        if EARLY and MODE == 4:
+            w2 = tl.load(w2_ptr + d, mask=m, other=0).to(tl.float32)
+        pdl_wait(USE_PDL)
         x = tl.load(x_ptr + row * stride_x + d, mask=m, other=0).to(tl.float32)
-        if MODE == 3:
+        if MODE == 1 or MODE == 3 or (EARLY and MODE != 0):
             r = tl.load(r_ptr + row * stride_r + d, mask=m, other=0).to(tl.float32)
+        if not EARLY and MODE != 3:
+            w = tl.load(w_ptr + d, mask=m, other=0).to(tl.float32)
+        if MODE == 3:
             tl.debug_barrier()
             tl.store(y_ptr + row * stride_y + d, (x + r).to(y_ptr.dtype.element_ty), mask=m)
         else:
             if MODE == 1:
-                r = tl.load(r_ptr + row * stride_r + d, mask=m, other=0).to(tl.float32)
                 x = (x + r).to(ro_ptr.dtype.element_ty)
                 tl.debug_barrier()  # outputs may alias inputs: all loads before any store
                 tl.store(ro_ptr + row * stride_ro + d, x, mask=m)
                 x = x.to(tl.float32)
-            w = tl.load(w_ptr + d, mask=m, other=0).to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
             y = x * rstd * w
             if MODE == 2 or MODE == 4:
                 y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
-                y = y + tl.load(r_ptr + row * stride_r + d, mask=m, other=0).to(tl.float32)
+                if not EARLY:
+                    r = tl.load(r_ptr + row * stride_r + d, mask=m, other=0).to(tl.float32)
+                y = y + r
                 tl.debug_barrier()
             if MODE == 4:
                 xn = y.to(ro_ptr.dtype.element_ty)
                 tl.store(ro_ptr + row * stride_ro + d, xn, mask=m)
                 xf = xn.to(tl.float32)
-                w2 = tl.load(w2_ptr + d, mask=m, other=0).to(tl.float32)
+                if not EARLY:
+                    w2 = tl.load(w2_ptr + d, mask=m, other=0).to(tl.float32)
                 y = xf * (1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps2)) * w2
             tl.store(y_ptr + row * stride_y + d, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 # warps of a one-row (decode) launch; 0: the row-size rule of _launch (8 warps for the 7B's 3840)
 DECODE_WARPS = 0
+# the norm weights before the PDL wait and x with the residual at once after it (see _rmsnorm_kernel)
+LOADS_EARLY = True
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -169,7 +183,8 @@ def _launch(x, residual, w, eps, y, ro, mode, w2=None, eps2=0.0):
     _rmsnorm_kernel[(n,)](
         x2, r2, w, y2, ro2, d, float(eps),
         x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0),
-        BD=bd, MODE=mode, USE_PDL=pdl, w2_ptr=w2, eps2=float(eps2), num_warps=nw, **pdl_kwargs(pdl),
+        BD=bd, MODE=mode, USE_PDL=pdl, w2_ptr=w2, eps2=float(eps2), EARLY=LOADS_EARLY, num_warps=nw,
+        **pdl_kwargs(pdl),
     )
 
 

@@ -41,7 +41,10 @@ folded into the q8 embedding launch; "-nobesidenorm": GDN layers after an attent
 conv and gated norm inside their GDN step (DecodeStep.beside_after_norm off); "-prepsep": attention_prep as its
 own launch between the qkv projection and attention (DecodeStep.prep_in_attention off) instead of the q/k sums
 from the qkv launch and the rest inside attention; "-kvafter": attention_decode_prep loads its first K/V tile after
-the PDL wait (attention_decode.KV_BEFORE_WAIT off) instead of before it.
+the PDL wait (attention_decode.KV_BEFORE_WAIT off) instead of before it; "-normlate": the one-row norm launches
+load their weights after the PDL wait and the residual after the first reduction (norm.LOADS_EARLY off);
+"-noevict" (last): the q4 / q8 weight loads without the L2 evict_first hint (gemv_q4 / gemv_q8 WEIGHT_EVICT "");
+"-q8nopdl": the q8 GEMVs (the lm_head) without programmatic dependent launch (gemv_q8.Q8_PDL off).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def main() -> int:
     import olmo_local.model as mdl
 
     kn = importlib.import_module("olmo_local.kernels.norm")
+    k8 = importlib.import_module("olmo_local.kernels.gemv_q8")
     knobs = {"attnw": (ka, "SHORT_CTX_WARPS"), "prepw": (ka, "PREP_WARPS"), "normw": (kn, "DECODE_WARPS"),
              "attnsm": (ka, "SHORT_CTX_PER_SM")}
     while (m_w := re.search(r"-(attnw|prepw|normw|attnsm)(\d+)$", variant)):  # small decode kernels' launches
@@ -91,6 +95,9 @@ def main() -> int:
         variant = variant[: -len("-oldends")]
     import olmo_local.state as sta
 
+    if variant.endswith("-noevict"):  # (last) both GEMV families at once
+        k4.WEIGHT_EVICT = k8.WEIGHT_EVICT = ""
+        variant = variant[: -len("-noevict")]
     for suffix, cls, attr, value in (("-contig", sta.DecodeState, "rec_dk_major", False),
                                      ("-abinside", dec.DecodeStep, "ab_in_projection", False),
                                      ("-unfused", dec.DecodeStep, "fuse_attention_prep", False),
@@ -111,7 +118,9 @@ def main() -> int:
                                      ("-noembedfold", dec.DecodeStep, "fold_embed_norm", False),
                                      ("-nobesidenorm", dec.DecodeStep, "beside_after_norm", False),
                                      ("-prepsep", dec.DecodeStep, "prep_in_attention", False),
-                                     ("-kvafter", ka, "KV_BEFORE_WAIT", False)):
+                                     ("-kvafter", ka, "KV_BEFORE_WAIT", False),
+                                     ("-normlate", kn, "LOADS_EARLY", False),
+                                     ("-q8nopdl", k8, "Q8_PDL", False)):
         if variant.endswith(suffix):
             setattr(cls, attr, value)
             variant = variant[: -len(suffix)]

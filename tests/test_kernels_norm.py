@@ -39,11 +39,14 @@ def test_olmo_order_multiplies_weight_before_the_cast():
 CASES = [(1, 50, torch.float32), (3, 300, torch.bfloat16), (2, 3840, torch.float32), (1, 11008, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("rows,d,dtype,decode_warps", [c + (0,) for c in CASES] + [(1, 3840, torch.float32, 1),
-                                                                                   (1, 300, torch.bfloat16, 2)])
-def test_norm_kernels(rows, d, dtype, decode_warps, monkeypatch):
-    """Every norm kernel against its reference; one-row launches also with DECODE_WARPS set (1, 2)."""
+@pytest.mark.parametrize("rows,d,dtype,decode_warps,early", [c + (0, True) for c in CASES]
+                         + [(1, 3840, torch.float32, 1, True), (1, 300, torch.bfloat16, 2, True),
+                            (1, 3840, torch.bfloat16, 0, False), (3, 300, torch.float32, 0, False)])
+def test_norm_kernels(rows, d, dtype, decode_warps, early, monkeypatch):
+    """Every norm kernel against its reference; one-row launches also with DECODE_WARPS set (1, 2); the loads
+    at the start (LOADS_EARLY) and in the older order."""
     monkeypatch.setattr(kn, "DECODE_WARPS", decode_warps)
+    monkeypatch.setattr(kn, "LOADS_EARLY", early)
     gen = torch.Generator().manual_seed(rows * 10000 + d)
     x = (torch.randn(rows, d, generator=gen) * 3).to(dtype)
     r = torch.randn(rows, d, generator=gen).to(dtype)
