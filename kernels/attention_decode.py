@@ -414,6 +414,8 @@ def attention_prep_triton(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tenso
 SHORT_CTX_WARPS = 2
 # programs per SM that the split count aims at below LONG_CTX_LAUNCH positions of cache (8 above)
 SHORT_CTX_PER_SM = 4
+# positions per K/V tile below LONG_CTX_LAUNCH positions of cache (32 above)
+SHORT_CTX_BLOCK = 32
 # warps per attention_prep program (one per query head; each sums q's whole row of squares)
 PREP_WARPS = 4
 # attention_decode_prep: each program loads its first K/V tile (and q's norm weight) before waiting for the
@@ -443,7 +445,7 @@ def attention_decode_triton(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     num_splits: int | None = None,
-    block_s: int = 32,
+    block_s: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
     pos: torch.Tensor | None = None,
@@ -477,6 +479,7 @@ def attention_decode_triton(
     if out is None:
         out = torch.empty((h, hd), dtype=q.dtype, device=q.device)
     tune_ctx = min(max_ctx, ctx_hint) if ctx_hint else max_ctx
+    block_s = block_s or (SHORT_CTX_BLOCK if tune_ctx < LONG_CTX_LAUNCH else 32)
     ns = num_splits or default_num_splits(tune_ctx, h, q.device, block_s)
     num_warps = num_warps or (SHORT_CTX_WARPS if tune_ctx < LONG_CTX_LAUNCH else 8)
     g = h // kvh

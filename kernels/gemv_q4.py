@@ -382,9 +382,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _mma_load(w_ptr, s_ptr, m_ptr, rows_a, half, lim_a, lim_b, NGR, g, HW: tl.constexpr,
-                  TR: tl.constexpr, EV: tl.constexpr = ""):
-        """Words and (scale, min) of group g for rows_a and rows_a + half; rows at or past lim_* read 0. EV: the
-        L2 eviction hint of these loads (WEIGHT_EVICT)."""
+                  TR: tl.constexpr):
+        """Words and (scale, min) of group g for rows_a and rows_a + half; rows at or past lim_* read 0."""
         mw = tl.arange(0, HW)[None, :]
         mask_a = rows_a < lim_a
         mask_b = rows_a + half < lim_b
@@ -396,12 +395,12 @@ if HAS_TRITON:
             sg = 1
         wo_a, so_a = _row_offsets(rows_a, NGR, HW, TR)
         wo_b, so_b = _row_offsets(rows_a + half, NGR, HW, TR)
-        wa = tl.load(w_ptr + wo_a[:, None] + g * wg + mw, mask=mask_a[:, None], other=0, eviction_policy=EV)
-        wb = tl.load(w_ptr + wo_b[:, None] + g * wg + mw, mask=mask_b[:, None], other=0, eviction_policy=EV)
-        sa = tl.load(s_ptr + so_a + g * sg, mask=mask_a, other=0, eviction_policy=EV)
-        ma = tl.load(m_ptr + so_a + g * sg, mask=mask_a, other=0, eviction_policy=EV)
-        sb = tl.load(s_ptr + so_b + g * sg, mask=mask_b, other=0, eviction_policy=EV)
-        mb = tl.load(m_ptr + so_b + g * sg, mask=mask_b, other=0, eviction_policy=EV)
+        wa = tl.load(w_ptr + wo_a[:, None] + g * wg + mw, mask=mask_a[:, None], other=0)
+        wb = tl.load(w_ptr + wo_b[:, None] + g * wg + mw, mask=mask_b[:, None], other=0)
+        sa = tl.load(s_ptr + so_a + g * sg, mask=mask_a, other=0)
+        ma = tl.load(m_ptr + so_a + g * sg, mask=mask_a, other=0)
+        sb = tl.load(s_ptr + so_b + g * sg, mask=mask_b, other=0)
+        mb = tl.load(m_ptr + so_b + g * sg, mask=mask_b, other=0)
         return wa, wb, sa, ma, sb, mb
 
     @triton.jit
@@ -478,7 +477,7 @@ if HAS_TRITON:
                      res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE: tl.constexpr, PW2: tl.constexpr,
                      CONV: tl.constexpr, cw_ptr, cs_ptr, act_ptr, NCONV, KC: tl.constexpr, KP: tl.constexpr,
                      HEADNORM: tl.constexpr, hs_ptr, NVB: tl.constexpr, DV, eps_h,
-                     RSUM: tl.constexpr, rsum_ptr, NQS, NKS, EV: tl.constexpr):
+                     RSUM: tl.constexpr, rsum_ptr, NQS, NKS):
         """Tile A holds rows r, tile B rows r + OFFB: r + BN/2 (BN output rows per program), or with
         GATED and GHALF the matching up rows r + NR (BN/2 gate rows and their BN/2 up rows per program:
         two tiles instead of four, half the registers, twice the programs). Otherwise GATED adds the up
@@ -517,16 +516,16 @@ if HAS_TRITON:
         # loads in flight per warp); the loads past the split's end are masked off (limit 0)
         lim = tl.where(g_begin < g_end, NR, 0)
         n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, lim, lim + LB,
-                                                       NGR, g_begin, HW, TR, EV)
+                                                       NGR, g_begin, HW, TR)
         if QUAD:
             n_ua, n_ub, n_usa, n_uma, n_usb, n_umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR, HALF, lim + NR,
-                                                               lim + NR, NGR, g_begin, HW, TR, EV)
+                                                               lim + NR, NGR, g_begin, HW, TR)
         else:
             n_ua, n_ub, n_usa, n_uma, n_usb, n_umb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
         if PF2 or PW2:  # PF2: two groups ahead (two tiles only); PW2: the second group before the wait only
             lim = tl.where(g_begin + 1 < g_end, NR, 0)
             p_wa, p_wb, p_sa, p_ma, p_sb, p_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, lim, lim + LB,
-                                                           NGR, g_begin + 1, HW, TR, EV)
+                                                           NGR, g_begin + 1, HW, TR)
         else:
             p_wa, p_wb, p_sa, p_ma, p_sb, p_mb = n_wa, n_wb, n_sa, n_ma, n_sb, n_mb
         # weights and scales are written by no kernel: loaded before waiting for the previous kernel
@@ -580,23 +579,23 @@ if HAS_TRITON:
                     n_xa, n_xc, n_xd, n_xe = p_xa, p_xc, p_xd, p_xe
                     lim = tl.where(g + 2 < g_end, NR, 0)
                     p_wa, p_wb, p_sa, p_ma, p_sb, p_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, lim,
-                                                                   lim + LB, NGR, g + 2, HW, TR, EV)
+                                                                   lim + LB, NGR, g + 2, HW, TR)
                     p_xa, p_xc, p_xd, p_xe = _x_words(x_ptr, tl.minimum(g + 2, g_end - 1), hw, G)
                 else:
                     lim = tl.where(g + 1 < g_end, NR, 0)
                     n_wa, n_wb, n_sa, n_ma, n_sb, n_mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, lim,
-                                                                   lim + LB, NGR, g + 1, HW, TR, EV)
+                                                                   lim + LB, NGR, g + 1, HW, TR)
                     if QUAD:
                         n_ua, n_ub, n_usa, n_uma, n_usb, n_umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR,
                                                                            HALF, lim + NR, lim + NR, NGR, g + 1,
-                                                                           HW, TR, EV)
+                                                                           HW, TR)
                     n_xa, n_xc, n_xd, n_xe = _x_words(x_ptr, tl.minimum(g + 1, g_end - 1), hw, G)
             else:
                 wa, wb, sa, ma, sb, mb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a, OFFB, NR, NR + LB, NGR,
-                                                   g, HW, TR, EV)
+                                                   g, HW, TR)
                 if QUAD:
                     ua_w, ub_w, usa, uma, usb, umb = _mma_load(qw_ptr, s_ptr, m_ptr, rows_a + NR, HALF, 2 * NR,
-                                                               2 * NR, NGR, g, HW, TR, EV)
+                                                               2 * NR, NGR, g, HW, TR)
                 xa, xc, xd, xe = _x_words(x_ptr, g, hw, G)
             x0, x1, x2, x3 = _x_pairs_hn(xa, xc, xd, xe, g, G, ASM, HEADNORM, hs_ptr, NVB, DV, eps_h, hb, r0, r1,
                                          r2, r3)
@@ -752,7 +751,6 @@ if HAS_TRITON:
         KC: tl.constexpr = 4, KP: tl.constexpr = 4,
         HEADNORM: tl.constexpr = 0, hs_ptr=None, NVB: tl.constexpr = 1, DV=1, eps_h=0.0,  # per-head rstd of x
         RSUM: tl.constexpr = False, rsum_ptr=None, NQS=0, NKS=0,  # row-block sums of squares (row_sums)
-        EV: tl.constexpr = "",  # the tensor-core path's weight / scale loads: L2 eviction hint (WEIGHT_EVICT)
     ):
         pdl_launch_dependents(USE_PDL)
         if DENSE and tl.program_id(1) >= NB:  # programs past the q4 row blocks: the dense bf16 rows
@@ -763,7 +761,7 @@ if HAS_TRITON:
                          G, BN, SPLIT_K, GATED, ASM, PREFETCH, USE_PDL, TR, STAGES, GHALF, PF2, SPLITP,
                          rss_ptr, NSS, eps_r, RSTD, NSSP, FOLD, res_ptr, fw_ptr, xt_ptr, ss_ptr, FPRE, PW2,
                          CONV, cw_ptr, cs_ptr, act_ptr, NCONV, KC, KP, HEADNORM, hs_ptr, NVB, DV, eps_h,
-                         RSUM, rsum_ptr, NQS, NKS, EV)
+                         RSUM, rsum_ptr, NQS, NKS)
         else:
             pdl_wait(USE_PDL)
             HW: tl.constexpr = G // 8  # int32 words per group and row
@@ -873,9 +871,6 @@ PREWAIT_TWO = True
 # a folded norm's producer loads its row block's residual and norm weight at its start instead of in the
 # last program's tail (after the split-K atomic)
 FOLD_PRELOAD = True
-# the L2 eviction hint of the tensor-core path's weight, scale and min loads ("evict_first": streamed once per
-# token, so that they do not push the step's small reused data, activations, states and code, out of L2)
-WEIGHT_EVICT = "evict_first"
 # head_rstd: a program whose groups touch at most four heads loads their rstds once, after the PDL wait,
 # instead of each head's partial sums at every group
 HEAD_RSTD_ONCE = True
@@ -1052,7 +1047,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         PREFETCH=pf, USE_PDL=pdl,
         TR=TILE_ROWS if tiled else 0, STAGES=1 if pf else (stages or DEFAULT_STAGES), GHALF=ghalf, PF2=pf2,
         SPLITP=next_pow2(split_k) if 1 < split_k <= SPLITK_TREE_MAX else 0,
-        PW2=bool(use_mma and pf and not pf2 and PREWAIT_TWO and not (gated and not ghalf)), EV=WEIGHT_EVICT,
+        PW2=bool(use_mma and pf and not pf2 and PREWAIT_TWO and not (gated and not ghalf)),
         num_warps=num_warps, num_stages=num_stages, **extra, **pdl_kwargs(pdl),
     )
     return out

@@ -199,12 +199,12 @@ if HAS_TRITON:
         MAGIC,  # 0x3FC00000, passed at run time on purpose: see _byte_f
         T: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr,
         GATED: tl.constexpr, X_BF16: tl.constexpr, EVEN_K: tl.constexpr,
-        USE_PDL: tl.constexpr = False, EV: tl.constexpr = "",
+        USE_PDL: tl.constexpr = False,
     ):
         """Per-row scales s [N]. USE_PDL: programmatic dependent launch (the first block's weights before the
-        wait); EV: the weight loads' eviction hint ("evict_first": streamed once, not kept in L2)."""
+        wait)."""
         _q8_gemv_body(x_ptr, qw_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, NR, KW, stride_x, stride_y, WPS, SPLIT,
-                      MAGIC, T, BN, BW, SPLIT_K, GATED, X_BF16, EVEN_K, 0, USE_PDL, EV)
+                      MAGIC, T, BN, BW, SPLIT_K, GATED, X_BF16, EVEN_K, 0, USE_PDL)
 
     @triton.jit
     def _q8_gemv_grouped_kernel(
@@ -212,31 +212,31 @@ if HAS_TRITON:
         T: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr,
         GATED: tl.constexpr, X_BF16: tl.constexpr, EVEN_K: tl.constexpr,
         GW: tl.constexpr,  # int32 words per scale group: G / 4, a multiple of BW
-        USE_PDL: tl.constexpr = False, EV: tl.constexpr = "",
+        USE_PDL: tl.constexpr = False,
     ):
         """Group scales s [N, K/G]; arguments as _q8_gemv_kernel's."""
         _q8_gemv_body(x_ptr, qw_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, NR, KW, stride_x, stride_y, WPS, SPLIT,
-                      MAGIC, T, BN, BW, SPLIT_K, GATED, X_BF16, EVEN_K, GW, USE_PDL, EV)
+                      MAGIC, T, BN, BW, SPLIT_K, GATED, X_BF16, EVEN_K, GW, USE_PDL)
 
     @triton.jit
     def _q8_block_load(wa_ptr, wb_ptr, s_ptr, rn, rmask, bw, w0, w_end, NG, NR, BN: tl.constexpr, GW: tl.constexpr,
-                       GATED: tl.constexpr, EVEN_K: tl.constexpr, GROUPED: tl.constexpr, EV: tl.constexpr):
+                       GATED: tl.constexpr, EVEN_K: tl.constexpr, GROUPED: tl.constexpr):
         """The weight words (and, grouped, the rows' scales) of the block at word w0, with the up rows when
-        gated; EV: the weights' L2 eviction hint."""
+        gated."""
         if EVEN_K:  # no column mask: keeps the 16-byte weight loads vectorized
             kmask = rmask  # unused
             wmask = rmask[:, None]
         else:
             kmask = w0 + bw < w_end
             wmask = rmask[:, None] & kmask[None, :]
-        wa = tl.load(wa_ptr + w0, mask=wmask, other=0, eviction_policy=EV)
+        wa = tl.load(wa_ptr + w0, mask=wmask, other=0)
         sa = tl.zeros([BN], dtype=tl.float32)
         if GROUPED:  # one scale per row for this block (it lies inside one group)
             sa = tl.load(s_ptr + rn * NG + w0 // GW, mask=rmask, other=0).to(tl.float32)
         wb = wa
         sb = sa
         if GATED:
-            wb = tl.load(wb_ptr + w0, mask=wmask, other=0, eviction_policy=EV)
+            wb = tl.load(wb_ptr + w0, mask=wmask, other=0)
             if GROUPED:
                 sb = tl.load(s_ptr + (NR + rn) * NG + w0 // GW, mask=rmask, other=0).to(tl.float32)
         return wa, sa, wb, sb, kmask
@@ -247,7 +247,7 @@ if HAS_TRITON:
         T: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr,
         GATED: tl.constexpr, X_BF16: tl.constexpr, EVEN_K: tl.constexpr,
         GW: tl.constexpr,  # int32 words per scale group (G / 4), 0: per-row scales
-        USE_PDL: tl.constexpr = False, EV: tl.constexpr = "",
+        USE_PDL: tl.constexpr = False,
     ):
         pdl_launch_dependents(USE_PDL)
         pid_k = tl.program_id(0)
@@ -277,7 +277,7 @@ if HAS_TRITON:
         # the first block peeled: its weights (written by no kernel) load before waiting for the previous kernel
         # (USE_PDL; without PDL the wait is a no-op and the peel changes nothing)
         wa0, sa0, wb0, sb0, kmask0 = _q8_block_load(wa_ptr, wb_ptr, s_ptr, rn, rmask, bw, w_begin, w_end, NG,
-                                                    NR, BN, GW, GATED, EVEN_K, GROUPED, EV)
+                                                    NR, BN, GW, GATED, EVEN_K, GROUPED)
         pdl_wait(USE_PDL)
         a0, a1, a2, a3, a4, a5, a6, a7, s0, s1, s2, s3, s4, s5, s6, s7 = _q8_rows(
             a0, a1, a2, a3, a4, a5, a6, a7, s0, s1, s2, s3, s4, s5, s6, s7, wa0, x_ptr, stride_x, 4 * w_begin,
@@ -290,7 +290,7 @@ if HAS_TRITON:
         for w0 in range(w_first, w_end, BW):
             k0 = 4 * w0
             wa, sa, wb, sb, kmask = _q8_block_load(wa_ptr, wb_ptr, s_ptr, rn, rmask, bw, w0, w_end, NG, NR, BN, GW,
-                                                   GATED, EVEN_K, GROUPED, EV)
+                                                   GATED, EVEN_K, GROUPED)
             a0, a1, a2, a3, a4, a5, a6, a7, s0, s1, s2, s3, s4, s5, s6, s7 = _q8_rows(
                 a0, a1, a2, a3, a4, a5, a6, a7, s0, s1, s2, s3, s4, s5, s6, s7, wa, x_ptr, stride_x, k0, bw,
                 kmask, MAGIC, sa, T, X_BF16, EVEN_K, GROUPED)
@@ -342,9 +342,6 @@ def _group_size(qweight: torch.Tensor, scales: torch.Tensor) -> int | None:
 # previous kernel runs, the first block's weights load before its wait, and the kernel lets its successor (the
 # pick) launch at once
 Q8_PDL = True
-# the L2 eviction hint of the weight loads ("evict_first": streamed once per token, so that they do not push
-# the step's small reused data, activations, states and code, out of L2; "": none)
-WEIGHT_EVICT = "evict_first"
 
 
 def _q8_launch(x, qweight, scales, out, gated, block_n, block_k, split_k, num_warps, num_stages):
@@ -415,7 +412,7 @@ def _q8_launch(x, qweight, scales, out, gated, block_n, block_k, split_k, num_wa
             0x3FC00000)
     pdl = Q8_PDL and use_pdl(x2)
     meta = dict(T=t, BN=bn, BW=bw, SPLIT_K=split_k > 1, GATED=gated, X_BF16=x_bf16, EVEN_K=k % bk == 0,
-                USE_PDL=pdl, EV=WEIGHT_EVICT, num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl))
+                USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl))
     if g:
         _q8_gemv_grouped_kernel[(split_k, n_blocks)](*args, GW=g // 4, **meta)
     else:

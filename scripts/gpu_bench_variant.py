@@ -14,7 +14,8 @@ layers with the chunked torch delta rule instead of the one-launch Triton recurr
 q4 GEMVs with 16 rows per warp and ~6-7 programs per SM (the default before the wide-program rule);
 "-splitloop" adds split-K partials with the loop over splits instead of one 2-D load; "-attnwN", "-prepwN",
 "-normwN" (last, any order): N warps for attention decode below 16K positions of cache (SHORT_CTX_WARPS),
-attention_prep (PREP_WARPS), one-row norm launches (norm.DECODE_WARPS); "-attnsmN": attention splits for
+attention_prep (PREP_WARPS), one-row norm launches (norm.DECODE_WARPS); "-attnbsN": N positions per
+attention K/V tile below 16K positions of cache (SHORT_CTX_BLOCK); "-attnsmN": attention splits for
 N programs per SM below 16K positions of cache (SHORT_CTX_PER_SM, default 4); "-nopipe": one greedy() call per token instead of the
 pipelined picks (DecodeStep.pipelined off); "-torchargmax": the greedy graph takes torch.argmax and a copy
 instead of kernels.sample.greedy_triton; "-oldends": the q8 embedding in torch ops and pos_t advanced by a torch
@@ -43,7 +44,6 @@ own launch between the qkv projection and attention (DecodeStep.prep_in_attentio
 from the qkv launch and the rest inside attention; "-kvafter": attention_decode_prep loads its first K/V tile after
 the PDL wait (attention_decode.KV_BEFORE_WAIT off) instead of before it; "-normlate": the one-row norm launches
 load their weights after the PDL wait and the residual after the first reduction (norm.LOADS_EARLY off);
-"-noevict" (last): the q4 / q8 weight loads without the L2 evict_first hint (gemv_q4 / gemv_q8 WEIGHT_EVICT "");
 "-q8nopdl": the q8 GEMVs (the lm_head) without programmatic dependent launch (gemv_q8.Q8_PDL off).
 """
 
@@ -70,8 +70,8 @@ def main() -> int:
     kn = importlib.import_module("olmo_local.kernels.norm")
     k8 = importlib.import_module("olmo_local.kernels.gemv_q8")
     knobs = {"attnw": (ka, "SHORT_CTX_WARPS"), "prepw": (ka, "PREP_WARPS"), "normw": (kn, "DECODE_WARPS"),
-             "attnsm": (ka, "SHORT_CTX_PER_SM")}
-    while (m_w := re.search(r"-(attnw|prepw|normw|attnsm)(\d+)$", variant)):  # small decode kernels' launches
+             "attnsm": (ka, "SHORT_CTX_PER_SM"), "attnbs": (ka, "SHORT_CTX_BLOCK")}
+    while (m_w := re.search(r"-(attnw|prepw|normw|attnsm|attnbs)(\d+)$", variant)):  # small decode kernels' launches
         mod, attr = knobs[m_w.group(1)]
         setattr(mod, attr, int(m_w.group(2)))
         variant = variant[: m_w.start()]
@@ -95,9 +95,6 @@ def main() -> int:
         variant = variant[: -len("-oldends")]
     import olmo_local.state as sta
 
-    if variant.endswith("-noevict"):  # (last) both GEMV families at once
-        k4.WEIGHT_EVICT = k8.WEIGHT_EVICT = ""
-        variant = variant[: -len("-noevict")]
     for suffix, cls, attr, value in (("-contig", sta.DecodeState, "rec_dk_major", False),
                                      ("-abinside", dec.DecodeStep, "ab_in_projection", False),
                                      ("-unfused", dec.DecodeStep, "fuse_attention_prep", False),

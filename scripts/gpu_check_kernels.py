@@ -519,7 +519,7 @@ def aot_report() -> int:
                               ("SPLITP", 16), ("RSTD", False), ("NSSP", 16), ("FOLD", 0), ("AB_RSTD", False), ("FPRE", False), ("PW2", False),
                               ("DENSE", False), ("BKW", 1), ("CONV", False), ("KC", 4), ("KP", 4),
                               ("HEADNORM", 0), ("NVB", 1), ("LATE_STORES", True), ("FOLDED", False),
-                              ("RSUM", False), ("PREP", False), ("KV_PRE", False), ("EV", "evict_first"),
+                              ("RSUM", False), ("PREP", False), ("KV_PRE", False),
                               ("EARLY", True)):
             if knob in names and knob not in consts and knob not in types:
                 consts = {**consts, knob: default}
