@@ -142,7 +142,14 @@ def attention_prep_ref(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor, 
     q, k, v = qkv.reshape(-1).split([h * hd, kvh * hd, kvh * hd])
     q = rmsnorm_ref(q, q_w, eps_q).view(h, hd)
     k = rmsnorm_ref(k, k_w, eps_k).view(kvh, 1, hd)
-    v = v.view(kvh, 1, hd)
+    _write_kv_ref(k, v.view(kvh, 1, hd), k_cache, v_cache, pos, k_scale, v_scale)
+    length.copy_(pos.reshape(-1)[:1] + 1)
+    return q
+
+
+def _write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                  k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
+    """k, v [KVH, 1, hd] written at position pos of the caches (bf16 / fp32 as is, int8 with their scales)."""
     if k_cache.dtype == torch.int8:
         quantize_kv_int8_ref(k, out=(k_cache, k_scale), pos=pos)
         quantize_kv_int8_ref(v, out=(v_cache, v_scale), pos=pos)
@@ -150,8 +157,6 @@ def attention_prep_ref(qkv: torch.Tensor, q_w: torch.Tensor, k_w: torch.Tensor, 
         p = pos.reshape(-1)[:1].long()
         k_cache.index_copy_(1, p, k.to(k_cache.dtype))
         v_cache.index_copy_(1, p, v.to(v_cache.dtype))
-    length.copy_(pos.reshape(-1)[:1] + 1)
-    return q
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,14 +536,7 @@ def attention_decode_prep_ref(qkv: torch.Tensor, ss: torch.Tensor, q_w: torch.Te
     rk = torch.rsqrt(tot[1] / (kvh * hd) + eps_k)
     qn = (q.float() * rq * q_w.float()).to(qkv.dtype).view(h, hd)
     kn = (k.float() * rk * k_w.float()).to(qkv.dtype).view(kvh, 1, hd)
-    v = v.view(kvh, 1, hd)
-    if k_cache.dtype == torch.int8:
-        quantize_kv_int8_ref(kn, out=(k_cache, k_scale), pos=pos)
-        quantize_kv_int8_ref(v, out=(v_cache, v_scale), pos=pos)
-    else:
-        p = pos.reshape(-1)[:1].long()
-        k_cache.index_copy_(1, p, kn.to(k_cache.dtype))
-        v_cache.index_copy_(1, p, v.to(v_cache.dtype))
+    _write_kv_ref(kn, v.view(kvh, 1, hd), k_cache, v_cache, pos, k_scale, v_scale)
     return attention_decode_ref(qn, k_cache, v_cache, k_scale=k_scale, v_scale=v_scale, pos=pos)
 
 
