@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, kernel checks at 7B shapes, 7B parity, and the bench. Logs under $OUT.
 # Usage (device tool): bash scripts/gpu_check.sh [kernels] [parity] [bench] [benchcmp] [sweep] [issue3] [mem] [profile] [disk] [load7b]
-#   [cudatests] [ablate] [benchab] [final] ... (see the case list; BENCHAB / TESTS pick variants / test files)
+#   [cudatests] [ablate] [benchab] [benchabd] [benchabi8] [final] ... (see the case list; BENCHAB / TESTS pick variants / test files)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -31,6 +31,10 @@ for s in $steps; do
     benchabd) # decode A/B at one depth (ABDEPTH, default 8192; no prefill tests), variants as benchab
              for v in ${BENCHAB:-default}; do
                timeout 150 python3 scripts/gpu_bench_variant.py $v --synthetic 7b --format q4 -r 2 -p 0 --depth ${ABDEPTH:-8192} -q 2>&1 | tee "$OUT/benchabd_$v.log" | grep -E "tg" | sed "s/^/$v /" | cut -c1-150
+             done ;;
+    benchabi8) # decode A/B at depth ABDEPTH (default 32768) with int8 KV and a 33K cache (the long-context launch)
+             for v in ${BENCHAB:-default}; do
+               timeout 150 python3 scripts/gpu_bench_variant.py $v --synthetic 7b --format q4 -r 1 -p 0 --ctx 33000 --kv-cache int8 --depth ${ABDEPTH:-32768} -q 2>&1 | tee "$OUT/benchabi8_$v.log" | grep -E "tg128@" | sed "s/^/$v /" | cut -c1-150
              done ;;
     cudatests) # the CUDA-only tests of $TESTS (default: all), pytest from the wheels in .whl2 (carry it)
              python3 -m pip install -q --no-index --no-deps --target /tmp/site2 .whl2/*.whl >/dev/null 2>&1
