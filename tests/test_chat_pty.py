@@ -41,7 +41,10 @@ def spawn(tiny, data_home, cwd, *args):
                HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", COLUMNS="200", LINES="50")
     env.pop("NO_COLOR", None)
     c = pexpect.spawn(sys.executable, ["-m", "olmo_local.cli", "chat", str(tiny), "--ctx", "4096", *args],
-                      env=env, cwd=str(cwd), encoding="utf-8", dimensions=(50, 200), timeout=60)
+                      env=env, cwd=str(cwd), encoding="utf-8", dimensions=(50, 200), timeout=60,
+                      # a Ctrl-C makes the terminal flush its output queue (no NOFLSH), which can cut a UTF-8
+                      # character of the streamed reply in two: read such bytes as U+FFFD, as a terminal shows them
+                      codec_errors="replace")
     c.expect(PROMPT)
     return c
 
