@@ -279,14 +279,14 @@ if HAS_TRITON:
                     wk = tl.load(kw_ptr + kvh * HD + d, mask=dm, other=0).to(tl.float32)
                     kh = (kh * (1.0 / tl.sqrt(sk / NK + eps_k)) * wk).to(q_ptr.dtype.element_ty).to(tl.float32)
                     vh = tl.load(q_ptr + NQ + NK + kvh * HD + d, mask=dm, other=0).to(tl.float32)
-                    if hq % G == 0:  # the first query head of a kv group writes the kv head's row
-                        _store_kv_row(kh, kcw_ptr + kvh * stride_kh + p * stride_kt, ks_ptr + kvh * stride_ksh, p,
-                                      d, dm, QUANT)
-                        _store_kv_row(vh, vcw_ptr + kvh * stride_vh + p * stride_vt, vs_ptr + kvh * stride_vsh, p,
-                                      d, dm, QUANT)
-                    # what the loop would have read back from the cache at p: the stored row (dequantized)
+                    # the rows as the caches hold them (what the loop would have read back at p)
                     k_p, k_sc = _kv_row_value(kh, kcw_ptr, QUANT)
                     v_p, v_sc = _kv_row_value(vh, vcw_ptr, QUANT)
+                    if hq % G == 0:  # the first query head of a kv group writes the kv head's rows
+                        _write_kv_row(k_p, k_sc, kcw_ptr + kvh * stride_kh + p * stride_kt, ks_ptr + kvh * stride_ksh,
+                                      p, d, dm, QUANT)
+                        _write_kv_row(v_p, v_sc, vcw_ptr + kvh * stride_vh + p * stride_vt, vs_ptr + kvh * stride_vsh,
+                                      p, d, dm, QUANT)
                     sc_p = tl.sum(k_p * q, axis=0) * k_sc
                     m_new = tl.maximum(m_s, sc_p)
                     a_old = tl.exp(m_s - m_new)
@@ -316,19 +316,20 @@ if HAS_TRITON:
     def _store_kv_row(x, c_ptr, s_ptr, p, d, dm, QUANT: tl.constexpr):
         """One head's row at position p of a cache (c_ptr/s_ptr already at the head): bf16 as is, or
         int8 with its scale (quantize_kv_int8's rounding)."""
+        v, sc = _kv_row_value(x, c_ptr, QUANT)
+        _write_kv_row(v, sc, c_ptr, s_ptr, p, d, dm, QUANT)
+
+    @triton.jit
+    def _write_kv_row(v, sc, c_ptr, s_ptr, p, d, dm, QUANT: tl.constexpr):
+        """The (values, scale) of _kv_row_value stored at position p (c_ptr / s_ptr already at the head)."""
+        tl.store(c_ptr + d, v.to(c_ptr.dtype.element_ty), mask=dm)
         if QUANT:
-            amax = tl.max(tl.abs(x), axis=0)
-            inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-            qv = tl.minimum(tl.maximum(tl.floor(x * inv + 0.5), -127.0), 127.0)
-            tl.store(c_ptr + d, qv.to(tl.int8), mask=dm)
-            tl.store(s_ptr + p, amax / 127.0)
-        else:
-            tl.store(c_ptr + d, x.to(c_ptr.dtype.element_ty), mask=dm)
+            tl.store(s_ptr + p, sc)
 
     @triton.jit
     def _kv_row_value(x, c_ptr, QUANT: tl.constexpr):
-        """(values, scale) of one head's row as _store_kv_row stores it and the decode loop reads it back:
-        bf16 / fp32 rounded to the cache dtype (scale 1), or int8 codes with their per-row scale."""
+        """(values, scale) of one head's row as the cache holds it and the decode loop reads it back: bf16 /
+        fp32 rounded to the cache dtype (scale 1), or int8 codes (as floats) with their per-row scale."""
         if QUANT:
             amax = tl.max(tl.abs(x), axis=0)
             inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
