@@ -430,6 +430,9 @@ KV_BEFORE_WAIT = True
 # the launch is tuned for the cache size (or a ctx_hint): from this many positions on, 8 warps and ~8
 # programs per SM; below, SHORT_CTX_WARPS and ~4 per SM
 LONG_CTX_LAUNCH = 16384
+# register cap (ptxas maxnreg) for the long-context launch with the prep inside (None: ptxas's choice); the
+# sm_90 AOT build has 64 registers without the prep, 69-75 with it, i.e. 3 instead of 4 programs per SM
+LONG_CTX_PREP_MAXNREG: int | None = None
 
 
 def default_num_splits(max_ctx: int, num_heads: int, device: torch.device, block_s: int = 32) -> int:
@@ -501,6 +504,8 @@ def attention_decode_triton(
                      NSSP=max(2, next_pow2(ss.shape[0])),
                      eps_q=float(eps_q), eps_k=float(eps_k), NQ=h * hd, NK=kvh * hd, kcw_ptr=k_cache, vcw_ptr=v_cache)
         q = qkv
+        if LONG_CTX_PREP_MAXNREG and tune_ctx >= LONG_CTX_LAUNCH:
+            extra["maxnreg"] = LONG_CTX_PREP_MAXNREG
     _attn_decode_kernel[(h, ns)](
         q, kc, vc, ks, vs, length, out, mws, lws, aws, cnt,
         q.stride(0), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),

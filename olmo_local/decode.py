@@ -143,6 +143,8 @@ class DecodeStep:
     # Only where attention is launched for a short context (below LONG_CTX_LAUNCH): H200, the 7B at depth
     # 32768 with int8 KV, 294 t/s with it against 370 with attention_prep (tg128: +0.7 %)
     prep_in_attention = True
+    # the same with the long-context attention launch (8 warps, ~8 programs per SM); off: attention_prep there
+    prep_in_long_attention = False
 
     def __init__(self, model: OlmoHybridModel, state: DecodeState, use_graph: bool | None = None) -> None:
         self.model, self.state = model, state
@@ -312,7 +314,8 @@ class DecodeStep:
         i = L.idx
         scales = dict(k_scale=st.k_scale[i], v_scale=st.v_scale[i]) if st.kv_int8 else {}
         short = self._hint_now < LONG_CTX_LAUNCH  # the attention launch tuned for a short context
-        if rope is None and self.fuse_attention_prep and self.prep_in_attention and short and self._folds(L.qkv):
+        if (rope is None and self.fuse_attention_prep and self.prep_in_attention
+                and (short or self.prep_in_long_attention) and self._folds(L.qkv)):
             # NoPE, q4: the qkv launch gives q's and k's sums of squares, the attention launch does the rest
             qkv, ss = q4_gemv(x, L.qkv.qweight, L.qkv.scales, L.qkv.mins, L.qkv.group_size, tiled=L.qkv.tiled,
                               row_sums=(H * hd, KV * hd))

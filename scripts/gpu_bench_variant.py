@@ -44,7 +44,9 @@ own launch between the qkv projection and attention (DecodeStep.prep_in_attentio
 from the qkv launch and the rest inside attention; "-kvafter": attention_decode_prep loads its first K/V tile after
 the PDL wait (attention_decode.KV_BEFORE_WAIT off) instead of before it; "-normlate": the one-row norm launches
 load their weights after the PDL wait and the residual after the first reduction (norm.LOADS_EARLY off);
-"-q8nopdl": the q8 GEMVs (the lm_head) without programmatic dependent launch (gemv_q8.Q8_PDL off).
+"-q8nopdl": the q8 GEMVs (the lm_head) without programmatic dependent launch (gemv_q8.Q8_PDL off); "-preplong":
+attention_prep's work inside attention with the long-context launch too (DecodeStep.prep_in_long_attention);
+"-attnregN" (last): that launch with ptxas's register cap N (attention_decode.LONG_CTX_PREP_MAXNREG).
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ def main() -> int:
     kn = importlib.import_module("olmo_local.kernels.norm")
     k8 = importlib.import_module("olmo_local.kernels.gemv_q8")
     knobs = {"attnw": (ka, "SHORT_CTX_WARPS"), "prepw": (ka, "PREP_WARPS"), "normw": (kn, "DECODE_WARPS"),
-             "attnsm": (ka, "SHORT_CTX_PER_SM"), "attnbs": (ka, "SHORT_CTX_BLOCK")}
-    while (m_w := re.search(r"-(attnw|prepw|normw|attnsm|attnbs)(\d+)$", variant)):  # small decode kernels' launches
+             "attnsm": (ka, "SHORT_CTX_PER_SM"), "attnbs": (ka, "SHORT_CTX_BLOCK"),
+             "attnreg": (ka, "LONG_CTX_PREP_MAXNREG")}
+    while (m_w := re.search(r"-(attnw|prepw|normw|attnsm|attnbs|attnreg)(\d+)$", variant)):  # small decode kernels' launches
         mod, attr = knobs[m_w.group(1)]
         setattr(mod, attr, int(m_w.group(2)))
         variant = variant[: m_w.start()]
@@ -115,6 +118,7 @@ def main() -> int:
                                      ("-noembedfold", dec.DecodeStep, "fold_embed_norm", False),
                                      ("-nobesidenorm", dec.DecodeStep, "beside_after_norm", False),
                                      ("-prepsep", dec.DecodeStep, "prep_in_attention", False),
+                                     ("-preplong", dec.DecodeStep, "prep_in_long_attention", True),
                                      ("-kvafter", ka, "KV_BEFORE_WAIT", False),
                                      ("-normlate", kn, "LOADS_EARLY", False),
                                      ("-q8nopdl", k8, "Q8_PDL", False)):

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Where the 512-token prefill's host time goes (the synthetic 7B q4 runtime as bench builds it): host time
+(until the last launch is issued) against GPU time (CUDA events) per prefill, a cProfile of one prefill
+(top functions by own time, and the call counts of the launch paths), and whether the whole forward can be
+captured in a CUDA graph (then its replay time: the GPU floor of the prefill).
+
+    python scripts/gpu_prefill_host.py [--tokens 512] [--top 28]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import time
+
+import torch
+
+from olmo_local.bench_run import random_ids
+from olmo_local.bench_synth import build_synthetic
+from olmo_local.config import preset
+from olmo_local.runtime import make_generator
+from olmo_local.state import DecodeState
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--top", type=int, default=28)
+    ap.add_argument("--ctx", type=int, default=4096)
+    a = ap.parse_args()
+    print(f"host: {os.cpu_count()} cpus, load {os.getloadavg()[0]:.2f}")
+    cfg = preset("7b", max_position_embeddings=65536)
+    net = build_synthetic(cfg, "cuda", "q4", torch.bfloat16, seed=0)
+    st = DecodeState(cfg, a.ctx, "cuda", net.dtype)
+    gen = make_generator(net, st)
+    ids = random_ids(a.tokens, cfg.vocab_size, 0)
+    with torch.inference_mode():
+        for _ in range(3):
+            st.reset()
+            gen.prefill(ids)
+        torch.cuda.synchronize()
+        rows = []
+        for _ in range(6):
+            st.reset()
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            e0.record()
+            gen.prefill(ids)
+            e1.record()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            rows.append(((t1 - t0) * 1e3, (t2 - t0) * 1e3, e0.elapsed_time(e1)))
+        for h, w, g in rows:
+            print(f"prefill {a.tokens}: host {h:6.1f} ms  wall {w:6.1f} ms  gpu(events) {g:6.1f} ms")
+        st.reset()
+        torch.cuda.synchronize()
+        pr = cProfile.Profile()
+        pr.enable()
+        gen.prefill(ids)
+        torch.cuda.synchronize()
+        pr.disable()
+        s = io.StringIO()
+        ps = pstats.Stats(pr, stream=s)
+        ps.sort_stats("tottime").print_stats(a.top)
+        print("\n".join(line[:150] for line in s.getvalue().splitlines() if line.strip())[-6000:])
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(30)
+        print("\n".join(line[:150] for line in s.getvalue().splitlines() if line.strip())[-5000:])
+        # the whole forward in a CUDA graph (fresh sequence): what a captured prefill would cost on the GPU
+        st.reset()
+        tok = torch.tensor([ids], device="cuda")
+        try:
+            s_ = torch.cuda.Stream()
+            s_.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s_):
+                st.reset()
+                net(tok, st, last_only=True)
+            torch.cuda.current_stream().wait_stream(s_)
+            st.reset()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                net(tok, st, last_only=True)
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(5):
+                st.reset()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                g.replay()
+                torch.cuda.synchronize()
+                ts.append((time.perf_counter() - t0) * 1e3)
+            print("graph replay ms: " + " ".join(f"{t:.1f}" for t in ts))
+        except Exception as e:  # noqa: BLE001 - a probe: say why capture failed
+            print(f"graph capture failed: {type(e).__name__}: {str(e)[:300]}")
+
+
+if __name__ == "__main__":
+    main()
