@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--top", type=int, default=28)
     ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--graph-tokens", type=int, nargs="*", default=[512, 2048])
     a = ap.parse_args()
     print(f"host: {os.cpu_count()} cpus, load {os.getloadavg()[0]:.2f}")
     cfg = preset("7b", max_position_embeddings=65536)
@@ -71,32 +72,71 @@ def main() -> None:
         s = io.StringIO()
         pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(30)
         print("\n".join(line[:150] for line in s.getvalue().splitlines() if line.strip())[-5000:])
-        # the whole forward in a CUDA graph (fresh sequence): what a captured prefill would cost on the GPU
-        st.reset()
-        tok = torch.tensor([ids], device="cuda")
-        try:
-            s_ = torch.cuda.Stream()
-            s_.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s_):
-                st.reset()
-                net(tok, st, last_only=True)
-            torch.cuda.current_stream().wait_stream(s_)
+    with torch.inference_mode():
+        launch_costs()
+        for n in a.graph_tokens:
+            graph_floor(net, st, n, cfg.vocab_size)
+
+
+def launch_costs() -> None:
+    """Host microseconds per call, back to back on small inputs: a Triton launch (the one-pass RMSNorm,
+    the q4 dequantize), a torch elementwise op, F.linear (cuBLAS)."""
+    from olmo_local.kernels.dequant import q4_dequantize_triton
+    from olmo_local.kernels.norm import rmsnorm_triton
+
+    x = torch.randn(8, 3840, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(3840, device="cuda", dtype=torch.bfloat16)
+    qw = torch.randint(0, 255, (64, 1920), device="cuda", dtype=torch.uint8)
+    sc = torch.ones(64, 30, device="cuda", dtype=torch.float16)
+    out = torch.empty(64, 3840, device="cuda", dtype=torch.bfloat16)
+    cases = {"triton rmsnorm": lambda: rmsnorm_triton(x, w, 1e-6),
+             "triton q4 dequantize": lambda: q4_dequantize_triton(qw, sc, sc, 128, out),
+             "torch add": lambda: torch.add(x, x),
+             "F.linear 8x3840 @ 64x3840": lambda: torch.nn.functional.linear(x, out)}
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(500):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        print(f"{name:<28} {(t1 - t0) / 500 * 1e6:6.1f} us per call (host)")
+
+
+def graph_floor(net, st, n: int, vocab: int) -> None:
+    """The whole forward of an n-token prompt (fresh sequence) in a CUDA graph, the state's host-side
+    advance left out: what a captured prefill would cost on the GPU."""
+    ids = random_ids(n, vocab, 1)
+    tok = torch.tensor([ids], device="cuda")
+    advance = st.advance
+    st.advance = lambda tokens: None
+    try:
+        s_ = torch.cuda.Stream()
+        s_.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s_):
             st.reset()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                net(tok, st, last_only=True)
+            net(tok, st, last_only=True)
+        torch.cuda.current_stream().wait_stream(s_)
+        st.reset()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            net(tok, st, last_only=True)
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(5):
+            st.reset()
             torch.cuda.synchronize()
-            ts = []
-            for _ in range(5):
-                st.reset()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                g.replay()
-                torch.cuda.synchronize()
-                ts.append((time.perf_counter() - t0) * 1e3)
-            print("graph replay ms: " + " ".join(f"{t:.1f}" for t in ts))
-        except Exception as e:  # noqa: BLE001 - a probe: say why capture failed
-            print(f"graph capture failed: {type(e).__name__}: {str(e)[:300]}")
+            t0 = time.perf_counter()
+            g.replay()
+            torch.cuda.synchronize()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        print(f"graph replay, {n} tokens, ms: " + " ".join(f"{t:.1f}" for t in ts))
+    except Exception as e:  # noqa: BLE001 - a probe: say why capture failed
+        print(f"graph capture failed ({n} tokens): {type(e).__name__}: {str(e)[:300]}")
+    finally:
+        st.advance = advance
 
 
 if __name__ == "__main__":
