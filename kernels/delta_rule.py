@@ -23,6 +23,16 @@ def gdn_gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: to
     return g, torch.sigmoid(b.to(dtype)) * beta_scale
 
 
+def mask_gates(g: torch.Tensor, beta: torch.Tensor, n_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gates [B, T, Hv] with the tokens from ``n_valid`` (a device int tensor of one element) on turned
+    into no-ops: g = 0 (no decay) and beta = 0 (no write), so padding after a prompt leaves the state as
+    the prompt left it. None: unchanged."""
+    if n_valid is None:
+        return g, beta
+    keep = (torch.arange(g.shape[1], device=g.device) < n_valid.reshape(1)).to(g.dtype)[None, :, None]
+    return g * keep, beta * keep
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ._triton import HAS_TRITON, cdiv, next_pow2, tl, triton, use_triton
 
 __all__ = [
+    "conv_state_at",
     "gated_rms_norm",
     "gated_rms_norm_ref",
     "gated_rms_norm_triton",
@@ -167,6 +168,17 @@ def _new_conv_state(qkv: torch.Tensor, conv_state: torch.Tensor | None, k1: int)
         return qkv[:, T - k1:].transpose(1, 2)
     prev = (qkv.new_zeros(B, k1, C) if conv_state is None else conv_state.transpose(1, 2).to(qkv.dtype))
     return torch.cat([prev, qkv], 1)[:, -k1:].transpose(1, 2)
+
+
+def conv_state_at(qkv: torch.Tensor, conv_state: torch.Tensor | None, k1: int, n_valid: torch.Tensor) -> torch.Tensor:
+    """The K-1 pre-conv inputs before token ``n_valid`` of qkv (a device int tensor of one element; the tokens
+    from it on are padding) [B, conv_dim, K-1] in qkv.dtype: the conv state after the first n_valid tokens.
+    Device-side indexing only (no host read), so a CUDA graph can hold it."""
+    B, T, C = qkv.shape
+    prev = qkv.new_zeros(B, k1, C) if conv_state is None else conv_state.transpose(1, 2).to(qkv.dtype)
+    rows = torch.cat([prev, qkv], 1)  # row i holds input i - k1
+    idx = n_valid.reshape(1).long() + torch.arange(k1, device=qkv.device)
+    return rows.index_select(1, idx).transpose(1, 2)
 
 
 def gdn_prefill_prep_triton(qkv: torch.Tensor, conv_weight: torch.Tensor, conv_state: torch.Tensor | None,

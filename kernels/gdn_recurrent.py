@@ -1,8 +1,10 @@
 """Gated delta rule over a whole prompt in one launch per layer (prefill on CUDA, no autograd).
 
-    gdn_recurrent_prefill(q, k, v, a, b, A_log, dt_bias, beta_scale, state=None)
+    gdn_recurrent_prefill(q, k, v, a, b, A_log, dt_bias, beta_scale, state=None, n_valid=None)
         -> o [B, Hv, T, dv] fp32 (head-first, the layout of chunk_gated_delta_rule_heads' output);
-           `state` (fp32 [B, Hv, dk, dv]) is updated in place when given.
+           `state` (fp32 [B, Hv, dk, dv]) is updated in place when given. `n_valid` (a device int tensor of
+           one element): only the first n_valid tokens update the state (padding after a prompt, as the
+           captured prefill graphs run it); the outputs of the others are not meaningful.
 
 q, k [B, Hk, T, dk] fp32 head-first (L2-normed, q scaled: gdn_prefill_prep's output, key heads NOT
 repeated: value head h reads key head h // (Hv / Hk)); v [B, Hv, T, dv] fp32; a, b [B, T, Hv] the raw
@@ -28,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, next_pow2, tl, triton, use_triton
-from .delta_rule import gdn_gates, recurrent_gated_delta_rule
+from .delta_rule import gdn_gates, mask_gates, recurrent_gated_delta_rule
 from .gdn_decode import rec_state_dk_major
 
 __all__ = ["gdn_recurrent_prefill", "gdn_recurrent_prefill_ref", "gdn_recurrent_prefill_triton"]
@@ -36,12 +38,13 @@ __all__ = ["gdn_recurrent_prefill", "gdn_recurrent_prefill_ref", "gdn_recurrent_
 
 def gdn_recurrent_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                               b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, beta_scale: float,
-                              state: torch.Tensor | None = None) -> torch.Tensor:
+                              state: torch.Tensor | None = None, n_valid: torch.Tensor | None = None
+                              ) -> torch.Tensor:
     """The recurrence token by token in torch (fp32)."""
     B, hk, T, dk = q.shape
     hv, dv = v.shape[1], v.shape[-1]
     rep = hv // hk
-    g, beta = gdn_gates(a, b, A_log, dt_bias, beta_scale)
+    g, beta = mask_gates(*gdn_gates(a, b, A_log, dt_bias, beta_scale), n_valid)
     S = state if state is not None else torch.zeros(B, hv, dk, dv, dtype=torch.float32, device=q.device)
     if S.dtype != torch.float32:
         raise ValueError("the recurrent state must be fp32")
@@ -69,7 +72,7 @@ if HAS_TRITON:
                               T, HV, REP, DK, DV,
                               sa_b, sa_t, sb_b, sb_t, beta_scale,
                               BK: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
-                              stride_sk=0, stride_sv=1):
+                              stride_sk=0, stride_sv=1, n_ptr=None, HAS_N: tl.constexpr = False):
         pid_bh = tl.program_id(0)
         pid_v = tl.program_id(1)
         bi = (pid_bh // HV).to(tl.int64)  # int64 offsets: [B, H, T, d] tensors of long prompts
@@ -96,6 +99,9 @@ if HAS_TRITON:
         bb = b_ptr + bi * sb_b + h
         ob = o_ptr + (bi * HV + h) * T * DV + j
         qn, kn, vn, an, bn = _token_loads(qb, kb, vb, ab, bb, 0, T, DK, DV, i, j, mk, mv, sa_t, sb_t)
+        n_live = T
+        if HAS_N:  # tokens from n_live on are padding: no decay, no write
+            n_live = tl.load(n_ptr).to(tl.int32)
         for t in range(T):
             qt, kt, vt, at, bt = qn, kn, vn, an, bn
             # the next token's operands go out before this token's dependent math
@@ -104,6 +110,9 @@ if HAS_TRITON:
             sp = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # softplus (torch's threshold)
             decay = tl.exp(neg_a * sp)
             beta = beta_scale / (1.0 + tl.exp(-bt))
+            if HAS_N:
+                decay = tl.where(t < n_live, decay, 1.0)
+                beta = tl.where(t < n_live, beta, 0.0)
             st = st * decay
             mem = tl.sum(st * kt[None, :], axis=1)  # S^T k  [BV]
             delta = (vt - mem) * beta
@@ -116,8 +125,8 @@ if HAS_TRITON:
 
 def gdn_recurrent_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                                  b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, beta_scale: float,
-                                 state: torch.Tensor | None = None, *, block_v: int | None = None,
-                                 num_warps: int = 1) -> torch.Tensor:
+                                 state: torch.Tensor | None = None, n_valid: torch.Tensor | None = None, *,
+                                 block_v: int | None = None, num_warps: int = 1) -> torch.Tensor:
     B, hk, T, dk = q.shape
     hv, dv = v.shape[1], v.shape[-1]
     if k.shape != q.shape or v.shape[:3] != (B, hv, T) or hv % hk:
@@ -149,6 +158,7 @@ def gdn_recurrent_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), float(beta_scale),
         BK=bk, BV=bv, HAS_STATE=state is not None, num_warps=num_warps,
         **({} if work is None else dict(stride_sk=work.stride(2), stride_sv=work.stride(3))),
+        **({} if n_valid is None else dict(n_ptr=n_valid, HAS_N=True)),
     )
     if work is not state:
         state.copy_(work)
@@ -157,7 +167,7 @@ def gdn_recurrent_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 def gdn_recurrent_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                           A_log: torch.Tensor, dt_bias: torch.Tensor, beta_scale: float,
-                          state: torch.Tensor | None = None) -> torch.Tensor:
+                          state: torch.Tensor | None = None, n_valid: torch.Tensor | None = None) -> torch.Tensor:
     if use_triton(q):
-        return gdn_recurrent_prefill_triton(q, k, v, a, b, A_log, dt_bias, beta_scale, state)
-    return gdn_recurrent_prefill_ref(q, k, v, a, b, A_log, dt_bias, beta_scale, state)
+        return gdn_recurrent_prefill_triton(q, k, v, a, b, A_log, dt_bias, beta_scale, state, n_valid)
+    return gdn_recurrent_prefill_ref(q, k, v, a, b, A_log, dt_bias, beta_scale, state, n_valid)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -140,6 +141,8 @@ class Generator:
     prefill_chunk: int = 1024
     prefill_calls: int = 0  # how many prefill passes ran (tests assert regen/undo need none)
     step_fn: Callable[[int], torch.Tensor] | None = None  # e.g. a CUDA-graph step; default eager
+    # fresh prompts up to a bucket length through padded CUDA graphs (olmo_local.prefill_graph); None: eager
+    prefill_graphs: Any = None
     stats: GenStats = field(default_factory=GenStats)
 
     def _sync(self) -> None:
@@ -153,6 +156,13 @@ class Generator:
         self.prefill_calls += 1
         logits = None
         dev = self.state.device
+        pg = self.prefill_graphs
+        if pg is not None and pg.fits(len(ids)):
+            logits = pg(ids)
+            if logits is not None:
+                if progress:
+                    progress(len(ids), len(ids))
+                return logits
         for s in range(0, len(ids), self.prefill_chunk):
             chunk = torch.tensor([ids[s:s + self.prefill_chunk]], device=dev)
             logits = self.model(chunk, self.state, last_only=True)[0, -1]

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 
 from olmo_local.config import OlmoHybridConfig
 from olmo_local.kernels.attention_prefill import attention_over_int8_cache
-from olmo_local.kernels.delta_rule import chunk_gated_delta_rule_heads, gdn_gates, recurrent_gated_delta_rule
+from olmo_local.kernels.delta_rule import (chunk_gated_delta_rule_heads, gdn_gates, mask_gates,
+                                           recurrent_gated_delta_rule)
 from olmo_local.kernels._triton import use_triton
 from olmo_local.kernels.gdn_prefill import gated_rms_norm as _gated_rms_norm
 from olmo_local.kernels.gdn_recurrent import gdn_recurrent_prefill
-from olmo_local.kernels.gdn_prefill import gdn_prefill_prep, l2_norm  # noqa: F401  (l2_norm: public name)
+from olmo_local.kernels.gdn_prefill import conv_state_at, gdn_prefill_prep, l2_norm  # noqa: F401  (l2_norm: public)
 from olmo_local.kernels.norm import rmsnorm
 from olmo_local.kernels.norm import rmsnorm_ref as rms_norm  # Olmo order, torch ops (autograd-safe)
 from olmo_local.quant.linear import DenseLinear
@@ -71,9 +72,12 @@ class AttentionLayer(nn.Module):
         self.q_norm, self.k_norm = q_norm, k_norm
         self.post_attn_norm, self.post_ff_norm = post_attn_norm, post_ff_norm
 
-    def forward(self, x: torch.Tensor, state: DecodeState | None, rope: tuple | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: DecodeState | None, rope: tuple | None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv, self.hd
+        if valid is not None and state is not None and state.pos != 0:
+            raise ValueError("padded prompts (valid=) start a fresh sequence (position 0)")
         q, k, v = self.qkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
         q = self.q_norm(q).view(B, T, H, hd).transpose(1, 2)
         k = self.k_norm(k).view(B, T, KV, hd).transpose(1, 2)
@@ -125,7 +129,7 @@ class GDNLayer(nn.Module):
         self.dt_bias = nn.Parameter(dt_bias.float(), requires_grad=trainable)
         self.o_norm_w = nn.Parameter(o_norm_w, requires_grad=trainable)
 
-    def mix(self, u: torch.Tensor, state: DecodeState | None) -> torch.Tensor:
+    def mix(self, u: torch.Tensor, state: DecodeState | None, valid: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = u.shape
         qkv, z = self.qkvz(u).split([self.conv_dim, self.value_dim], dim=-1)
         a, b = self.ab(u).float().split([self.hv, self.hv], dim=-1)
@@ -137,23 +141,25 @@ class GDNLayer(nn.Module):
                                                   or self.dt_bias.requires_grad)
         if self.fused_prefill and use_triton(q) and not needs_grad:
             rec = None if state is None else state.rec_state[self.idx].unsqueeze(0)
-            o = gdn_recurrent_prefill(q, k, v, a, b, self.A_log, self.dt_bias, self.beta_scale, rec)
+            o = gdn_recurrent_prefill(q, k, v, a, b, self.A_log, self.dt_bias, self.beta_scale, rec, valid)
         else:
-            o = self._delta_rule_torch(q, k, v, a, b, state)
+            o = self._delta_rule_torch(q, k, v, a, b, state, valid)
         if state is not None:
+            if valid is not None:  # padding after the prompt: the conv state as of its last real token
+                new_conv = conv_state_at(qkv, conv_state, self.conv_w.shape[-1] - 1, valid)
             state.conv_state[self.idx].copy_(new_conv[0])
         y = gated_rms_norm(o.transpose(1, 2), z.reshape(B, T, self.hv, self.dv), self.o_norm_w)
         return self.o(y.reshape(B, T, self.value_dim))
 
     def _delta_rule_torch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                          state: DecodeState | None) -> torch.Tensor:
+                          state: DecodeState | None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """The delta rule in torch (CPU, training): chunked for prompts, recurrent for one token."""
         T = q.shape[2]
         cd = q.dtype
         if self.hv != self.hk:
             q = q.repeat_interleave(self.hv // self.hk, dim=1)
             k = k.repeat_interleave(self.hv // self.hk, dim=1)
-        g, beta = gdn_gates(a, b, self.A_log, self.dt_bias, self.beta_scale, cd)
+        g, beta = mask_gates(*gdn_gates(a, b, self.A_log, self.dt_bias, self.beta_scale, cd), valid)
         g, beta = g.transpose(1, 2), beta.transpose(1, 2)                              # [B, Hv, T]
         if state is None:
             o, _ = chunk_gated_delta_rule_heads(q, k, v, g, beta)
@@ -166,8 +172,9 @@ class GDNLayer(nn.Module):
         rec.copy_(S)
         return o
 
-    def forward(self, x: torch.Tensor, state: DecodeState | None, rope: tuple | None = None) -> torch.Tensor:
-        x = x + self.mix(self.in_norm(x), state)
+    def forward(self, x: torch.Tensor, state: DecodeState | None, rope: tuple | None = None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.mix(self.in_norm(x), state, valid)
         return x + self.mlp(self.post_norm(x))
 
 
@@ -216,9 +223,15 @@ class OlmoHybridModel(nn.Module):
         return F.linear(h, self.embed.weight)
 
     def forward(self, tokens: torch.Tensor, state: DecodeState | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, valid: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with ``last_only``). With a state (B = 1) the
-        tokens continue the sequence held in the state, which is advanced."""
+        tokens continue the sequence held in the state, which is advanced.
+
+        ``valid`` (a device int tensor of one element, n): only tokens[:, :n] are the prompt, the rest is
+        padding (the captured prefill graphs run one padded length for many prompt lengths). The padding
+        leaves the GDN states as the prompt left them and only writes KV rows past the prompt; the state
+        must be at position 0, is not advanced (the caller advances it by n) and ``last_only`` gives the
+        logits of token n - 1. Everything stays on the device: no host read of n."""
         B, T = tokens.shape
         if state is not None:
             if B != 1:
@@ -231,11 +244,11 @@ class OlmoHybridModel(nn.Module):
             rope = rope_tables(self.config.rope_theta, self.config.head_dim,
                                torch.arange(start, start + T, device=tokens.device))
         for layer in self.layers:
-            x = layer(x, state, rope)
+            x = layer(x, state, rope) if valid is None else layer(x, state, rope, valid)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -1:] if valid is None else x.index_select(1, valid.reshape(1).long() - 1)
         logits = self.head(self.norm(x))
-        if state is not None:
+        if state is not None and valid is None:
             state.advance(tokens[0])
         return logits
 

@@ -51,6 +51,14 @@ def workspace_bytes(cfg: OlmoHybridConfig, prefill_chunk: int, largest_linear: i
     return acts + gdn + attn + logits + largest_linear * esize
 
 
+def prefill_graph_bytes(cfg: OlmoHybridConfig) -> int:
+    """The memory pool of the prefill graphs (olmo_local.prefill_graph): the temporaries of one pass of the
+    largest bucket, held for the session (a continuing prompt's eager pass comes on top)."""
+    from olmo_local.prefill_graph import BUCKETS
+
+    return workspace_bytes(cfg, max(BUCKETS), 0)
+
+
 @dataclass
 class Plan:
     weights: int
@@ -62,16 +70,19 @@ class Plan:
     free: int
     kv_cache: str
     prefill_chunk: int = 2048
+    graphs: int = 0  # the prefill graphs' memory pool (CUDA)
 
     @property
     def total(self) -> int:
-        return self.weights + self.state + self.snapshots + self.workspace + self.kv_per_token * self.ctx
+        return (self.weights + self.state + self.snapshots + self.workspace + self.graphs
+                + self.kv_per_token * self.ctx)
 
     def lines(self) -> list[tuple[str, str]]:
         def g(n: int) -> str:
             return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
         return [("weights", g(self.weights)), ("recurrent + conv state", g(self.state)),
                 ("state snapshots", g(self.snapshots)), ("workspace", g(self.workspace)),
+                *([("prefill graphs", g(self.graphs))] if self.graphs else []),
                 (f"KV cache ({self.kv_cache})", f"{g(self.kv_per_token * self.ctx)} for {self.ctx} tokens "
                                                 f"({self.kv_per_token:,} B/token)"),
                 ("total", g(self.total)), ("free on device", g(self.free)),
@@ -87,10 +98,11 @@ def plan(cfg: OlmoHybridConfig, weight_bytes: int, free_bytes: int, ctx: int | N
     st = state_bytes(cfg)
     kv = kv_bytes_per_token(cfg, kv_cache)
     usable = int(free_bytes * (1 - margin)) - 256 * 2**20
+    gp = prefill_graph_bytes(cfg) if device_type == "cuda" else 0
 
     def fits_with(chunk: int) -> tuple[int, int]:
         ws = workspace_bytes(cfg, chunk, largest_linear)
-        room = usable - weight_bytes - st * (1 + snapshots) - ws
+        room = usable - weight_bytes - st * (1 + snapshots) - ws - gp
         return (room // kv if room > 0 else 0), ws
 
     chunk = prefill_chunk or prefill_chunk_for(ctx if ctx is not None else 1 << 30, device_type)
@@ -98,7 +110,7 @@ def plan(cfg: OlmoHybridConfig, weight_bytes: int, free_bytes: int, ctx: int | N
     if ctx is None:
         ctx = min(cfg.max_position_embeddings, fits // 256 * 256)
         if ctx < 256:
-            need = weight_bytes + st * (1 + snapshots) + ws + 256 * kv
+            need = weight_bytes + st * (1 + snapshots) + ws + gp + 256 * kv
             raise OlmoError(f"the model needs about {need / GIB:.1f} GiB on the device but only "
                             f"{free_bytes / GIB:.1f} GiB are free (use a 4-bit model or --device cpu)")
         if prefill_chunk is None and prefill_chunk_for(ctx, device_type) != chunk:  # short: longer passes
@@ -108,7 +120,7 @@ def plan(cfg: OlmoHybridConfig, weight_bytes: int, free_bytes: int, ctx: int | N
     elif ctx > fits:
         raise OlmoError(f"--ctx {ctx} does not fit: {free_bytes / GIB:.1f} GiB free allows at most {max(fits, 0)} "
                         f"tokens with {kv_cache} KV (try --ctx {max(fits // 256 * 256, 0)} or --kv-cache int8)")
-    return Plan(weight_bytes, st, st * snapshots, ws, kv, ctx, free_bytes, kv_cache, chunk)
+    return Plan(weight_bytes, st, st * snapshots, ws, kv, ctx, free_bytes, kv_cache, chunk, gp)
 
 
 def free_device_memory(device: torch.device) -> int:

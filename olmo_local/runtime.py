@@ -151,7 +151,9 @@ def make_generator(model: torch.nn.Module, state: DecodeState, prefill_chunk: in
                    graph: bool | None = None) -> Generator:
     """The one place a Generator (and so its per-token step) is built: chat, generate and bench all get
     theirs here. On CUDA the step is the static decode step captured as a CUDA graph (set
-    OLMO_LOCAL_GRAPH=0 to run it eagerly); on CPU the model's eager forward."""
+    OLMO_LOCAL_GRAPH=0 to run it eagerly) and fresh prompts of up to 512 tokens prefill through padded
+    CUDA graphs (olmo_local.prefill_graph; OLMO_LOCAL_PREFILL_GRAPH=0 keeps them eager); on CPU the
+    model's eager forward."""
     import os
 
     if prefill_chunk is None:
@@ -161,7 +163,10 @@ def make_generator(model: torch.nn.Module, state: DecodeState, prefill_chunk: in
     gen = Generator(model, state, prefill_chunk=prefill_chunk)
     if state.device.type == "cuda":
         from olmo_local.decode import DecodeStep
+        from olmo_local.prefill_graph import PrefillGraphs
         if graph is None:
             graph = os.environ.get("OLMO_LOCAL_GRAPH", "1") != "0"
         gen.step_fn = DecodeStep(model, state, use_graph=graph)
+        if graph and os.environ.get("OLMO_LOCAL_PREFILL_GRAPH", "1") != "0":
+            gen.prefill_graphs = PrefillGraphs(model, state)
     return gen

@@ -94,8 +94,11 @@ class DecodeState:
                             "(start a new conversation or raise --ctx)")
 
     def advance(self, tokens: torch.Tensor) -> None:
-        self.tokens.extend(int(t) for t in tokens.tolist())
-        self.pos += tokens.numel()
+        self.advance_ids(tokens.tolist())
+
+    def advance_ids(self, ids: list[int]) -> None:
+        self.tokens.extend(int(t) for t in ids)
+        self.pos += len(ids)
         self.pos_t.fill_(self.pos)
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

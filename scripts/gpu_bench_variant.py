@@ -46,7 +46,9 @@ the PDL wait (attention_decode.KV_BEFORE_WAIT off) instead of before it; "-norml
 load their weights after the PDL wait and the residual after the first reduction (norm.LOADS_EARLY off);
 "-q8nopdl": the q8 GEMVs (the lm_head) without programmatic dependent launch (gemv_q8.Q8_PDL off); "-preplong":
 attention_prep's work inside attention with the long-context launch too (DecodeStep.prep_in_long_attention);
-"-attnregN" (last): that launch with ptxas's register cap N (attention_decode.LONG_CTX_PREP_MAXNREG).
+"-attnregN" (last): that launch with ptxas's register cap N (attention_decode.LONG_CTX_PREP_MAXNREG);
+"-noprefgraph": fresh prompts prefill eagerly (OLMO_LOCAL_PREFILL_GRAPH=0) instead of through the padded CUDA
+graphs of olmo_local.prefill_graph.
 """
 
 from __future__ import annotations
@@ -90,6 +92,11 @@ def main() -> int:
     if variant.endswith("-nonf4"):
         dec.nf4_fits = lambda *a: False
         variant = variant[: -len("-nonf4")]
+    if variant.endswith("-noprefgraph"):  # fresh prompts prefill eagerly instead of through the prefill graphs
+        import os
+
+        os.environ["OLMO_LOCAL_PREFILL_GRAPH"] = "0"
+        variant = variant[: -len("-noprefgraph")]
     if variant.endswith("-oldends"):
         import olmo_local.kernels.embed as ke
 

@@ -72,10 +72,44 @@ def main() -> None:
         s = io.StringIO()
         pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(30)
         print("\n".join(line[:150] for line in s.getvalue().splitlines() if line.strip())[-5000:])
+    graph_vs_eager(net, st, cfg.vocab_size)
     with torch.inference_mode():
         launch_costs()
         for n in a.graph_tokens:
             graph_floor(net, st, n, cfg.vocab_size)
+
+
+def graph_vs_eager(net, st, vocab: int) -> None:
+    """Generator.prefill with the prefill graphs (make_generator's default) against the eager prefill, same
+    process: ms per prefill (host until the logits are ready), the first graph run of a bucket capturing;
+    and the memory the graphs' pool holds."""
+    from olmo_local.prefill_graph import PrefillGraphs
+
+    gen = make_generator(net, st)
+    pg = gen.prefill_graphs
+    assert isinstance(pg, PrefillGraphs)
+    for n in (512, 300, 40):
+        ids = random_ids(n, vocab, 2)
+        row = {}
+        for label, graphs in (("eager", None), ("graph", pg)):
+            gen.prefill_graphs = graphs
+            ts = []
+            for _ in range(5):
+                st.reset()
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                t0 = time.perf_counter()
+                lg = gen.prefill(ids)
+                torch.cuda.synchronize()
+                ts.append((time.perf_counter() - t0) * 1e3)
+                held = torch.cuda.memory_allocated() - before
+            row[label] = (ts, lg.float())
+            print(f"prefill {n:4d} {label}: ms " + " ".join(f"{t:6.1f}" for t in ts)
+                  + f" | held after {held / 2**20:7.1f} MiB")
+        d = (row["graph"][1] - row["eager"][1]).abs().max().item()
+        print(f"prefill {n:4d}: max |logit graph - eager| {d:.4f} (of {row['eager'][1].abs().max().item():.2f})")
+    gen.prefill_graphs = pg
+    print(f"peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, graphs {sorted(pg.graphs)}")
 
 
 def launch_costs() -> None:

@@ -109,3 +109,42 @@ def test_recurrent_prefill_7b_heads_on_cuda():
     o_t = gr.gdn_recurrent_prefill(q, k, v, a, b, A_log, dt_bias, 2.0, s_t)
     assert (o_t - o_c).abs().max().item() < 1e-3
     assert (s_t - s_c).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("T,n,with_state", [(9, 4, False), (16, 1, True), (33, 33, True), (12, 7, "dk-major")])
+def test_recurrent_prefill_padding_leaves_the_state_of_the_prompt(T, n, with_state):
+    """n_valid = n of T tokens (a padded prompt, as the prefill graphs run it): the state is the one after the
+    first n tokens and their outputs are those of the unpadded prompt, in the kernel and in the reference."""
+    B, hk, hv, dk, dv = 1, 2, 4, 16, 24
+    q, k, v, a, b, A_log, dt_bias = inputs(B, hk, hv, T, dk, dv, seed=T + n)
+    s0 = torch.randn(B, hv, dk, dv, generator=torch.Generator().manual_seed(7)) * 0.1 if with_state else None
+    trunc = [x[:, :, :n] for x in (q, k, v)] + [x[:, :n] for x in (a, b)]
+    s_want = s0.clone() if with_state else torch.zeros(B, hv, dk, dv)
+    want = gr.gdn_recurrent_prefill_ref(*trunc, A_log, dt_bias, 2.0, s_want)
+    nv = torch.tensor([n])
+    for fn in (gr.gdn_recurrent_prefill_ref, gr.gdn_recurrent_prefill_triton):
+        s = s0.clone() if with_state else torch.zeros(B, hv, dk, dv)
+        if with_state == "dk-major":
+            s = s.transpose(2, 3).contiguous().transpose(2, 3)
+        got = fn(q, k, v, a, b, A_log, dt_bias, 2.0, s, n_valid=nv)
+        assert (got[:, :, :n] - want).abs().max().item() < 1e-5, fn.__name__
+        assert (s - s_want).abs().max().item() < 1e-5, fn.__name__
+        if n < T:  # the pads did run (their outputs read the state) but wrote nothing
+            s_all = s0.clone() if with_state else torch.zeros(B, hv, dk, dv)
+            gr.gdn_recurrent_prefill_ref(q, k, v, a, b, A_log, dt_bias, 2.0, s_all)
+            assert (s_all - s_want).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("T,n,with_state", [(8, 5, True), (8, 1, True), (8, 2, False), (8, 8, True), (4, 3, False)])
+def test_conv_state_at_the_last_real_token(T, n, with_state):
+    """conv_state_at(qkv, state, K-1, n) equals the conv state an unpadded prompt of n tokens leaves, including
+    prompts shorter than K-1 (rows from the previous state, or zeros)."""
+    from olmo_local.kernels.gdn_prefill import _new_conv_state, conv_state_at
+
+    gen = torch.Generator().manual_seed(T * 10 + n)
+    qkv = torch.randn(1, T, 6, generator=gen)
+    st = torch.randn(1, 6, 3, generator=gen) if with_state else None
+    want = _new_conv_state(qkv[:, :n], st, 3)
+    got = conv_state_at(qkv, st, 3, torch.tensor([n]))
+    assert got.shape == want.shape == (1, 6, 3)
+    assert torch.equal(got, want)

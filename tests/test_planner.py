@@ -69,3 +69,20 @@ def test_prefill_pass_shrinks_with_the_context():
     with pytest.raises(OlmoError):
         plan(cfg, weights, int(5.2 * GIB), ctx=small.ctx, kv_cache="int8", prefill_chunk=2048)
     assert plan(cfg, weights, 80 * GIB, ctx=4096, prefill_chunk=256).prefill_chunk == 256
+
+
+def test_plan_counts_the_prefill_graphs_on_cuda():
+    """On CUDA the prefill graphs' pool (one pass of the largest bucket) is reserved for the session: it is in
+    the total and the plan's lines, and leaves a shorter context than on CPU in the same memory."""
+    from olmo_local.planner import prefill_graph_bytes, workspace_bytes
+    from olmo_local.prefill_graph import BUCKETS
+
+    cfg = preset("7b")
+    weights = int(4.03 * GIB)
+    gpu = plan(cfg, weights, 6 * GIB, kv_cache="int8", device_type="cuda", prefill_chunk=512)
+    cpu = plan(cfg, weights, 6 * GIB, kv_cache="int8", device_type="cpu", prefill_chunk=512)
+    assert gpu.graphs == prefill_graph_bytes(cfg) == workspace_bytes(cfg, max(BUCKETS), 0) > 0
+    assert cpu.graphs == 0
+    assert gpu.ctx < cpu.ctx
+    assert gpu.total == cpu.total - (cpu.ctx - gpu.ctx) * cpu.kv_per_token + gpu.graphs
+    assert any(k == "prefill graphs" for k, _ in gpu.lines()) and not any(k == "prefill graphs" for k, _ in cpu.lines())
