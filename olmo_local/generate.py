@@ -141,7 +141,7 @@ class Generator:
     prefill_chunk: int = 1024
     prefill_calls: int = 0  # how many prefill passes ran (tests assert regen/undo need none)
     step_fn: Callable[[int], torch.Tensor] | None = None  # e.g. a CUDA-graph step; default eager
-    # fresh prompts up to a bucket length through padded CUDA graphs (olmo_local.prefill_graph); None: eager
+    # prompts up to a bucket length through padded CUDA graphs (olmo_local.prefill_graph); None: eager
     prefill_graphs: Any = None
     stats: GenStats = field(default_factory=GenStats)
 

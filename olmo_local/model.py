@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from olmo_local.config import OlmoHybridConfig
+from olmo_local.kernels.attention_cached import attention_cached
 from olmo_local.kernels.attention_prefill import attention_over_int8_cache
 from olmo_local.kernels.delta_rule import (chunk_gated_delta_rule_heads, gdn_gates, mask_gates,
                                            recurrent_gated_delta_rule)
@@ -76,8 +77,6 @@ class AttentionLayer(nn.Module):
                 valid: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv, self.hd
-        if valid is not None and state is not None and state.pos != 0:
-            raise ValueError("padded prompts (valid=) start a fresh sequence (position 0)")
         q, k, v = self.qkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
         q = self.q_norm(q).view(B, T, H, hd).transpose(1, 2)
         k = self.k_norm(k).view(B, T, KV, hd).transpose(1, 2)
@@ -86,6 +85,10 @@ class AttentionLayer(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if state is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != KV)
+        elif valid is not None:  # the prefill graphs' form: the position only on the device (state.pos_t)
+            state.write_kv_at(self.idx, k[0], v[0])
+            scales = (state.k_scale[self.idx], state.v_scale[self.idx]) if state.kv_int8 else (None, None)
+            a = attention_cached(q[0], state.k_cache[self.idx], state.v_cache[self.idx], state.pos_t, *scales)[None]
         else:
             pos = state.pos
             kv_all = state.write_kv(self.idx, k[0], v[0])             # [KV, pos+T, hd] (bf16 cache)
@@ -227,22 +230,28 @@ class OlmoHybridModel(nn.Module):
         """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with ``last_only``). With a state (B = 1) the
         tokens continue the sequence held in the state, which is advanced.
 
-        ``valid`` (a device int tensor of one element, n): only tokens[:, :n] are the prompt, the rest is
-        padding (the captured prefill graphs run one padded length for many prompt lengths). The padding
-        leaves the GDN states as the prompt left them and only writes KV rows past the prompt; the state
-        must be at position 0, is not advanced (the caller advances it by n) and ``last_only`` gives the
-        logits of token n - 1. Everything stays on the device: no host read of n."""
+        ``valid`` (a device int tensor of one element, n; needs a state): only tokens[:, :n] are the prompt,
+        the rest is padding (the captured prefill graphs run one padded length for many prompt lengths). The
+        padding leaves the GDN states as the prompt left them and only writes KV rows past the prompt. The
+        position is read from ``state.pos_t`` (RoPE, KV writes, attention over the cache: attention_cached),
+        the state is not advanced (the caller advances it by n) and ``last_only`` gives the logits of token
+        n - 1. Everything stays on the device: no host read of n or of the position."""
         B, T = tokens.shape
         if state is not None:
             if B != 1:
                 raise ValueError("a DecodeState holds one sequence (batch 1)")
             state.check_room(T)
         x = self.embed(tokens)
+        if valid is not None and state is None:
+            raise ValueError("valid= (a padded prompt) needs a state")
         rope = None
         if self.config.rope_theta is not None:
-            start = 0 if state is None else state.pos
-            rope = rope_tables(self.config.rope_theta, self.config.head_dim,
-                               torch.arange(start, start + T, device=tokens.device))
+            if valid is not None:  # the position on the device
+                positions = state.pos_t.long() + torch.arange(T, device=tokens.device)
+            else:
+                start = 0 if state is None else state.pos
+                positions = torch.arange(start, start + T, device=tokens.device)
+            rope = rope_tables(self.config.rope_theta, self.config.head_dim, positions)
         for layer in self.layers:
             x = layer(x, state, rope) if valid is None else layer(x, state, rope, valid)
         if last_only:

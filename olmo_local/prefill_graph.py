@@ -1,22 +1,22 @@
-"""Prompt prefill through CUDA graphs: a fresh prompt (position 0) of up to the largest bucket's length is
-padded to the next bucket length and runs as one graph replay.
+"""Prompt prefill through CUDA graphs: a prompt of up to the largest bucket's length (a chat turn, fresh or
+continuing the conversation) is padded to the next bucket length and runs as one graph replay.
 
 Why: the eager prefill of a 512-token prompt issues ~850 launches from Python (Triton kernels, cuBLAS
 GEMMs, torch ops) and on an H200 that took ~36 ms of host time against ~29 ms of GPU work, so time to
-first token followed the host's pace (35-86 ms across bench processes in session 11). A replay costs the
-host microseconds, whatever the host.
+first token followed the host's pace (35-86 ms across bench processes in session 11), and a 40-token chat
+turn cost as much host time as a 512-token one. A replay costs the host microseconds, whatever the host.
 
 How the padding stays exact (olmo_local.model: ``forward(..., valid=n)``): the prompt's n tokens come
 first and everything is causal, so no real token sees a pad; the pads' GDN gates are no-ops (no decay, no
 write), the conv state is taken as of token n, the pads' KV rows lie past the prompt (the next tokens
-overwrite them) and the logits are token n - 1's. n lives on the device, so one graph serves every length
-of its bucket. Only fresh prompts: a prompt continuing a conversation (position > 0) and longer prompts
+overwrite them) and the logits are token n - 1's. n and the position live on the device (the attention
+reads the cache up to the position: kernels/attention_cached.py), so one graph serves every length of its
+bucket at every position. Prompts longer than the largest bucket, or whose pads would not fit the context,
 take the eager path.
 
-Graphs are captured lazily, on the first prompt of each bucket (a warm-up run, then the capture; both run
-on the state at position 0, which holds nothing, so its GDN states are cleared afterwards). All of them
-share one memory pool: they never run concurrently, and each replay's logits are copied out before the
-next one.
+Graphs are captured lazily, on the first prompt of each bucket (a warm-up run, then the capture; both write
+the state, which is restored from a snapshot afterwards). All of them share one memory pool: they never run
+concurrently, and each replay's logits are copied out before the next one.
 """
 
 from __future__ import annotations
@@ -50,19 +50,16 @@ class PrefillGraphs:
         return next((b for b in self.buckets if n <= b), None)
 
     def fits(self, n: int) -> bool:
-        """Whether a prompt of n tokens takes this path: a fresh sequence, a bucket for n, room for the pads."""
+        """Whether a prompt of n tokens takes this path: a bucket for n, room for its pads in the context."""
         b = self.bucket(n)
-        return self.enabled and n > 0 and b is not None and self.state.pos == 0 and b <= self.state.max_ctx
+        return self.enabled and n > 0 and b is not None and self.state.pos + b <= self.state.max_ctx
 
     def _forward(self, b: int) -> torch.Tensor:
         return self.model(self.tokens[:, :b], self.state, last_only=True, valid=self.valid)[0, -1]
 
-    def _clear_state(self) -> None:
-        self.state.conv_state.zero_()
-        self.state.rec_state.zero_()
-
     def _capture(self, b: int) -> bool:
         dev = self.state.device
+        snap = self.state.snapshot()  # the warm-up and the capture write the GDN states
         try:
             s = torch.cuda.Stream(device=dev)
             s.wait_stream(torch.cuda.current_stream(dev))
@@ -74,7 +71,7 @@ class PrefillGraphs:
                 out = self._forward(b)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # a capture the runtime refuses: stay eager
             self.enabled = False
-            self._clear_state()
+            self.state.restore(snap)
             print(f"olmo-local: prefill graphs off ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
                   file=sys.stderr)
             return False
@@ -83,14 +80,14 @@ class PrefillGraphs:
         self._pool = self._pool or graph.pool()
         self._keep = list({id(t): t for t in [*self._keep, *_SCRATCH.values()]}.values())
         self.graphs[b] = (graph, out)
-        self._clear_state()
+        self.state.restore(snap)
         torch.cuda.synchronize(dev)
         return True
 
     @torch.inference_mode()
     def __call__(self, ids: list[int]) -> torch.Tensor | None:
-        """Prefill ``ids`` into the (fresh) state and advance it; the logits [V] after the last one. None when
-        the graph could not be captured (the caller prefills eagerly)."""
+        """Prefill ``ids`` into the state (continuing its sequence) and advance it; the logits [V] after the last
+        one. None when the graph could not be captured (the caller prefills eagerly)."""
         n = len(ids)
         b = self.bucket(n)
         if not self.fits(n):

@@ -151,7 +151,7 @@ def make_generator(model: torch.nn.Module, state: DecodeState, prefill_chunk: in
                    graph: bool | None = None) -> Generator:
     """The one place a Generator (and so its per-token step) is built: chat, generate and bench all get
     theirs here. On CUDA the step is the static decode step captured as a CUDA graph (set
-    OLMO_LOCAL_GRAPH=0 to run it eagerly) and fresh prompts of up to 512 tokens prefill through padded
+    OLMO_LOCAL_GRAPH=0 to run it eagerly) and prompts of up to 512 tokens prefill through padded
     CUDA graphs (olmo_local.prefill_graph; OLMO_LOCAL_PREFILL_GRAPH=0 keeps them eager); on CPU the
     model's eager forward."""
     import os

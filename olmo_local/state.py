@@ -118,6 +118,18 @@ class DecodeState:
             scale[layer, :, self.pos:end] = sc
         return None
 
+    def write_kv_at(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [KV, T, hd] at the position held on the device (pos_t), as a CUDA graph can: no host
+        read of the position (the caller keeps pos + T within the cache)."""
+        if not self.kv_int8:
+            idx = self.pos_t.long() + torch.arange(k.shape[1], device=k.device)
+            self.k_cache[layer].index_copy_(1, idx, k.to(self.k_cache.dtype))
+            self.v_cache[layer].index_copy_(1, idx, v.to(self.v_cache.dtype))
+            return
+        from olmo_local.kernels.attention_decode import quantize_kv_int8
+        quantize_kv_int8(k.contiguous(), out=(self.k_cache[layer], self.k_scale[layer]), pos=self.pos_t)
+        quantize_kv_int8(v.contiguous(), out=(self.v_cache[layer], self.v_scale[layer]), pos=self.pos_t)
+
     def int8_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(k int8 [KV, max_ctx, hd], k scales fp32 [KV, max_ctx], v, v scales) of one attention layer."""
         return self.k_cache[layer], self.k_scale[layer], self.v_cache[layer], self.v_scale[layer]
