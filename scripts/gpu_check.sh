@@ -43,7 +43,7 @@ for s in $steps; do
     ablate)  timeout 200 python3 scripts/gpu_ablate_decode.py ${ABLATE:+--variants $ABLATE} 2>&1 | tee "$OUT/ablate.log" | tail -10 ;;
     final)   bash scripts/gpu_final.sh ;;
     prefhost) timeout 240 python3 scripts/gpu_prefill_host.py > "$OUT/prefhost.log" 2>&1
-              grep -E "^prefill|^graph|^peak|us per call|^host|Error" "$OUT/prefhost.log" | head -40 ;;
+              grep -E "^prefill|^graph|^peak|^turn|us per call|^host|Error" "$OUT/prefhost.log" | head -40 ;;
     ttft)    timeout 200 python3 scripts/gpu_ttft_probe.py 2>&1 | tee "$OUT/ttft.log" | grep -v Warn | tail -10 ;;
     hostgap) timeout 200 python3 scripts/gpu_host_gap.py 2>&1 | tee "$OUT/hostgap.log" | grep -v Warn | tail -8 ;;
     memprobe) timeout 240 python3 scripts/gpu_mem_probe.py 2>&1 | tee "$OUT/memprobe.log" | grep -v Warn | tail -8 ;;

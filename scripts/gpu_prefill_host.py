@@ -108,6 +108,22 @@ def graph_vs_eager(net, st, vocab: int) -> None:
                   + f" | held after {held / 2**20:7.1f} MiB")
         d = (row["graph"][1] - row["eager"][1]).abs().max().item()
         print(f"prefill {n:4d}: max |logit graph - eager| {d:.4f} (of {row['eager'][1].abs().max().item():.2f})")
+    # a chat turn: 40 tokens continuing after a 512-token prompt
+    first, turn = random_ids(512, vocab, 3), random_ids(40, vocab, 4)
+    for label, graphs in (("eager", None), ("graph", pg)):
+        gen.prefill_graphs = graphs
+        ts = []
+        for _ in range(5):
+            st.reset()
+            gen.prefill_graphs = pg
+            gen.prefill(first)
+            gen.prefill_graphs = graphs
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            gen.prefill(turn)
+            torch.cuda.synchronize()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        print(f"turn of 40 after 512 {label}: ms " + " ".join(f"{t:6.1f}" for t in ts))
     gen.prefill_graphs = pg
     print(f"peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, graphs {sorted(pg.graphs)}")
 
