@@ -15,7 +15,7 @@ bucket at every position. Prompts longer than the largest bucket, or whose pads 
 take the eager path.
 
 Graphs are captured lazily, on the first prompt of each bucket (a warm-up run, then the capture; both write
-the state, which is restored from a snapshot afterwards). All of them share one memory pool: they never run
+the state, which is put back afterwards: from a snapshot, or zeroed at position 0, which holds nothing). All of them share one memory pool: they never run
 concurrently, and each replay's logits are copied out before the next one.
 """
 
@@ -57,9 +57,18 @@ class PrefillGraphs:
     def _forward(self, b: int) -> torch.Tensor:
         return self.model(self.tokens[:, :b], self.state, last_only=True, valid=self.valid)[0, -1]
 
+    def _put_back(self, snap) -> None:
+        if snap is not None:
+            self.state.restore(snap)
+        else:
+            self.state.conv_state.zero_()
+            self.state.rec_state.zero_()
+
     def _capture(self, b: int) -> bool:
         dev = self.state.device
-        snap = self.state.snapshot()  # the warm-up and the capture write the GDN states
+        # the warm-up and the capture write the GDN states: put them back afterwards (at position 0 they hold
+        # nothing, so zeroing them is the restore, without a snapshot's copy: 53 MB for the 7B at the peak)
+        snap = self.state.snapshot() if self.state.pos else None
         try:
             s = torch.cuda.Stream(device=dev)
             s.wait_stream(torch.cuda.current_stream(dev))
@@ -71,7 +80,7 @@ class PrefillGraphs:
                 out = self._forward(b)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # a capture the runtime refuses: stay eager
             self.enabled = False
-            self.state.restore(snap)
+            self._put_back(snap)
             print(f"olmo-local: prefill graphs off ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
                   file=sys.stderr)
             return False
@@ -80,7 +89,7 @@ class PrefillGraphs:
         self._pool = self._pool or graph.pool()
         self._keep = list({id(t): t for t in [*self._keep, *_SCRATCH.values()]}.values())
         self.graphs[b] = (graph, out)
-        self.state.restore(snap)
+        self._put_back(snap)
         torch.cuda.synchronize(dev)
         return True
 
