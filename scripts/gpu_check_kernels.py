@@ -81,6 +81,7 @@ kgdn = importlib.import_module("olmo_local.kernels.gdn_decode")
 katt = importlib.import_module("olmo_local.kernels.attention_decode")
 knorm = importlib.import_module("olmo_local.kernels.norm")
 kgr = importlib.import_module("olmo_local.kernels.gdn_recurrent")
+kac = importlib.import_module("olmo_local.kernels.attention_cached")
 
 CUDA = torch.cuda.is_available() and not ARGS.dry_run
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -586,6 +587,11 @@ def aot_report() -> int:
                  "alog_ptr": "*fp32", "dtb_ptr": "*fp32", "s_ptr": "*fp32", "o_ptr": "*fp32", "T": "i32", "HV": "i32",
                  "REP": "i32", "DK": "i32", "DV": "i32", "sa_b": "i32", "sa_t": "i32", "sb_b": "i32", "sb_t": "i32",
                  "beta_scale": "fp32", "stride_sk": "i32", "stride_sv": "i32"}
+    ac_types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "ks_ptr": "*i64", "vs_ptr": "*i64",
+                "o_ptr": "*bf16", "pos_ptr": "*i64", "T": "i32", "HD": "i32", "sq_h": "i32", "sq_t": "i32",
+                "sk_h": "i32", "sk_s": "i32", "sv_h": "i32", "sv_s": "i32", "sks_h": "i32", "svs_h": "i32",
+                "so_h": "i32", "so_t": "i32", "scale": "fp32"}
+    ac_div = ("HD", "sq_h", "sq_t", "sk_h", "sk_s", "sv_h", "sv_s", "so_h", "so_t")
     nf4_types = {"x_ptr": "*i32", "w_ptr": "*i32", "am_ptr": "*fp32", "code_ptr": "*fp32", "y_ptr": "*bf16",
                  "part_ptr": "*fp32", "cnt_ptr": "*i32", "NR": "i32", "KW": "i32", "WPS": "i32", "SPLIT": "i32",
                  **{t: "i32" for t in ("t0", "t1", "t2", "t3", "l0", "l1", "l2", "l3")}}
@@ -715,9 +721,19 @@ def aot_report() -> int:
         ("attention prep (bf16 KV write)", katt._attn_prep_kernel, dict(prep_types, kc_ptr="*bf16", vc_ptr="*bf16"),
          {"G": 1, "BQ": 4096, "BK": 4096, "BD": 128, "QUANT": False}, 4, ("NQ", "NK", "HD")),
         ("gdn recurrent prefill dk=96 dv=192 BV=16", kgr._gdn_recurrent_kernel, rec_types,
-         {"BK": 128, "BV": 16, "HAS_STATE": True, "stride_sv": 1}, 1, ("DK", "DV", "stride_sk")),
+         {"BK": 128, "BV": 16, "HAS_STATE": True, "stride_sv": 1, "n_ptr": None, "HAS_N": False}, 1,
+         ("DK", "DV", "stride_sk")),
         ("gdn recurrent prefill, a dk-major state", kgr._gdn_recurrent_kernel, rec_types,
-         {"BK": 128, "BV": 16, "HAS_STATE": True, "stride_sk": 1}, 1, ("DK", "DV", "stride_sv")),
+         {"BK": 128, "BV": 16, "HAS_STATE": True, "stride_sk": 1, "n_ptr": None, "HAS_N": False}, 1,
+         ("DK", "DV", "stride_sv")),
+        ("gdn recurrent prefill, padded (n on the device)", kgr._gdn_recurrent_kernel,
+         dict(rec_types, n_ptr="*i64"), {"BK": 128, "BV": 16, "HAS_STATE": True, "stride_sk": 1, "HAS_N": True}, 1,
+         ("DK", "DV", "stride_sv")),
+        ("prefill attention over the cache, bf16", kac._attn_cached_kernel, ac_types,
+         {"G": 1, "BD": 128, "BM": 64, "BN": 64, "QUANT": False, "IEEE": False}, 4, ac_div),
+        ("prefill attention over the cache, int8", kac._attn_cached_kernel,
+         dict(ac_types, k_ptr="*i8", v_ptr="*i8", ks_ptr="*fp32", vs_ptr="*fp32"),
+         {"G": 1, "BD": 128, "BM": 64, "BN": 64, "QUANT": True, "IEEE": False}, 4, ac_div),
         ("q8 embedding + the first norm folded", importlib.import_module("olmo_local.kernels.embed")._q8_embed_kernel,
          {"ids_ptr": "*i64", "qw_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": "*bf16", "D": "i32", "NG": "i32",
           "GS": "i32", "nw_ptr": "*bf16", "xt_ptr": "*bf16", "ss_ptr": "*fp32"},
