@@ -109,7 +109,7 @@ class PrefillGraphs:
             graph, out = self.graphs[b]
             graph.replay()
             logits = out.clone()  # the pool is shared: the next replay may overwrite out
-        else:  # the same padded forward, eagerly (CPU tests, OLMO_LOCAL_GRAPH=0)
+        else:  # the same padded forward, eagerly (on CPU: what the tests compare)
             logits = self._forward(b)
         self.state.advance_ids(ids)
         self.replays += 1
