@@ -118,13 +118,12 @@ def attention_cached_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if t == 0:
         return out
     quant = k_cache.dtype == torch.int8
-    kc, vc = k_cache, v_cache
     ks = k_scale if quant else pos
     vs = v_scale if quant else pos
     bm = min(block_m, max(16, next_pow2(t)))
     _attn_cached_kernel[(h, cdiv(t, bm))](
-        q, kc, vc, ks, vs, out, pos,
-        t, hd, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
+        q, k_cache, v_cache, ks, vs, out, pos,
+        t, hd, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         ks.stride(0) if quant else 0, vs.stride(0) if quant else 0, out.stride(0), out.stride(1),
         float(hd) ** -0.5,
         G=h // k_cache.shape[0], BD=max(16, next_pow2(hd)), BM=bm, BN=block_n, QUANT=quant,

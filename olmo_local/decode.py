@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from olmo_local.generate import Sampler, SamplingParams, sampling_probs, valid_logits
 from olmo_local.kernels.attention_decode import (LONG_CTX_LAUNCH, attention_decode, attention_decode_prep,
-                                                 attention_prep, quantize_kv_int8)
+                                                 attention_prep)
 from olmo_local.kernels.embed import q8_embed
 from olmo_local.kernels.gdn_decode import NORM_EPS as GDN_NORM_EPS
 from olmo_local.kernels.gdn_decode import gdn_decode_step
@@ -334,16 +334,9 @@ class DecodeStep:
         v = v.view(KV, 1, hd)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if st.kv_int8:
-            quantize_kv_int8(k, out=(st.k_cache[i], st.k_scale[i]), pos=st.pos_t)
-            quantize_kv_int8(v, out=(st.v_cache[i], st.v_scale[i]), pos=st.pos_t)
-            o = attention_decode(q.view(H, hd), st.k_cache[i], st.v_cache[i], pos=st.pos_t,
-                                 k_scale=st.k_scale[i], v_scale=st.v_scale[i], ctx_hint=self._hint_now)
-        else:
-            pos = st.pos_t.long()
-            st.k_cache[i].index_copy_(1, pos, k.to(st.k_cache.dtype))
-            st.v_cache[i].index_copy_(1, pos, v.to(st.v_cache.dtype))
-            o = attention_decode(q.view(H, hd), st.k_cache[i], st.v_cache[i], pos=st.pos_t, ctx_hint=self._hint_now)
+        st.write_kv_at(i, k, v)
+        o = attention_decode(q.view(H, hd), st.k_cache[i], st.v_cache[i], pos=st.pos_t, ctx_hint=self._hint_now,
+                             **scales)
         return self._attn_out(L, x, o)
 
     def _attn_out(self, L: AttentionLayer, x: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:

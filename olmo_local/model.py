@@ -253,7 +253,7 @@ class OlmoHybridModel(nn.Module):
                 positions = torch.arange(start, start + T, device=tokens.device)
             rope = rope_tables(self.config.rope_theta, self.config.head_dim, positions)
         for layer in self.layers:
-            x = layer(x, state, rope) if valid is None else layer(x, state, rope, valid)
+            x = layer(x, state, rope, valid)
         if last_only:
             x = x[:, -1:] if valid is None else x.index_select(1, valid.reshape(1).long() - 1)
         logits = self.head(self.norm(x))

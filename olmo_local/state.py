@@ -105,30 +105,24 @@ class DecodeState:
         """Store k, v [KV, T, hd] at the current position. bf16 cache: return the valid cache
         [KV, pos+T, hd]. int8 cache: return None; the caller reads the quantized prefix through
         ``int8_kv(layer)`` block by block (dequantizing it whole would need ~4 bytes per cached value)."""
-        T = k.shape[1]
-        end = self.pos + T
-        if not self.kv_int8:
-            self.k_cache[layer, :, self.pos:end] = k
-            self.v_cache[layer, :, self.pos:end] = v
-            return self.k_cache[layer, :, :end], self.v_cache[layer, :, :end]
-        from olmo_local.kernels.attention_decode import quantize_kv_int8
-        for x, cache, scale in ((k, self.k_cache, self.k_scale), (v, self.v_cache, self.v_scale)):
-            q, sc = quantize_kv_int8(x.contiguous())
-            cache[layer, :, self.pos:end] = q
-            scale[layer, :, self.pos:end] = sc
-        return None
+        self.write_kv_at(layer, k, v)
+        if self.kv_int8:
+            return None
+        end = self.pos + k.shape[1]
+        return self.k_cache[layer, :, :end], self.v_cache[layer, :, :end]
 
     def write_kv_at(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [KV, T, hd] at the position held on the device (pos_t), as a CUDA graph can: no host
-        read of the position (the caller keeps pos + T within the cache)."""
-        if not self.kv_int8:
-            idx = self.pos_t.long() + torch.arange(k.shape[1], device=k.device)
-            self.k_cache[layer].index_copy_(1, idx, k.to(self.k_cache.dtype))
-            self.v_cache[layer].index_copy_(1, idx, v.to(self.v_cache.dtype))
+        """Store k, v [KV, T, hd] at the position held on the device (pos_t, equal to pos), as a CUDA graph can:
+        no host read of the position (the caller keeps pos + T within the cache). int8: codes and scales."""
+        if self.kv_int8:
+            from olmo_local.kernels.attention_decode import quantize_kv_int8
+            quantize_kv_int8(k.contiguous(), out=(self.k_cache[layer], self.k_scale[layer]), pos=self.pos_t)
+            quantize_kv_int8(v.contiguous(), out=(self.v_cache[layer], self.v_scale[layer]), pos=self.pos_t)
             return
-        from olmo_local.kernels.attention_decode import quantize_kv_int8
-        quantize_kv_int8(k.contiguous(), out=(self.k_cache[layer], self.k_scale[layer]), pos=self.pos_t)
-        quantize_kv_int8(v.contiguous(), out=(self.v_cache[layer], self.v_scale[layer]), pos=self.pos_t)
+        t = k.shape[1]
+        idx = self.pos_t.long() if t == 1 else self.pos_t.long() + torch.arange(t, device=k.device)
+        self.k_cache[layer].index_copy_(1, idx, k.to(self.k_cache.dtype))
+        self.v_cache[layer].index_copy_(1, idx, v.to(self.v_cache.dtype))
 
     def int8_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(k int8 [KV, max_ctx, hd], k scales fp32 [KV, max_ctx], v, v scales) of one attention layer."""
