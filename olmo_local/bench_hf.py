@@ -110,8 +110,9 @@ def hf_config(cfg):
     return HFConfig.from_dict(d)
 
 
-def build_hf(model, kind: str, device: torch.device):
-    """transformers' OlmoHybridForCausalLM (bf16, or bitsandbytes nf4) holding ``model``'s weights."""
+def build_hf(model, kind: str, device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    """transformers' OlmoHybridForCausalLM (``dtype``, or bitsandbytes nf4 with bf16 compute) holding
+    ``model``'s weights. ``dtype`` fp32 gives the reference (scripts/gpu_parity.py)."""
     from transformers import OlmoHybridForCausalLM
 
     require(kind)
@@ -119,12 +120,12 @@ def build_hf(model, kind: str, device: torch.device):
     with torch.device("meta"):
         keys = set(OlmoHybridForCausalLM(hcfg).state_dict())
     fused = any(k.endswith("linear_attn.conv1d.weight") for k in keys)
-    sd = hf_tensors(model, torch.bfloat16, fused_conv=fused)
+    sd = hf_tensors(model, dtype if kind == "hf" else torch.bfloat16, fused_conv=fused)
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     try:
         if kind == "hf":
-            hf = _dense_hf(hcfg, sd, device)
+            hf = _dense_hf(hcfg, sd, device, dtype)
         else:
             hf = _nf4_hf(hcfg, sd, device)
     except torch.cuda.OutOfMemoryError:
@@ -133,12 +134,12 @@ def build_hf(model, kind: str, device: torch.device):
     return hf.eval()
 
 
-def _dense_hf(hcfg, sd: dict[str, torch.Tensor], device: torch.device):
-    """Construct on the device in bf16 (transformers' own init, then overwritten) and load the tensors."""
+def _dense_hf(hcfg, sd: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    """Construct on the device in ``dtype`` (transformers' own init, then overwritten) and load the tensors."""
     from transformers import OlmoHybridForCausalLM
 
     old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             hf = OlmoHybridForCausalLM(hcfg)

@@ -16,6 +16,12 @@ for s in $steps; do
   case $s in
     kernels) timeout 240 python3 scripts/gpu_check_kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     parity)  timeout 130 python3 scripts/gpu_parity.py --steps ${PARITY_STEPS:-256} 2>&1 | tee "$OUT/parity.log" | tail -12 ;;
+    paritydemo) # the trained demo model on held-out prompts, ours and transformers (fp32, bf16) vs our fp32
+             timeout 400 python3 scripts/gpu_parity.py --model demo --steps ${PARITY_STEPS:-256} --prompts ${PARITY_PROMPTS:-16} --hf 2>&1 | tee "$OUT/paritydemo.log" | grep -v "^\[transformers\]" | tail -12 ;;
+    parityhf) # the 7B shape (random weights): transformers fp32 / bf16 on the GPU beside our paths
+             timeout 400 python3 scripts/gpu_parity.py --steps ${PARITY_STEPS:-128} --hf --no-q4 2>&1 | tee "$OUT/parityhf.log" | grep -v "^\[transformers\]" | tail -12 ;;
+    turndepth) # a 40-token chat turn deep in the context: prefill graphs (attention_cached) vs eager, bf16 and int8 KV
+             for kv in bf16 int8; do timeout 200 python3 scripts/gpu_turn_depth.py --kv-cache $kv 2>&1 | tee "$OUT/turndepth_$kv.log" | tail -8; done ;;
     bench)   timeout 200 python3 -m olmo_local.cli bench --synthetic 7b --format q4 -r 2 2>&1 | tee "$OUT/bench.log" | tail -20 ;;
     benchcmp) timeout 200 python3 -m olmo_local.cli bench --synthetic 7b --format q4 -r 1 --compare hf-nf4 -n 16 --depth none 2>&1 | tee "$OUT/benchcmp.log" | tail -20 ;;
     q4prev)  Q4_MODULE=olmo_local.kernels._gemv_q4_prev timeout 120 python3 scripts/gpu_check_kernels.py --only q4 2>&1 | tee "$OUT/q4prev.log" | tail -12 ;;

@@ -90,3 +90,38 @@ def test_hf_config_trap_nope_is_default():
     d = {k: v for k, v in base.items() if k != "rope_parameters"}
     d["rope_theta"] = 10000
     assert OlmoHybridConfig.from_dict(d).rope_theta == 10000.0
+
+
+def test_parity_script_on_the_demo_model_agrees_with_transformers_fp32():
+    """scripts/gpu_parity.py (the GPU agreement measurement) on CPU, demo model, held-out prompts: its
+    transformers-fp32 row is teacher-forced on our fp32 greedy tokens, so it must hit every one of them;
+    each row reports one hit per step; the prompts are distinct held-out windows."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_parity", root / "scripts" / "gpu_parity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from olmo_local.checkpoint import resolve_model
+    from olmo_local.tokenizer import Tokenizer
+
+    ps = mod.heldout_prompts(Tokenizer.from_dir(resolve_model("demo")), 3, 50)
+    assert [len(p) for p in ps] == [50, 50, 50] and len({tuple(p) for p in ps}) == 3
+    assert mod.margin(torch.tensor([0.0, 3.0, 2.5, -1.0])) == pytest.approx(0.5)
+
+    out = subprocess.run([sys.executable, str(root / "scripts" / "gpu_parity.py"), "--model", "demo", "--device",
+                          "cpu", "--steps", "12", "--prompts", "2", "--hf", "--no-q4"],
+                         capture_output=True, text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line[:42].strip(): line[42:].split() for line in out.stdout.splitlines()
+            if line.startswith(("transformers", "bf16 weights"))}
+    assert set(rows) == {"transformers fp32, eager (its cache)", "transformers bf16, eager (its cache)",
+                         "bf16 weights, eager forward", "bf16 weights, graph step, bf16 KV",
+                         "bf16 weights, graph step, int8 KV"}
+    fp32 = rows["transformers fp32, eager (its cache)"]
+    assert fp32[0] == "100.00%" and fp32[2] == "0" and float(fp32[5]) < 1e-5  # agree, misses, rel err
+    for cols in rows.values():
+        assert 0 <= int(cols[2]) <= 24 and float(cols[5]) < 0.05
