@@ -233,7 +233,8 @@ class DecodeStep:
             h, x = linear_norm(*pending, x, "add_rmsnorm", m.norm.weight, m.norm.eps)
         else:
             h = rmsnorm(x, m.norm.weight, m.norm.eps)
-        logits = (linear(m.lm_head, h) if m.lm_head is not None else m.head(h))[0]
+        # fp32 logits (OlmoHybridModel.head); an nf4 head through its GEMV kernel, widened
+        logits = (linear(m.lm_head, h).float() if isinstance(m.lm_head, NF4Linear) else m.head(h))[0]
         if advance:
             st.pos_t.add_(1)
         return logits

@@ -26,7 +26,7 @@ from olmo_local.kernels.gdn_recurrent import gdn_recurrent_prefill
 from olmo_local.kernels.gdn_prefill import conv_state_at, gdn_prefill_prep, l2_norm  # noqa: F401  (l2_norm: public)
 from olmo_local.kernels.norm import rmsnorm
 from olmo_local.kernels.norm import rmsnorm_ref as rms_norm  # Olmo order, torch ops (autograd-safe)
-from olmo_local.quant.linear import DenseLinear
+from olmo_local.quant.linear import DenseLinear, dense_logits
 
 if TYPE_CHECKING:
     from olmo_local.state import DecodeState
@@ -221,9 +221,12 @@ class OlmoHybridModel(nn.Module):
         return self.norm.weight.dtype
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits in fp32, whatever the model dtype: accumulated in fp32 and not rounded to bf16 on the way
+        (bf16 logits are 1/16 apart at 8-16, and near-tied greedy picks flipped on that rounding: on the
+        demo model 21 of the bf16 path's 35 misses against fp32, docs/benchmarks.md session 13)."""
         if self.lm_head is not None:
-            return self.lm_head(h)
-        return F.linear(h, self.embed.weight)
+            return self.lm_head.logits(h)
+        return dense_logits(h, self.embed.weight)
 
     def forward(self, tokens: torch.Tensor, state: DecodeState | None = None,
                 last_only: bool = False, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,6 +4,11 @@ All share one interface: ``in_features``, ``out_features``, ``forward(x)`` for x
 float dtype (returns x.dtype), ``nbytes`` (bytes of stored weights), ``dequantize(dtype) -> [N, K]``
 and the classmethod ``cat_rows(mods)`` that stacks modules of one format along the output dim
 (fusing q|k|v|g or gate|up at load time). Weights are buffers, so ``.to(device)`` moves them.
+``logits(x)`` is the forward with an fp32 result (the model's output head: bf16 logits are 1/16 apart at
+8-16 and flip near-tied greedy picks). On CUDA it is the fp32 accumulator as it is (the GEMV kernels store
+fp32, GEMMs use ``mm(out_dtype=)``): free there. On CPU with bf16 activations the fast paths stay and their
+result is widened (the grouped q8 int8 op sums its bf16 group results in fp32; fp32 math there took 4x as
+long); with fp32 activations everything is fp32 anyway.
 
 On CPU the forward never keeps a dequantized copy: it dequantizes row chunks into temporaries per
 call (bounded by ``_FWD_CHUNK_ELEMS``; 16 MB in fp32). On CUDA, q4/q8 decode (<= 8 rows) runs the fused
@@ -87,9 +92,38 @@ def _q8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> 
     return _chunked_matmul(x, n, k, lambda r0, r1, dt: dequantize_q8(qweight[r0:r1], scales[r0:r1], dt))
 
 
+def mm_fp32(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x2 [M, K] @ w.T [K, N] with an fp32 result. CUDA: a tensor-core GEMM in the inputs' dtype whose fp32
+    accumulator is stored as it is (``torch.mm(..., out_dtype=)``); elsewhere in fp32."""
+    if x2.is_cuda and x2.dtype in (torch.bfloat16, torch.float16) and w.dtype == x2.dtype:
+        try:
+            return torch.mm(x2, w.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=)
+            pass
+    return x2.float() @ w.float().t()
+
+
+def dense_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ w.T for a dense weight w [N, K], fp32 result (see the module docstring): on CUDA the
+    GEMM's fp32 accumulator as it is; on CPU the plain linear, widened (a bf16 head computed in fp32 there
+    took 2.5x as long: 27 vs 10.5 ms for a quarter of the 7B head on the 2-core VM). Training (a weight that
+    needs grad) keeps the plain linear in x.dtype: its loss upcasts, and autograd has no mm(out_dtype=)."""
+    w = w if w.dtype == x.dtype else w.to(x.dtype)
+    if w.requires_grad and torch.is_grad_enabled():
+        return nn.functional.linear(x, w)
+    if x.is_cuda and x.dtype != torch.float32:
+        return mm_fp32(x.reshape(-1, w.shape[1]), w).reshape(*x.shape[:-1], w.shape[0])
+    return nn.functional.linear(x, w).float()
+
+
 class _QLinearBase(nn.Module):
     in_features: int
     out_features: int
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward with an fp32 result (the output head). This default widens the forward's result;
+        the formats a head takes (dense, q8) accumulate straight into fp32."""
+        return self.forward(x).float()
 
     @property
     def nbytes(self) -> int:
@@ -139,6 +173,9 @@ class DenseLinear(_QLinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         return nn.functional.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_logits(x, self.weight)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.detach().to(dtype)
@@ -248,6 +285,15 @@ class Q4Linear(_QLinearBase):
             return torch.cat(parts, dim=-1)
         return _chunked_matmul(x, self.out_features, self.in_features, self._deq_rows)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.numel() <= 8 * self.in_features:  # decode: the GEMV kernel, storing fp32
+            from olmo_local.kernels.gemv_q4 import q4_gemv
+            x2 = x.reshape(-1, self.in_features)
+            out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+            q4_gemv(x2, self.qweight, self.scales, self.mins, self.group_size, out, tiled=self.tiled)
+            return out.reshape(*x.shape[:-1], self.out_features)
+        return self.forward(x).float()
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self._deq_rows(0, self.out_features, dtype)
 
@@ -325,7 +371,9 @@ class Q8Linear(_QLinearBase):
     def _deq_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_q8(self.qweight[r0:r1], self.scales[r0:r1], dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _fp32_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x @ W.T as [M, N] fp32 where a path accumulates in fp32 anyway (CPU: the int8 op per group;
+        CUDA decode: the fused dequant-GEMV kernel, storing fp32); None elsewhere."""
         if (_HAS_INT8PACK and x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.scales.dim() == 2
                 and 0 < self.group_size < self.in_features and x.shape[-1] == self.in_features
                 and x.numel() <= _INT8PACK_MAX_M * self.in_features):
@@ -336,12 +384,36 @@ class Q8Linear(_QLinearBase):
                 y = torch.zeros(x2.shape[0], self.out_features, dtype=torch.float32)
                 for i in range(slabs.shape[0]):
                     y += torch._weight_int8pack_mm(x2[:, i * g:(i + 1) * g], slabs[i], sc[i]).float()
-                return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+                return y
+        return None
+
+    def _gemv(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """CUDA decode (<= 8 rows): the fused dequant-GEMV kernel, its result stored in ``dtype``."""
         if x.is_cuda and x.numel() <= 8 * self.in_features and self.scales.dtype == torch.float16:
-            from olmo_local.kernels.gemv_q8 import q8_gemv  # decode: the fused dequant-GEMV kernel
-            y = q8_gemv(x.reshape(-1, self.in_features), self.qweight, self.scales)
+            from olmo_local.kernels.gemv_q8 import q8_gemv
+            x2 = x.reshape(-1, self.in_features)
+            out = torch.empty(x2.shape[0], self.out_features, dtype=dtype, device=x.device)
+            return q8_gemv(x2, self.qweight, self.scales, out).reshape(*x.shape[:-1], self.out_features)
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._fp32_rows(x)
+        if y is not None:
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = self._gemv(x, x.dtype)
+        return y if y is not None else _q8_matmul(x, self.qweight, self.scales)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._fp32_rows(x)
+        if y is not None:
             return y.reshape(*x.shape[:-1], self.out_features)
-        return _q8_matmul(x, self.qweight, self.scales)
+        y = self._gemv(x, torch.float32)
+        if y is not None:
+            return y
+        if x.is_cuda and x.dtype != torch.float32:  # many rows: the bf16 weight once, fp32 out
+            w = self.dequantize(x.dtype)
+            return mm_fp32(x.reshape(-1, self.in_features), w).reshape(*x.shape[:-1], self.out_features)
+        return self.forward(x).float()  # CPU: the forward's fast paths (fp32 math for fp32 x), widened
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self._deq_rows(0, self.out_features, dtype)
@@ -522,6 +594,8 @@ class QEmbedding(nn.Module):
 
 __all__ = [
     "DenseLinear",
+    "dense_logits",
+    "mm_fp32",
     "NF4Linear",
     "Q4Linear",
     "Q8Linear",

@@ -48,7 +48,8 @@ load their weights after the PDL wait and the residual after the first reduction
 attention_prep's work inside attention with the long-context launch too (DecodeStep.prep_in_long_attention);
 "-attnregN" (last): that launch with ptxas's register cap N (attention_decode.LONG_CTX_PREP_MAXNREG);
 "-noprefgraph": fresh prompts prefill eagerly (OLMO_LOCAL_PREFILL_GRAPH=0) instead of through the padded CUDA
-graphs of olmo_local.prefill_graph.
+graphs of olmo_local.prefill_graph; "-bf16head": the lm_head's logits in bf16 (each format's ``logits`` is its
+forward) instead of fp32.
 """
 
 from __future__ import annotations
@@ -92,6 +93,13 @@ def main() -> int:
     if variant.endswith("-nonf4"):
         dec.nf4_fits = lambda *a: False
         variant = variant[: -len("-nonf4")]
+    if variant.endswith("-bf16head"):  # the lm_head's logits in the model dtype (before fp32 logits)
+        from olmo_local.quant.linear import _QLinearBase
+
+        _QLinearBase.logits = lambda self, x: self.forward(x)
+        for cls in _QLinearBase.__subclasses__():
+            cls.logits = _QLinearBase.logits
+        variant = variant[: -len("-bf16head")]
     if variant.endswith("-noprefgraph"):  # fresh prompts prefill eagerly instead of through the prefill graphs
         import os
 
