@@ -120,6 +120,19 @@ def num_sms(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device; CPU / the interpreter counts as Hopper (9, 0), the tuned default."""
+    if device.type != "cuda":
+        return (9, 0)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPABILITY[idx]
+
+
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
 
 

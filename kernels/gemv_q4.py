@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, cdiv, next_pow2, num_sms, pdl_kwargs, tl, triton, use_pdl, use_triton, workspace
+from ._triton import (HAS_TRITON, capability, cdiv, next_pow2, num_sms, pdl_kwargs, tl, triton, use_pdl, use_triton,
+                      workspace)
 
 if HAS_TRITON:
     from ._triton import (conv_load, conv_rows, emit_rows, fold_rstd, pdl_launch_dependents, pdl_wait,
@@ -860,6 +861,11 @@ DEFAULT_PREFETCH_DEPTH = 1  # groups the hand prefetch runs ahead
 DEFAULT_MMA_ROWS_PER_WARP = 16  # tensor-core path: output rows per warp (16: one m16 tile per group)
 WIDE_PROGRAMS = True  # tensor-core path: wide programs, split-K by a programs-per-SM target (below)
 WIDE_ROWS_PER_WARP = 64  # with WIDE_PROGRAMS: four m16 tiles per warp, 256 rows (or 128 gate|up pairs)
+# below sm_90 (A100, RTX 30 / 40 series) the 64-row programs spill: the sm_80 / 86 / 89 builds hold 255 registers
+# plus 88-168 bytes of stack, 15-24 local loads / stores per iteration of the main loop; 32 rows per warp build
+# with 152-181 registers and none (`scripts/gpu_check_kernels.py --aot --arch 86`). Those cards also need far
+# fewer bytes in flight (~1 TB/s instead of 4.8). Not measured on such a card (none is lent here).
+WIDE_ROWS_PER_WARP_PRE_HOPPER = 32
 WIDE_PER_SM = 2.0  # with WIDE_PROGRAMS: programs per SM that split-K aims at (gated: WIDE_PER_SM_GATED)
 WIDE_PER_SM_GATED = 2.0
 # split-K partials of up to this many splits are added by one 2-D load and a reduction tree instead of
@@ -876,14 +882,15 @@ FOLD_PRELOAD = True
 HEAD_RSTD_ONCE = True
 
 
-def _wide_launch(gated: bool) -> tuple[int, int, float]:
+def _wide_launch(gated: bool, device: torch.device) -> tuple[int, int, float]:
     """(rows per warp, warps, programs per SM) of the tensor-core path's wide programs. The
     H200 per-GEMV sweep (scripts/gpu_gemv_tiled_sweep.py, PDL-chained graphs) found every 7B projection
     faster with few wide programs (64 rows per warp, 4 warps, 1.5-4 programs per SM) than with the
     default 16 rows per warp and ~6-7 programs per SM; at 2 per SM: gdn_in 17.7 -> 15.1 us, qkv 11.5
     -> 11.2, gate|up 22.8 -> 15.6, down 12.0 -> 10.1, GDN o 8.2 -> 7.0, attention o 6.8 -> 6.1. tg128
     (same card, same run): H200 395 -> 418 t/s, H100 380 -> 394 t/s (docs/benchmarks.md, session 4)."""
-    return WIDE_ROWS_PER_WARP, 4, (WIDE_PER_SM_GATED if gated else WIDE_PER_SM)
+    rows = WIDE_ROWS_PER_WARP if capability(device)[0] >= 9 else WIDE_ROWS_PER_WARP_PRE_HOPPER
+    return rows, 4, (WIDE_PER_SM_GATED if gated else WIDE_PER_SM)
 
 
 def _wide_split(n_blocks: int, iters: int, sms: int, per_sm: float) -> int:
@@ -954,7 +961,7 @@ def _q4_launch(x, qweight, scales, mins, group_size, out, gated, tiled=False, *,
         raise ValueError("the producer of a folded norm is a plain projection with at least two groups")
     wide = None
     if use_mma and WIDE_PROGRAMS and block_n is None and num_warps is None and split_k is None:
-        wide = _wide_launch(gated)
+        wide = _wide_launch(gated, x.device)
         block_n, num_warps = wide[0] * wide[1], wide[1]
     num_warps = num_warps or 4
     if use_mma:

@@ -46,6 +46,9 @@ def parse_args():
     p.add_argument("--aot", action="store_true",
                    help="no GPU needed: compile the kernels for sm_90 and summarise their SASS (registers, "
                         "spills, instructions in the main loop)")
+    p.add_argument("--arch", type=int, default=90,
+                   help="with --aot: the compute capability to build for (86 / 89: consumer Ampere / Ada, whose "
+                        "blocks get at most 99 KB of shared memory; 80: A100; no PDL below 90)")
     return p.parse_args()
 
 
@@ -497,8 +500,9 @@ def per_token_estimate():
 
 # ------------------------------------------------------------------------------------------- --aot
 def aot_report() -> int:
-    """Compile the decode kernels for sm_90 with the installed Triton (its bundled ptxas) and print
-    registers, spills and the instruction mix of each main loop. Needs no GPU."""
+    """Compile the decode kernels for sm_90 (or --arch) with the installed Triton (its bundled ptxas) and print
+    registers, spills, shared memory (more than the architecture gives one block fails) and the instruction mix
+    of each main loop. Needs no GPU."""
     import collections
     import re
     import subprocess
@@ -513,7 +517,7 @@ def aot_report() -> int:
     def build(fn, types, consts, num_warps, div16=()):
         names = fn.arg_names
         if "USE_PDL" in names and "USE_PDL" not in consts:
-            consts = {**consts, "USE_PDL": True}  # as launched in the decode step on Hopper
+            consts = {**consts, "USE_PDL": ARGS.arch >= 90}  # as launched in the decode step (PDL: Hopper on)
         if "TR" in names and "TR" not in consts:
             consts = {**consts, "TR": 0}  # the standard q4 layout
         for knob, default in (("STAGES", 1), ("GHALF", False), ("PF2", False), ("AB_ONCE", False), ("EARLY", True),
@@ -529,7 +533,7 @@ def aot_report() -> int:
         # what the JIT assumes at run time for 16-aligned pointers and ints divisible by 16
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
                  if types.get(n, "").startswith("*") or n in div16}
-        return triton.compile(ASTSource(fn, sig, cst, attrs), target=GPUTarget("cuda", 90, 32),
+        return triton.compile(ASTSource(fn, sig, cst, attrs), target=GPUTarget("cuda", ARGS.arch, 32),
                               options={"num_warps": num_warps, "num_stages": 2})
 
     def sass_summary(kernel):
@@ -548,8 +552,11 @@ def aot_report() -> int:
             if b and int(b.group(1), 16) < addr:
                 body = [t for a, t in ins if int(b.group(1), 16) <= a <= addr]
                 ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
-                loops.append(f"loop {len(body)} instr: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
-        return f"regs {m.group(1)} stack {m.group(2)} local {m.group(4)}", loops
+                spills = sum(v for k, v in ops.items() if k.startswith(("LDL", "STL")))  # local memory in the loop
+                loops.append(f"loop {len(body)} instr: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8))
+                             + (f"; local loads/stores {spills}" if spills else ""))
+        shared = max(int(m.group(3)), int(getattr(kernel.metadata, "shared", 0) or 0))
+        return f"regs {m.group(1)} stack {m.group(2)} local {m.group(4)} shared {shared}", loops, shared
 
     q4_types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "y_ptr": "*bf16",
                 "part_ptr": "*fp32", "cnt_ptr": "*i32", "NR": "i32", "NGR": "i32", "stride_x": "i32",
@@ -743,11 +750,15 @@ def aot_report() -> int:
         ("rmsnorm_add + rmsnorm d=3840", knorm._rmsnorm_kernel, norm_types, {"BD": 4096, "MODE": 4}, 8,
          ("D", "stride_x", "stride_r", "stride_y", "stride_ro")),
     ]
-    print(f"triton {triton.__version__}: sm_90 builds")
+    # shared memory one block may use (opt-in maximum): sm_80 163 KB, sm_86 / sm_89 99 KB, sm_90 227 KB
+    smem_max = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}.get(ARGS.arch, 101376)
+    print(f"triton {triton.__version__}: sm_{ARGS.arch} builds (at most {smem_max} bytes of shared memory per block)")
     n_fail = 0
     for name, fn, types, consts, nw, div in jobs:
         try:
-            head, loops = sass_summary(build(fn, types, consts, nw, div))
+            head, loops, shared = sass_summary(build(fn, types, consts, nw, div))
+            if shared > smem_max:
+                raise RuntimeError(f"{head}: needs {shared} bytes of shared memory, sm_{ARGS.arch} has {smem_max}")
             spill = " SPILLS" if " stack 0 " not in head + " " else ""
             print(f"[{'PASS' if not spill else 'WARN'}] {name:<40} {head}{spill}")
             for lp in loops[:2]:

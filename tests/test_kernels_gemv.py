@@ -409,10 +409,15 @@ def test_dispatch_falls_back_for_many_rows():
     assert relerr(y8, k8.q8_gemv_ref(x, q, s)) < 1e-6
 
 
+@pytest.mark.parametrize("cap", [(9, 0), (8, 6)])
 @pytest.mark.parametrize("gated", [False, True])
-def test_q4_wide_programs_give_the_same_result(gated, monkeypatch):
-    """The wide-program launch rule (64 rows per warp, split-K by programs per SM; the default) changes
-    the tiling, not the result: with and without it the tiled tensor-core path matches the reference."""
+def test_q4_wide_programs_give_the_same_result(gated, cap, monkeypatch):
+    """The wide-program launch rule (64 rows per warp on Hopper, 32 below it; split-K by programs per SM; the
+    default) changes the tiling, not the result: with and without it the tiled tensor-core path matches the
+    reference."""
+    monkeypatch.setattr(k4, "capability", lambda device: cap)
+    rows = k4._wide_launch(gated, torch.device("cpu"))[0]
+    assert rows == (64 if cap[0] >= 9 else 32)
     gen = torch.Generator().manual_seed(5)
     n, k = (512, 256) if gated else (1024, 256)
     _, packed, scales, mins = random_q4(n, k, 128, gen)
