@@ -750,6 +750,13 @@ def aot_report() -> int:
         ("rmsnorm_add + rmsnorm d=3840", knorm._rmsnorm_kernel, norm_types, {"BD": 4096, "MODE": 4}, 8,
          ("D", "stride_x", "stride_r", "stride_y", "stride_ro")),
     ]
+    if ARGS.arch < 90:  # below sm_90 the launch gives the wide programs 32 rows per warp (gemv_q4._wide_launch)
+        jobs += [(f"{name} [32 rows/warp, as launched below sm_90]", fn, types, dict(consts, BN=consts["BN"] // 2),
+                  nw, div)
+                 for name, fn, types, consts, nw, div in list(jobs)
+                 if " wide" in name and consts.get("MMA") and consts.get("BN") == 256 and nw == 4]
+    if ARGS.only:
+        jobs = [j for j in jobs if ARGS.only in j[0]]
     # shared memory one block may use (opt-in maximum): sm_80 163 KB, sm_86 / sm_89 99 KB, sm_90 227 KB
     smem_max = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}.get(ARGS.arch, 101376)
     print(f"triton {triton.__version__}: sm_{ARGS.arch} builds (at most {smem_max} bytes of shared memory per block)")
