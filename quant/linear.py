@@ -98,7 +98,7 @@ def mm_fp32(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x2.is_cuda and x2.dtype in (torch.bfloat16, torch.float16) and w.dtype == x2.dtype:
         try:
             return torch.mm(x2, w.t(), out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=)
+        except (TypeError, NotImplementedError):  # a torch without mm(out_dtype=); out of memory propagates
             pass
     return x2.float() @ w.float().t()
 
@@ -121,8 +121,8 @@ class _QLinearBase(nn.Module):
     out_features: int
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward with an fp32 result (the output head). This default widens the forward's result;
-        the formats a head takes (dense, q8) accumulate straight into fp32."""
+        """The forward with an fp32 result (the output head). This default (nf4) widens the forward's result;
+        dense, q8 and q4 override it to store their fp32 accumulator on CUDA."""
         return self.forward(x).float()
 
     @property
@@ -372,8 +372,8 @@ class Q8Linear(_QLinearBase):
         return dequantize_q8(self.qweight[r0:r1], self.scales[r0:r1], dtype)
 
     def _fp32_rows(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x @ W.T as [M, N] fp32 where a path accumulates in fp32 anyway (CPU: the int8 op per group;
-        CUDA decode: the fused dequant-GEMV kernel, storing fp32); None elsewhere."""
+        """CPU decode with bf16 x and group scales: x @ W.T as [M, N] fp32 from the int8 op per group (each
+        group's result bf16, their sum fp32); None where that path does not apply."""
         if (_HAS_INT8PACK and x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.scales.dim() == 2
                 and 0 < self.group_size < self.in_features and x.shape[-1] == self.in_features
                 and x.numel() <= _INT8PACK_MAX_M * self.in_features):
@@ -387,9 +387,11 @@ class Q8Linear(_QLinearBase):
                 return y
         return None
 
-    def _gemv(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """CUDA decode (<= 8 rows): the fused dequant-GEMV kernel, its result stored in ``dtype``."""
-        if x.is_cuda and x.numel() <= 8 * self.in_features and self.scales.dtype == torch.float16:
+    def _gemv(self, x: torch.Tensor, dtype: torch.dtype, any_scales: bool = False) -> torch.Tensor | None:
+        """CUDA decode (<= 8 rows): the fused dequant-GEMV kernel, its result stored in ``dtype``. The forward
+        takes it for fp16 scales only; the head (``any_scales``) for every scale dtype, as the decode step's
+        head always did (bitsandbytes int8's fp32 row scales included)."""
+        if x.is_cuda and x.numel() <= 8 * self.in_features and (any_scales or self.scales.dtype == torch.float16):
             from olmo_local.kernels.gemv_q8 import q8_gemv
             x2 = x.reshape(-1, self.in_features)
             out = torch.empty(x2.shape[0], self.out_features, dtype=dtype, device=x.device)
@@ -407,7 +409,7 @@ class Q8Linear(_QLinearBase):
         y = self._fp32_rows(x)
         if y is not None:
             return y.reshape(*x.shape[:-1], self.out_features)
-        y = self._gemv(x, torch.float32)
+        y = self._gemv(x, torch.float32, any_scales=True)
         if y is not None:
             return y
         if x.is_cuda and x.dtype != torch.float32:  # many rows: the bf16 weight once, fp32 out

@@ -25,12 +25,14 @@ def not_bf16_values(y: torch.Tensor) -> float:
     return (y != y.to(torch.bfloat16).float()).float().mean().item()
 
 
-@pytest.mark.parametrize("group,t,split_k", [(64, 1, 1), (64, 2, 3), (0, 1, 2)])
-def test_q8_gemv_kernel_stores_fp32_from_bf16_input(group, t, split_k):
+@pytest.mark.parametrize("group,t,split_k,sdt", [(64, 1, 1, torch.float16), (64, 2, 3, torch.float16),
+                                                  (0, 1, 2, torch.float16), (0, 1, 1, torch.float32)])
+def test_q8_gemv_kernel_stores_fp32_from_bf16_input(group, t, split_k, sdt):
+    """fp32 row scales: bitsandbytes int8's (the head takes the kernel for them too)."""
     gen = torch.Generator().manual_seed(3 + t)
     n, k = 48, 256
     q = torch.randint(-127, 128, (n, k), generator=gen).to(torch.int8)
-    s = (torch.rand(n, k // group if group else 1, generator=gen) * 0.01 + 0.001).half()
+    s = (torch.rand(n, k // group if group else 1, generator=gen) * 0.01 + 0.001).to(sdt)
     s = s[:, 0].contiguous() if not group else s
     x = torch.randn(t, k, generator=gen).to(torch.bfloat16)
     out = torch.full((t, n), float("nan"))
@@ -106,7 +108,7 @@ def test_model_head_gives_fp32_logits(tied, head):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
-@pytest.mark.parametrize("kind", ["dense", "q8", "q4", "dense-many"])
+@pytest.mark.parametrize("kind", ["dense", "q8", "q8-rows-fp32", "q4", "dense-many"])
 def test_head_logits_fp32_on_cuda(kind):
     """The CUDA paths: mm(out_dtype=fp32) for dense weights, the q8 / q4 GEMV kernels storing fp32; the 7B
     head's shape."""
@@ -119,6 +121,9 @@ def test_head_logits_fp32_on_cuda(kind):
         mod = DenseLinear(w.to(torch.bfloat16))
     elif kind == "q8":
         mod = Q8Linear(**quantize_q8(w, group_size=128))
+    elif kind == "q8-rows-fp32":  # bitsandbytes int8's row scales
+        d = quantize_q8(w, group_size=None)
+        mod = Q8Linear(d["qweight"], d["scales"].float())
     else:
         mod = Q4Linear(**quantize_q4(w, 128), group_size=128)
     y = mod.logits(x)
