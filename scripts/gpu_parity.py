@@ -1,6 +1,12 @@
-"""GPU correctness on the real 7B shape (random weights): our bf16 CUDA-graph decode path and the q4 path
-against our fp32 eager path (the CPU reference's math, run on the GPU with TF32 off), teacher-forced on
-the fp32 greedy continuation of a real-text prompt. Prints next-token agreement over N steps."""
+"""GPU correctness: our bf16 paths (eager forward, CUDA-graph decode step with bf16 / int8 KV, q4) against our
+fp32 eager path (the CPU reference's math, run on the same device with TF32 off), teacher-forced on the fp32
+greedy continuation of real-text prompts. Prints next-token agreement over N steps per path, the misses whose
+fp32 reference was a near-tie (its top-1 minus top-2 logit), and the mean relative logit error.
+
+    python scripts/gpu_parity.py [--steps 256]                      # the 7B shape, random weights, one prompt
+    python scripts/gpu_parity.py --model demo --prompts 16 --hf     # a trained checkpoint, held-out prompts,
+                                                                    # and transformers fp32 / bf16 beside ours
+"""
 
 from __future__ import annotations
 

@@ -107,6 +107,25 @@ def test_model_head_gives_fp32_logits(tied, head):
         assert logits.dtype == torch.float32
 
 
+def test_decode_step_gives_fp32_logits():
+    """The decode step (its Python path on CPU, the code the CUDA graph records) returns the head's fp32 logits,
+    equal to the eager forward's."""
+    from olmo_local.decode import DecodeStep
+    from olmo_local.state import DecodeState
+
+    cfg = tiny_config(vocab_size=600, hidden_size=64)
+    m = OlmoHybridModel(cfg, dtype=torch.bfloat16).eval()
+    m.init_weights_(0)
+    st_a, st_b = (DecodeState(cfg, 32, "cpu", torch.bfloat16) for _ in range(2))
+    step = DecodeStep(m, st_a, use_graph=False)
+    with torch.inference_mode():
+        for t in (5, 7, 9):
+            a = step(t)
+            b = m(torch.tensor([[t]]), st_b)[0, -1]
+    assert a.dtype == torch.float32 and b.dtype == torch.float32
+    assert torch.allclose(a, b, atol=2e-2, rtol=0)  # bf16 kernels' order of operations differ slightly
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with OLMO_LOCAL_TEST_GPU=1)")
 @pytest.mark.parametrize("kind", ["dense", "q8", "q8-rows-fp32", "q4", "dense-many"])
 def test_head_logits_fp32_on_cuda(kind):
