@@ -88,7 +88,7 @@ def use_pdl(t: torch.Tensor) -> bool:
         try:
             from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
 
-            _PDL_OK[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+            _PDL_OK[idx] = capability(t.device)[0] >= 9
         except Exception:  # noqa: BLE001  (older Triton: no PDL)
             _PDL_OK[idx] = False
     return _PDL_OK[idx]

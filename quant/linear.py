@@ -260,11 +260,9 @@ class Q4Linear(_QLinearBase):
                 y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), pack[0], self.group_size,
                                                       pack[1])
                 return y.reshape(*x.shape[:-1], self.out_features)
-        if x.is_cuda and x.numel() <= 8 * self.in_features:  # decode: the fused dequant-GEMV kernel
-            from olmo_local.kernels.gemv_q4 import q4_gemv
-            y = q4_gemv(x.reshape(-1, self.in_features), self.qweight, self.scales, self.mins, self.group_size,
-                        tiled=self.tiled)
-            return y.reshape(*x.shape[:-1], self.out_features)
+        y = self._gemv(x, x.dtype)
+        if y is not None:
+            return y
         if x.is_cuda:  # prefill: one-pass dequantize into a shared scratch buffer, tensor-core GEMMs
             from olmo_local.kernels.dequant import q4_dequantize_scratch
             fresh = torch.is_grad_enabled() and x.requires_grad  # autograd keeps the weight for backward
@@ -285,14 +283,19 @@ class Q4Linear(_QLinearBase):
             return torch.cat(parts, dim=-1)
         return _chunked_matmul(x, self.out_features, self.in_features, self._deq_rows)
 
+    def _gemv(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """CUDA decode (<= 8 rows): the fused dequant-GEMV kernel, its result stored in ``dtype``; else None."""
+        if not (x.is_cuda and x.numel() <= 8 * self.in_features):
+            return None
+        from olmo_local.kernels.gemv_q4 import q4_gemv
+        x2 = x.reshape(-1, self.in_features)
+        out = torch.empty(x2.shape[0], self.out_features, dtype=dtype, device=x.device)
+        q4_gemv(x2, self.qweight, self.scales, self.mins, self.group_size, out, tiled=self.tiled)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.numel() <= 8 * self.in_features:  # decode: the GEMV kernel, storing fp32
-            from olmo_local.kernels.gemv_q4 import q4_gemv
-            x2 = x.reshape(-1, self.in_features)
-            out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32, device=x.device)
-            q4_gemv(x2, self.qweight, self.scales, self.mins, self.group_size, out, tiled=self.tiled)
-            return out.reshape(*x.shape[:-1], self.out_features)
-        return self.forward(x).float()
+        y = self._gemv(x, torch.float32)
+        return y if y is not None else self.forward(x).float()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self._deq_rows(0, self.out_features, dtype)
